@@ -1,0 +1,2035 @@
+#!/usr/bin/env python3
+"""proxysession: publish Python objects on a broker and call them from anywhere.
+
+A proxysession server is a small network broker. Programs connect to it,
+*publish* objects under an alias, and other programs *list* the aliases,
+*subscribe* to get a proxy, and *call* the published methods; the server
+routes every call to the publisher's connection and routes the answer back.
+It is the Python heir of Perl's POEx::ProxySession ("an IKC-like remote
+session proxifier"), in one standard-library file.
+
+Run a server::
+
+    python proxysession.py --listen 127.0.0.1:56789
+
+Publish an object, and call it (here both in one process)::
+
+    import proxysession
+
+    class Greeter:
+        @proxysession.proxy_event
+        def hello(self, name):
+            return "hello, " + name
+
+    with proxysession.Client() as client:
+        conn = client.connect("127.0.0.1", 56789)
+        client.publish(conn, "Greeter", Greeter())
+        greeter = client.subscribe(conn, "Greeter")
+        print(greeter.hello("world"))          # -> hello, world
+
+The wire format (PROTOCOL.md has it whole): each frame is
+``<decimal length>\\0<body>`` as POE::Filter::Reference writes it; a body is
+one pickled dict ``{type, id, to, success, payload}`` whose ``payload`` is
+pickled separately, so the server routes calls without ever decoding what
+callers pass or what methods return. The server unpickles with no globals at
+all; clients unpickle with an allow-list of plain value classes.
+
+Contents, in the order the data flows:
+
+- errors            ProxyError and its family
+- serializers       pickle, restricted on the way in
+- filter            ReferenceFilter: bytes <-> frames
+- reactor           Reactor: a selectors loop with timers
+- wheel             Wheel: one connection, its buffers, TLS and authkey
+- server            Server: sessions and call routing
+- client            Client: connections, publications, requests
+- proxy             Proxy, proxy_event
+- command line      main()
+"""
+
+import argparse
+import collections
+import errno
+import hashlib
+import hmac
+import heapq
+import inspect
+import io
+import ipaddress
+import itertools
+import logging
+import os
+import pickle
+import selectors
+import signal
+import socket
+import ssl
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+__version__ = "1.0.0"
+__license__ = "MIT"
+
+__all__ = [
+    "ProxyError", "ProtocolError", "AuthenticationError", "RemoteError",
+    "CallTimeout",
+    "ReferenceFilter", "Reactor", "Wheel", "Server", "Client", "Proxy",
+    "Result", "proxy_event", "get_reactor", "run", "main",
+    "DEFAULT_HOST", "DEFAULT_PORT", "MAX_FRAME",
+]
+
+log = logging.getLogger("proxysession")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 56789
+
+# Limits. Each is a default that Server/Client take as an argument.
+MAX_FRAME = 16 * 1024 * 1024      # a body larger than this closes the connection (PROTOCOL 1)
+MAX_HEADER = 20                   # a NUL must arrive within this many header bytes (PROTOCOL 1)
+READ_CHUNK = 256 * 1024           # one recv per connection per pass: large enough to carry many
+                                  # frames, small enough that one busy peer cannot starve the rest
+SEND_COALESCE = 64 * 1024         # small queued pieces are joined up to this size into one send;
+                                  # larger pieces go out as they are, never copied
+HIGH_WATER = 1024 * 1024          # output queued to a connection above which its feeders pause
+LOW_WATER = HIGH_WATER // 2       # ... and below which they resume (PROTOCOL 5)
+MAX_WRITE_BUFFER = 64 * 1024 * 1024  # a peer that lets this much pile up is not reading: close it
+HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
+MAX_HANDSHAKE_FRAME = 256         # a handshake frame is a challenge or a digest: tiny
+MAX_ACCEPTS_PER_WAKEUP = 128      # accept in batches so a connect storm cannot starve the others
+ACCEPT_RETRY_DELAY = 1.0          # seconds to stop accepting after EMFILE/ENFILE
+DEFAULT_TIMEOUT = 30.0            # seconds a blocking request waits for its answer
+KEEPALIVE_IDLE = 60               # TCP keepalive: idle seconds before the first probe,
+KEEPALIVE_INTERVAL = 10           # seconds between probes,
+KEEPALIVE_COUNT = 3               # and unanswered probes before the kernel drops the peer
+PICKLE_PROTOCOL = 4               # the protocol every CPython >= 3.4 reads
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+class ProxyError(Exception):
+    """Base of every proxysession error; a failed request carries the server's words."""
+
+
+class ProtocolError(ProxyError):
+    """The peer broke the wire protocol (bad frame, bad message)."""
+
+
+class AuthenticationError(ProxyError):
+    """The authkey handshake failed; the message says which side and why."""
+
+
+class RemoteError(ProxyError):
+    """A published method raised: ``error`` is the remote class name, ``message``
+    its text, ``traceback`` the remote traceback as text."""
+
+    def __init__(self, error: str, message: str, traceback: str = ""):
+        super().__init__("%s: %s" % (error, message))
+        self.error = error
+        self.message = message
+        self.traceback = traceback
+
+
+class CallTimeout(ProxyError, TimeoutError):
+    """No answer came within the request's timeout."""
+
+
+# ---------------------------------------------------------------------------
+# serializers
+# ---------------------------------------------------------------------------
+# pickle is code execution unless find_class says otherwise. The server only
+# ever needs plain containers, so it refuses every global; a client needs a
+# few value classes as well, so it takes an allow-list (PROTOCOL 2).
+
+def _dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, PICKLE_PROTOCOL)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only str, int, float, bool, None, bytes, list, tuple, dict, set."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError("global '%s.%s' is forbidden" % (module, name))
+
+
+def _loads_plain(data) -> Any:
+    return _PlainUnpickler(io.BytesIO(data)).load()
+
+
+# (module, name) pairs a client rebuilds from a payload (PROTOCOL 2).
+SAFE_CLASSES = frozenset([
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
+    ("builtins", "bytearray"), ("builtins", "slice"), ("builtins", "range"),
+    ("datetime", "date"), ("datetime", "time"), ("datetime", "datetime"),
+    ("datetime", "timedelta"), ("datetime", "timezone"),
+    ("decimal", "Decimal"), ("fractions", "Fraction"),
+    ("uuid", "UUID"), ("uuid", "SafeUUID"),
+    ("collections", "OrderedDict"), ("collections", "deque"),
+    # protocol 2+ rebuilds some of the above through these two helpers, which
+    # only call the class they are given: that class passed find_class first.
+    ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
+])
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, file, allowed):
+        super().__init__(file)
+        self._allowed = allowed
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            "global '%s.%s' is not on the allow-list (Client(allow_classes=...) extends it)"
+            % (module, name))
+
+
+def _class_pairs(names: Iterable[str]) -> frozenset:
+    pairs = set()
+    for full in names:
+        module, _, name = full.rpartition(".")
+        if not module or not name:
+            raise ValueError("allow_classes wants 'module.Name', got %r" % (full,))
+        pairs.add((module, name))
+    return frozenset(pairs)
+
+
+# ---------------------------------------------------------------------------
+# filter
+# ---------------------------------------------------------------------------
+
+class ReferenceFilter:
+    """Frames as POE::Filter::Reference writes them: ``<length>\\0<body>``.
+
+    ``get_one_start(data)`` buffers bytes; ``get_one()`` returns a list with
+    the next decoded message, or an empty list; ``put(obj)`` returns the frame
+    of one message. ``next_body()`` is the raw form that the wheels use: the
+    next whole body as bytes, or None. Raises ``ProtocolError`` for a bad
+    header or a frame over ``max_frame``, judged on the header alone, before
+    the body is buffered.
+    """
+
+    __slots__ = ("max_frame", "_buffer", "_pos", "_loads")
+
+    def __init__(self, max_frame: int = MAX_FRAME, loads: Callable = _loads_plain):
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._pos = 0          # start of the first unparsed frame; compacted once per read
+        self._loads = loads
+
+    def put(self, obj: Any) -> bytes:
+        body = _dumps(obj)
+        return b"%d\0%s" % (len(body), body)
+
+    def get_one_start(self, data: bytes) -> None:
+        buffer = self._buffer
+        if self._pos:
+            del buffer[:self._pos]
+            self._pos = 0
+        buffer += data
+
+    def get_one(self) -> List[Any]:
+        body = self.next_body()
+        return [] if body is None else [self._loads(body)]
+
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a frame."""
+        return len(self._buffer) - self._pos
+
+    def next_body(self) -> Optional[bytes]:
+        buffer = self._buffer
+        pos = self._pos
+        nul = buffer.find(b"\0", pos, pos + MAX_HEADER)
+        if nul < 0:
+            pending = len(buffer) - pos
+            if pending and not buffer[pos:pos + MAX_HEADER].isdigit():
+                raise ProtocolError("frame header holds a non-digit: %r"
+                                    % bytes(buffer[pos:pos + MAX_HEADER]))
+            if pending >= MAX_HEADER:
+                raise ProtocolError("no NUL within the first %d header bytes" % MAX_HEADER)
+            return None
+        header = buffer[pos:nul]
+        if not header.isdigit():
+            raise ProtocolError("frame header holds a non-digit: %r" % bytes(header)
+                                if header else "frame header is empty")
+        length = int(header)
+        if length > self.max_frame:
+            raise ProtocolError("frame of %d bytes exceeds max_frame (%d)"
+                                % (length, self.max_frame))
+        end = nul + 1 + length
+        if end > len(buffer):
+            return None
+        body = bytes(buffer[nul + 1:end])
+        self._pos = end
+        if end == len(buffer):         # the common case: everything read was consumed
+            buffer.clear()
+            self._pos = 0
+        return body
+
+
+def _frame(body: bytes) -> bytes:
+    return b"%d\0%s" % (len(body), body)
+
+
+# ---------------------------------------------------------------------------
+# reactor
+# ---------------------------------------------------------------------------
+
+class _Timer:
+    """A pending ``call_later``; ``cancel()`` flags it, the heap skips it."""
+
+    __slots__ = ("when", "callback", "args", "cancelled")
+
+    def __init__(self, when, callback, args):
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Reactor:
+    """The event loop, after POE::Kernel: sockets, timers and a ready queue.
+
+    For the caller: ``run()``, ``run_once(timeout)``, ``run_until(done,
+    timeout)``, ``stop()``, ``call_later(delay, fn, *args)``,
+    ``call_soon(fn, *args)``, ``call_soon_threadsafe(fn, *args)``.
+    For wheels: ``register/modify/unregister(sock, events, handler)`` where
+    ``handler(mask)`` is called when the socket is ready, and ``schedule_flush``.
+
+    Writes are coalesced: a wheel asks for a flush and the reactor runs every
+    asked-for flush once, just before it waits, so whatever one pass of the
+    loop produced for a socket leaves in one ``send``.
+    """
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._timers: list = []
+        self._sequence = itertools.count()   # ties in the heap never compare timers
+        self._ready: collections.deque = collections.deque()
+        self._flushes: list = []
+        self._stopping = False
+        self._wakeup_recv, self._wakeup_send = socket.socketpair()
+        self._wakeup_recv.setblocking(False)
+        self._wakeup_send.setblocking(False)
+        self.register(self._wakeup_recv, selectors.EVENT_READ, self._drain_wakeup)
+
+    def __repr__(self):
+        return "<Reactor sockets=%d timers=%d>" % (len(self._selector.get_map()), len(self._timers))
+
+    # sockets
+
+    def register(self, sock, events: int, handler: Callable[[int], None]) -> None:
+        self._selector.register(sock, events, handler)
+
+    def modify(self, sock, events: int, handler: Callable[[int], None]) -> None:
+        self._selector.modify(sock, events, handler)
+
+    def unregister(self, sock) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def schedule_flush(self, flush: Callable[[], None]) -> None:
+        self._flushes.append(flush)
+
+    # callbacks and timers
+
+    def call_soon(self, callback: Callable, *args) -> None:
+        self._ready.append((callback, args))
+
+    def call_soon_threadsafe(self, callback: Callable, *args) -> None:
+        """``call_soon`` from another thread: wakes the loop up."""
+        self._ready.append((callback, args))
+        try:
+            self._wakeup_send.send(b"\0")
+        except OSError:        # the pipe is full: the loop is awake anyway
+            pass
+
+    def call_later(self, delay: float, callback: Callable, *args) -> _Timer:
+        timer = _Timer(time.monotonic() + delay, callback, args)
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def _drain_wakeup(self, mask):
+        try:
+            while self._wakeup_recv.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    # running
+
+    def run_once(self, timeout: Optional[float] = None) -> None:
+        """Flush pending writes, wait up to ``timeout`` (None: until something
+        happens) and handle whatever is ready."""
+        flushes = self._flushes
+        while flushes:
+            self._flushes = []
+            for flush in flushes:
+                flush()
+            flushes = self._flushes
+        if self._ready:
+            timeout = 0
+        elif self._timers:
+            delay = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = delay if timeout is None else min(timeout, delay)
+        for key, mask in self._selector.select(timeout):
+            key.data(mask)
+        timers = self._timers
+        if timers:
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                timer = heapq.heappop(timers)[2]
+                if not timer.cancelled:
+                    timer.cancelled = True
+                    timer.callback(*timer.args)
+        ready = self._ready
+        for _ in range(len(ready)):    # only what was queued before this pass
+            callback, args = ready.popleft()
+            callback(*args)
+
+    def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+        """Run until ``done()`` is true (returns True) or ``timeout`` seconds
+        pass (returns False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            if deadline is None:
+                self.run_once(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.run_once(remaining)
+        return True
+
+    def run(self) -> None:
+        """Run until ``stop()``."""
+        self._stopping = False
+        while not self._stopping:
+            self.run_once(None)
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Make ``run()`` return after the current pass (safe from signal handlers and threads)."""
+        self._stopping = True
+        try:
+            self._wakeup_send.send(b"\0")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.unregister(self._wakeup_recv)
+        self._wakeup_recv.close()
+        self._wakeup_send.close()
+        self._selector.close()
+
+
+_default_reactor: Optional[Reactor] = None
+
+
+def get_reactor() -> Reactor:
+    """The module's default reactor, made on first use, like POE::Kernel."""
+    global _default_reactor
+    if _default_reactor is None:
+        _default_reactor = Reactor()
+    return _default_reactor
+
+
+def run() -> None:
+    """Run the default reactor until ``get_reactor().stop()``."""
+    get_reactor().run()
+
+
+# ---------------------------------------------------------------------------
+# wheel
+# ---------------------------------------------------------------------------
+# The authkey handshake of PROTOCOL 3, as multiprocessing.connection does it
+# since 3.12, written as generators: each ``yield`` waits for the peer's next
+# raw frame, so the wheel can drive them from its read handler.
+
+CHALLENGE = b"#CHALLENGE#"
+WELCOME = b"#WELCOME#"
+FAILURE = b"#FAILURE#"
+DIGEST_NAME = b"{sha256}"
+MESSAGE_LENGTH = 40
+
+
+def _digest(authkey: bytes, message: bytes) -> bytes:
+    return DIGEST_NAME + hmac.new(authkey, message, hashlib.sha256).digest()
+
+
+def deliver_challenge(send: Callable[[bytes], None], authkey: bytes):
+    """Challenge the peer to prove it holds ``authkey``."""
+    message = CHALLENGE + DIGEST_NAME + os.urandom(MESSAGE_LENGTH)
+    send(message)
+    response = yield
+    if not hmac.compare_digest(response, _digest(authkey, message)):
+        send(FAILURE)
+        if response.startswith(DIGEST_NAME):
+            raise AuthenticationError("peer's digest is wrong: its authkey differs")
+        raise AuthenticationError("peer answered the challenge with no digest: it has no authkey")
+    send(WELCOME)
+
+
+def answer_challenge(send: Callable[[bytes], None], authkey: bytes):
+    """Prove to the peer that we hold ``authkey``."""
+    message = yield
+    if not message.startswith(CHALLENGE + DIGEST_NAME):
+        raise AuthenticationError("expected an authentication challenge, got something else: "
+                                  "the peer has no authkey")
+    send(_digest(authkey, message))
+    response = yield
+    if response == FAILURE:
+        raise AuthenticationError("peer rejected our digest: the authkeys differ")
+    if response != WELCOME:
+        raise AuthenticationError("peer sent neither welcome nor failure")
+
+
+def _server_handshake(send, authkey):
+    yield from deliver_challenge(send, authkey)
+    yield from answer_challenge(send, authkey)
+
+
+def _client_handshake(send, authkey):
+    yield from answer_challenge(send, authkey)
+    yield from deliver_challenge(send, authkey)
+
+
+def _configure_socket(sock: socket.socket) -> None:
+    """No Nagle (a call is a small frame that must leave now), keepalive so a
+    peer whose machine vanished is noticed (PROTOCOL 5)."""
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:            # not TCP (a socketpair in tests): nothing to tune
+        return
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+_CONNECTING, _TLS, _AUTH, _OPEN, _CLOSED = "connecting", "tls", "auth", "open", "closed"
+_EVENT_READ = selectors.EVENT_READ
+_EVENT_WRITE = selectors.EVENT_WRITE
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class Wheel:
+    """One connection, after POE::Wheel::ReadWrite.
+
+    It moves through phases: TCP connect (client side), TLS handshake (with
+    ``ssl_context``), authkey handshake (with ``authkey``), then open, when it
+    passes every whole frame body to ``on_frame(body, wheel)``; ``on_open(wheel)``
+    and ``on_close(wheel, reason)`` mark the ends. ``write_frame(body)`` queues
+    a frame; the reactor flushes the queue once per pass.
+
+    Flow control: ``pause_reading()`` / ``resume_reading()``; a wheel whose
+    queue is above ``high_water`` can be asked, by ``wait_for_drain(other)``,
+    to resume ``other`` once it drains below half of it.
+    """
+
+    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "phase", "paused",
+                 "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
+                 "on_close", "context", "_out", "_flush_pending", "_events", "_tls",
+                 "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context",
+                 "_server_hostname", "_server_side", "_authkey")
+
+    def __init__(self, reactor: Reactor, sock: socket.socket, wheel_id: int, *,
+                 on_frame: Callable, on_close: Callable, on_open: Optional[Callable] = None,
+                 peer: str = "?", server_side: bool = True, connecting: bool = False,
+                 max_frame: int = MAX_FRAME, max_write_buffer: int = MAX_WRITE_BUFFER,
+                 low_water: int = LOW_WATER, ssl_context: Optional[ssl.SSLContext] = None,
+                 server_hostname: Optional[str] = None, authkey: Optional[bytes] = None,
+                 handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT):
+        self.reactor = reactor
+        self.sock = sock
+        self.wheel_id = wheel_id
+        self.peer = peer
+        self.filter = ReferenceFilter(max_frame)
+        self.paused = False
+        self.out_size = 0
+        self.max_write_buffer = max_write_buffer
+        self.low_water = low_water
+        self.on_frame = on_frame
+        self.on_open = on_open
+        self.on_close = on_close
+        self.context: Any = None       # whatever the owner keeps per connection
+        self._out: collections.deque = collections.deque()
+        self._flush_pending = False
+        self._events = 0
+        self._tls = False
+        self._handshake = None
+        self._handshake_timer = None
+        self._drain_waiters: Optional[list] = None
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self._server_side = server_side
+        self._authkey = authkey
+        if handshake_timeout is not None and (connecting or ssl_context or authkey):
+            self._handshake_timer = reactor.call_later(handshake_timeout, self._handshake_expired,
+                                                       handshake_timeout)
+        self.phase = _CONNECTING
+        if connecting:
+            self._set_events(_EVENT_WRITE)
+        else:
+            self._connected()
+
+    def __repr__(self):
+        try:
+            fd = self.sock.fileno()
+        except OSError:
+            fd = -1
+        return "<Wheel %d fd=%d peer=%s %s%s queued=%d>" % (
+            self.wheel_id, fd, self.peer, self.phase, " paused" if self.paused else "",
+            self.out_size)
+
+    # phases
+
+    def _connected(self):
+        _configure_socket(self.sock)
+        if self._ssl_context is not None:
+            self.phase = _TLS
+            self._tls = True
+            self.sock = self._ssl_context.wrap_socket(
+                self.sock, server_side=self._server_side, do_handshake_on_connect=False,
+                server_hostname=None if self._server_side else self._server_hostname)
+            self._set_events(_EVENT_READ | _EVENT_WRITE)
+            self._tls_handshake()
+        else:
+            self._start_auth()
+
+    def _tls_handshake(self):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(_EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_events(_EVENT_READ | _EVENT_WRITE)
+            return
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self.close("TLS handshake failed: %s" % (exc,), error=exc)
+            return
+        except OSError as exc:
+            self.close("TLS handshake failed: %s" % (exc,), error=exc)
+            return
+        self._start_auth()
+        # the handshake's last read may have pulled in application data too
+        self.reactor.call_soon(self._read_pending)
+
+    def _start_auth(self):
+        self._set_events(_EVENT_READ)
+        if self._authkey is None:
+            self._open()
+            return
+        self.phase = _AUTH
+        steps = _server_handshake if self._server_side else _client_handshake
+        self._handshake = steps(self._write_raw, self._authkey)
+        self._step_handshake(None)
+
+    def _step_handshake(self, body):
+        try:
+            self._handshake.send(body)
+        except StopIteration:
+            self._handshake = None
+            self._open()
+        except AuthenticationError as exc:
+            self.close("authentication failed: %s" % (exc,), error=exc)
+
+    def _open(self):
+        self.phase = _OPEN
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        if self.on_open is not None:
+            self.on_open(self)
+        if self.filter.buffered() and not self.closed:
+            self.reactor.call_soon(self._process_frames)
+
+    def _handshake_expired(self, timeout):
+        self._handshake_timer = None
+        if self.phase in (_CONNECTING, _TLS):
+            self.close("no connection within %.1f s" % timeout,
+                       error=socket.timeout("timed out after %.1f s" % timeout))
+        elif self.phase == _AUTH:
+            exc = AuthenticationError(
+                "no authkey handshake within %.1f s%s" % (
+                    timeout, "" if self._server_side else
+                    ": the server sent no challenge, so it has no authkey but this client has one"))
+            self.close(str(exc), error=exc)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is _CLOSED
+
+    @property
+    def is_open(self) -> bool:
+        return self.phase is _OPEN
+
+    # events
+
+    def _set_events(self, events: int) -> None:
+        if events == self._events or self.phase is _CLOSED:
+            return
+        if not self._events:
+            self.reactor.register(self.sock, events, self._on_event)
+        elif not events:
+            self.reactor.unregister(self.sock)
+        else:
+            self.reactor.modify(self.sock, events, self._on_event)
+        self._events = events
+
+    def _update_events(self) -> None:
+        self._set_events((0 if self.paused else _EVENT_READ) | (_EVENT_WRITE if self._out else 0))
+
+    def _on_event(self, mask: int) -> None:
+        try:
+            phase = self.phase
+            if phase is _OPEN or phase is _AUTH:
+                if mask & _EVENT_WRITE:
+                    self.flush()
+                if mask & _EVENT_READ and not self.paused and self.phase is not _CLOSED:
+                    self._read()
+            elif phase is _TLS:
+                self._tls_handshake()
+            elif phase is _CONNECTING:
+                error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    exc = OSError(error, os.strerror(error))
+                    self.close("connect failed: %s" % (exc,), error=exc)
+                else:
+                    self._connected()
+        except Exception as exc:       # a handler's bug closes this connection only
+            log.exception("%r: error in handler; closing it", self)
+            self.close("internal error: %r" % (exc,), error=exc)
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(READ_CHUNK)
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self.close("read failed: %s" % (exc,), error=exc)
+            return
+        if not data:
+            self.close("closed by peer")
+            return
+        self.filter.get_one_start(data)
+        if self._tls and self.sock.pending():
+            # TLS may hold decrypted bytes that the selector cannot see: read them next pass
+            self.reactor.call_soon(self._read_pending)
+        self._process_frames()
+
+    def _read_pending(self) -> None:
+        if self.phase is not _CLOSED and not self.paused:
+            self._on_event(_EVENT_READ)
+
+    def _process_frames(self) -> None:
+        """Hand every whole frame on. A handler may run a nested loop that reads
+        this same wheel again: both levels take frames from the one filter, in
+        order, so nothing is reordered or handled twice."""
+        next_body = self.filter.next_body
+        on_frame = self.on_frame
+        try:
+            while not self.paused and self.phase is _OPEN:
+                body = next_body()
+                if body is None:
+                    return
+                on_frame(body, self)
+            while self.phase is _AUTH:
+                body = next_body()
+                if body is None:
+                    return
+                if len(body) > MAX_HANDSHAKE_FRAME:
+                    raise ProtocolError("handshake frame of %d bytes exceeds %d"
+                                        % (len(body), MAX_HANDSHAKE_FRAME))
+                self._step_handshake(body)
+            if self.phase is _OPEN and not self.paused and self.filter.buffered():
+                self._process_frames()
+        except ProtocolError as exc:
+            self.close("protocol error: %s" % (exc,), error=exc)
+        except Exception as exc:       # a handler's bug closes this connection only
+            log.exception("%r: error in handler; closing it", self)
+            self.close("internal error: %r" % (exc,), error=exc)
+
+    # writing
+
+    def write_frame(self, body: bytes) -> None:
+        """Queue one frame; small ones are built in one piece, large bodies are
+        queued as they are so they are never copied."""
+        if len(body) < SEND_COALESCE:
+            self._write(b"%d\0%s" % (len(body), body))
+        else:
+            self._write(b"%d\0" % len(body))
+            self._write(body)
+
+    def _write_raw(self, body: bytes) -> None:
+        self._write(_frame(body))
+
+    def _write(self, data: bytes) -> None:
+        if self.phase is _CLOSED:
+            return
+        self._out.append(data)
+        self.out_size += len(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.reactor.schedule_flush(self.flush)
+        if self.out_size > self.max_write_buffer:
+            self.close("peer is not reading: %d bytes queued exceeds max_write_buffer (%d)"
+                       % (self.out_size, self.max_write_buffer))
+
+    def flush(self) -> None:
+        """Send what is queued, as far as the socket takes it, without blocking."""
+        self._flush_pending = False
+        out = self._out
+        if self.phase is _CLOSED or self.phase is _TLS or self.phase is _CONNECTING:
+            return
+        sock = self.sock
+        while out:
+            data = out[0]
+            if len(data) < SEND_COALESCE and len(out) > 1:
+                data = self._coalesce()
+            try:
+                sent = sock.send(data)
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self.close("write failed: %s" % (exc,), error=exc)
+                return
+            self.out_size -= sent
+            if sent < len(data):
+                out[0] = memoryview(data)[sent:]
+                break
+            out.popleft()
+        self._update_events()
+        if self._drain_waiters is not None and self.out_size <= self.low_water:
+            self._release_drain_waiters()
+
+    def _coalesce(self) -> bytes:
+        out = self._out
+        pieces = []
+        size = 0
+        while out and size < SEND_COALESCE and len(out[0]) < SEND_COALESCE:
+            piece = out.popleft()
+            pieces.append(piece)
+            size += len(piece)
+        data = b"".join(pieces)
+        out.appendleft(data)
+        return data
+
+    # flow control
+
+    def pause_reading(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._update_events()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.phase is not _CLOSED:
+            self.paused = False
+            self._update_events()
+            if self.filter.buffered():
+                self.reactor.call_soon(self._process_frames)
+
+    def wait_for_drain(self, other: "Wheel") -> None:
+        """Pause ``other`` until this wheel's queue drains below ``low_water``."""
+        other.pause_reading()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+        self._drain_waiters.append(other)
+
+    def _release_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for other in waiters:
+            other.resume_reading()
+
+    # closing
+
+    def close(self, reason: str = "closed", error: Optional[BaseException] = None) -> None:
+        """Close now: one last non-blocking try to send what is queued, then
+        tell the owner through ``on_close(wheel, reason)``."""
+        if self.phase is _CLOSED:
+            return
+        if self._out and (self.phase is _OPEN or self.phase is _AUTH):
+            try:
+                while self._out:
+                    sent = self.sock.send(self._out[0])
+                    if sent < len(self._out[0]):
+                        break
+                    self._out.popleft()
+            except (OSError, ValueError):
+                pass
+        self.reactor.unregister(self.sock)
+        self.phase = _CLOSED
+        self._events = 0
+        self._out.clear()
+        self.out_size = 0
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self._drain_waiters is not None:
+            self._release_drain_waiters()
+        self.on_close(self, reason, error)
+
+
+# ---------------------------------------------------------------------------
+# server
+# ---------------------------------------------------------------------------
+
+class _Session:
+    """One published session: the alias callers use, the publisher's own name
+    for it, its method table, its publisher's wheel and who subscribed."""
+
+    __slots__ = ("alias", "name", "methods", "wheel_id", "subscribers")
+
+    def __init__(self, alias, name, methods, wheel_id):
+        self.alias = alias
+        self.name = name
+        self.methods = methods
+        self.wheel_id = wheel_id
+        self.subscribers = set()
+
+
+class _Delivery(collections.namedtuple(
+        "_Delivery", "caller_wheel_id caller_id publisher_wheel_id alias")):
+    """A routed call waiting for its result, keyed by the server's fresh id."""
+
+    __slots__ = ()
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _raise_file_limit() -> None:
+    """Thousands of connections need thousands of descriptors (PROTOCOL 5)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as exc:
+        log.debug("could not raise the file limit: %s", exc)
+
+
+class Server:
+    """Hosts published sessions and routes proxied messages, after
+    POEx::ProxySession::Server.
+
+    For the caller: ``start()`` binds and listens (``listen_port=0`` picks a
+    free port, read it back from ``address``), ``stop()`` closes everything,
+    failing every waiting call. The reactor (``reactor=``, default the
+    module's) runs it: ``proxysession.run()``.
+
+    May be overridden: the handlers, named after the original's events:
+    ``handle_inbound_data`` dispatches a decoded message to
+    ``publish_session``, ``rescind_session``, ``get_listing``,
+    ``subscribe_session``, ``deliver_message`` and ``handle_delivered``;
+    ``send_result`` answers a request.
+
+    The stores: ``sessions`` (alias -> session) and ``delivered_store``
+    (fresh id -> waiting call), with the original's accessors
+    (``get_session`` ... ``has_session``, ``get_delivered`` ... ``has_delivered``).
+    """
+
+    def __init__(self, listen_ip: str = DEFAULT_HOST, listen_port: int = DEFAULT_PORT,
+                 alias: str = "Server", options: Optional[dict] = None,
+                 reactor: Optional[Reactor] = None, authkey: Optional[bytes] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None, max_frame: int = MAX_FRAME,
+                 max_write_buffer: int = MAX_WRITE_BUFFER, high_water: int = HIGH_WATER,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, insecure_no_auth: bool = False):
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError("authkey must be bytes, not %s" % type(authkey).__name__)
+        self.listen_ip = listen_ip
+        self.listen_port = listen_port
+        self.alias = alias
+        self.options = dict(options or {})
+        self.reactor = reactor or get_reactor()
+        self.authkey = authkey
+        self.ssl_context = ssl_context
+        self.max_frame = max_frame
+        self.max_write_buffer = max_write_buffer
+        self.high_water = high_water
+        self.handshake_timeout = handshake_timeout
+        self.insecure_no_auth = insecure_no_auth
+        self.sessions: Dict[str, _Session] = {}
+        self.delivered_store: Dict[int, _Delivery] = {}
+        self.wheels: Dict[int, Wheel] = {}
+        self.address: Optional[Tuple[str, int]] = None
+        self._listener: Optional[socket.socket] = None
+        self._wheel_ids = itertools.count(1)
+        self._delivery_ids = itertools.count(1)
+        self._trace = bool(self.options.get("trace"))
+        self._at_file_limit = False
+        self._handlers = {
+            "publish": self.publish_session,
+            "rescind": self.rescind_session,
+            "listing": self.get_listing,
+            "subscribe": self.subscribe_session,
+            "deliver": self.deliver_message,
+            "result": self.handle_delivered,
+        }
+
+    def __repr__(self):
+        return "<Server %s at %s sessions=%d connections=%d waiting=%d>" % (
+            self.alias, self.address, len(self.sessions), len(self.wheels),
+            len(self.delivered_store))
+
+    # the stores, under the original's accessor names
+
+    def get_session(self, alias): return self.sessions.get(alias)
+    def set_session(self, alias, session): self.sessions[alias] = session
+    def delete_session(self, alias): return self.sessions.pop(alias, None)
+    def count_sessions(self): return len(self.sessions)
+    def all_session_names(self): return list(self.sessions)
+    def has_session(self, alias): return alias in self.sessions
+
+    def get_delivered(self, key): return self.delivered_store.get(key)
+    def set_delivered(self, key, value): self.delivered_store[key] = value
+    def delete_delivered(self, key): return self.delivered_store.pop(key, None)
+    def count_delivereds(self): return len(self.delivered_store)
+    def all_delivered_keys(self): return list(self.delivered_store)
+    def all_delivered_values(self): return list(self.delivered_store.values())
+    def has_delivered(self, key): return key in self.delivered_store
+
+    # listening
+
+    def start(self) -> "Server":
+        """Bind and listen now. Raises ``ProxyError`` when protected mode
+        refuses the address, ``OSError`` when the address cannot be bound."""
+        host = self.listen_ip
+        if not _is_loopback(host) and self.authkey is None and not self.insecure_no_auth:
+            raise ProxyError(
+                "refusing to listen on %s without an authkey (protected mode): anyone who can "
+                "reach the port could publish and call sessions. Set a key with --authkey-file "
+                "PATH or the PROXYSESSION_AUTHKEY variable (authkey= in Python), or listen on "
+                "127.0.0.1; --insecure-no-auth (insecure_no_auth=True) turns this check off."
+                % (host or "every address",))
+        _raise_file_limit()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host.strip("[]"), self.listen_port))
+            listener.listen(socket.SOMAXCONN)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self.address = listener.getsockname()[:2]
+        self.reactor.register(listener, _EVENT_READ, self._on_acceptable)
+        log.info("%s listening on %s:%d%s%s", self.alias, self.address[0], self.address[1],
+                 " with TLS" if self.ssl_context else "",
+                 " with authkey" if self.authkey else "")
+        return self
+
+    def _on_acceptable(self, mask) -> None:
+        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if not self._at_file_limit:
+                        log.error("at the open file limit with %d connections (%s): not "
+                                  "accepting for %.1f s", len(self.wheels), exc,
+                                  ACCEPT_RETRY_DELAY)
+                    self._at_file_limit = True
+                    self.reactor.unregister(self._listener)
+                    self.reactor.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+                    return
+                raise
+            self._at_file_limit = False
+            wheel_id = next(self._wheel_ids)
+            peer = "%s:%d" % address[:2]
+            wheel = Wheel(self.reactor, sock, wheel_id, on_frame=self._on_frame,
+                          on_close=self._on_wheel_closed, on_open=self._on_wheel_open,
+                          peer=peer, server_side=True, max_frame=self.max_frame,
+                          max_write_buffer=self.max_write_buffer,
+                          low_water=self.high_water // 2, ssl_context=self.ssl_context,
+                          authkey=self.authkey, handshake_timeout=self.handshake_timeout)
+            if not wheel.closed:
+                self.wheels[wheel_id] = wheel
+                log.info("connection %d from %s", wheel_id, peer)
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None:
+            self.reactor.register(self._listener, _EVENT_READ, self._on_acceptable)
+
+    def _on_wheel_open(self, wheel: Wheel) -> None:
+        if self.authkey is not None or self.ssl_context is not None:
+            log.debug("connection %d from %s is through its handshake", wheel.wheel_id, wheel.peer)
+
+    def stop(self) -> None:
+        """Stop accepting, answer every waiting call with a failure, close."""
+        if self._listener is not None:
+            self.reactor.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+        for fresh_id, delivery in list(self.delivered_store.items()):
+            del self.delivered_store[fresh_id]
+            caller = self.wheels.get(delivery.caller_wheel_id)
+            if caller is not None:
+                self._answer(caller, delivery.caller_id, False, "Server is shutting down")
+        for wheel in list(self.wheels.values()):
+            wheel.flush()
+            wheel.close("server is shutting down")
+        log.info("%s stopped", self.alias)
+
+    # inbound
+
+    def _on_frame(self, body: bytes, wheel: Wheel) -> None:
+        try:
+            message = _loads_plain(body)
+        except Exception as exc:       # whatever a hostile body raises: answer, stay open
+            log.warning("connection %d from %s sent an undecodable message: %s",
+                        wheel.wheel_id, wheel.peer, exc)
+            self._answer(wheel, -1, False, "Malformed message: %s" % (exc,))
+            return
+        if type(message) is not dict or type(message.get("id")) is not int \
+                or type(message.get("type")) is not str:
+            msg_id = message.get("id") if type(message) is dict else None
+            self._answer(wheel, msg_id if type(msg_id) is int else -1, False,
+                         "Malformed message: want a dict with a str 'type' and an int 'id'")
+            return
+        self.handle_inbound_data(message, wheel.wheel_id)
+        if wheel.out_size > self.high_water and not wheel.closed:
+            wheel.wait_for_drain(wheel)    # it is not reading its own answers
+
+    def handle_inbound_data(self, data: dict, wheel_id: int) -> None:
+        """Dispatch one message by its type."""
+        if self._trace:
+            log.debug("connection %d: %s id=%r to=%r", wheel_id, data["type"], data["id"],
+                      data.get("to"))
+        handler = self._handlers.get(data["type"])
+        if handler is None:
+            self.send_result(False, data, wheel_id, "Unknown message type '%s'" % data["type"])
+        else:
+            handler(data, wheel_id)
+
+    def send_result(self, success: bool, original: dict, wheel_id: int,
+                    payload: Any = None) -> None:
+        """Answer ``original`` on connection ``wheel_id``."""
+        wheel = self.wheels.get(wheel_id)
+        if wheel is not None:
+            self._answer(wheel, original["id"], success, payload)
+
+    def _answer(self, wheel: Wheel, msg_id: int, success: bool, payload: Any = None) -> None:
+        message = {"type": "result", "id": msg_id, "success": success}
+        if payload is not None:
+            message["payload"] = _dumps(payload)
+        wheel.write_frame(_dumps(message))
+
+    def _payload(self, data: dict, wheel_id: int) -> Optional[dict]:
+        """The decoded dict payload of a publish or rescind, or None after
+        answering with the reason."""
+        payload = data.get("payload")
+        try:
+            value = _loads_plain(payload) if isinstance(payload, bytes) else None
+        except Exception as exc:
+            self.send_result(False, data, wheel_id, "Malformed payload: %s" % (exc,))
+            return None
+        if type(value) is not dict:
+            self.send_result(False, data, wheel_id, "Malformed payload: want a pickled dict")
+            return None
+        return value
+
+    def publish_session(self, data: dict, wheel_id: int) -> None:
+        """Publish a session; success payload: its alias."""
+        payload = self._payload(data, wheel_id)
+        if payload is None:
+            return
+        alias = payload.get("session_alias")
+        name = payload.get("session_name")
+        methods = payload.get("methods")
+        if not alias or not isinstance(alias, str):
+            return self.send_result(False, data, wheel_id, "Session alias must be defined")
+        if alias in self.sessions:
+            return self.send_result(False, data, wheel_id, "Session '%s' already exists" % alias)
+        if not name or not isinstance(name, str):
+            return self.send_result(False, data, wheel_id, "Session name is required")
+        if not isinstance(methods, dict):
+            return self.send_result(False, data, wheel_id,
+                                    "Session methods must be a dict of method descriptions")
+        self.sessions[alias] = _Session(alias, name, methods, wheel_id)
+        log.info("connection %d published '%s' (%d methods)", wheel_id, alias, len(methods))
+        self.send_result(True, data, wheel_id, alias)
+
+    def rescind_session(self, data: dict, wheel_id: int) -> None:
+        """Rescind a session this connection published; no payload on success."""
+        payload = self._payload(data, wheel_id)
+        if payload is None:
+            return
+        alias = payload.get("session_alias")
+        if not alias or not isinstance(alias, str):
+            return self.send_result(False, data, wheel_id, "Session alias is required")
+        session = self.sessions.get(alias)
+        if session is None:
+            return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % alias)
+        if session.wheel_id != wheel_id:
+            return self.send_result(False, data, wheel_id,
+                                    "Session '%s' was published by another connection" % alias)
+        self._remove_session(session, "rescinded")
+        self.send_result(True, data, wheel_id)
+
+    def _remove_session(self, session: _Session, why: str) -> None:
+        del self.sessions[session.alias]
+        log.info("session '%s' of connection %d %s", session.alias, session.wheel_id, why)
+        notice = _frame(_dumps({"type": "rescinded", "id": -1, "to": session.alias}))
+        for subscriber_id in session.subscribers:
+            subscriber = self.wheels.get(subscriber_id)
+            if subscriber is not None:
+                subscriber._write(notice)
+
+    def get_listing(self, data: dict, wheel_id: int) -> None:
+        """List the published aliases, sorted; never fails."""
+        self.send_result(True, data, wheel_id, sorted(self.sessions))
+
+    def subscribe_session(self, data: dict, wheel_id: int) -> None:
+        """Subscribe to ``to``; success payload: ``{session, methods}``."""
+        alias = data.get("to")
+        session = self.sessions.get(alias) if isinstance(alias, str) else None
+        if session is None:
+            return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % (alias,))
+        session.subscribers.add(wheel_id)
+        self.send_result(True, data, wheel_id, {"session": alias, "methods": session.methods})
+
+    def deliver_message(self, data: dict, wheel_id: int) -> None:
+        """Route a call to the publisher of ``to`` under a fresh id; its
+        payload goes through untouched."""
+        alias = data.get("to")
+        session = self.sessions.get(alias) if isinstance(alias, str) else None
+        if session is None:
+            return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % (alias,))
+        if type(data.get("payload")) is not bytes:
+            return self.send_result(False, data, wheel_id,
+                                    "Malformed message: deliver wants a bytes payload")
+        fresh_id = next(self._delivery_ids)
+        self.delivered_store[fresh_id] = _Delivery(wheel_id, data["id"], session.wheel_id, alias)
+        data["to"] = session.name
+        data["id"] = fresh_id
+        publisher = self.wheels[session.wheel_id]
+        publisher.write_frame(_dumps(data))
+        if publisher.out_size > self.high_water:
+            publisher.wait_for_drain(self.wheels[wheel_id])
+
+    def handle_delivered(self, data: dict, wheel_id: int) -> None:
+        """Route a publisher's result back to the caller, under the caller's id."""
+        fresh_id = data["id"]
+        delivery = self.delivered_store.get(fresh_id)
+        if delivery is None or delivery.publisher_wheel_id != wheel_id:
+            log.warning("connection %d sent a result for %s call %d: dropped", wheel_id,
+                        "someone else's" if delivery else "no waiting", fresh_id)
+            return
+        del self.delivered_store[fresh_id]
+        caller = self.wheels.get(delivery.caller_wheel_id)
+        if caller is None:
+            return                      # the caller left: nobody to tell
+        if type(data.get("success")) is not bool or \
+                type(data.get("payload", b"")) is not bytes:
+            log.warning("connection %d sent a malformed result for '%s'", wheel_id,
+                        delivery.alias)
+            self._answer(caller, delivery.caller_id, False,
+                         "Session '%s' sent a malformed result" % delivery.alias)
+            return
+        data["id"] = delivery.caller_id
+        caller.write_frame(_dumps(data))
+        if caller.out_size > self.high_water:
+            caller.wait_for_drain(self.wheels[wheel_id])
+
+    # connections ending
+
+    def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
+        wheel_id = wheel.wheel_id
+        if self.wheels.pop(wheel_id, None) is None:
+            log.info("connection from %s closed before it was set up: %s", wheel.peer, reason)
+            return
+        level = logging.WARNING if reason.startswith(("protocol", "peer is not", "auth")) \
+            else logging.INFO
+        log.log(level, "connection %d from %s closed: %s", wheel_id, wheel.peer, reason)
+        for session in [s for s in self.sessions.values() if s.wheel_id == wheel_id]:
+            self._remove_session(session, "went away with its connection")
+        for session in self.sessions.values():
+            session.subscribers.discard(wheel_id)
+        for fresh_id, delivery in list(self.delivered_store.items()):
+            if delivery.publisher_wheel_id == wheel_id:
+                del self.delivered_store[fresh_id]
+                caller = self.wheels.get(delivery.caller_wheel_id)
+                if caller is not None:
+                    self._answer(caller, delivery.caller_id, False,
+                                 "Session '%s' went away before answering" % delivery.alias)
+            elif delivery.caller_wheel_id == wheel_id:
+                del self.delivered_store[fresh_id]
+
+
+# ---------------------------------------------------------------------------
+# client
+# ---------------------------------------------------------------------------
+
+class Result:
+    """What a ``callback=`` receives, like the original's return events:
+    ``success``, ``payload`` (the value, or the error: a str, or a dict
+    ``{error, message, traceback}``), ``connection_id`` and ``tag``."""
+
+    __slots__ = ("success", "payload", "connection_id", "tag")
+
+    def __init__(self, success: bool, payload: Any, connection_id: Optional[int], tag: Any = None):
+        self.success = success
+        self.payload = payload
+        self.connection_id = connection_id
+        self.tag = tag
+
+    def __repr__(self):
+        return "Result(success=%r, payload=%r, connection_id=%r, tag=%r)" % (
+            self.success, self.payload, self.connection_id, self.tag)
+
+    def value(self) -> Any:
+        """The payload, or the error raised as an exception."""
+        if self.success:
+            return self.payload
+        raise _error_from_payload(self.payload)
+
+
+def _error_from_payload(payload: Any) -> ProxyError:
+    if isinstance(payload, BaseException):
+        return payload if isinstance(payload, ProxyError) else ProxyError(str(payload))
+    if isinstance(payload, dict) and "error" in payload:
+        return RemoteError(str(payload.get("error")), str(payload.get("message", "")),
+                           str(payload.get("traceback", "")))
+    return ProxyError(payload if isinstance(payload, str) else repr(payload))
+
+
+class _Request:
+    """A request waiting for its result."""
+
+    __slots__ = ("connection_id", "on_result", "callback", "tag", "timer", "result")
+
+    def __init__(self, connection_id, on_result, callback, tag):
+        self.connection_id = connection_id
+        self.on_result = on_result     # turns the success payload into the return value
+        self.callback = callback
+        self.tag = tag
+        self.timer = None
+        self.result: Optional[Result] = None
+
+
+class _Publication:
+    __slots__ = ("connection_id", "alias", "obj", "methods")
+
+    def __init__(self, connection_id, alias, obj, methods):
+        self.connection_id = connection_id
+        self.alias = alias
+        self.obj = obj
+        self.methods = methods
+
+
+class Client:
+    """Connections to proxysession servers, after POEx::ProxySession::Client.
+
+    For the caller: ``connect``, ``publish``, ``rescind``, ``subscribe``,
+    ``unsubscribe``, ``server_listing``, ``close``; each request blocks until
+    its answer (driving the reactor meanwhile) and returns the payload or
+    raises, or, given ``callback=``, returns at once and calls
+    ``callback(Result)`` later.
+
+    Callbacks (keyword arguments): ``unknown_message_event(data,
+    connection_id)``, ``socket_error_event(connection_id, error)``,
+    ``connect_error_event(remote_address, remote_port, error)``,
+    ``rescinded_event(alias, connection_id)``.
+
+    Payloads are unpickled with an allow-list (PROTOCOL 2): extend it with
+    ``allow_classes=["module.Name", ...]``; ``unsafe_unpickle_anything=True``
+    turns it off, which lets any peer run code here: only for a network
+    where every peer is trusted.
+    """
+
+    def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
+                 timeout: Optional[float] = DEFAULT_TIMEOUT, authkey: Optional[bytes] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None, max_frame: int = MAX_FRAME,
+                 max_write_buffer: int = MAX_WRITE_BUFFER,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 allow_classes: Iterable[str] = (), unsafe_unpickle_anything: bool = False,
+                 options: Optional[dict] = None,
+                 unknown_message_event: Optional[Callable] = None,
+                 socket_error_event: Optional[Callable] = None,
+                 connect_error_event: Optional[Callable] = None,
+                 rescinded_event: Optional[Callable] = None):
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError("authkey must be bytes, not %s" % type(authkey).__name__)
+        self.alias = alias
+        self.reactor = reactor or get_reactor()
+        self.timeout = timeout
+        self.authkey = authkey
+        self.ssl_context = ssl_context
+        self.max_frame = max_frame
+        self.max_write_buffer = max_write_buffer
+        self.handshake_timeout = handshake_timeout
+        self.options = dict(options or {})
+        self.unknown_message_event = unknown_message_event
+        self.socket_error_event = socket_error_event
+        self.connect_error_event = connect_error_event
+        self.rescinded_event = rescinded_event
+        self._allowed = SAFE_CLASSES | _class_pairs(allow_classes)
+        self._unsafe = unsafe_unpickle_anything
+        self._connections: Dict[int, Wheel] = {}
+        self._pending: Dict[int, _Request] = {}
+        self._publications: Dict[Tuple[int, str], _Publication] = {}
+        self._proxies: Dict[Tuple[int, str], "Proxy"] = {}
+        self._ids = itertools.count(1)
+        self._connection_ids = itertools.count(1)
+        self._trace = bool(self.options.get("trace"))
+        self._handlers = {
+            "result": self.handle_on_result,
+            "deliver": self.handle_on_deliver,
+            "rescinded": self.handle_on_rescinded,
+        }
+
+    def __repr__(self):
+        return "<Client %s connections=%d pending=%d>" % (
+            self.alias, len(self._connections), len(self._pending))
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # payloads
+
+    def _loads(self, data: bytes) -> Any:
+        if self._unsafe:
+            return pickle.loads(data)
+        return _AllowListUnpickler(io.BytesIO(data), self._allowed).load()
+
+    # connections
+
+    def connect(self, remote_address: str = DEFAULT_HOST, remote_port: int = DEFAULT_PORT,
+                timeout: Optional[float] = None, server_hostname: Optional[str] = None) -> int:
+        """Connect to a server and return the connection id. Raises
+        ``ConnectionError`` (or ``AuthenticationError``) after calling
+        ``connect_error_event`` when set."""
+        timeout = self.handshake_timeout if timeout is None else timeout
+        connection_id = next(self._connection_ids)
+        try:
+            infos = socket.getaddrinfo(remote_address, remote_port, 0, socket.SOCK_STREAM)
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            return self._connect_failed(remote_address, remote_port, exc)
+        sock.setblocking(False)
+        try:
+            sock.connect(sockaddr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            sock.close()
+            return self._connect_failed(remote_address, remote_port, exc)
+        outcome: list = []
+        wheel = Wheel(self.reactor, sock, connection_id, on_frame=self._on_frame,
+                      on_close=self._on_wheel_closed,
+                      on_open=lambda wheel: outcome.append(None),
+                      peer="%s:%s" % (remote_address, remote_port), server_side=False,
+                      connecting=True, max_frame=self.max_frame,
+                      max_write_buffer=self.max_write_buffer, ssl_context=self.ssl_context,
+                      server_hostname=server_hostname or remote_address,
+                      authkey=self.authkey, handshake_timeout=timeout)
+        wheel.context = outcome        # _on_wheel_closed puts the error here while connecting
+        self._connections[connection_id] = wheel
+        self.reactor.run_until(lambda: outcome, None)
+        if not wheel.is_open:
+            self._connections.pop(connection_id, None)
+            error = outcome[0] if outcome and outcome[0] is not None else \
+                ConnectionError("connection closed during the handshake")
+            return self._connect_failed(remote_address, remote_port, error)
+        wheel.context = None
+        log.info("%s connected to %s:%s as connection %d", self.alias, remote_address,
+                 remote_port, connection_id)
+        return connection_id
+
+    def _connect_failed(self, address, port, error):
+        if self.connect_error_event is not None:
+            self.connect_error_event(address, port, error)
+        if isinstance(error, ProxyError):
+            raise error
+        raise ConnectionError("cannot connect to %s:%s: %s" % (address, port, error)) from error
+
+    def close(self) -> None:
+        """Close every connection; waiting requests fail."""
+        for wheel in list(self._connections.values()):
+            wheel.flush()
+            wheel.close("client closed")
+
+    def _wheel(self, connection_id: int) -> Wheel:
+        wheel = self._connections.get(connection_id)
+        if wheel is None:
+            raise ProxyError("no open connection %r" % (connection_id,))
+        return wheel
+
+    def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
+        connection_id = wheel.wheel_id
+        if isinstance(wheel.context, list):          # still connecting: connect() reports it
+            wheel.context.append(error or ConnectionError(reason))
+            return
+        if self._connections.pop(connection_id, None) is None:
+            return
+        log.info("%s: connection %d to %s closed: %s", self.alias, connection_id, wheel.peer,
+                 reason)
+        failure = error if isinstance(error, AuthenticationError) else ProxyError(
+            "Connection %d to %s was lost: %s" % (connection_id, wheel.peer, reason))
+        for request_id, request in list(self._pending.items()):
+            if request.connection_id == connection_id:
+                del self._pending[request_id]
+                self._finish(request, Result(False, failure, connection_id, request.tag))
+        for key in [key for key in self._publications if key[0] == connection_id]:
+            del self._publications[key]
+        for key in [key for key in self._proxies if key[0] == connection_id]:
+            self._proxies.pop(key)._Proxy__gone = str(failure)
+        if self.socket_error_event is not None and reason != "client closed":
+            self._call_user(self.socket_error_event, connection_id, failure)
+
+    def _call_user(self, callback, *args) -> None:
+        """A user callback's bug is logged, never allowed to break the connection."""
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("%s: callback %r raised", self.alias, callback)
+
+    # sending requests (MessageSender)
+
+    def send_message(self, connection_id: int, message: dict,
+                     on_result: Optional[Callable] = None, callback: Optional[Callable] = None,
+                     tag: Any = None, timeout: Any = "default") -> Any:
+        """Send a request and wait for its result (or, given ``callback``,
+        return at once). ``on_result(payload)`` turns the success payload into
+        the return value."""
+        wheel = self._wheel(connection_id)
+        request_id = next(self._ids)
+        message["id"] = request_id
+        request = _Request(connection_id, on_result, callback, tag)
+        self._pending[request_id] = request
+        if timeout == "default":
+            timeout = self.timeout
+        if timeout is not None:
+            request.timer = self.reactor.call_later(timeout, self._time_out, request_id, timeout)
+        wheel.write_frame(_dumps(message))
+        if callback is not None:
+            return None
+        self.reactor.run_until(lambda: request.result is not None, None)
+        return request.result.value()
+
+    def _time_out(self, request_id: int, timeout: float) -> None:
+        request = self._pending.pop(request_id, None)
+        if request is not None:
+            request.timer = None
+            self._finish(request, Result(False, CallTimeout(
+                "no answer within %.3g s" % timeout), request.connection_id, request.tag))
+
+    def _finish(self, request: _Request, result: Result) -> None:
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.callback is None:
+            request.result = result
+        else:
+            self._call_user(request.callback, result)
+
+    # inbound
+
+    def _on_frame(self, body: bytes, wheel: Wheel) -> None:
+        try:
+            message = _loads_plain(body)
+            kind = message["type"]
+            handler = self._handlers[kind]
+        except Exception as exc:
+            if body.startswith(CHALLENGE):
+                error = AuthenticationError(
+                    "the server at %s requires an authkey, but this client has none" % wheel.peer)
+                wheel.close(str(error), error=error)
+                return
+            self.handle_inbound_data(body, wheel.wheel_id, exc)
+            return
+        if self._trace:
+            log.debug("%s connection %d: %s id=%r", self.alias, wheel.wheel_id, kind,
+                      message.get("id"))
+        handler(message, wheel)
+
+    def handle_inbound_data(self, data: Any, connection_id: int, error=None) -> None:
+        """A message of a type this client does not know: ``unknown_message_event``
+        gets it, if set; otherwise it is logged and ignored."""
+        try:
+            data = _loads_plain(data) if isinstance(data, bytes) else data
+        except Exception:
+            pass
+        if self.unknown_message_event is not None:
+            self._call_user(self.unknown_message_event, data, connection_id)
+        else:
+            log.warning("%s: connection %d sent a message this client does not handle: %.200r",
+                        self.alias, connection_id, data)
+
+    def handle_on_result(self, message: dict, wheel: Wheel) -> None:
+        request = self._pending.pop(message.get("id"), None)
+        if request is None or request.connection_id != wheel.wheel_id:
+            if request is not None:
+                self._pending[message["id"]] = request
+            log.debug("%s: dropped a result for no waiting request: %r", self.alias,
+                      message.get("id"))
+            return
+        success = message.get("success") is True
+        payload = message.get("payload")
+        try:
+            value = None if payload is None else self._loads(payload)
+            if success and request.on_result is not None:
+                value = request.on_result(value)
+        except Exception as exc:
+            success, value = False, ProxyError("result could not be decoded: %s" % (exc,))
+        self._finish(request, Result(success, value, wheel.wheel_id, request.tag))
+
+    def handle_on_rescinded(self, message: dict, wheel: Wheel) -> None:
+        alias = message.get("to")
+        proxy = self._proxies.pop((wheel.wheel_id, alias), None)
+        if proxy is not None:
+            proxy._Proxy__gone = "Session '%s' was rescinded" % (alias,)
+        if self.rescinded_event is not None:
+            self._call_user(self.rescinded_event, alias, wheel.wheel_id)
+
+    def handle_on_deliver(self, message: dict, wheel: Wheel) -> None:
+        """Run a published method for a caller; only what was published runs."""
+        name = message.get("to")
+        publication = self._publications.get((wheel.wheel_id, name))
+        try:
+            call = self._loads(message["payload"])
+            event = call["event"]
+            args = call.get("args") or ()
+            kwargs = call.get("kwargs") or {}
+            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                raise TypeError("args must be a list and kwargs a dict")
+        except Exception as exc:
+            return self.send_result(wheel, message, False, "Malformed call: %s" % (exc,))
+        if publication is None or event not in publication.methods:
+            return self.send_result(wheel, message, False,
+                                    "Unable to post '%s' to '%s'" % (event, name))
+        try:
+            value = getattr(publication.obj, event)(*args, **kwargs)
+            body = _dumps(value)
+        except Exception as exc:
+            return self.send_result(wheel, message, False, {
+                "error": type(exc).__name__, "message": str(exc),
+                "traceback": traceback.format_exc()})
+        self.return_to_sender(wheel, message["id"], True, body)
+
+    def send_result(self, wheel: Wheel, original: dict, success: bool, payload: Any) -> None:
+        """Answer a delivered call (MessageSender's send_result)."""
+        self.return_to_sender(wheel, original.get("id"), success, _dumps(payload))
+
+    def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
+                         payload: bytes) -> None:
+        wheel.write_frame(_dumps({"type": "result", "id": message_id, "success": success,
+                                  "payload": payload}))
+
+    # the requests
+
+    def publish(self, connection_id: int, alias: str, obj: Any,
+                methods: Optional[Iterable[str]] = None, callback: Optional[Callable] = None,
+                tag: Any = None, timeout: Any = "default") -> str:
+        """Publish ``obj`` under ``alias``: the methods marked ``@proxy_event``,
+        or those named in ``methods``. Returns the alias."""
+        table = _method_table(obj, methods)
+        key = (connection_id, alias)
+        if key in self._publications:
+            raise ProxyError("Session '%s' is already published on connection %d"
+                             % (alias, connection_id))
+        publication = _Publication(connection_id, alias, obj, table)
+        self._publications[key] = publication   # a call may arrive before the answer does
+
+        def on_result(value):
+            return value
+
+        def forget(result):
+            if not result.success and self._publications.get(key) is publication:
+                del self._publications[key]
+            if callback is not None:
+                callback(result)
+
+        payload = _dumps({"session_alias": alias, "session_name": alias, "methods": table})
+        if callback is not None:
+            return self.send_message(connection_id, {"type": "publish", "payload": payload},
+                                     on_result, forget, tag, timeout)
+        try:
+            return self.send_message(connection_id, {"type": "publish", "payload": payload},
+                                     on_result, None, tag, timeout)
+        except BaseException:
+            if self._publications.get(key) is publication:
+                del self._publications[key]
+            raise
+
+    def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
+                callback: Optional[Callable] = None, tag: Any = None,
+                timeout: Any = "default") -> None:
+        """Rescind a publication, named by its alias or by the published object."""
+        matches = [p for p in self._publications.values()
+                   if (p.alias == obj_or_alias if isinstance(obj_or_alias, str)
+                       else p.obj is obj_or_alias)
+                   and (connection_id is None or p.connection_id == connection_id)]
+        if not matches:
+            raise ProxyError("nothing published as %r" % (obj_or_alias,))
+        if len(matches) > 1:
+            raise ProxyError("%r is published on several connections: pass connection_id"
+                             % (obj_or_alias,))
+        publication = matches[0]
+        key = (publication.connection_id, publication.alias)
+
+        def on_result(value):
+            self._publications.pop(key, None)
+            return value
+
+        payload = _dumps({"session_alias": publication.alias})
+        return self.send_message(publication.connection_id, {"type": "rescind",
+                                 "payload": payload}, on_result, callback, tag, timeout)
+
+    def server_listing(self, connection_id: int, callback: Optional[Callable] = None,
+                       tag: Any = None, timeout: Any = "default") -> List[str]:
+        """The aliases published on that server, sorted."""
+        return self.send_message(connection_id, {"type": "listing"}, None, callback, tag,
+                                 timeout)
+
+    def subscribe(self, connection_id: int, alias: str, callback: Optional[Callable] = None,
+                  tag: Any = None, timeout: Any = "default") -> "Proxy":
+        """Subscribe to ``alias``; returns its ``Proxy``."""
+        def on_result(value):
+            if not isinstance(value, dict) or not isinstance(value.get("methods"), dict):
+                raise ProtocolError("malformed subscribe answer: %.200r" % (value,))
+            proxy = Proxy(self, connection_id, alias, value["methods"])
+            self._proxies[(connection_id, alias)] = proxy
+            return proxy
+
+        return self.send_message(connection_id, {"type": "subscribe", "to": alias},
+                                 on_result, callback, tag, timeout)
+
+    def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int] = None) -> None:
+        """Forget a subscription; its proxy then fails fast."""
+        alias = alias_or_proxy._Proxy__alias if isinstance(alias_or_proxy, Proxy) \
+            else alias_or_proxy
+        keys = [key for key in self._proxies
+                if key[1] == alias and (connection_id is None or key[0] == connection_id)]
+        if not keys:
+            raise ProxyError("not subscribed to %r" % (alias,))
+        for key in keys:
+            self._proxies.pop(key)._Proxy__gone = "unsubscribed from '%s'" % alias
+
+    def deliver(self, connection_id: int, alias: str, event: str, args=(), kwargs=None,
+                callback: Optional[Callable] = None, tag: Any = None,
+                timeout: Any = "default") -> Any:
+        """Call ``event`` on the session ``alias``: what a proxy method does."""
+        payload = _dumps({"event": event, "args": list(args), "kwargs": kwargs or {}})
+        return self.send_message(connection_id, {"type": "deliver", "to": alias,
+                                 "payload": payload}, None, callback, tag, timeout)
+
+
+# ---------------------------------------------------------------------------
+# proxy
+# ---------------------------------------------------------------------------
+
+def proxy_event(method: Callable) -> Callable:
+    """Mark a method as published, after POEx::Role::ProxyEvent."""
+    method._proxysession_event = True
+    return method
+
+
+def _method_table(obj: Any, names: Optional[Iterable[str]]) -> Dict[str, dict]:
+    if names is None:
+        names = [name for name, _ in inspect.getmembers(type(obj))
+                 if getattr(getattr(obj, name, None), "_proxysession_event", False)]
+        if not names:
+            raise ValueError("%r has no method marked @proxy_event, and no methods=[...] "
+                             "was given" % (obj,))
+    table = {}
+    for name in names:
+        if not isinstance(name, str) or name.startswith("_"):
+            raise ValueError("cannot publish %r: names starting with '_' stay private" % (name,))
+        method = getattr(obj, name, None)
+        if not callable(method):
+            raise ValueError("cannot publish %r: %r has no such method" % (name, obj))
+        try:
+            signature = str(inspect.signature(method))
+        except (TypeError, ValueError):
+            signature = "(...)"
+        table[name] = {"signature": signature, "doc": inspect.getdoc(method)}
+    return table
+
+
+class _ProxyMethod:
+    """One published method: call it to block, ``.post(...)`` not to,
+    ``.call(args, kwargs, ...)`` for the explicit form."""
+
+    def __init__(self, proxy: "Proxy", name: str, description: dict):
+        self._proxy = proxy
+        self._name = name
+        self.__doc__ = description.get("doc") if isinstance(description, dict) else None
+        self.signature = description.get("signature") if isinstance(description, dict) else None
+
+    def __repr__(self):
+        return "<remote method %s.%s%s>" % (self._proxy._Proxy__alias, self._name,
+                                            self.signature or "")
+
+    def __call__(self, *args, **kwargs):
+        return self.call(args, kwargs)
+
+    def post(self, *args, callback: Optional[Callable] = None, tag: Any = None, **kwargs):
+        """Call without waiting; ``callback(Result)`` gets the answer."""
+        return self.call(args, kwargs, callback=callback or _ignore_result, tag=tag)
+
+    def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
+             timeout: Any = "default", callback: Optional[Callable] = None, tag: Any = None):
+        proxy = self._proxy
+        gone = proxy._Proxy__gone
+        if gone is not None:
+            raise ProxyError(gone)
+        client = proxy._Proxy__client
+        return client.deliver(proxy._Proxy__connection_id, proxy._Proxy__alias, self._name,
+                              args, kwargs, callback, tag, timeout)
+
+
+def _ignore_result(result: Result) -> None:
+    if not result.success:
+        log.warning("a posted call failed with nobody to tell: %r", result.payload)
+
+
+class Proxy:
+    """The local stand-in for a subscribed session, after
+    POEx::ProxySession::Proxy: one attribute per published method and
+    nothing else public, so every published name stays callable."""
+
+    def __init__(self, client: Client, connection_id: int, alias: str, methods: dict):
+        self.__client = client
+        self.__connection_id = connection_id
+        self.__alias = alias
+        self.__gone: Optional[str] = None
+        for name, description in methods.items():
+            if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
+                setattr(self, name, _ProxyMethod(self, name, description))
+
+    def __repr__(self):
+        return "<Proxy %s on connection %d%s>" % (
+            self.__alias, self.__connection_id, " (gone)" if self.__gone else "")
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+AUTHKEY_VARIABLE = "PROXYSESSION_AUTHKEY"
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parse_address(text: str) -> Tuple[str, int]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``HOST`` (the default port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not port:
+        return host or DEFAULT_HOST, DEFAULT_PORT
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _UsageError("bad port in %r: want HOST:PORT with PORT 0..65535" % text)
+    return host or DEFAULT_HOST, int(port)
+
+
+def _read_authkey(path: Optional[str]) -> Optional[bytes]:
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                key = handle.read().strip()
+        except OSError as exc:
+            raise _UsageError("cannot read the authkey file: %s" % exc)
+        if not key:
+            raise _UsageError("the authkey file %s is empty" % path)
+        return key
+    key = os.environ.get(AUTHKEY_VARIABLE)
+    return key.encode() if key else None
+
+
+def _make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxysession",
+        description="A proxysession server (the default), or a client for people at a shell.",
+        epilog="examples:\n"
+               "  proxysession --listen 127.0.0.1:56789\n"
+               "  proxysession list 127.0.0.1:56789\n"
+               "  proxysession call 127.0.0.1:56789 Greeter hello \"'world'\"\n\n"
+               "The authkey comes from --authkey-file or the %s variable, never "
+               "from a flag that ps would show." % AUTHKEY_VARIABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    parser.add_argument("--listen", default="%s:%d" % (DEFAULT_HOST, DEFAULT_PORT),
+                        metavar="HOST:PORT",
+                        help="address to serve on (default %(default)s; port 0 picks one)")
+    parser.add_argument("--trace", action="store_true", help="log every message routed")
+    parser.add_argument("--debug", action="store_true", help="log at debug level")
+    parser.add_argument("--max-frame", type=int, default=MAX_FRAME, metavar="BYTES",
+                        help="largest frame body accepted (default %(default)s)")
+    parser.add_argument("--authkey-file", metavar="PATH",
+                        help="file holding the shared key (else $%s)" % AUTHKEY_VARIABLE)
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (enables TLS)")
+    parser.add_argument("--tls-key", metavar="PEM", help="server private key")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="UNSAFE: allow a non-loopback --listen without an authkey")
+    commands = parser.add_subparsers(dest="command", metavar="{list,call}")
+    client_options = argparse.ArgumentParser(add_help=False)
+    client_options.add_argument("--tls-ca", metavar="PEM",
+                                help="use TLS, trusting this CA file (host name checked)")
+    client_options.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                                metavar="SECONDS", help="give up after (default %(default)s)")
+    client_options.add_argument("--authkey-file", metavar="PATH",
+                                help="file holding the shared key (else $%s)" % AUTHKEY_VARIABLE)
+    listing = commands.add_parser("list", parents=[client_options],
+                                  help="print the published aliases")
+    listing.add_argument("address", metavar="HOST:PORT")
+    call = commands.add_parser("call", parents=[client_options],
+                               help="call ALIAS.METHOD and print what it returns")
+    call.add_argument("address", metavar="HOST:PORT")
+    call.add_argument("alias", metavar="ALIAS")
+    call.add_argument("method", metavar="METHOD")
+    call.add_argument("args", nargs="*", metavar="ARG",
+                      help="Python literals (ast.literal_eval), else strings")
+    return parser
+
+
+def _literal(text: str) -> Any:
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _run_client_command(options) -> int:
+    host, port = _parse_address(options.address)
+    context = None
+    if options.tls_ca:
+        try:
+            context = ssl.create_default_context(cafile=options.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise _UsageError("cannot load the CA file: %s" % exc)
+    authkey = _read_authkey(options.authkey_file)
+    client = Client("proxysession-cli", reactor=Reactor(), timeout=options.timeout,
+                    authkey=authkey, ssl_context=context)
+    try:
+        try:
+            connection = client.connect(host, port, timeout=options.timeout)
+        except (OSError, ProxyError) as exc:
+            print("proxysession: %s" % (exc,), file=sys.stderr)
+            return 2
+        try:
+            if options.command == "list":
+                for alias in client.server_listing(connection):
+                    print(alias)
+            else:
+                value = client.deliver(connection, options.alias, options.method,
+                                       [_literal(arg) for arg in options.args])
+                print(repr(value))
+        except RemoteError as exc:
+            print("proxysession: remote %s" % (exc,), file=sys.stderr)
+            return 1
+        except AuthenticationError as exc:
+            print("proxysession: %s" % (exc,), file=sys.stderr)
+            return 2
+        except ProxyError as exc:
+            print("proxysession: %s" % (exc,), file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        client.close()
+
+
+def _run_server(options) -> int:
+    host, port = _parse_address(options.listen)
+    context = None
+    if options.tls_cert or options.tls_key:
+        if not (options.tls_cert and options.tls_key):
+            raise _UsageError("--tls-cert and --tls-key go together")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(options.tls_cert, options.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise _UsageError("cannot load the TLS certificate or key: %s" % exc)
+    reactor = Reactor()
+    server = Server(host, port, options={"trace": options.trace, "debug": options.debug},
+                    reactor=reactor, authkey=_read_authkey(options.authkey_file),
+                    ssl_context=context, max_frame=options.max_frame,
+                    insecure_no_auth=options.insecure_no_auth)
+    try:
+        server.start()
+    except ProxyError as exc:
+        print("proxysession: %s" % (exc,), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("proxysession: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc),
+              file=sys.stderr)
+        return 2
+
+    def on_signal(signum, frame):
+        log.info("signal %d: stopping", signum)
+        reactor.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        reactor.run()
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status."""
+    parser = _make_parser()
+    options = parser.parse_args(argv)
+    if options.max_frame <= 0:
+        parser.error("--max-frame must be positive")
+    level = logging.DEBUG if options.debug or options.trace else logging.INFO
+    if options.command:
+        level = logging.DEBUG if options.debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if options.command:
+            return _run_client_command(options)
+        return _run_server(options)
+    except _UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print("proxysession: error: %s" % exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Import ourselves by name so that classes pickled here are proxysession.X, not __main__.X.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import proxysession
+    sys.exit(proxysession.main())

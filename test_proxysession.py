@@ -1,0 +1,661 @@
+"""The promises proxysession makes, each tried against a real server over real
+sockets (the filter alone is tried with no sockets at all).
+
+Run with:  python -m pytest -q test_proxysession.py
+"""
+
+import os
+import pickle
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import proxysession
+from proxysession import ReferenceFilter, ProtocolError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "proxysession.py")
+WAIT = 20.0            # the most any awaited event may take before the test fails
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def dumps(obj):
+    return pickle.dumps(obj, 4)
+
+
+def frame(body):
+    return b"%d\0%s" % (len(body), body)
+
+
+def message_frame(**message):
+    return frame(dumps(message))
+
+
+class RawPeer:
+    """A protocol speaker with no client library: a blocking socket and a filter."""
+
+    def __init__(self, address, timeout=WAIT):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.filter = ReferenceFilter()
+
+    def send(self, **message):
+        self.sock.sendall(message_frame(**message))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def recv(self):
+        while True:
+            got = self.filter.get_one()
+            if got:
+                return got[0]
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.filter.get_one_start(data)
+
+    def request(self, **message):
+        self.send(**message)
+        return self.recv()
+
+    def result(self, **message):
+        """Send a request; return (success, decoded payload) of its answer."""
+        answer = self.request(**message)
+        assert answer["type"] == "result" and answer["id"] == message["id"], answer
+        payload = answer.get("payload")
+        return answer["success"], None if payload is None else pickle.loads(payload)
+
+    def closed_by_server(self):
+        """True once the server has closed this connection (reads to EOF)."""
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self):
+        self.sock.close()
+
+
+def publish(peer, alias, methods=None, msg_id=1, name=None):
+    return peer.result(type="publish", id=msg_id, payload=dumps(
+        {"session_alias": alias, "session_name": name or alias,
+         "methods": methods if methods is not None else {"echo": {"signature": "(x)", "doc": None}}}))
+
+
+class ThreadedServer:
+    """A Server on its own Reactor in a background thread."""
+
+    def __init__(self, **options):
+        self.reactor = proxysession.Reactor()
+        options.setdefault("listen_port", 0)
+        self.server = proxysession.Server(reactor=self.reactor, **options).start()
+        self.address = self.server.address
+        self.thread = threading.Thread(target=self.reactor.run, daemon=True)
+        self.thread.start()
+
+    def call(self, fn, *args):
+        """Run fn in the server's thread and return what it returns."""
+        done = threading.Event()
+        box = []
+        self.reactor.call_soon_threadsafe(lambda: (box.append(fn(*args)), done.set()))
+        assert done.wait(WAIT)
+        return box[0]
+
+    def stop(self):
+        self.reactor.stop()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+        self.server.stop()
+        self.reactor.close()
+
+
+@pytest.fixture
+def make_server():
+    servers = []
+
+    def make(**options):
+        server = ThreadedServer(**options)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+@pytest.fixture
+def peers():
+    opened = []
+
+    def connect(address):
+        peer = RawPeer(address)
+        opened.append(peer)
+        return peer
+
+    yield connect
+    for peer in opened:
+        peer.close()
+
+
+@pytest.fixture
+def make_client():
+    clients = []
+
+    def make(**options):
+        options.setdefault("reactor", proxysession.Reactor())
+        options.setdefault("timeout", WAIT)
+        client = proxysession.Client(**options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+class ServerProcess:
+    """``python proxysession.py`` in a child process, its port read from its log."""
+
+    def __init__(self, *args, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, MODULE, "--listen", "127.0.0.1:0"] + list(args),
+            stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.log = []
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline().decode()
+            if not line:
+                raise AssertionError("server exited: %s" % "".join(self.log))
+            self.log.append(line)
+            found = re.search(r"listening on ([\d.]+):(\d+)", line)
+            if found:
+                self.address = (found.group(1), int(found.group(2)))
+                break
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self):
+        for line in self.proc.stderr:
+            self.log.append(line.decode())
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(WAIT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._reader.join(WAIT)
+
+
+@pytest.fixture
+def server_process():
+    procs = []
+
+    def start(*args, **kwargs):
+        proc = ServerProcess(*args, **kwargs)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def run_python(code, *args, timeout=WAIT, env=None):
+    return subprocess.run([sys.executable, "-c", code] + list(args), cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ---------------------------------------------------------------------------
+# the filter, with no sockets
+# ---------------------------------------------------------------------------
+
+MESSAGES = [{"type": "listing", "id": n, "payload": bytes(range(n % 256)) * 3} for n in range(30)]
+STREAM = b"".join(ReferenceFilter().put(m) for m in MESSAGES)
+
+
+def drain(filt):
+    out = []
+    while True:
+        got = filt.get_one()
+        if not got:
+            return out
+        out.extend(got)
+
+
+@pytest.mark.parametrize("chunk", list(range(1, 41)) + [97, 1000, len(STREAM)])
+def test_filter_parses_every_chunking_of_a_stream(chunk):
+    filt = ReferenceFilter()
+    out = []
+    for start in range(0, len(STREAM), chunk):
+        filt.get_one_start(STREAM[start:start + chunk])
+        out.extend(drain(filt))
+    assert out == MESSAGES
+    assert filt.buffered() == 0
+
+
+def test_filter_put_writes_poe_reference_frames():
+    data = ReferenceFilter().put({"type": "listing", "id": 7})
+    length, _, body = data.partition(b"\0")
+    assert int(length) == len(body)
+    assert pickle.loads(body) == {"type": "listing", "id": 7}
+
+
+def test_filter_200_frames_in_one_chunk_are_all_returned_in_order():
+    filt = ReferenceFilter()
+    filt.get_one_start(b"".join(filt.put({"type": "listing", "id": n}) for n in range(200)))
+    assert [m["id"] for m in drain(filt)] == list(range(200))
+
+
+BAD_HEADERS = [
+    (b"12a\0", "non-digit"),
+    (b"-5\0", "non-digit"),
+    (b"+5\0", "non-digit"),
+    (b" 5\0", "non-digit"),
+    (b"\0", "empty"),                              # no length at all
+    (b"1" * 20, "no NUL within the first 20"),     # 20 bytes and no NUL yet
+    (b"9" * 19 + b"\0", "exceeds max_frame"),
+    (b"16777217\0", "exceeds max_frame"),          # refused on the header, body never sent
+]
+
+
+@pytest.mark.parametrize("data,words", BAD_HEADERS)
+def test_filter_refuses_bad_headers_before_buffering_a_body(data, words):
+    filt = ReferenceFilter()
+    filt.get_one_start(data)
+    with pytest.raises(ProtocolError, match=words):
+        filt.get_one()
+
+
+def test_filter_refuses_a_bad_header_fed_byte_by_byte_as_soon_as_it_shows():
+    filt = ReferenceFilter()
+    filt.get_one_start(b"1")
+    assert filt.get_one() == []
+    filt.get_one_start(b"x")
+    with pytest.raises(ProtocolError, match="non-digit"):
+        filt.get_one()
+
+
+def test_filter_max_frame_is_configurable():
+    filt = ReferenceFilter(max_frame=10)
+    filt.get_one_start(b"11\0")
+    with pytest.raises(ProtocolError, match=r"frame of 11 bytes exceeds max_frame \(10\)"):
+        filt.get_one()
+
+
+# ---------------------------------------------------------------------------
+# the server: PROTOCOL 4, over sockets
+# ---------------------------------------------------------------------------
+
+def test_publish_listing_subscribe_and_the_failure_wording(server, peers):
+    peer = peers(server.address)
+    assert publish(peer, "Foo") == (True, "Foo")
+    assert publish(peer, "Foo", msg_id=2) == (False, "Session 'Foo' already exists")
+    assert peer.result(type="publish", id=3, payload=dumps(
+        {"session_name": "x", "methods": {}})) == (False, "Session alias must be defined")
+    assert peer.result(type="publish", id=4, payload=dumps(
+        {"session_alias": "Bar", "methods": {}})) == (False, "Session name is required")
+    assert publish(peer, "Abc", msg_id=5) == (True, "Abc")
+    assert peer.result(type="listing", id=6) == (True, ["Abc", "Foo"])
+    assert peer.result(type="subscribe", id=7, to="Foo") == (
+        True, {"session": "Foo", "methods": {"echo": {"signature": "(x)", "doc": None}}})
+    assert peer.result(type="subscribe", id=8, to="Nope") == (False, "Session 'Nope' doesn't exist")
+    assert peer.result(type="frobnicate", id=9) == (False, "Unknown message type 'frobnicate'")
+    assert peer.result(type="deliver", id=10, to="Nope", payload=dumps({})) == (
+        False, "Session 'Nope' doesn't exist")
+
+
+def test_rescind_rules_and_wording(server, peers):
+    owner, other = peers(server.address), peers(server.address)
+    publish(owner, "Foo")
+    assert other.result(type="subscribe", id=1, to="Foo")[0]
+    assert other.result(type="rescind", id=2, payload=dumps({"session_alias": "Foo"})) == (
+        False, "Session 'Foo' was published by another connection")
+    assert other.result(type="rescind", id=3, payload=dumps({})) == (
+        False, "Session alias is required")
+    assert owner.result(type="rescind", id=4, payload=dumps({"session_alias": "Zip"})) == (
+        False, "Session 'Zip' doesn't exist")
+    assert owner.result(type="rescind", id=5, payload=dumps({"session_alias": "Foo"})) == (True, None)
+    assert other.recv() == {"type": "rescinded", "id": -1, "to": "Foo"}
+    assert owner.result(type="listing", id=6) == (True, [])
+
+
+def test_deliver_routes_untouched_payload_under_a_fresh_id_and_result_comes_back(server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "Echo", name="real-name")
+    opaque = b"\x80\x04not even a valid pickle \x00\xff"
+    caller.send(type="deliver", id=42, to="Echo", payload=opaque, extra="kept")
+    call = publisher.recv()
+    assert call["type"] == "deliver" and call["to"] == "real-name"
+    assert call["payload"] == opaque and call["extra"] == "kept"
+    publisher.send(type="result", id=call["id"], success=True, payload=b"also opaque")
+    assert caller.recv() == {"type": "result", "id": 42, "success": True, "payload": b"also opaque"}
+
+
+def test_two_callers_using_the_same_id_each_get_their_own_answer(server, peers):
+    publisher, first, second = (peers(server.address) for _ in range(3))
+    publish(publisher, "Echo")
+    first.send(type="deliver", id=1, to="Echo", payload=b"first")
+    second.send(type="deliver", id=1, to="Echo", payload=b"second")
+    calls = [publisher.recv(), publisher.recv()]
+    assert calls[0]["id"] != calls[1]["id"]
+    for call in reversed(calls):        # answer out of order on purpose
+        publisher.send(type="result", id=call["id"], success=True, payload=call["payload"] + b"!")
+    assert first.recv()["payload"] == b"first!"
+    assert second.recv()["payload"] == b"second!"
+
+
+def test_a_forged_result_from_the_wrong_connection_is_dropped(server, peers):
+    publisher, caller, forger = (peers(server.address) for _ in range(3))
+    publish(publisher, "Echo")
+    caller.send(type="deliver", id=5, to="Echo", payload=b"x")
+    call = publisher.recv()
+    forger.send(type="result", id=call["id"], success=True, payload=b"forged")
+    assert forger.result(type="listing", id=9) == (True, ["Echo"])   # forger served, answered nothing
+    publisher.send(type="result", id=call["id"], success=True, payload=b"genuine")
+    assert caller.recv()["payload"] == b"genuine"
+
+
+def test_publisher_disconnect_fails_waiting_calls_and_notifies_subscribers(server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "Echo")
+    assert caller.result(type="subscribe", id=1, to="Echo")[0]
+    caller.send(type="deliver", id=2, to="Echo", payload=b"x")
+    publisher.recv()
+    publisher.close()
+    answers = [caller.recv(), caller.recv()]
+    assert {"type": "rescinded", "id": -1, "to": "Echo"} in answers
+    failure = [a for a in answers if a["type"] == "result"][0]
+    assert failure["id"] == 2 and failure["success"] is False
+    assert pickle.loads(failure["payload"]) == "Session 'Echo' went away before answering"
+    assert caller.result(type="listing", id=3) == (True, [])
+
+
+def test_a_late_result_for_a_departed_caller_is_dropped_quietly(server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "Echo")
+    caller.send(type="deliver", id=1, to="Echo", payload=b"x")
+    call = publisher.recv()
+    caller.close()
+    publisher.send(type="result", id=call["id"], success=True, payload=b"late")
+    assert publisher.result(type="listing", id=2) == (True, ["Echo"])
+    assert server.call(lambda: server.server.count_delivereds()) == 0
+
+
+def test_frames_split_byte_by_byte_over_the_socket(server, peers):
+    peer = peers(server.address)
+    data = message_frame(type="listing", id=77)
+    for byte in data:
+        peer.send_raw(bytes([byte]))
+    assert peer.recv() == {"type": "result", "id": 77, "success": True, "payload": dumps([])}
+
+
+def test_200_frames_in_one_write_get_200_answers_in_order(server, peers):
+    peer = peers(server.address)
+    peer.send_raw(b"".join(message_frame(type="listing", id=n) for n in range(200)))
+    assert [peer.recv()["id"] for _ in range(200)] == list(range(200))
+
+
+@pytest.mark.parametrize("data", [
+    b"99999999999\0",                      # oversized: refused on the header alone
+    b"12345678901234567890123",            # no NUL in the first 20 bytes
+    b"12x\0abc",                           # not digits
+], ids=["oversized", "no-nul", "not-digits"])
+def test_bad_headers_close_only_that_connection(server, peers, data):
+    bad, good = peers(server.address), peers(server.address)
+    bad.send_raw(data)
+    assert bad.closed_by_server()
+    assert good.result(type="listing", id=1) == (True, [])
+
+
+class Hostile:
+    """Would create a marker file if the server ever unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, ("touch %s" % self.path,))
+
+
+def test_a_hostile_pickle_is_refused_before_anything_runs(server, peers, tmp_path):
+    marker = tmp_path / "pwned"
+    peer = peers(server.address)
+    peer.send_raw(frame(dumps({"type": "listing", "id": 3, "x": Hostile(marker)})))
+    answer = peer.recv()
+    assert answer["id"] == -1 and answer["success"] is False
+    assert "forbidden" in pickle.loads(answer["payload"])
+    assert not marker.exists()
+    # a hostile publish payload is answered with the message's id; the connection stays open
+    assert peer.result(type="publish", id=4, payload=dumps(Hostile(marker)))[0] is False
+    assert not marker.exists()
+    assert peer.result(type="listing", id=5) == (True, [])
+
+
+@pytest.mark.parametrize("body,reply_id", [
+    (b"not a pickle at all", -1),
+    (dumps(["a", "list"]), -1),
+    (dumps({"type": "listing"}), -1),            # no id
+    (dumps({"type": 5, "id": 8}), 8),            # type not a str: id still readable
+], ids=["garbage", "not-a-dict", "no-id", "bad-type"])
+def test_invalid_messages_get_a_failure_and_the_connection_stays_open(server, peers, body, reply_id):
+    peer = peers(server.address)
+    peer.send_raw(frame(body))
+    answer = peer.recv()
+    assert answer["id"] == reply_id and answer["success"] is False
+    assert pickle.loads(answer["payload"]).startswith("Malformed message")
+    assert peer.result(type="listing", id=1) == (True, [])
+
+
+def test_a_connection_that_never_reads_is_closed_past_max_write_buffer(make_server, peers):
+    # high_water above max_write_buffer, so flow control cannot save it
+    server = make_server(max_write_buffer=1 << 20, high_water=64 << 20)
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "Big")
+    big = b"x" * (1 << 20)
+    for n in range(40):              # 40 MiB of answers for a caller that reads nothing
+        caller.send(type="deliver", id=n, to="Big", payload=b"")
+        call = publisher.recv()
+        publisher.send(type="result", id=call["id"], success=True, payload=big)
+        if server.call(lambda: len(server.server.wheels)) == 1:
+            break
+    assert server.call(lambda: len(server.server.wheels)) == 1, "the caller was never closed"
+    assert publisher.result(type="listing", id=99) == (True, ["Big"])
+
+
+def test_2000_connections_at_once_are_all_served(server):
+    socks = []
+    try:
+        for _ in range(2000):
+            socks.append(socket.create_connection(server.address, timeout=WAIT))
+        request = message_frame(type="listing", id=1)
+        for sock in socks:
+            sock.sendall(request)
+        for sock in socks:
+            filt = ReferenceFilter()
+            while not filt.buffered() or not (got := filt.get_one()):
+                filt.get_one_start(sock.recv(4096))
+            assert got[0]["success"] is True
+        assert server.call(lambda: len(server.server.wheels)) == 2000
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_busy_connection_does_not_starve_a_quiet_one(server, peers):
+    # busy pipelines up to a million listings while quiet asks for 20, one at a time
+    busy, quiet = peers(server.address), peers(server.address)
+    batch, batches = 1000, 1000
+    stop = threading.Event()
+    started = threading.Event()
+    answered = []
+
+    def write_busy():
+        chunk = b"".join(message_frame(type="listing", id=n) for n in range(batch))
+        try:
+            for _ in range(batches):
+                if stop.is_set():
+                    return
+                busy.send_raw(chunk)
+        except OSError:
+            assert stop.is_set()        # closed under it at the end of the test
+
+    def read_busy():
+        try:
+            while not stop.is_set():
+                busy.recv()
+                answered.append(1)
+                if len(answered) == batch:
+                    started.set()
+        except (OSError, EOFError):
+            assert stop.is_set()
+
+    threads = [threading.Thread(target=write_busy, daemon=True),
+               threading.Thread(target=read_busy, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert started.wait(WAIT)
+        for n in range(20):
+            assert quiet.result(type="listing", id=n) == (True, [])
+        assert len(answered) < batch * batches, "quiet was answered only after busy was done"
+    finally:
+        stop.set()
+        busy.sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(WAIT)
+
+
+def test_a_flood_at_a_publisher_that_never_reads_pauses_the_caller(server_process):
+    server = server_process()
+    publisher, caller = RawPeer(server.address), RawPeer(server.address)
+    publish(publisher, "Sink")
+    baseline = server.rss_kib()
+    deliver = message_frame(type="deliver", id=1, to="Sink", payload=b"p" * 65536)
+    caller.sock.setblocking(False)
+    sent_frames = 0
+    partial = b""
+    while sent_frames < 8000:        # 500 MiB, far more than any buffer on the way
+        _, writable, _ = select.select([], [caller.sock], [], 3.0)
+        if not writable:
+            break                    # the server stopped reading the caller: flow control
+        data = partial or deliver
+        try:
+            sent = caller.sock.send(data)
+        except BlockingIOError:
+            continue
+        partial = data[sent:]
+        if not partial:
+            sent_frames += 1
+    assert sent_frames < 8000, "the caller was never paused"
+    grown = server.rss_kib() - baseline
+    assert grown < 64 * 1024, "server grew by %d KiB while the publisher slept" % grown
+    # nothing was dropped: the publisher gets every call once it reads
+    caller.sock.setblocking(True)
+    if partial:
+        caller.sock.sendall(partial)
+        sent_frames += 1
+    for _ in range(sent_frames):
+        assert publisher.recv()["type"] == "deliver"
+    publisher.close()
+    caller.close()
+
+
+def test_sigterm_answers_waiting_calls_and_exits_0(server_process):
+    server = server_process()
+    publisher, caller = RawPeer(server.address), RawPeer(server.address)
+    publish(publisher, "Slow")
+    caller.send(type="deliver", id=7, to="Slow", payload=b"")
+    publisher.recv()
+    server.proc.send_signal(signal.SIGTERM)
+    answer = caller.recv()
+    assert answer["id"] == 7 and answer["success"] is False
+    assert pickle.loads(answer["payload"]) == "Server is shutting down"
+    assert server.proc.wait(WAIT) == 0
+    log = "".join(server.log)
+    assert "connection 1 from 127.0.0.1" in log
+    assert "published 'Slow'" in log
+
+
+def test_protected_mode_refuses_a_public_address_without_an_authkey():
+    server = proxysession.Server("0.0.0.0", 0, reactor=proxysession.Reactor())
+    with pytest.raises(proxysession.ProxyError, match="authkey"):
+        server.start()
+    assert server.address is None
+
+
+def test_insecure_no_auth_allows_a_public_address():
+    reactor = proxysession.Reactor()
+    server = proxysession.Server("0.0.0.0", 0, reactor=reactor, insecure_no_auth=True).start()
+    assert server.address[1] > 0
+    server.stop()
+    reactor.close()
+
+
+def test_the_stores_keep_the_original_accessors(server, peers):
+    peer = peers(server.address)
+    publish(peer, "Foo")
+    srv = server.server
+    assert server.call(lambda: (srv.has_session("Foo"), srv.count_sessions(),
+                                srv.all_session_names(), srv.get_session("Foo").name)) == (
+        True, 1, ["Foo"], "Foo")
+    assert server.call(lambda: (srv.count_delivereds(), srv.all_delivered_keys(),
+                                srv.has_delivered(1))) == (0, [], False)
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def test_help_explains_the_commands():
+    done = run_python("import proxysession; proxysession.main(['--help'])")
+    assert done.returncode == 0
+    for word in ("--listen", "--authkey-file", "--tls-cert", "list", "call", "--insecure-no-auth"):
+        assert word in done.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--listen", "127.0.0.1:notaport"], "bad port"),
+    (["--listen", "0.0.0.0:0"], "authkey"),
+    (["list", "127.0.0.1:1"], "cannot connect"),
+], ids=["bad-port", "protected-mode", "refused"])
+def test_cli_errors_are_one_line_and_exit_2(args, words):
+    done = subprocess.run([sys.executable, MODULE] + args, capture_output=True, text=True,
+                          timeout=WAIT, env=dict(os.environ, PROXYSESSION_AUTHKEY=""))
+    assert done.returncode == 2
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_listen_on_a_busy_port_says_so(server):
+    done = subprocess.run([sys.executable, MODULE, "--listen", "127.0.0.1:%d" % server.address[1]],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 2
+    assert "cannot listen" in done.stderr and "Traceback" not in done.stderr
