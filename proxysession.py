@@ -314,6 +314,7 @@ class Reactor:
         self._ready: collections.deque = collections.deque()
         self._flushes: list = []
         self._stopping = False
+        self.in_pass = 0               # how many run_once calls are handling events now
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
@@ -380,20 +381,25 @@ class Reactor:
         elif self._timers:
             delay = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = delay if timeout is None else min(timeout, delay)
-        for key, mask in self._selector.select(timeout):
-            key.data(mask)
-        timers = self._timers
-        if timers:
-            now = time.monotonic()
-            while timers and timers[0][0] <= now:
-                timer = heapq.heappop(timers)[2]
-                if not timer.cancelled:
-                    timer.cancelled = True
-                    timer.callback(*timer.args)
-        ready = self._ready
-        for _ in range(len(ready)):    # only what was queued before this pass
-            callback, args = ready.popleft()
-            callback(*args)
+        events = self._selector.select(timeout)
+        self.in_pass += 1
+        try:
+            for key, mask in events:
+                key.data(mask)
+            timers = self._timers
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
+                    if not timer.cancelled:
+                        timer.cancelled = True
+                        timer.callback(*timer.args)
+            ready = self._ready
+            for _ in range(len(ready)):    # only what was queued before this pass
+                callback, args = ready.popleft()
+                callback(*args)
+        finally:
+            self.in_pass -= 1
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Run until ``done()`` is true (returns True) or ``timeout`` seconds
@@ -1535,6 +1541,8 @@ class Client:
             request.timer = self.reactor.call_later(timeout, self._time_out, request_id, timeout)
         wheel.write_frame(_dumps(message))
         if callback is not None:
+            if not self.reactor.in_pass:
+                wheel.flush()          # nobody may run the loop soon: send it now
             return None
         self.reactor.run_until(lambda: request.result is not None, None)
         return request.result.value()

@@ -228,6 +228,10 @@ def server_process():
         proc.stop()
 
 
+def readable(sock):
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 def run_python(code, *args, timeout=WAIT, env=None):
     return subprocess.run([sys.executable, "-c", code] + list(args), cwd=HERE,
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -659,3 +663,338 @@ def test_cli_listen_on_a_busy_port_says_so(server):
                           capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 2
     assert "cannot listen" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# the client
+# ---------------------------------------------------------------------------
+
+class Foo:
+    """The published class of the original's t/01-basic.t."""
+
+    def __init__(self, client):
+        self.client = client
+
+    @proxysession.proxy_event
+    def foo(self, arg):
+        """Upper-case it."""
+        return arg.upper()
+
+    @proxysession.proxy_event
+    def bar(self, a, b=10):
+        return a + b
+
+    @proxysession.proxy_event
+    def yar(self):
+        # rescind from inside a published method: a blocking request in a nested loop
+        self.client.rescind(self)
+        return "rescinded"
+
+    def not_published(self):
+        return "must never run"
+
+
+def test_basic_scenario_of_the_original(make_client):
+    reactor = proxysession.Reactor()
+    server = proxysession.Server(listen_port=0, reactor=reactor).start()
+    rescinded = []
+    client = make_client(reactor=reactor,
+                         rescinded_event=lambda alias, conn: rescinded.append((alias, conn)))
+    conn = client.connect(*server.address)
+    foo = Foo(client)
+    results = []
+    client.publish(conn, "FooSession", foo, callback=results.append, tag="publish-tag")
+    assert reactor.run_until(lambda: results, WAIT)
+    assert (results[0].success, results[0].payload, results[0].tag, results[0].connection_id) == (
+        True, "FooSession", "publish-tag", conn)
+    client.server_listing(conn, callback=results.append, tag="listing-tag")
+    assert reactor.run_until(lambda: len(results) == 2, WAIT)
+    assert (results[1].payload, results[1].tag) == (["FooSession"], "listing-tag")
+    proxy = client.subscribe(conn, "FooSession")
+    assert sorted(name for name in dir(proxy) if not name.startswith("_")) == ["bar", "foo", "yar"]
+    assert proxy.foo("string") == "STRING"
+    assert proxy.foo.__doc__ == "Upper-case it."
+    assert proxy.bar(1) == 11 and proxy.bar(1, b=2) == 3
+    assert proxy.yar() == "rescinded"
+    assert reactor.run_until(lambda: rescinded, WAIT)
+    assert rescinded == [("FooSession", conn)]
+    with pytest.raises(proxysession.ProxyError, match="rescinded"):
+        proxy.foo("again")
+    assert client.server_listing(conn) == []
+    client.publish(conn, "FooSession", foo)
+    proxy = client.subscribe(conn, "FooSession")
+    client.unsubscribe("FooSession")
+    with pytest.raises(proxysession.ProxyError, match="unsubscribed"):
+        proxy.foo("x")
+    client.close()
+    server.stop()
+    reactor.close()
+
+
+def test_a_publisher_never_runs_what_it_did_not_publish(server, make_client, peers):
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Foo", Foo(client))
+    caller = peers(server.address)
+    for event in ("not_published", "__init__", "__class__", "missing"):
+        payload = dumps({"event": event, "args": [], "kwargs": {}})
+        caller.send(type="deliver", id=1, to="Foo", payload=payload)
+        # the publisher runs in this thread: drive it until the caller has its answer
+        assert client.reactor.run_until(lambda: readable(caller.sock), WAIT)
+        answer = caller.recv()
+        assert answer["success"] is False
+        assert pickle.loads(answer["payload"]) == "Unable to post '%s' to 'Foo'" % event
+
+
+def test_publishing_nothing_or_a_missing_method_is_a_value_error(server, make_client):
+    client = make_client()
+    conn = client.connect(*server.address)
+    with pytest.raises(ValueError, match="no method marked @proxy_event"):
+        client.publish(conn, "Plain", object())
+    with pytest.raises(ValueError, match="no such method"):
+        client.publish(conn, "Foo", Foo(client), methods=["foo", "nope"])
+    with pytest.raises(ValueError, match="private"):
+        client.publish(conn, "Foo", Foo(client), methods=["_secret"])
+    assert client.server_listing(conn) == []
+
+
+def test_unknown_message_types_reach_unknown_message_event(make_client):
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = []
+    client = make_client(unknown_message_event=lambda data, conn: seen.append((data, conn)))
+
+    def fake_server():
+        sock, _ = listener.accept()
+        sock.sendall(message_frame(type="frobnicate", id=3, to="x"))
+        sock.recv(1)           # hold the connection until the client closes it
+        sock.close()
+
+    thread = threading.Thread(target=fake_server, daemon=True)
+    thread.start()
+    conn = client.connect(*listener.getsockname())
+    assert client.reactor.run_until(lambda: seen, WAIT)
+    assert seen == [({"type": "frobnicate", "id": 3, "to": "x"}, conn)]
+    client.close()
+    thread.join(WAIT)
+    listener.close()
+
+
+def test_server_errors_raise_proxy_error_with_the_servers_words(server, make_client):
+    client = make_client()
+    conn = client.connect(*server.address)
+    with pytest.raises(proxysession.ProxyError, match="^Session 'Nope' doesn't exist$"):
+        client.subscribe(conn, "Nope")
+    client.publish(conn, "Foo", Foo(client))
+    other = make_client()
+    with pytest.raises(proxysession.ProxyError, match="^Session 'Foo' already exists$"):
+        other.publish(other.connect(*server.address), "Foo", Foo(other))
+
+
+def test_connect_errors_call_connect_error_event_and_raise(make_client):
+    errors = []
+    client = make_client(connect_error_event=lambda host, port, error: errors.append((host, port)))
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        with pytest.raises(ConnectionError, match="cannot connect"):
+            client.connect("127.0.0.1", port)
+    assert errors == [("127.0.0.1", port)]
+
+
+PUBLISHER = textwrap.dedent('''
+    import os, sys, time
+    import proxysession
+
+    class Calc:
+        def __init__(self, client, conn):
+            self.client, self.conn = client, conn
+
+        @proxysession.proxy_event
+        def add(self, a, b=0, scale=1):
+            return (a + b) * scale
+
+        @proxysession.proxy_event
+        def pid(self):
+            return os.getpid()
+
+        @proxysession.proxy_event
+        def slow(self, seconds):
+            time.sleep(seconds)
+            return "slept"
+
+        @proxysession.proxy_event
+        def block(self):
+            print("busy", flush=True)
+            time.sleep(60)
+
+        @proxysession.proxy_event
+        def fail(self):
+            raise ValueError("bad value")
+
+        @proxysession.proxy_event
+        def nested(self, x):
+            helper = self.client.subscribe(self.conn, "Helper")
+            return helper.double(x) + 1
+
+    client = proxysession.Client("publisher", timeout=10)
+    conn = client.connect("127.0.0.1", int(sys.argv[1]))
+    client.publish(conn, "Calc", Calc(client, conn))
+    print("ready", flush=True)
+    proxysession.run()
+''')
+
+
+@pytest.fixture
+def publisher_process(server):
+    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(server.address[1])], cwd=HERE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    yield proc
+    proc.kill()
+    proc.wait(WAIT)
+
+
+class Helper:
+    @proxysession.proxy_event
+    def double(self, x):
+        return 2 * x
+
+
+def test_calls_to_a_publisher_in_another_process(server, publisher_process, make_client):
+    rescinded = []
+    client = make_client(rescinded_event=lambda alias, conn: rescinded.append(alias))
+    conn = client.connect(*server.address)
+    calc = client.subscribe(conn, "Calc")
+    assert calc.pid() == publisher_process.pid
+    assert calc.add(2, 3, scale=10) == 50
+    assert calc.add.call((1,), {"b": 1}) == 2
+
+    # 100 calls in flight, every one answered through its callback
+    answers = {}
+    for n in range(100):
+        calc.add.post(n, callback=lambda result: answers.__setitem__(result.tag, result), tag=n,
+                      b=1)
+    assert client.reactor.run_until(lambda: len(answers) == 100, WAIT)
+    assert all(answers[n].success and answers[n].payload == n + 1 for n in range(100))
+
+    # an exception in the method arrives as RemoteError
+    with pytest.raises(proxysession.RemoteError) as raised:
+        calc.fail()
+    assert (raised.value.error, raised.value.message) == ("ValueError", "bad value")
+    assert "in fail" in raised.value.traceback
+
+    # a timeout, and the late answer is dropped, not mistaken for the next call's
+    with pytest.raises(proxysession.CallTimeout):
+        calc.slow.call((1.0,), timeout=0.2)
+    assert calc.add(1, 1) == 2
+
+    # a nested call: the publisher calls back into a session this process publishes
+    client.publish(conn, "Helper", Helper())
+    assert calc.nested(20) == 41
+
+    # the publisher killed mid-call
+    failed = []
+    calc.block.post(callback=failed.append)
+    assert publisher_process.stdout.readline() == "busy\n"
+    publisher_process.kill()
+    assert client.reactor.run_until(lambda: failed and rescinded, WAIT)
+    assert failed[0].success is False
+    assert failed[0].payload == "Session 'Calc' went away before answering"
+    assert rescinded == ["Calc"]
+    with pytest.raises(proxysession.ProxyError, match="rescinded"):
+        calc.add(1, 1)
+
+
+def test_a_lost_connection_fails_waiting_calls_at_once(make_server, make_client):
+    server = make_server()
+    client = make_client(socket_error_event=lambda conn, error: errors.append(conn))
+    errors = []
+    conn = client.connect(*server.address)
+    client.publish(conn, "Helper", Helper())
+    proxy = client.subscribe(conn, "Helper")
+    results = []
+    client.server_listing(conn, callback=results.append)
+    server.stop()
+    assert client.reactor.run_until(lambda: errors, WAIT)
+    assert errors == [conn]
+    with pytest.raises(proxysession.ProxyError, match="was lost"):
+        proxy.double(1)
+    with pytest.raises(proxysession.ProxyError, match="no open connection"):
+        client.server_listing(conn)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_hostile_pickle_in_a_result_is_a_failed_call_not_code(server, make_client, peers):
+    publisher = peers(server.address)
+    publish(publisher, "Evil")
+    client = make_client()
+    conn = client.connect(*server.address)
+    proxy = client.subscribe(conn, "Evil")
+    results = []
+    proxy.echo.post(1, callback=results.append)       # leaves at once: no loop is running
+    delivered = publisher.recv()
+    publisher.send(type="result", id=delivered["id"], success=True, payload=dumps(Evil()))
+    assert client.reactor.run_until(lambda: results, WAIT)
+    assert results[0].success is False
+    assert "not on the allow-list" in str(results[0].payload)
+
+
+def test_allowed_value_classes_round_trip(server, make_client):
+    import collections, datetime, decimal, fractions, uuid
+    values = [{1, 2}, frozenset([3]), 1 + 2j, bytearray(b"ab"), datetime.date(2026, 11, 25),
+              datetime.datetime(2026, 11, 25, 1, 2, 3, tzinfo=datetime.timezone.utc),
+              datetime.timedelta(seconds=5), decimal.Decimal("1.5"), fractions.Fraction(1, 3),
+              uuid.UUID(int=5), collections.OrderedDict(a=1), collections.deque([1, 2])]
+
+    class Echo:
+        @proxysession.proxy_event
+        def echo(self, x):
+            return x
+
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Echo", Echo())
+    echo = client.subscribe(conn, "Echo")
+    for value in values:
+        assert echo.echo(value) == value
+
+
+def test_readme_examples_run_as_written(server):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    publisher_code, caller_code = blocks[0], blocks[1]
+    port = str(server.address[1])
+    publisher_code = publisher_code.replace("56789", port).replace(
+        "proxysession.run()", "print('ready', flush=True); proxysession.run()")
+    publisher = subprocess.Popen([sys.executable, "-c", publisher_code], cwd=HERE,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert publisher.stdout.readline() == "ready\n"
+        done = run_python(caller_code.replace("56789", port))
+        assert done.returncode == 0, done.stderr
+        expected = re.findall(r"# (.*)", caller_code)
+        assert done.stdout.splitlines() == expected
+    finally:
+        publisher.kill()
+        publisher.wait(WAIT)
+
+
+def test_cli_list_and_call(server, publisher_process):
+    address = "127.0.0.1:%d" % server.address[1]
+    done = subprocess.run([sys.executable, MODULE, "list", address], capture_output=True,
+                          text=True, timeout=WAIT)
+    assert (done.returncode, done.stdout) == (0, "Calc\n")
+    done = subprocess.run([sys.executable, MODULE, "call", address, "Calc", "add", "2", "40"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert (done.returncode, done.stdout) == (0, "42\n")
+    done = subprocess.run([sys.executable, MODULE, "call", address, "Calc", "fail"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "proxysession: remote ValueError: bad value"
+    done = subprocess.run([sys.executable, MODULE, "call", address, "Nope", "x"],
+                          capture_output=True, text=True, timeout=WAIT)
+    assert (done.returncode, done.stderr) == (1, "proxysession: Session 'Nope' doesn't exist\n")
