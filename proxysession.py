@@ -368,14 +368,10 @@ class Reactor:
     # running
 
     def run_once(self, timeout: Optional[float] = None) -> None:
-        """Flush pending writes, wait up to ``timeout`` (None: until something
-        happens) and handle whatever is ready."""
-        flushes = self._flushes
-        while flushes:
-            self._flushes = []
-            for flush in flushes:
-                flush()
-            flushes = self._flushes
+        """Wait up to ``timeout`` (None: until something happens), handle
+        whatever is ready, and flush what the handlers wrote."""
+        if self._flushes:
+            self._flush_all()          # what was written outside any pass
         if self._ready:
             timeout = 0
         elif self._timers:
@@ -400,6 +396,18 @@ class Reactor:
                 callback(*args)
         finally:
             self.in_pass -= 1
+        if self._flushes:
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        """One send per socket for everything a pass wrote to it; a flush may
+        close a wheel whose owner then writes elsewhere, so loop until quiet."""
+        flushes = self._flushes
+        while flushes:
+            self._flushes = []
+            for flush in flushes:
+                flush()
+            flushes = self._flushes
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Run until ``done()`` is true (returns True) or ``timeout`` seconds
