@@ -1478,6 +1478,15 @@ class Client:
                 ConnectionError("connection closed during the handshake")
             return self._connect_failed(remote_address, remote_port, error)
         wheel.context = None
+        if self.authkey is None:
+            # A keyed server challenges first; a keyless client learns it only
+            # from the next frame. One listing makes connect() the place where
+            # that, or a peer that does not speak the protocol, is reported.
+            try:
+                self.send_message(connection_id, {"type": "listing"}, timeout=timeout)
+            except ProxyError as exc:
+                wheel.close("connect check failed")
+                return self._connect_failed(remote_address, remote_port, exc)
         log.info("%s connected to %s:%s as connection %d", self.alias, remote_address,
                  remote_port, connection_id)
         return connection_id
@@ -1504,7 +1513,8 @@ class Client:
     def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
         connection_id = wheel.wheel_id
         if isinstance(wheel.context, list):          # still connecting: connect() reports it
-            wheel.context.append(error or ConnectionError(reason))
+            wheel.context.append(error if isinstance(error, ProxyError) else
+                                 ConnectionError(reason))
             return
         if self._connections.pop(connection_id, None) is None:
             return

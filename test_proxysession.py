@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -228,8 +229,14 @@ def server_process():
         proc.stop()
 
 
-def readable(sock):
-    return bool(select.select([sock], [], [], 0)[0])
+def run_until_readable(reactor, sock):
+    """Drive ``reactor`` until ``sock`` (not its own) has something to read."""
+    ready = []
+    reactor.register(sock, selectors.EVENT_READ, ready.append)
+    try:
+        return reactor.run_until(lambda: ready, WAIT)
+    finally:
+        reactor.unregister(sock)
 
 
 def run_python(code, *args, timeout=WAIT, env=None):
@@ -731,19 +738,15 @@ def test_basic_scenario_of_the_original(make_client):
     reactor.close()
 
 
-def test_a_publisher_never_runs_what_it_did_not_publish(server, make_client, peers):
-    client = make_client()
-    conn = client.connect(*server.address)
-    client.publish(conn, "Foo", Foo(client))
-    caller = peers(server.address)
+def test_a_publisher_never_runs_what_it_did_not_publish(server, make_client):
+    reactor = proxysession.Reactor()
+    publisher, caller = make_client(reactor=reactor), make_client(reactor=reactor)
+    publisher.publish(publisher.connect(*server.address), "Foo", Foo(publisher))
+    conn = caller.connect(*server.address)
     for event in ("not_published", "__init__", "__class__", "missing"):
-        payload = dumps({"event": event, "args": [], "kwargs": {}})
-        caller.send(type="deliver", id=1, to="Foo", payload=payload)
-        # the publisher runs in this thread: drive it until the caller has its answer
-        assert client.reactor.run_until(lambda: readable(caller.sock), WAIT)
-        answer = caller.recv()
-        assert answer["success"] is False
-        assert pickle.loads(answer["payload"]) == "Unable to post '%s' to 'Foo'" % event
+        with pytest.raises(proxysession.ProxyError) as raised:
+            caller.deliver(conn, "Foo", event)     # sent as is: no proxy to stop it
+        assert str(raised.value) == "Unable to post '%s' to 'Foo'" % event
 
 
 def test_publishing_nothing_or_a_missing_method_is_a_value_error(server, make_client):
@@ -765,6 +768,11 @@ def test_unknown_message_types_reach_unknown_message_event(make_client):
 
     def fake_server():
         sock, _ = listener.accept()
+        peer = RawPeer.__new__(RawPeer)
+        peer.sock, peer.filter = sock, ReferenceFilter()
+        probe = peer.recv()                  # connect() checks the peer with a listing
+        sock.sendall(message_frame(type="result", id=probe["id"], success=True,
+                                   payload=dumps([])))
         sock.sendall(message_frame(type="frobnicate", id=3, to="x"))
         sock.recv(1)           # hold the connection until the client closes it
         sock.close()
@@ -998,3 +1006,390 @@ def test_cli_list_and_call(server, publisher_process):
     done = subprocess.run([sys.executable, MODULE, "call", address, "Nope", "x"],
                           capture_output=True, text=True, timeout=WAIT)
     assert (done.returncode, done.stderr) == (1, "proxysession: Session 'Nope' doesn't exist\n")
+
+
+# ---------------------------------------------------------------------------
+# security: authkey, TLS, protected mode, hostile input
+# ---------------------------------------------------------------------------
+
+# A throwaway self-signed certificate for localhost and 127.0.0.1, valid until 2126,
+# made for these tests with: openssl req -x509 -newkey rsa:2048 -nodes -days 36500
+#   -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1
+TEST_CERT = """\
+-----BEGIN CERTIFICATE-----
+MIIDJzCCAg+gAwIBAgIUWiNpLAfPDYBMQog+rbM+iI+yUNowDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyNTE2NTY1MloYDzIxMjYx
+MTAxMTY1NjUyWjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQDG/Nwu9Gz0uSJtnfmo0zzGBrrGxoFBeb+TJgbPLVW+
+s5arxnDFpb3tfqrMn2R2OgSckA8y4f/xfWZLT11yLH1x+VFiRb0VP15LBPo8onBW
+MLzRfrMUhBHCMxGEnGyzIQYnTO6XoggtM2d8OgqcCMaEUYJGVB9CN/wzYd1G6zxt
+xTLClaXmeq1+0pyOhp8e120BfY3Cru1k3/B6ZSNur9/yQCNayJxkjwPCCHJjyYio
+0LbbjLmslEHhF2DtifmAGg/mnTgM5BvuxlMzqPl9yMYUBTT6dMYhGuI6Q5TkBkbk
+hrbbFieiTRbG9hYkNPStCSfTXbaFUl17/qsYqkSDgRKjAgMBAAGjbzBtMB0GA1Ud
+DgQWBBReNyOwGQ9kAo9zzslwCBUSgHQhXjAfBgNVHSMEGDAWgBReNyOwGQ9kAo9z
+zslwCBUSgHQhXjAPBgNVHRMBAf8EBTADAQH/MBoGA1UdEQQTMBGCCWxvY2FsaG9z
+dIcEfwAAATANBgkqhkiG9w0BAQsFAAOCAQEAN+SvMWWmG8qL8KTSnVw1r2B4oQeN
+U/AqbbZ7OrBfmaBtr9sw+fZhbQnq4TXelIHuzLhMd/aySXg9dZTbNXdvZSas+sIc
+mC4DhfKXUvZIHpW2rIAWl4Dgoz3Bx/bLFq3nix48gc9aYBpLrbHkjseaHIwWZV7T
+DhlHNw+tdBdPZWQfvGjqM+GKaZc5k7jcGgvZalYVDF0Z9DfnK/OczueWHVLOeOVC
+2pcIFWtqcDEkNpKCDxv2HQ+GpPjfvEdKcAohOJKfUY5Y52UxP61ZweyJVSLYaMY0
+Uw2nAa+/JiQ1c2y/KFQbU4MzmiTlF0IAfn/X9xUnldrhUzLh7P3kt+Crww==
+-----END CERTIFICATE-----
+"""
+
+TEST_KEY = """\
+-----BEGIN PRIVATE KEY-----
+MIIEvAIBADANBgkqhkiG9w0BAQEFAASCBKYwggSiAgEAAoIBAQDG/Nwu9Gz0uSJt
+nfmo0zzGBrrGxoFBeb+TJgbPLVW+s5arxnDFpb3tfqrMn2R2OgSckA8y4f/xfWZL
+T11yLH1x+VFiRb0VP15LBPo8onBWMLzRfrMUhBHCMxGEnGyzIQYnTO6XoggtM2d8
+OgqcCMaEUYJGVB9CN/wzYd1G6zxtxTLClaXmeq1+0pyOhp8e120BfY3Cru1k3/B6
+ZSNur9/yQCNayJxkjwPCCHJjyYio0LbbjLmslEHhF2DtifmAGg/mnTgM5BvuxlMz
+qPl9yMYUBTT6dMYhGuI6Q5TkBkbkhrbbFieiTRbG9hYkNPStCSfTXbaFUl17/qsY
+qkSDgRKjAgMBAAECggEAFnZYzJwe6Ik1j7YzhpFB3QDJeMLTuHZr38p9Hkn50esn
+6QAfntAU3ohb83lSt93Yw2unq5DDeZk0QPAWllrbVlBUlYlVzN44YLORI+MaV0Bt
+MCDjSj+WWZu2MIgP5TCnJyySCl/qGGAjIGzU4cRD1I/26sV4OdtkBtDXT7giPCnB
+VQF804zLw0Wh3X0WRRae5hFnE3gGZ0qF3Hmznd4+0tUJWfDMWlENHR8/WqAuJQdI
+9LaU8dPapmUWzUB2XlKkAAtkRv2WzQTRWoKiGtvds7IlmjcGDF9nKYyjG9HAp6IL
+Ev5SMGOUxk67eLz3BCwEackR1SLeYTSqk3q3Q3FXYQKBgQD6MysDln0mKLEVMAO+
+i2efMDqP9NPk/qsk8VjkSwPyi9qsHKE2fDDDiK6DHBHuwxfJOj7wHuJalKAVO/SW
+RqEwgtJLk4i0QRtDtbbOrSaUAyWMBnQVYws4NhRrCuVeCgAhkQ+kp12Q6Js2DZoe
+hRrHmuoiM0a3PIGOOP4+NHoCqQKBgQDLmcT0xbnd+31UDB7zDGGd5tgYR9S9Q1zT
+mR6Dq4gNwIKG2Zbzd+0L5Zjlu905PcZJMTP8D6PEwV3+TrX/ZkixV8WDrhkcbaoC
+b1fzZaOhKOTf9fzxrimQYGBHPudP7OkuEHckJA2WjTDxaJngSkqtzzREcoyIAGd1
+UP1jLiIGawKBgAtAL8f6hWgo3kWoohJ4bFFxNsDwbnLWrNV9cNTbNrM6bLvekbVE
+gmDYjZhhs8C7zx8CWoArs1wFYOlzh70WMftfdptlZ/lLEDHMQwsqKBjxx0dzptar
+XH7Ll8F0fPnskzLvNffeesugWhJlLDABJkIhijO9gImO0/iUQYKEk5P5AoGAawI1
+x2SIzQgaFeuM9LdkMwaaOyC9yn+2MSyAIjosdvXgZJnGQc6dUyxoUQ6NNkGmjt+C
+cA+URpxPF5MtCsAqorL8B7qgThXBTihRNIcOGm0Q5jk2qZudEtnkoG2KS7K7188l
+n2QnlCI/QBJ3FbBWUcXetb7y56Q2vC1GEDO2BGMCgYBUn7n3T97abwPAGhH8B3k2
+yE+lCSMt108y+FHxul8x8BF+nc0y5DISo6IB2E1kc1JENymrVljdDEUI4hga/tBV
+g9DG1pqLewfQUs10FRwrGGmNgqSS5iZw25y8I/DwCNPG4CloQEBuIvgHGn9/HmAk
+RiDuseZ+wJIH3hcGS8nY1Q==
+-----END PRIVATE KEY-----
+"""
+
+
+@pytest.fixture
+def tls(tmp_path):
+    """(server context, client context, cert path, key path) for the test certificate."""
+    import ssl
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text(TEST_CERT)
+    key.write_text(TEST_KEY)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(str(cert), str(key))
+    client_context = ssl.create_default_context(cafile=str(cert))
+    return server_context, client_context, str(cert), str(key)
+
+
+class Echo:
+    @proxysession.proxy_event
+    def echo(self, x):
+        return x
+
+
+def round_trip(client, address):
+    """Publish, subscribe and call through one connection: all of it must work."""
+    conn = client.connect(*address)
+    client.publish(conn, "Echo", Echo())
+    assert client.subscribe(conn, "Echo").echo(b"x" * 100000) == b"x" * 100000
+    assert client.server_listing(conn) == ["Echo"]
+
+
+def test_authkey_round_trip(make_server, make_client):
+    server = make_server(authkey=b"sesame")
+    round_trip(make_client(authkey=b"sesame"), server.address)
+
+
+def test_authkey_mismatch_says_the_keys_differ_and_the_server_serves_on(make_server, make_client):
+    server = make_server(authkey=b"sesame")
+    with pytest.raises(proxysession.AuthenticationError, match="rejected our digest: the authkeys differ"):
+        make_client(authkey=b"wrong").connect(*server.address)
+    round_trip(make_client(authkey=b"sesame"), server.address)
+
+
+def test_a_keyless_client_against_a_keyed_server_is_told_so(make_server, make_client):
+    server = make_server(authkey=b"sesame")
+    with pytest.raises(proxysession.AuthenticationError,
+                       match="requires an authkey, but this client has none"):
+        make_client().connect(*server.address)
+
+
+def test_a_keyed_client_against_a_keyless_server_is_told_so(server, make_client):
+    client = make_client(authkey=b"sesame", handshake_timeout=0.5)
+    with pytest.raises(proxysession.AuthenticationError,
+                       match="the server sent no challenge, so it has no authkey but this client has one"):
+        client.connect(*server.address)
+
+
+def test_nothing_is_unpickled_before_authentication(make_server, peers, tmp_path):
+    marker = tmp_path / "pwned"
+    server = make_server(authkey=b"sesame")
+    peer = peers(server.address)
+    challenge = peer.sock.recv(1024)
+    assert challenge.split(b"\0", 1)[1].startswith(b"#CHALLENGE#{sha256}")
+    peer.send_raw(frame(dumps({"type": "listing", "id": 1, "x": Hostile(marker)})))
+    assert peer.closed_by_server()
+    assert not marker.exists()
+
+
+def test_an_oversized_handshake_frame_is_refused(make_server, peers):
+    server = make_server(authkey=b"sesame")
+    peer = peers(server.address)
+    peer.sock.recv(1024)
+    peer.send_raw(frame(b"{sha256}" + b"x" * 300))
+    assert peer.closed_by_server()
+
+
+def test_an_unauthenticated_peer_is_dropped_at_handshake_timeout(make_server, peers):
+    server = make_server(authkey=b"sesame", handshake_timeout=0.3)
+    peer = peers(server.address)
+    assert peer.closed_by_server()          # it never answered the challenge
+    assert server.call(lambda: len(server.server.wheels)) == 0
+
+
+def test_slow_loris_connections_do_not_slow_a_clean_client(make_server, make_client):
+    server = make_server(authkey=b"sesame", handshake_timeout=1.0)
+    lorises = [socket.create_connection(server.address) for _ in range(200)]
+    try:
+        for sock in lorises:
+            sock.sendall(b"12")           # half a header, then nothing
+        client = make_client(authkey=b"sesame")
+        conn = client.connect(*server.address)
+        for _ in range(20):
+            assert client.server_listing(conn) == []
+        for sock in lorises:              # each is dropped at handshake_timeout
+            sock.settimeout(WAIT)
+            assert sock.recv(1024).split(b"\0", 1)[1].startswith(b"#CHALLENGE#")
+            assert sock.recv(1024) == b""
+    finally:
+        for sock in lorises:
+            sock.close()
+
+
+def test_tls_round_trip(make_server, make_client, tls):
+    server_context, client_context, _, _ = tls
+    server = make_server(ssl_context=server_context)
+    round_trip(make_client(ssl_context=client_context), server.address)
+
+
+def test_tls_with_authkey_round_trip(make_server, make_client, tls):
+    server_context, client_context, _, _ = tls
+    server = make_server(ssl_context=server_context, authkey=b"sesame")
+    round_trip(make_client(ssl_context=client_context, authkey=b"sesame"), server.address)
+    with pytest.raises(proxysession.AuthenticationError, match="authkeys differ"):
+        make_client(ssl_context=client_context, authkey=b"wrong").connect(*server.address)
+
+
+def test_tls_mismatches_fail_with_clear_errors(make_server, make_client, tls):
+    import ssl
+    server_context, client_context, _, _ = tls
+    tls_server = make_server(ssl_context=server_context)
+    plain_server = make_server()
+    with pytest.raises(proxysession.ProxyError, match="was lost"):
+        make_client().connect(*tls_server.address)
+    with pytest.raises(ConnectionError, match="TLS handshake failed"):
+        make_client(ssl_context=client_context).connect(*plain_server.address)
+    with pytest.raises(ConnectionError, match="certificate verify failed"):
+        make_client(ssl_context=ssl.create_default_context()).connect(*tls_server.address)
+    round_trip(make_client(ssl_context=client_context), tls_server.address)
+
+
+def test_cli_authkey_from_file_or_environment_and_tls(server_process, tls, tmp_path):
+    _, _, cert, key = tls
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sesame\n")
+    env = dict(os.environ, PROXYSESSION_AUTHKEY="sesame")
+    server = server_process("--tls-cert", cert, "--tls-key", key, "--authkey-file", str(keyfile))
+    address = "%s:%d" % server.address
+
+    def cli(*args, env=None):
+        return subprocess.run([sys.executable, MODULE] + list(args), capture_output=True,
+                              text=True, timeout=WAIT, env=env)
+
+    done = cli("list", address, "--tls-ca", cert, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    done = cli("list", address, "--tls-ca", cert, "--authkey-file", str(keyfile))
+    assert (done.returncode, done.stderr) == (0, "")
+    done = cli("list", address, "--tls-ca", cert, env=dict(os.environ, PROXYSESSION_AUTHKEY=""))
+    assert done.returncode == 2
+    assert done.stderr == ("proxysession: the server at %s requires an authkey, "
+                           "but this client has none\n" % address)
+
+
+def test_cli_refuses_a_public_address_without_a_key_but_takes_one(tmp_path):
+    done = subprocess.run([sys.executable, MODULE, "--listen", "0.0.0.0:0"], capture_output=True,
+                          text=True, timeout=WAIT, env=dict(os.environ, PROXYSESSION_AUTHKEY=""))
+    assert done.returncode == 2
+    assert "--authkey-file" in done.stderr and "PROXYSESSION_AUTHKEY" in done.stderr
+
+
+# Hostile pickles, each by name. Each would create the marker file if unpickled.
+
+class ReduceOsSystem:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, ("touch %s" % self.marker,))
+
+
+class ReduceEval:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, ("open(%r, 'w')" % str(self.marker),))
+
+
+class ReducePopen:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.Popen, (["touch", str(self.marker)],))
+
+
+class NotAllowed:
+    """A plain class of this test module: on no allow-list."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+
+def copyreg_extension_pickle(marker):
+    """os.system reached through a copyreg extension code instead of a name."""
+    import copyreg
+    copyreg.add_extension("os", "system", 0xF1)
+    try:
+        return pickle.dumps(ReduceOsSystem(marker), 2)
+    finally:
+        copyreg.remove_extension("os", "system", 0xF1)
+
+
+HOSTILE = {
+    "os.system": lambda marker: dumps(ReduceOsSystem(marker)),
+    "builtins.eval": lambda marker: dumps(ReduceEval(marker)),
+    "copyreg-extension": copyreg_extension_pickle,
+    "subprocess.Popen": lambda marker: dumps(ReducePopen(marker)),
+    "class-on-no-list": lambda marker: dumps(NotAllowed(marker)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pickles_are_refused_by_the_server(server, peers, tmp_path, name):
+    marker = tmp_path / "pwned"
+    hostile = HOSTILE[name](marker)
+    peer = peers(server.address)
+    # as a whole message body
+    peer.send_raw(frame(hostile))
+    answer = peer.recv()
+    assert (answer["id"], answer["success"]) == (-1, False)
+    assert pickle.loads(answer["payload"]).startswith("Malformed message")
+    # as the payload of a publish, which the server must decode
+    assert peer.result(type="publish", id=2, payload=hostile)[0] is False
+    assert not marker.exists()
+    assert peer.result(type="listing", id=3) == (True, [])
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pickles_in_results_are_refused_by_the_client(server, peers, make_client,
+                                                              tmp_path, name):
+    import copyreg
+    marker = tmp_path / "pwned"
+    hostile = HOSTILE[name](marker)
+    publisher = peers(server.address)
+    publish(publisher, "Evil")
+    client = make_client()
+    proxy = client.subscribe(client.connect(*server.address), "Evil")
+    results = []
+    copyreg.add_extension("os", "system", 0xF1)     # so the extension code resolves here
+    try:
+        proxy.echo.post(1, callback=results.append)
+        call = publisher.recv()
+        publisher.send(type="result", id=call["id"], success=True, payload=hostile)
+        assert client.reactor.run_until(lambda: results, WAIT)
+    finally:
+        copyreg.remove_extension("os", "system", 0xF1)
+    assert results[0].success is False
+    assert "not on the allow-list" in str(results[0].payload)
+    assert not marker.exists()
+    # and as the arguments of a call to something this client published
+    client.publish(1, "Mine", Echo())
+    publisher.send(type="deliver", id=9, to="Mine", payload=dumps(
+        {"event": "echo", "args": [ReduceOsSystem(marker)], "kwargs": {}}))
+    assert run_until_readable(client.reactor, publisher.sock)
+    answer = publisher.recv()
+    assert answer["success"] is False and "not on the allow-list" in pickle.loads(answer["payload"])
+    assert not marker.exists()
+
+
+def fuzz_inputs(rng, marker, count):
+    """Mutated and truncated frames: bit flips, random headers and bodies, hostile pickles."""
+    valid = [message_frame(type="listing", id=n) for n in range(5)] + [
+        message_frame(type="publish", id=1, payload=dumps(
+            {"session_alias": "F", "session_name": "F", "methods": {}})),
+        message_frame(type="deliver", id=2, to="F", payload=b"x"),
+        message_frame(type="result", id=3, success=True, payload=b"y"),
+    ]
+    hostile = [frame(make(marker)) for make in HOSTILE.values()]
+    for _ in range(count):
+        kind = rng.randrange(6)
+        if kind == 0:        # bit flips of a valid frame
+            data = bytearray(rng.choice(valid))
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            yield bytes(data)
+        elif kind == 1:      # truncated valid frame
+            data = rng.choice(valid)
+            yield data[:rng.randrange(len(data))]
+        elif kind == 2:      # random header
+            yield bytes(rng.randrange(256) for _ in range(rng.randint(1, 30)))
+        elif kind == 3:      # right header, random body
+            body = bytes(rng.randrange(256) for _ in range(rng.randint(0, 200)))
+            yield frame(body)
+        elif kind == 4:      # a valid pickle framing hostile objects
+            yield rng.choice(hostile)
+        else:                # huge declared length
+            yield b"%d\0" % rng.randint(16 * 1024 * 1024 + 1, 10 ** 18)
+
+
+def test_fuzzed_frames_from_many_connections_leave_the_server_serving(server_process, tmp_path):
+    import random
+    marker = tmp_path / "pwned"
+    server = server_process()
+    baseline = server.rss_kib()
+    rng = random.Random(20261125)
+    inputs = list(fuzz_inputs(rng, marker, 3000))
+    connections = 30
+
+    def attack(index):
+        for start in range(index * 100, len(inputs), connections * 100):
+            try:
+                sock = socket.create_connection(server.address, timeout=WAIT)
+            except OSError:
+                continue
+            with sock:
+                try:
+                    for data in inputs[start:start + 100]:
+                        sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                    while sock.recv(65536):      # read what it answers, until it closes
+                        pass
+                except OSError:
+                    pass                          # it closed on us: allowed
+
+    threads = [threading.Thread(target=attack, args=(n,)) for n in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT * 3)
+        assert not thread.is_alive()
+    assert server.proc.poll() is None, "the server died"
+    clean = RawPeer(server.address)
+    assert clean.result(type="listing", id=1)[0] is True
+    clean.close()
+    assert not marker.exists()
+    grown = server.rss_kib() - baseline
+    assert grown < 32 * 1024, "server grew by %d KiB" % grown
+    assert "Traceback" not in "".join(server.log)
