@@ -206,68 +206,84 @@ class ReferenceFilter:
 
     ``get_one_start(data)`` buffers bytes; ``get_one()`` returns a list with
     the next decoded message, or an empty list; ``put(obj)`` returns the frame
-    of one message. ``next_body()`` is the raw form that the wheels use: the
-    next whole body as bytes, or None. Raises ``ProtocolError`` for a bad
-    header or a frame over ``max_frame``, judged on the header alone, before
-    the body is buffered.
+    of one message. ``get_frames()`` is the raw form that the wheels use: every
+    whole body buffered, as bytes. A bad header or a frame over ``max_frame``
+    (judged on the header alone, before the body is buffered) raises
+    ``ProtocolError``; when whole frames precede it, they are returned first
+    and ``broken`` holds the error.
     """
 
-    __slots__ = ("max_frame", "_buffer", "_pos", "_loads")
+    __slots__ = ("max_frame", "broken", "_buffer", "_parsed", "_loads")
 
     def __init__(self, max_frame: int = MAX_FRAME, loads: Callable = _loads_plain):
         self.max_frame = max_frame
+        self.broken: Optional[ProtocolError] = None
         self._buffer = bytearray()
-        self._pos = 0          # start of the first unparsed frame; compacted once per read
+        self._parsed: list = []            # get_one's bodies not yet returned
         self._loads = loads
 
     def put(self, obj: Any) -> bytes:
-        body = _dumps(obj)
-        return b"%d\0%s" % (len(body), body)
+        return _frame(_dumps(obj))
 
     def get_one_start(self, data: bytes) -> None:
-        buffer = self._buffer
-        if self._pos:
-            del buffer[:self._pos]
-            self._pos = 0
-        buffer += data
+        self._buffer += data
 
     def get_one(self) -> List[Any]:
-        body = self.next_body()
-        return [] if body is None else [self._loads(body)]
+        if not self._parsed:
+            self._parsed = self.get_frames()
+            if not self._parsed:
+                if self.broken is not None:
+                    raise self.broken
+                return []
+        return [self._loads(self._parsed.pop(0))]
 
     def buffered(self) -> int:
         """Bytes received and not yet returned as a frame."""
-        return len(self._buffer) - self._pos
+        return len(self._buffer)
 
-    def next_body(self) -> Optional[bytes]:
+    def get_frames(self) -> List[bytes]:
+        """Every whole frame's body, parsed in place: one pass over the buffer,
+        one copy per body, one compaction at the end."""
+        if self.broken is not None:
+            raise self.broken
         buffer = self._buffer
-        pos = self._pos
-        nul = buffer.find(b"\0", pos, pos + MAX_HEADER)
-        if nul < 0:
-            pending = len(buffer) - pos
-            if pending and not buffer[pos:pos + MAX_HEADER].isdigit():
-                raise ProtocolError("frame header holds a non-digit: %r"
-                                    % bytes(buffer[pos:pos + MAX_HEADER]))
-            if pending >= MAX_HEADER:
-                raise ProtocolError("no NUL within the first %d header bytes" % MAX_HEADER)
-            return None
-        header = buffer[pos:nul]
-        if not header.isdigit():
-            raise ProtocolError("frame header holds a non-digit: %r" % bytes(header)
-                                if header else "frame header is empty")
-        length = int(header)
-        if length > self.max_frame:
-            raise ProtocolError("frame of %d bytes exceeds max_frame (%d)"
-                                % (length, self.max_frame))
-        end = nul + 1 + length
-        if end > len(buffer):
-            return None
-        body = bytes(buffer[nul + 1:end])
-        self._pos = end
-        if end == len(buffer):         # the common case: everything read was consumed
-            buffer.clear()
-            self._pos = 0
-        return body
+        size = len(buffer)
+        bodies = []
+        pos = 0
+        with memoryview(buffer) as view:
+            while pos < size:
+                nul = buffer.find(b"\0", pos, pos + MAX_HEADER)
+                if nul < 0:
+                    if not buffer[pos:pos + MAX_HEADER].isdigit():
+                        self._fail("frame header holds a non-digit: %r"
+                                   % bytes(buffer[pos:pos + MAX_HEADER]), bodies)
+                    elif size - pos >= MAX_HEADER:
+                        self._fail("no NUL within the first %d header bytes" % MAX_HEADER,
+                                   bodies)
+                    break
+                header = buffer[pos:nul]
+                if not header.isdigit():
+                    self._fail("frame header holds a non-digit: %r" % bytes(header)
+                               if header else "frame header is empty", bodies)
+                    break
+                length = int(header)
+                if length > self.max_frame:
+                    self._fail("frame of %d bytes exceeds max_frame (%d)"
+                               % (length, self.max_frame), bodies)
+                    break
+                end = nul + 1 + length
+                if end > size:
+                    break
+                bodies.append(view[nul + 1:end].tobytes())
+                pos = end
+        if pos:
+            del buffer[:pos]
+        return bodies
+
+    def _fail(self, reason: str, bodies: list) -> None:
+        self.broken = ProtocolError(reason)
+        if not bodies:
+            raise self.broken
 
 
 def _frame(body: bytes) -> bytes:
@@ -554,7 +570,7 @@ class Wheel:
     __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "phase", "paused",
                  "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
                  "on_close", "context", "_out", "_flush_pending", "_events", "_tls",
-                 "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context",
+                 "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
                  "_server_hostname", "_server_side", "_authkey")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, wheel_id: int, *,
@@ -584,6 +600,7 @@ class Wheel:
         self._handshake = None
         self._handshake_timer = None
         self._drain_waiters: Optional[list] = None
+        self._inbox: Optional[collections.deque] = None   # whole frames not yet handed on
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self._server_side = server_side
@@ -666,8 +683,6 @@ class Wheel:
             self._handshake_timer = None
         if self.on_open is not None:
             self.on_open(self)
-        if self.filter.buffered() and not self.closed:
-            self.reactor.call_soon(self._process_frames)
 
     def _handshake_expired(self, timeout):
         self._handshake_timer = None
@@ -748,32 +763,43 @@ class Wheel:
             self._on_event(_EVENT_READ)
 
     def _process_frames(self) -> None:
-        """Hand every whole frame on. A handler may run a nested loop that reads
-        this same wheel again: both levels take frames from the one filter, in
-        order, so nothing is reordered or handled twice."""
-        next_body = self.filter.next_body
-        on_frame = self.on_frame
+        """Hand on every whole frame received. A handler may run a nested loop
+        that reads this same wheel again: the inner level queues its frames
+        behind the outer level's and hands them all on in order, so nothing is
+        reordered or handled twice."""
         try:
-            while not self.paused and self.phase is _OPEN:
-                body = next_body()
-                if body is None:
-                    return
-                on_frame(body, self)
-            while self.phase is _AUTH:
-                body = next_body()
-                if body is None:
-                    return
+            bodies = self.filter.get_frames()
+        except ProtocolError as exc:
+            self.close("protocol error: %s" % (exc,), error=exc)
+            return
+        inbox = self._inbox
+        if inbox is None:
+            if not bodies:
+                return
+            inbox = self._inbox = collections.deque(bodies)
+        elif bodies:
+            inbox.extend(bodies)
+        popleft = inbox.popleft
+        try:
+            while inbox and self.phase is _AUTH:
+                body = popleft()
                 if len(body) > MAX_HANDSHAKE_FRAME:
                     raise ProtocolError("handshake frame of %d bytes exceeds %d"
                                         % (len(body), MAX_HANDSHAKE_FRAME))
                 self._step_handshake(body)
-            if self.phase is _OPEN and not self.paused and self.filter.buffered():
-                self._process_frames()
+            on_frame = self.on_frame
+            while inbox and self.phase is _OPEN and not self.paused:
+                on_frame(popleft(), self)
         except ProtocolError as exc:
             self.close("protocol error: %s" % (exc,), error=exc)
         except Exception as exc:       # a handler's bug closes this connection only
             log.exception("%r: error in handler; closing it", self)
             self.close("internal error: %r" % (exc,), error=exc)
+        if not inbox and self._inbox is inbox:
+            self._inbox = None
+            broken = self.filter.broken
+            if broken is not None:
+                self.close("protocol error: %s" % (broken,), error=broken)
 
     # writing
 
@@ -851,7 +877,7 @@ class Wheel:
         if self.paused and self.phase is not _CLOSED:
             self.paused = False
             self._update_events()
-            if self.filter.buffered():
+            if self._inbox:
                 self.reactor.call_soon(self._process_frames)
 
     def wait_for_drain(self, other: "Wheel") -> None:
@@ -917,11 +943,9 @@ class _Session:
         self.subscribers = set()
 
 
-class _Delivery(collections.namedtuple(
-        "_Delivery", "caller_wheel_id caller_id publisher_wheel_id alias")):
-    """A routed call waiting for its result, keyed by the server's fresh id."""
-
-    __slots__ = ()
+# A routed call waiting for its result, stored under the server's fresh id as
+# (caller_wheel_id, caller_id, publisher_wheel_id, alias): a plain tuple, since
+# one is made for every call.
 
 
 def _is_loopback(host: str) -> bool:
@@ -987,7 +1011,7 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.insecure_no_auth = insecure_no_auth
         self.sessions: Dict[str, _Session] = {}
-        self.delivered_store: Dict[int, _Delivery] = {}
+        self.delivered_store: Dict[int, tuple] = {}
         self.wheels: Dict[int, Wheel] = {}
         self.address: Optional[Tuple[str, int]] = None
         self._listener: Optional[socket.socket] = None
@@ -1102,11 +1126,11 @@ class Server:
             self.reactor.unregister(self._listener)
             self._listener.close()
             self._listener = None
-        for fresh_id, delivery in list(self.delivered_store.items()):
-            del self.delivered_store[fresh_id]
-            caller = self.wheels.get(delivery.caller_wheel_id)
+        for caller_wheel_id, caller_id, _, _ in self.delivered_store.values():
+            caller = self.wheels.get(caller_wheel_id)
             if caller is not None:
-                self._answer(caller, delivery.caller_id, False, "Server is shutting down")
+                self._answer(caller, caller_id, False, "Server is shutting down")
+        self.delivered_store.clear()
         for wheel in list(self.wheels.values()):
             wheel.flush()
             wheel.close("server is shutting down")
@@ -1241,7 +1265,7 @@ class Server:
             return self.send_result(False, data, wheel_id,
                                     "Malformed message: deliver wants a bytes payload")
         fresh_id = next(self._delivery_ids)
-        self.delivered_store[fresh_id] = _Delivery(wheel_id, data["id"], session.wheel_id, alias)
+        self.delivered_store[fresh_id] = (wheel_id, data["id"], session.wheel_id, alias)
         data["to"] = session.name
         data["id"] = fresh_id
         publisher = self.wheels[session.wheel_id]
@@ -1253,22 +1277,21 @@ class Server:
         """Route a publisher's result back to the caller, under the caller's id."""
         fresh_id = data["id"]
         delivery = self.delivered_store.get(fresh_id)
-        if delivery is None or delivery.publisher_wheel_id != wheel_id:
+        if delivery is None or delivery[2] != wheel_id:
             log.warning("connection %d sent a result for %s call %d: dropped", wheel_id,
                         "someone else's" if delivery else "no waiting", fresh_id)
             return
         del self.delivered_store[fresh_id]
-        caller = self.wheels.get(delivery.caller_wheel_id)
+        caller_wheel_id, caller_id, _, alias = delivery
+        caller = self.wheels.get(caller_wheel_id)
         if caller is None:
             return                      # the caller left: nobody to tell
         if type(data.get("success")) is not bool or \
                 type(data.get("payload", b"")) is not bytes:
-            log.warning("connection %d sent a malformed result for '%s'", wheel_id,
-                        delivery.alias)
-            self._answer(caller, delivery.caller_id, False,
-                         "Session '%s' sent a malformed result" % delivery.alias)
+            log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
+            self._answer(caller, caller_id, False, "Session '%s' sent a malformed result" % alias)
             return
-        data["id"] = delivery.caller_id
+        data["id"] = caller_id
         caller.write_frame(_dumps(data))
         if caller.out_size > self.high_water:
             caller.wait_for_drain(self.wheels[wheel_id])
@@ -1287,14 +1310,15 @@ class Server:
             self._remove_session(session, "went away with its connection")
         for session in self.sessions.values():
             session.subscribers.discard(wheel_id)
-        for fresh_id, delivery in list(self.delivered_store.items()):
-            if delivery.publisher_wheel_id == wheel_id:
+        for fresh_id, (caller_wheel_id, caller_id, publisher_wheel_id, alias) in \
+                list(self.delivered_store.items()):
+            if publisher_wheel_id == wheel_id:
                 del self.delivered_store[fresh_id]
-                caller = self.wheels.get(delivery.caller_wheel_id)
+                caller = self.wheels.get(caller_wheel_id)
                 if caller is not None:
-                    self._answer(caller, delivery.caller_id, False,
-                                 "Session '%s' went away before answering" % delivery.alias)
-            elif delivery.caller_wheel_id == wheel_id:
+                    self._answer(caller, caller_id, False,
+                                 "Session '%s' went away before answering" % alias)
+            elif caller_wheel_id == wheel_id:
                 del self.delivered_store[fresh_id]
 
 

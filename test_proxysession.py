@@ -314,6 +314,15 @@ def test_filter_refuses_a_bad_header_fed_byte_by_byte_as_soon_as_it_shows():
         filt.get_one()
 
 
+def test_filter_returns_whole_frames_that_precede_a_bad_header():
+    filt = ReferenceFilter()
+    filt.get_one_start(filt.put({"id": 1}) + filt.put({"id": 2}) + b"x1\0")
+    assert [pickle.loads(body)["id"] for body in filt.get_frames()] == [1, 2]
+    assert "non-digit" in str(filt.broken)
+    with pytest.raises(ProtocolError, match="non-digit"):
+        filt.get_frames()
+
+
 def test_filter_max_frame_is_configurable():
     filt = ReferenceFilter(max_frame=10)
     filt.get_one_start(b"11\0")
@@ -444,6 +453,14 @@ def test_bad_headers_close_only_that_connection(server, peers, data):
     bad.send_raw(data)
     assert bad.closed_by_server()
     assert good.result(type="listing", id=1) == (True, [])
+
+
+def test_frames_before_a_bad_header_are_answered_then_the_connection_closes(server, peers):
+    peer = peers(server.address)
+    peer.send_raw(message_frame(type="listing", id=1) + message_frame(type="listing", id=2)
+                  + b"oops\0")
+    assert [peer.recv()["id"], peer.recv()["id"]] == [1, 2]
+    assert peer.closed_by_server()
 
 
 class Hostile:
