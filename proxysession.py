@@ -804,13 +804,16 @@ class Wheel:
     # writing
 
     def write_frame(self, body: bytes) -> None:
-        """Queue one frame; small ones are built in one piece, large bodies are
-        queued as they are so they are never copied."""
+        """Queue one frame. Small ones are built in one piece and coalesced
+        with the rest of the pass; a large body is never copied and is sent at
+        once, since joining it gains nothing and leaving it queued would count
+        against the high-water mark until the pass ends."""
         if len(body) < SEND_COALESCE:
             self._write(b"%d\0%s" % (len(body), body))
         else:
             self._write(b"%d\0" % len(body))
             self._write(body)
+            self.flush()
 
     def _write_raw(self, body: bytes) -> None:
         self._write(_frame(body))
