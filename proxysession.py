@@ -1143,14 +1143,17 @@ class Server:
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
         try:
-            message = _loads_plain(body)
+            message = _PlainUnpickler(io.BytesIO(body)).load()
         except Exception as exc:       # whatever a hostile body raises: answer, stay open
             log.warning("connection %d from %s sent an undecodable message: %s",
                         wheel.wheel_id, wheel.peer, exc)
             self._answer(wheel, -1, False, "Malformed message: %s" % (exc,))
             return
-        if type(message) is not dict or type(message.get("id")) is not int \
-                or type(message.get("type")) is not str:
+        try:
+            valid = type(message["type"]) is str and type(message["id"]) is int
+        except Exception:              # not a dict, or a key missing
+            valid = False
+        if not valid:
             msg_id = message.get("id") if type(message) is dict else None
             self._answer(wheel, msg_id if type(msg_id) is int else -1, False,
                          "Malformed message: want a dict with a str 'type' and an int 'id'")
@@ -1261,8 +1264,9 @@ class Server:
         """Route a call to the publisher of ``to`` under a fresh id; its
         payload goes through untouched."""
         alias = data.get("to")
-        session = self.sessions.get(alias) if isinstance(alias, str) else None
-        if session is None:
+        try:
+            session = self.sessions[alias]
+        except (KeyError, TypeError):
             return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % (alias,))
         if type(data.get("payload")) is not bytes:
             return self.send_result(False, data, wheel_id,
