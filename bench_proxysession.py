@@ -77,7 +77,7 @@ class Frames:
             end = nul + 1 + int(buffer[pos:nul])
             if end > len(buffer):
                 break
-            bodies.append(bytes(buffer[nul + 1:end]))
+            bodies.append(buffer[nul + 1:end])    # one copy; pickle.loads takes a bytearray
             pos = end
         if pos:
             del buffer[:pos]
@@ -244,11 +244,16 @@ def relay_floor():
                     dirty.add(target)
         for fd in dirty:
             sock, _, out = conns[fd]
-            data = b"".join(out)
+            data = b"".join(out) if len(out) > 1 else out[0]
             out.clear()
-            sock.setblocking(True)      # the floor skips flow control: just send it all
-            sock.sendall(data)
-            sock.setblocking(False)
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):        # rare on loopback; the floor has no flow control
+                sock.setblocking(True)
+                sock.sendall(memoryview(data)[sent:])
+                sock.setblocking(False)
 
 
 # ---------------------------------------------------------------------------

@@ -175,12 +175,12 @@ SAFE_CLASSES = frozenset([
 
 
 class _AllowListUnpickler(pickle.Unpickler):
-    def __init__(self, file, allowed):
-        super().__init__(file)
-        self._allowed = allowed
+    """Each Client makes a subclass with its own ``allowed`` set of (module, name)."""
+
+    allowed: frozenset = SAFE_CLASSES
 
     def find_class(self, module, name):
-        if (module, name) in self._allowed:
+        if (module, name) in self.allowed:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
             "global '%s.%s' is not on the allow-list (Client(allow_classes=...) extends it)"
@@ -1369,14 +1369,15 @@ def _error_from_payload(payload: Any) -> ProxyError:
 class _Request:
     """A request waiting for its result."""
 
-    __slots__ = ("connection_id", "on_result", "callback", "tag", "timer", "result")
+    __slots__ = ("connection_id", "on_result", "callback", "tag", "timeout", "deadline", "result")
 
-    def __init__(self, connection_id, on_result, callback, tag):
+    def __init__(self, connection_id, on_result, callback, tag, timeout):
         self.connection_id = connection_id
         self.on_result = on_result     # turns the success payload into the return value
         self.callback = callback
         self.tag = tag
-        self.timer = None
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self.result: Optional[Result] = None
 
 
@@ -1436,7 +1437,8 @@ class Client:
         self.socket_error_event = socket_error_event
         self.connect_error_event = connect_error_event
         self.rescinded_event = rescinded_event
-        self._allowed = SAFE_CLASSES | _class_pairs(allow_classes)
+        self._unpickler = type("_ClientUnpickler", (_AllowListUnpickler,),
+                               {"allowed": SAFE_CLASSES | _class_pairs(allow_classes)})
         self._unsafe = unsafe_unpickle_anything
         self._connections: Dict[int, Wheel] = {}
         self._pending: Dict[int, _Request] = {}
@@ -1444,6 +1446,8 @@ class Client:
         self._proxies: Dict[Tuple[int, str], "Proxy"] = {}
         self._ids = itertools.count(1)
         self._connection_ids = itertools.count(1)
+        self._sweep_timer: Optional[_Timer] = None
+        self._sweep_at: Optional[float] = None
         self._trace = bool(self.options.get("trace"))
         self._handlers = {
             "result": self.handle_on_result,
@@ -1466,7 +1470,7 @@ class Client:
     def _loads(self, data: bytes) -> Any:
         if self._unsafe:
             return pickle.loads(data)
-        return _AllowListUnpickler(io.BytesIO(data), self._allowed).load()
+        return self._unpickler(io.BytesIO(data)).load()
 
     # connections
 
@@ -1582,12 +1586,12 @@ class Client:
         wheel = self._wheel(connection_id)
         request_id = next(self._ids)
         message["id"] = request_id
-        request = _Request(connection_id, on_result, callback, tag)
+        request = _Request(connection_id, on_result, callback, tag,
+                           self.timeout if timeout == "default" else timeout)
         self._pending[request_id] = request
-        if timeout == "default":
-            timeout = self.timeout
-        if timeout is not None:
-            request.timer = self.reactor.call_later(timeout, self._time_out, request_id, timeout)
+        if request.deadline is not None and (self._sweep_at is None
+                                             or request.deadline < self._sweep_at):
+            self._arm_sweep(request.deadline)
         wheel.write_frame(_dumps(message))
         if callback is not None:
             if not self.reactor.in_pass:
@@ -1596,16 +1600,36 @@ class Client:
         self.reactor.run_until(lambda: request.result is not None, None)
         return request.result.value()
 
-    def _time_out(self, request_id: int, timeout: float) -> None:
-        request = self._pending.pop(request_id, None)
-        if request is not None:
-            request.timer = None
-            self._finish(request, Result(False, CallTimeout(
-                "no answer within %.3g s" % timeout), request.connection_id, request.tag))
+    # Timeouts: one timer for the earliest deadline, not one per request. A
+    # request's timer would be cancelled by its answer yet stay in the reactor's
+    # heap until it expired: at thousands of calls a second, that is hundreds of
+    # thousands of dead timers. The sweep looks only at requests still waiting.
+
+    def _arm_sweep(self, deadline: float) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = deadline
+        self._sweep_timer = self.reactor.call_later(deadline - time.monotonic(), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = self._sweep_at = None
+        now = time.monotonic()
+        earliest = None
+        for request_id, request in list(self._pending.items()):
+            deadline = request.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                del self._pending[request_id]
+                self._finish(request, Result(False, CallTimeout(
+                    "no answer within %.3g s" % request.timeout), request.connection_id,
+                    request.tag))
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None and (self._sweep_at is None or earliest < self._sweep_at):
+            self._arm_sweep(earliest)
 
     def _finish(self, request: _Request, result: Result) -> None:
-        if request.timer is not None:
-            request.timer.cancel()
         if request.callback is None:
             request.result = result
         else:

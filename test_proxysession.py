@@ -948,6 +948,35 @@ def test_a_lost_connection_fails_waiting_calls_at_once(make_server, make_client)
         client.server_listing(conn)
 
 
+def test_a_short_timeout_behind_a_long_one_fires_and_the_long_one_still_answers(
+        server, make_client, peers):
+    publisher = peers(server.address)
+    publish(publisher, "Silent")
+    client = make_client()
+    proxy = client.subscribe(client.connect(*server.address), "Silent")
+    results = {}
+    proxy.echo.call(("long",), timeout=WAIT, callback=lambda r: results.__setitem__("long", r))
+    proxy.echo.call(("short",), timeout=0.2, callback=lambda r: results.__setitem__("short", r))
+    assert client.reactor.run_until(lambda: "short" in results, WAIT)
+    assert isinstance(results["short"].payload, proxysession.CallTimeout)
+    assert "long" not in results
+    calls = [publisher.recv(), publisher.recv()]
+    for call in calls:                       # answer both: the late one is dropped
+        publisher.send(type="result", id=call["id"], success=True, payload=dumps("done"))
+    assert client.reactor.run_until(lambda: "long" in results, WAIT)
+    assert (results["long"].success, results["long"].payload) == (True, "done")
+
+
+def test_answered_calls_leave_no_timers_behind(server, make_client):
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Echo", Echo())
+    echo = client.subscribe(conn, "Echo").echo
+    for n in range(1000):
+        assert echo(n) == n
+    assert len(client.reactor._timers) <= 2
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
