@@ -616,6 +616,65 @@ def test_a_flood_at_a_publisher_that_never_reads_pauses_the_caller(server_proces
     caller.close()
 
 
+def test_every_connection_has_keepalive_and_nodelay(server, peers):
+    # a peer whose machine vanished (no FIN) is found by keepalive probes
+    peer = peers(server.address)
+    assert peer.result(type="listing", id=1)[0]
+
+    def options():
+        sock = next(iter(server.server.wheels.values())).sock
+        names = ["TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"]
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                [sock.getsockopt(socket.IPPROTO_TCP, getattr(socket, n)) for n in names
+                 if hasattr(socket, n)])
+
+    keepalive, nodelay, timings = server.call(options)
+    assert keepalive and nodelay
+    assert timings in ([60, 10, 3], [])
+
+
+AT_FILE_LIMIT = textwrap.dedent('''
+    import logging, resource, sys
+    import proxysession
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+    logging.basicConfig(level=logging.INFO)
+    server = proxysession.Server(listen_port=0).start()
+    print(server.address[1], flush=True)
+    proxysession.run()
+''')
+
+
+def test_at_the_file_limit_the_server_keeps_serving_and_logs_once():
+    proc = subprocess.Popen([sys.executable, "-c", AT_FILE_LIMIT], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    socks = []
+    try:
+        address = ("127.0.0.1", int(proc.stdout.readline()))
+        first = RawPeer(address)
+        assert first.result(type="listing", id=1)[0]
+        for _ in range(60):          # more than 40 descriptors allow: the rest wait in the backlog
+            socks.append(socket.create_connection(address, timeout=WAIT))
+        for n in range(5):           # the connections it has are still served
+            assert first.result(type="listing", id=2 + n)[0]
+        for sock in socks[:30]:      # free descriptors: the waiting ones get in
+            sock.close()
+        late = socks[-1]
+        late.sendall(message_frame(type="listing", id=9))
+        filt = ReferenceFilter()
+        while not (got := filt.get_one()):
+            filt.get_one_start(late.recv(4096))
+        assert got[0]["success"] is True
+        first.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        _, log = proc.communicate(timeout=WAIT)
+    assert log.count("at the open file limit") == 1, log
+    assert "Traceback" not in log
+
+
 def test_sigterm_answers_waiting_calls_and_exits_0(server_process):
     server = server_process()
     publisher, caller = RawPeer(server.address), RawPeer(server.address)
