@@ -162,7 +162,7 @@ def _loads_plain(data) -> Any:
 # (module, name) pairs a client rebuilds from a payload (PROTOCOL 2).
 SAFE_CLASSES = frozenset([
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
-    ("builtins", "bytearray"), ("builtins", "slice"), ("builtins", "range"),
+    ("builtins", "bytearray"),
     ("datetime", "date"), ("datetime", "time"), ("datetime", "datetime"),
     ("datetime", "timedelta"), ("datetime", "timezone"),
     ("decimal", "Decimal"), ("fractions", "Fraction"),
@@ -559,7 +559,8 @@ class Wheel:
     It moves through phases: TCP connect (client side), TLS handshake (with
     ``ssl_context``), authkey handshake (with ``authkey``), then open, when it
     passes every whole frame body to ``on_frame(body, wheel)``; ``on_open(wheel)``
-    and ``on_close(wheel, reason)`` mark the ends. ``write_frame(body)`` queues
+    and ``on_close(wheel, reason, error)`` mark the ends (``error`` is the
+    exception behind the close, or None). ``write_frame(body)`` queues
     a frame; the reactor flushes the queue once per pass.
 
     Flow control: ``pause_reading()`` / ``resume_reading()``; a wheel whose
@@ -1143,7 +1144,7 @@ class Server:
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
         try:
-            message = _PlainUnpickler(io.BytesIO(body)).load()
+            message = _loads_plain(body)
         except Exception as exc:       # whatever a hostile body raises: answer, stay open
             log.warning("connection %d from %s sent an undecodable message: %s",
                         wheel.wheel_id, wheel.peer, exc)
@@ -1241,11 +1242,11 @@ class Server:
     def _remove_session(self, session: _Session, why: str) -> None:
         del self.sessions[session.alias]
         log.info("session '%s' of connection %d %s", session.alias, session.wheel_id, why)
-        notice = _frame(_dumps({"type": "rescinded", "id": -1, "to": session.alias}))
+        notice = _dumps({"type": "rescinded", "id": -1, "to": session.alias})
         for subscriber_id in session.subscribers:
             subscriber = self.wheels.get(subscriber_id)
             if subscriber is not None:
-                subscriber._write(notice)
+                subscriber.write_frame(notice)
 
     def get_listing(self, data: dict, wheel_id: int) -> None:
         """List the published aliases, sorted; never fails."""
@@ -1742,26 +1743,25 @@ class Client:
                              % (alias, connection_id))
         publication = _Publication(connection_id, alias, obj, table)
         self._publications[key] = publication   # a call may arrive before the answer does
+        message = {"type": "publish", "payload": _dumps(
+            {"session_alias": alias, "session_name": alias, "methods": table})}
 
-        def on_result(value):
-            return value
-
-        def forget(result):
-            if not result.success and self._publications.get(key) is publication:
-                del self._publications[key]
-            if callback is not None:
-                callback(result)
-
-        payload = _dumps({"session_alias": alias, "session_name": alias, "methods": table})
-        if callback is not None:
-            return self.send_message(connection_id, {"type": "publish", "payload": payload},
-                                     on_result, forget, tag, timeout)
-        try:
-            return self.send_message(connection_id, {"type": "publish", "payload": payload},
-                                     on_result, None, tag, timeout)
-        except BaseException:
+        def forget():
             if self._publications.get(key) is publication:
                 del self._publications[key]
+
+        def forget_if_refused(result):
+            if not result.success:
+                forget()
+            callback(result)
+
+        if callback is not None:
+            return self.send_message(connection_id, message, None, forget_if_refused, tag,
+                                     timeout)
+        try:
+            return self.send_message(connection_id, message, None, None, tag, timeout)
+        except BaseException:
+            forget()
             raise
 
     def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
