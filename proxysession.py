@@ -213,11 +213,12 @@ class ReferenceFilter:
     and ``broken`` holds the error.
     """
 
-    __slots__ = ("max_frame", "broken", "_buffer", "_parsed", "_loads")
+    __slots__ = ("max_frame", "broken", "missing", "_buffer", "_parsed", "_loads")
 
     def __init__(self, max_frame: int = MAX_FRAME, loads: Callable = _loads_plain):
         self.max_frame = max_frame
         self.broken: Optional[ProtocolError] = None
+        self.missing = 0                   # bytes still to come for a frame begun
         self._buffer = bytearray()
         self._parsed: list = []            # get_one's bodies not yet returned
         self._loads = loads
@@ -250,6 +251,7 @@ class ReferenceFilter:
         size = len(buffer)
         bodies = []
         pos = 0
+        self.missing = 0
         with memoryview(buffer) as view:
             while pos < size:
                 nul = buffer.find(b"\0", pos, pos + MAX_HEADER)
@@ -273,6 +275,7 @@ class ReferenceFilter:
                     break
                 end = nul + 1 + length
                 if end > size:
+                    self.missing = end - size
                     break
                 bodies.append(view[nul + 1:end].tobytes())
                 pos = end
@@ -744,7 +747,9 @@ class Wheel:
 
     def _read(self) -> None:
         try:
-            data = self.sock.recv(READ_CHUNK)
+            # the rest of a frame whose header passed max_frame comes in one read:
+            # still bounded, and a large body is not reassembled in small pieces
+            data = self.sock.recv(max(READ_CHUNK, self.filter.missing))
         except _WOULD_BLOCK:
             return
         except OSError as exc:

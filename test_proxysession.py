@@ -1498,3 +1498,14 @@ def test_fuzzed_frames_from_many_connections_leave_the_server_serving(server_pro
     grown = server.rss_kib() - baseline
     assert grown < 32 * 1024, "server grew by %d KiB" % grown
     assert "Traceback" not in "".join(server.log)
+
+
+def test_large_frames_arrive_whole_through_the_server(server, make_client):
+    # 5 MiB each way: read in one piece once the header has passed max_frame
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Echo", Echo())
+    echo = client.subscribe(conn, "Echo").echo
+    big = os.urandom(5 * 1024 * 1024)
+    assert echo(big) == big
+    assert echo(b"small after big") == b"small after big"
