@@ -1509,3 +1509,60 @@ def test_large_frames_arrive_whole_through_the_server(server, make_client):
     big = os.urandom(5 * 1024 * 1024)
     assert echo(big) == big
     assert echo(b"small after big") == b"small after big"
+
+
+class Point:
+    """A user class: on no allow-list until the client names it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __eq__(self, other):
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+
+class PointMaker:
+    @proxysession.proxy_event
+    def make(self, x, y):
+        return Point(x, y)
+
+
+def test_allow_classes_extends_the_allow_list_and_the_unsafe_switch_turns_it_off(
+        server, make_client):
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Points", PointMaker())
+    reactor = publisher.reactor               # the publisher answers while callers wait
+    strict = make_client(reactor=reactor)
+    points = strict.subscribe(strict.connect(*server.address), "Points")
+    with pytest.raises(proxysession.ProxyError, match="test_proxysession.Point' is not on the allow-list"):
+        points.make(1, 2)
+    extended = make_client(reactor=reactor, allow_classes=["test_proxysession.Point"])
+    assert extended.subscribe(extended.connect(*server.address), "Points").make(1, 2) == Point(1, 2)
+    unsafe = make_client(reactor=reactor, unsafe_unpickle_anything=True)
+    assert unsafe.subscribe(unsafe.connect(*server.address), "Points").make(3, 4) == Point(3, 4)
+    with pytest.raises(ValueError, match="module.Name"):
+        make_client(allow_classes=["Point"])
+
+
+def test_one_client_holds_connections_to_several_servers(make_server, make_client):
+    first, second = make_server(), make_server()
+    client = make_client()
+    conn_a, conn_b = client.connect(*first.address), client.connect(*second.address)
+    assert conn_a != conn_b
+
+    class Named:
+        def __init__(self, name):
+            self.name = name
+
+        @proxysession.proxy_event
+        def who(self):
+            return self.name
+
+    client.publish(conn_a, "Who", Named("on first"))
+    client.publish(conn_b, "Who", Named("on second"))     # the same alias, another server
+    assert client.subscribe(conn_a, "Who").who() == "on first"
+    assert client.subscribe(conn_b, "Who").who() == "on second"
+    with pytest.raises(proxysession.ProxyError, match="several connections"):
+        client.rescind("Who")
+    client.rescind("Who", connection_id=conn_a)
+    assert client.server_listing(conn_a) == [] and client.server_listing(conn_b) == ["Who"]
