@@ -112,7 +112,6 @@ def raw_callee(address, listen):
         server = socket.create_server(("127.0.0.1", 0))
         server.listen(64)
         print(server.getsockname()[1], flush=True)
-        socks = []
         sel = selectors.DefaultSelector()
         sel.register(server, selectors.EVENT_READ, None)
     else:
@@ -153,34 +152,30 @@ def raw_caller(address, workload, seconds, size):
     sock = connect(address)
     frames = Frames()
     arg = ARG if size is None else b"x" * size
-    latencies = []
+    if workload != "pipelined":
+        def echo(value):
+            sock.sendall(call_message(0, value))
+            return pickle.loads(recv_messages(sock, frames)[0]["payload"])
+
+        return sequential(echo, seconds, size)
     calls = 0
     start = time.perf_counter()
     end = start + seconds
-    if workload == "pipelined":
-        for n in range(PIPELINE):
-            sock.sendall(call_message(n, arg))
-        in_flight = PIPELINE
-        while in_flight:
-            out = []
-            for message in recv_messages(sock, frames):
-                assert pickle.loads(message["payload"]) == arg
-                calls += 1
-                in_flight -= 1
-                if time.perf_counter() < end:
-                    out.append(call_message(calls, arg))
-                    in_flight += 1
-            if out:
-                sock.sendall(b"".join(out))
-    else:
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            sock.sendall(call_message(calls, arg))
-            message = recv_messages(sock, frames)[0]
+    for n in range(PIPELINE):
+        sock.sendall(call_message(n, arg))
+    in_flight = PIPELINE
+    while in_flight:
+        out = []
+        for message in recv_messages(sock, frames):
             assert pickle.loads(message["payload"]) == arg
-            latencies.append(time.perf_counter() - t0)
             calls += 1
-    return calls, time.perf_counter() - start, latencies
+            in_flight -= 1
+            if time.perf_counter() < end:
+                out.append(call_message(calls, arg))
+                in_flight += 1
+        if out:
+            sock.sendall(b"".join(out))
+    return calls, time.perf_counter() - start, []
 
 
 # ---------------------------------------------------------------------------
@@ -285,33 +280,25 @@ def ps_caller(address, workload, seconds, size):
     import proxysession
     client = proxysession.Client("caller", timeout=60)
     echo = client.subscribe(client.connect(*address), "Echo").echo
+    if workload != "pipelined":
+        return sequential(echo, seconds, size)
     arg = ARG if size is None else b"x" * size
-    latencies = []
-    calls = 0
     start = time.perf_counter()
     end = start + seconds
-    if workload == "pipelined":
-        state = {"calls": 0, "in_flight": PIPELINE}
+    state = {"calls": 0, "in_flight": PIPELINE}
 
-        def on_result(result):
-            assert result.success and result.payload == arg
-            state["calls"] += 1
-            if time.perf_counter() < end:
-                echo.post(arg, callback=on_result)
-            else:
-                state["in_flight"] -= 1
-
-        for _ in range(PIPELINE):
+    def on_result(result):
+        assert result.success and result.payload == arg
+        state["calls"] += 1
+        if time.perf_counter() < end:
             echo.post(arg, callback=on_result)
-        client.reactor.run_until(lambda: not state["in_flight"])
-        calls = state["calls"]
-    else:
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            assert echo(arg) == arg
-            latencies.append(time.perf_counter() - t0)
-            calls += 1
-    return calls, time.perf_counter() - start, latencies
+        else:
+            state["in_flight"] -= 1
+
+    for _ in range(PIPELINE):
+        echo.post(arg, callback=on_result)
+    client.reactor.run_until(lambda: not state["in_flight"])
+    return state["calls"], time.perf_counter() - start, []
 
 
 # ---------------------------------------------------------------------------
@@ -350,6 +337,7 @@ def mp_caller(address, workload, seconds, size):
 
 
 def sequential(echo, seconds, size):
+    """W1, W3 and W4 for every row: one call at a time, each timed."""
     arg = ARG if size is None else b"x" * size
     latencies = []
     calls = 0
@@ -388,7 +376,7 @@ def pyro_caller(address, workload, seconds, size):
 
 def rpyc_server():
     import rpyc
-    from rpyc.utils.server import OneShotServer, ThreadedServer
+    from rpyc.utils.server import ThreadedServer
 
     class EchoService(rpyc.Service):
         def exposed_echo(self, x):
@@ -465,7 +453,8 @@ class Child:
 
 
 SYSTEMS = {
-    # row: (server role or None, callee role or None, caller role, callee listens itself)
+    # row: (server role or None, callee role or None, caller role); the direct
+    # floor's callee listens itself, and the peers' servers are their callees
     "proxysession": ("ps-server", "ps-callee", "ps-caller"),
     "server+raw": ("ps-server", "raw-callee", "raw-caller"),
     "relay floor": ("relay", "raw-callee", "raw-caller"),

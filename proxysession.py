@@ -2115,7 +2115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    # Import ourselves by name so that classes pickled here are proxysession.X, not __main__.X.
+    # Run the module imported under its own name, so that classes pickled here
+    # are proxysession.X, not __main__.X (bottle does the same).
+    import importlib
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import proxysession
-    sys.exit(proxysession.main())
+    sys.exit(importlib.import_module("proxysession").main())
