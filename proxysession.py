@@ -1646,28 +1646,27 @@ class Client:
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
         try:
             message = _loads_plain(body)
-            kind = message["type"]
-            handler = self._handlers[kind]
         except Exception as exc:
             if body.startswith(CHALLENGE):
                 error = AuthenticationError(
                     "the server at %s requires an authkey, but this client has none" % wheel.peer)
                 wheel.close(str(error), error=error)
-                return
-            self.handle_inbound_data(body, wheel.wheel_id, exc)
+            else:
+                log.warning("%s: connection %d sent a frame that does not decode: %s",
+                            self.alias, wheel.wheel_id, exc)
             return
+        kind = message.get("type") if type(message) is dict else None
+        handler = self._handlers.get(kind) if type(kind) is str else None
         if self._trace:
-            log.debug("%s connection %d: %s id=%r", self.alias, wheel.wheel_id, kind,
-                      message.get("id"))
-        handler(message, wheel)
+            log.debug("%s connection %d: %r", self.alias, wheel.wheel_id, kind)
+        if handler is None:
+            self.handle_inbound_data(message, wheel.wheel_id)
+        else:
+            handler(message, wheel)
 
-    def handle_inbound_data(self, data: Any, connection_id: int, error=None) -> None:
+    def handle_inbound_data(self, data: Any, connection_id: int) -> None:
         """A message of a type this client does not know: ``unknown_message_event``
         gets it, if set; otherwise it is logged and ignored."""
-        try:
-            data = _loads_plain(data) if isinstance(data, bytes) else data
-        except Exception:
-            pass
         if self.unknown_message_event is not None:
             self._call_user(self.unknown_message_event, data, connection_id)
         else:
@@ -1675,13 +1674,12 @@ class Client:
                         self.alias, connection_id, data)
 
     def handle_on_result(self, message: dict, wheel: Wheel) -> None:
-        request = self._pending.pop(message.get("id"), None)
+        request_id = message.get("id")
+        request = self._pending.get(request_id) if type(request_id) is int else None
         if request is None or request.connection_id != wheel.wheel_id:
-            if request is not None:
-                self._pending[message["id"]] = request
-            log.debug("%s: dropped a result for no waiting request: %r", self.alias,
-                      message.get("id"))
+            log.debug("%s: dropped a result for no waiting request: %r", self.alias, request_id)
             return
+        del self._pending[request_id]
         success = message.get("success") is True
         payload = message.get("payload")
         try:

@@ -837,7 +837,7 @@ def test_publishing_nothing_or_a_missing_method_is_a_value_error(server, make_cl
     assert client.server_listing(conn) == []
 
 
-def test_unknown_message_types_reach_unknown_message_event(make_client):
+def test_unknown_message_types_reach_unknown_message_event_and_garbage_is_logged(make_client):
     listener = socket.create_server(("127.0.0.1", 0))
     seen = []
     client = make_client(unknown_message_event=lambda data, conn: seen.append((data, conn)))
@@ -849,7 +849,9 @@ def test_unknown_message_types_reach_unknown_message_event(make_client):
         probe = peer.recv()                  # connect() checks the peer with a listing
         sock.sendall(message_frame(type="result", id=probe["id"], success=True,
                                    payload=dumps([])))
-        sock.sendall(message_frame(type="frobnicate", id=3, to="x"))
+        sock.sendall(frame(b"garbage that does not decode")        # logged, not passed on
+                     + message_frame(type="result", id=[1], success=True)  # no such request
+                     + message_frame(type="frobnicate", id=3, to="x"))
         sock.recv(1)           # hold the connection until the client closes it
         sock.close()
 
@@ -858,6 +860,7 @@ def test_unknown_message_types_reach_unknown_message_event(make_client):
     conn = client.connect(*listener.getsockname())
     assert client.reactor.run_until(lambda: seen, WAIT)
     assert seen == [({"type": "frobnicate", "id": 3, "to": "x"}, conn)]
+    assert client._connections[conn].is_open      # bad frames did not cost the connection
     client.close()
     thread.join(WAIT)
     listener.close()
