@@ -1514,10 +1514,11 @@ class Client:
         self._connections[connection_id] = wheel
         self.reactor.run_until(lambda: outcome, None)
         if not wheel.is_open:
+            # it may have opened and closed in one pass: the error is what counts
             self._connections.pop(connection_id, None)
-            error = outcome[0] if outcome and outcome[0] is not None else \
-                ConnectionError("connection closed during the handshake")
-            return self._connect_failed(remote_address, remote_port, error)
+            errors = [error for error in outcome if error is not None]
+            return self._connect_failed(remote_address, remote_port, errors[0] if errors else
+                                        ConnectionError("connection closed during the handshake"))
         wheel.context = None
         if self.authkey is None:
             # A keyed server challenges first; a keyless client learns it only

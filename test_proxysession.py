@@ -229,6 +229,16 @@ def server_process():
         proc.stop()
 
 
+def wait_for(condition, timeout=WAIT):
+    """True once condition() holds; each check is a round trip to the server
+    thread, so this waits on events, never on a sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+    return False
+
+
 def run_until_readable(reactor, sock):
     """Drive ``reactor`` until ``sock`` (not its own) has something to read."""
     ready = []
@@ -507,15 +517,16 @@ def test_a_connection_that_never_reads_is_closed_past_max_write_buffer(make_serv
     server = make_server(max_write_buffer=1 << 20, high_water=64 << 20)
     publisher, caller = peers(server.address), peers(server.address)
     publish(publisher, "Big")
+    calls = 40                       # 40 MiB of answers for a caller that reads nothing
+    caller.send_raw(b"".join(message_frame(type="deliver", id=n, to="Big", payload=b"")
+                             for n in range(calls)))
+    delivered = [publisher.recv() for _ in range(calls)]
     big = b"x" * (1 << 20)
-    for n in range(40):              # 40 MiB of answers for a caller that reads nothing
-        caller.send(type="deliver", id=n, to="Big", payload=b"")
-        call = publisher.recv()
+    for call in delivered:
         publisher.send(type="result", id=call["id"], success=True, payload=big)
-        if server.call(lambda: len(server.server.wheels)) == 1:
-            break
-    assert server.call(lambda: len(server.server.wheels)) == 1, "the caller was never closed"
+    assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 1)
     assert publisher.result(type="listing", id=99) == (True, ["Big"])
+    assert caller.closed_by_server()
 
 
 def test_2000_connections_at_once_are_all_served(server):
