@@ -6,7 +6,9 @@ Every system runs in separate processes on loopback; the callee method is
 
 Workloads:
   W1  one caller, one call at a time: calls/s, p50 and p99 latency
-  W2  one caller, 64 calls in flight: calls/s
+  W2  one caller, 64 calls in flight: calls/s, and for the brokers (Linux) the
+      broker process's own CPU per routed call, steadier than throughput on a
+      shared machine where three processes compete for the cores
   W3  4 caller processes, one publisher: aggregate calls/s
   W4  payloads of 64 KiB and 1 MiB: MB/s of payload echoed
   W5  10,000 idle connections: server RSS per connection, and the round trip
@@ -442,6 +444,15 @@ class Child:
                     return int(line.split()[1])
         return 0
 
+    def cpu_seconds(self):
+        """User plus system CPU so far, from /proc (None where there is none)."""
+        try:
+            with open("/proc/%d/stat" % self.proc.pid) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def result(self):
         out, _ = self.proc.communicate(timeout=600)
         return json.loads(out.strip().splitlines()[-1])
@@ -481,9 +492,12 @@ def measure(row, workload, seconds, size=None, callers=1):
             reply = callee.line()
             if callee_role == "raw-callee-listen":
                 port = int(reply)
+        broker = server if server_role in ("ps-server", "relay") else None
+        cpu_before = broker.cpu_seconds() if broker else None
         runs = [Child(caller_role, port, workload, seconds, size or 0) for _ in range(callers)]
         children.extend(runs)
         results = [run.result() for run in runs]
+        cpu_after = broker.cpu_seconds() if broker else None
     finally:
         for child in children:
             child.stop()
@@ -496,6 +510,10 @@ def measure(row, workload, seconds, size=None, callers=1):
         figures["p99_us"] = latencies[int(len(latencies) * 0.99)] * 1e6
     if size:
         figures["mb_per_s"] = calls * size / elapsed / 1e6
+    if cpu_before is not None and cpu_after is not None:
+        # the broker's own CPU per routed call: steadier than throughput on a
+        # shared machine, where three processes compete for the cores
+        figures["broker_cpu_us"] = (cpu_after - cpu_before) / calls * 1e6
     return figures
 
 
@@ -608,10 +626,11 @@ def print_table(results, idle, seconds, notes):
     print("proxysession benchmark, %s, CPython %s on %s, %d CPUs, %.1f s per cell" % (
         time.strftime("%Y-%m-%d"), platform.python_version(), platform.machine(),
         os.cpu_count(), seconds))
-    columns = ["W1 calls/s", "W1 p50 us", "W1 p99 us", "W2 calls/s", "W3 calls/s",
-               "W4 64K MB/s", "W4 1M MB/s"]
+    columns = ["W1 calls/s", "W1 p50 us", "W1 p99 us", "W2 calls/s", "W2 broker us",
+               "W3 calls/s", "W4 64K MB/s", "W4 1M MB/s"]
     keys = [("W1", "calls_per_s"), ("W1", "p50_us"), ("W1", "p99_us"), ("W2", "calls_per_s"),
-            ("W3", "calls_per_s"), ("W4 64 KiB", "mb_per_s"), ("W4 1024 KiB", "mb_per_s")]
+            ("W2", "broker_cpu_us"), ("W3", "calls_per_s"), ("W4 64 KiB", "mb_per_s"),
+            ("W4 1024 KiB", "mb_per_s")]
     print("%-14s" % "row" + "".join("%14s" % c for c in columns))
     for row, cells in results.items():
         line = "%-14s" % row
@@ -626,7 +645,7 @@ def print_table(results, idle, seconds, notes):
             for cell, key in keys:
                 value = cells.get(cell, {}).get(key)
                 base = floor.get(cell, {}).get(key)
-                if value is None or not base or key.startswith("p"):
+                if value is None or not base or key.endswith("_us"):
                     line += "%14s" % "-"
                 else:
                     line += "%14.2f" % (value / base)
