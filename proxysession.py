@@ -241,7 +241,7 @@ class ReferenceFilter:
 
     def buffered(self) -> int:
         """Bytes received and not yet returned as a frame."""
-        return len(self._buffer)
+        return len(self._buffer) + sum(len(body) for body in self._parsed)
 
     def get_frames(self) -> List[bytes]:
         """Every whole frame's body, parsed in place: one pass over the buffer,
@@ -323,8 +323,9 @@ class Reactor:
     ``handler(mask)`` is called when the socket is ready, and ``schedule_flush``.
 
     Writes are coalesced: a wheel asks for a flush and the reactor runs every
-    asked-for flush once, just before it waits, so whatever one pass of the
-    loop produced for a socket leaves in one ``send``.
+    asked-for flush once, at the end of the pass, so whatever one pass of the
+    loop produced for a socket leaves in one ``send``. A write made while no
+    pass runs is flushed at once.
     """
 
     def __init__(self):
@@ -359,7 +360,12 @@ class Reactor:
             pass
 
     def schedule_flush(self, flush: Callable[[], None]) -> None:
-        self._flushes.append(flush)
+        """Run ``flush`` at the end of the current pass, or now when no pass is
+        running: then nobody may run the loop soon, and it must leave at once."""
+        if self.in_pass:
+            self._flushes.append(flush)
+        else:
+            flush()
 
     def read_buffer(self, size: int) -> memoryview:
         """Scratch space for one ``recv_into``. A fresh buffer per recv costs
@@ -401,7 +407,9 @@ class Reactor:
         """Wait up to ``timeout`` (None: until something happens), handle
         whatever is ready, and flush what the handlers wrote."""
         if self._flushes:
-            self._flush_all()          # what was written outside any pass
+            # a nested loop (a handler making a blocking call) must first send
+            # what the outer pass wrote, its own request among it
+            self._flush_all()
         if self._ready:
             timeout = 0
         elif self._timers:
@@ -575,7 +583,7 @@ class Wheel:
     passes every whole frame body to ``on_frame(body, wheel)``; ``on_open(wheel)``
     and ``on_close(wheel, reason, error)`` mark the ends (``error`` is the
     exception behind the close, or None). ``write_frame(body)`` queues
-    a frame; the reactor flushes the queue once per pass.
+    a frame; the reactor flushes the queue once per pass (at once outside a pass).
 
     Flow control: ``pause_reading()`` / ``resume_reading()``; a wheel whose
     queue is above ``high_water`` can be asked, by ``wait_for_drain(other)``,
@@ -1154,7 +1162,6 @@ class Server:
                 self._answer(caller, caller_id, False, "Server is shutting down")
         self.delivered_store.clear()
         for wheel in list(self.wheels.values()):
-            wheel.flush()
             wheel.close("server is shutting down")
         log.info("%s stopped", self.alias)
 
@@ -1556,7 +1563,6 @@ class Client:
     def close(self) -> None:
         """Close every connection; waiting requests fail."""
         for wheel in list(self._connections.values()):
-            wheel.flush()
             wheel.close("client closed")
 
     def _wheel(self, connection_id: int) -> Wheel:
@@ -1614,8 +1620,6 @@ class Client:
             self._arm_sweep(request.deadline)
         wheel.write_frame(_dumps(message))
         if callback is not None:
-            if not self.reactor.in_pass:
-                wheel.flush()          # nobody may run the loop soon: send it now
             return None
         self.reactor.run_until(lambda: request.result is not None, None)
         return request.result.value()
