@@ -1465,6 +1465,33 @@ def test_hostile_pickles_in_results_are_refused_by_the_client(server, peers, mak
     assert not marker.exists()
 
 
+def test_both_plain_decoders_refuse_every_global_and_agree_on_plain_values(tmp_path):
+    """The server's decoder runs pickle.loads under an __import__ that refuses
+    (proved at import); the Unpickler subclass is its fallback. Tried on both:
+    every hostile pickle above, a global by each opcode that names one (GLOBAL,
+    STACK_GLOBAL, INST, and a bare class of an allowed kind), and plain values."""
+    import datetime
+    marker = tmp_path / "pwned"
+    decoders = [proxysession._loads_without_imports, proxysession._loads_with_unpickler]
+    assert proxysession._loads_plain in decoders
+    hostile = [make(marker) for make in HOSTILE.values()] + [
+        pickle.dumps(os.getcwd, 0), pickle.dumps(os.getcwd, 4), b"(ios\ngetcwd\n.",
+        pickle.dumps(datetime.date(2026, 11, 25), 4), pickle.dumps({1, 2}, 2)]
+    for decode in decoders:
+        for body in hostile:
+            with pytest.raises(pickle.UnpicklingError):
+                decode(body)
+    assert not marker.exists()
+    plain = {"type": "deliver", "id": -7, "to": "é", "payload": b"\0" * 300,
+             "list": [1.5, None, True, (1, "x")], "set": {1, 2}, "shared": ["s"] * 3}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        # before protocol 4 a set, and before 3 bytes, are pickled through a global
+        value = {key: item for key, item in plain.items()
+                 if protocol >= 4 or key not in ("set", "payload")}
+        body = pickle.dumps(value, protocol)
+        assert decoders[0](body) == decoders[1](body) == value
+
+
 def fuzz_inputs(rng, marker, count):
     """Mutated and truncated frames: bit flips, random headers and bodies, hostile pickles."""
     valid = [message_frame(type="listing", id=n) for n in range(5)] + [
