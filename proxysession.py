@@ -639,7 +639,7 @@ class Wheel:
 
     __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "phase", "paused",
                  "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
-                 "on_close", "context", "_out", "_flush_pending", "_events", "_tls",
+                 "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
                  "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
                  "_server_hostname", "_server_side", "_authkey")
 
@@ -663,8 +663,9 @@ class Wheel:
         self.on_open = on_open
         self.on_close = on_close
         self.context: Any = None       # whatever the owner keeps per connection
-        self._out: collections.deque = collections.deque()
-        self._flush_pending = False
+        self._out: collections.deque = collections.deque()   # chunks ready to send, in order
+        self._batch: Optional[list] = None   # small frames of this pass; a flush is due if set
+        self._batch_size = 0
         self._events = 0
         self._tls = False
         self._handshake = None
@@ -734,7 +735,7 @@ class Wheel:
             return
         self.phase = _AUTH
         steps = _server_handshake if self._server_side else _client_handshake
-        self._handshake = steps(self._write_raw, self._authkey)
+        self._handshake = steps(self.write_frame, self._authkey)
         self._step_handshake(None)
 
     def _step_handshake(self, body):
@@ -878,43 +879,55 @@ class Wheel:
     # writing
 
     def write_frame(self, body: bytes) -> None:
-        """Queue one frame. Small ones are built in one piece and coalesced
-        with the rest of the pass; a large body is never copied and is sent at
-        once, since joining it gains nothing and leaving it queued would count
-        against the high-water mark until the pass ends."""
-        if len(body) < SEND_COALESCE:
-            self._write(b"%d\0%s" % (len(body), body))
-        else:
-            self._write(b"%d\0" % len(body))
-            self._write(body)
-            self.flush()
-
-    def _write_raw(self, body: bytes) -> None:
-        self._write(_frame(body))
-
-    def _write(self, data: bytes) -> None:
+        """Queue one frame. Small frames gather in a batch that one join turns
+        into one send at the end of the pass; a large body is never copied and
+        goes out at once, since joining it gains nothing and leaving it queued
+        would count against the high-water mark until the pass ends."""
         if self.phase is _CLOSED:
             return
-        self._out.append(data)
-        self.out_size += len(data)
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.reactor.schedule_flush(self.flush)
+        size = len(body)
+        if size < SEND_COALESCE:
+            frame = b"%d\0%s" % (size, body)
+            self.out_size += len(frame)
+            batch = self._batch
+            if batch is None:
+                self._batch = [frame]
+                self._batch_size = len(frame)
+                self.reactor.schedule_flush(self.flush)     # the first frame of this pass
+            else:
+                batch.append(frame)
+                self._batch_size += len(frame)
+                if self._batch_size >= SEND_COALESCE:
+                    self._seal_batch()      # bounded joins: a busy pass never doubles its queue
+        else:
+            header = b"%d\0" % size
+            self._seal_batch()
+            self._out.append(header)
+            self._out.append(body)
+            self.out_size += len(header) + size
+            self.flush()
         if self.out_size > self.max_write_buffer:
             self.close("peer is not reading: %d bytes queued exceeds max_write_buffer (%d)"
                        % (self.out_size, self.max_write_buffer))
 
+    def _seal_batch(self) -> None:
+        batch = self._batch
+        if batch:
+            self._out.append(batch[0] if len(batch) == 1 else b"".join(batch))
+            batch.clear()
+            self._batch_size = 0
+
     def flush(self) -> None:
         """Send what is queued, as far as the socket takes it, without blocking."""
-        self._flush_pending = False
-        out = self._out
+        if self._batch is not None:
+            self._seal_batch()
+            self._batch = None
         if self.phase is _CLOSED or self.phase is _TLS or self.phase is _CONNECTING:
             return
+        out = self._out
         sock = self.sock
         while out:
             data = out[0]
-            if len(data) < SEND_COALESCE and len(out) > 1:
-                data = self._coalesce()
             try:
                 sent = sock.send(data)
             except _WOULD_BLOCK:
@@ -930,18 +943,6 @@ class Wheel:
         self._update_events()
         if self._drain_waiters is not None and self.out_size <= self.low_water:
             self._release_drain_waiters()
-
-    def _coalesce(self) -> bytes:
-        out = self._out
-        pieces = []
-        size = 0
-        while out and size < SEND_COALESCE and len(out[0]) < SEND_COALESCE:
-            piece = out.popleft()
-            pieces.append(piece)
-            size += len(piece)
-        data = b"".join(pieces)
-        out.appendleft(data)
-        return data
 
     # flow control
 
@@ -976,6 +977,7 @@ class Wheel:
         tell the owner through ``on_close(wheel, reason)``."""
         if self.phase is _CLOSED:
             return
+        self._seal_batch()
         if self._out and (self.phase is _OPEN or self.phase is _AUTH):
             try:
                 while self._out:
@@ -989,6 +991,7 @@ class Wheel:
         self.phase = _CLOSED
         self._events = 0
         self._out.clear()
+        self._batch = None
         self.out_size = 0
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
