@@ -886,21 +886,24 @@ class Wheel:
         if self.phase is _CLOSED:
             return
         size = len(body)
+        header = b"%d\0" % size
         if size < SEND_COALESCE:
-            frame = b"%d\0%s" % (size, body)
-            self.out_size += len(frame)
+            # header and body go in as they are: the join at the end of the pass
+            # copies each once, where building the frame here would copy it twice
+            size += len(header)
+            self.out_size += size
             batch = self._batch
             if batch is None:
-                self._batch = [frame]
-                self._batch_size = len(frame)
+                self._batch = [header, body]
+                self._batch_size = size
                 self.reactor.schedule_flush(self.flush)     # the first frame of this pass
             else:
-                batch.append(frame)
-                self._batch_size += len(frame)
+                batch.append(header)
+                batch.append(body)
+                self._batch_size += size
                 if self._batch_size >= SEND_COALESCE:
                     self._seal_batch()      # bounded joins: a busy pass never doubles its queue
         else:
-            header = b"%d\0" % size
             self._seal_batch()
             self._out.append(header)
             self._out.append(body)
@@ -913,7 +916,7 @@ class Wheel:
     def _seal_batch(self) -> None:
         batch = self._batch
         if batch:
-            self._out.append(batch[0] if len(batch) == 1 else b"".join(batch))
+            self._out.append(b"".join(batch))
             batch.clear()
             self._batch_size = 0
 
@@ -1618,12 +1621,6 @@ class Client:
         for wheel in list(self._connections.values()):
             wheel.close("client closed")
 
-    def _wheel(self, connection_id: int) -> Wheel:
-        wheel = self._connections.get(connection_id)
-        if wheel is None:
-            raise ProxyError("no open connection %r" % (connection_id,))
-        return wheel
-
     def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
         connection_id = wheel.wheel_id
         if isinstance(wheel.context, list):          # still connecting: connect() reports it
@@ -1662,15 +1659,16 @@ class Client:
         """Send a request and wait for its result (or, given ``callback``,
         return at once). ``on_result(payload)`` turns the success payload into
         the return value."""
-        wheel = self._wheel(connection_id)
-        request_id = next(self._ids)
-        message["id"] = request_id
+        wheel = self._connections.get(connection_id)
+        if wheel is None:
+            raise ProxyError("no open connection %r" % (connection_id,))
+        request_id = message["id"] = next(self._ids)
         request = _Request(connection_id, on_result, callback, tag,
                            self.timeout if timeout == "default" else timeout)
         self._pending[request_id] = request
-        if request.deadline is not None and (self._sweep_at is None
-                                             or request.deadline < self._sweep_at):
-            self._arm_sweep(request.deadline)
+        deadline = request.deadline
+        if deadline is not None and (self._sweep_at is None or deadline < self._sweep_at):
+            self._arm_sweep(deadline)
         wheel.write_frame(_dumps(message))
         if callback is not None:
             return None
@@ -1940,11 +1938,14 @@ class _ProxyMethod:
     def __init__(self, proxy: "Proxy", name: str, description: dict):
         self._proxy = proxy
         self._name = name
+        self._client = proxy._Proxy__client
+        self._connection_id = proxy._Proxy__connection_id
+        self._alias = proxy._Proxy__alias
         self.__doc__ = description.get("doc") if isinstance(description, dict) else None
         self.signature = description.get("signature") if isinstance(description, dict) else None
 
     def __repr__(self):
-        return "<remote method %s.%s%s>" % (self._proxy._Proxy__alias, self._name,
+        return "<remote method %s.%s%s>" % (self._alias, self._name,
                                             self.signature or "")
 
     def __call__(self, *args, **kwargs):
@@ -1956,13 +1957,11 @@ class _ProxyMethod:
 
     def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
              timeout: Any = "default", callback: Optional[Callable] = None, tag: Any = None):
-        proxy = self._proxy
-        gone = proxy._Proxy__gone
+        gone = self._proxy._Proxy__gone
         if gone is not None:
             raise ProxyError(gone)
-        client = proxy._Proxy__client
-        return client.deliver(proxy._Proxy__connection_id, proxy._Proxy__alias, self._name,
-                              args, kwargs, callback, tag, timeout)
+        return self._client.deliver(self._connection_id, self._alias, self._name,
+                                    args, kwargs, callback, tag, timeout)
 
 
 def _ignore_result(result: Result) -> None:
