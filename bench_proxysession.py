@@ -25,7 +25,12 @@ Rows:
   mp.managers    multiprocessing.managers, for context
   Pyro5, RPyC    when importable, for context (skipped with a note otherwise)
 
-Usage:  python bench_proxysession.py [--quick] [--seconds S] [--only ROW,...] [--json]
+The machine's speed drifts over tens of seconds when it is shared, so cells
+are measured side by side: each round runs every row on one cell before the
+next cell, rows in a rotating order, and the table shows each cell's median
+over the rounds (3 by default).
+
+Usage:  python bench_proxysession.py [--quick] [--seconds S] [--rounds N] [--only ROW,...] [--json]
 """
 
 import argparse
@@ -586,6 +591,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="short cells and 1,000 idle connections (CI smoke, under a minute)")
     parser.add_argument("--seconds", type=float, help="seconds per cell (default 3, quick 0.3)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds; each cell shows its median (default 3, quick 1)")
     parser.add_argument("--only", help="comma-separated rows to run, e.g. 'relay floor,server+raw'")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--role", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -604,28 +611,41 @@ def main(argv=None):
         if row in rows and not importable(module):
             rows.remove(row)
             notes.append("%s skipped: not installed (pip install %s)" % (row, module.lower()))
-    results = {}
-    for row in rows:
-        cells = results[row] = {}
-        cells["W1"] = measure(row, "sequential", seconds)
-        if row not in ("mp.managers", "Pyro5", "RPyC"):
-            cells["W2"] = measure(row, "pipelined", seconds)
-        cells["W3"] = measure(row, "sequential", seconds, callers=FAN_IN)
-        for size in SIZES:
-            cells["W4 %d KiB" % (size // 1024)] = measure(row, "sequential", seconds, size=size)
-        print("  measured %s" % row, file=sys.stderr, flush=True)
+    rounds = options.rounds or (1 if options.quick else 3)
+    if rounds < 1 or seconds <= 0:
+        parser.error("--rounds and --seconds must be positive")
+    cells = [("W1", "sequential", {}), ("W2", "pipelined", {}),
+             ("W3", "sequential", {"callers": FAN_IN})]
+    cells += [("W4 %d KiB" % (size // 1024), "sequential", {"size": size}) for size in SIZES]
+    samples = {row: {} for row in rows}
+    for number in range(rounds):
+        order = rows[number % len(rows):] + rows[:number % len(rows)]
+        for cell, workload, extra in cells:
+            for row in order:
+                if cell == "W2" and row in ("mp.managers", "Pyro5", "RPyC"):
+                    continue        # their clients have no pipelined call
+                figures = measure(row, workload, seconds, **extra)
+                samples[row].setdefault(cell, []).append(figures)
+        print("  round %d of %d measured" % (number + 1, rounds), file=sys.stderr, flush=True)
+    results = {row: {cell: medians(runs) for cell, runs in samples[row].items()} for row in rows}
     idle = measure_idle(1000 if options.quick else IDLE, 200 if options.quick else 2000)
-    print_table(results, idle, seconds, notes)
+    print_table(results, idle, seconds, rounds, notes)
     if options.json:
         print(json.dumps({"results": results, "idle": idle, "notes": notes}, indent=1))
     return 0
 
 
-def print_table(results, idle, seconds, notes):
+def medians(runs):
+    """One cell's figures: the median of each over the rounds."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def print_table(results, idle, seconds, rounds, notes):
     floor = results.get("relay floor")
-    print("proxysession benchmark, %s, CPython %s on %s, %d CPUs, %.1f s per cell" % (
-        time.strftime("%Y-%m-%d"), platform.python_version(), platform.machine(),
-        os.cpu_count(), seconds))
+    print("proxysession benchmark, %s, CPython %s on %s, %d CPUs, %.1f s per cell, "
+          "median of %d round%s" % (time.strftime("%Y-%m-%d"), platform.python_version(),
+                                    platform.machine(), os.cpu_count(), seconds, rounds,
+                                    "" if rounds == 1 else "s"))
     columns = ["W1 calls/s", "W1 p50 us", "W1 p99 us", "W2 calls/s", "W2 broker us",
                "W3 calls/s", "W4 64K MB/s", "W4 1M MB/s"]
     keys = [("W1", "calls_per_s"), ("W1", "p50_us"), ("W1", "p99_us"), ("W2", "calls_per_s"),
