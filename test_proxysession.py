@@ -334,12 +334,47 @@ def test_filter_returns_whole_frames_that_precede_a_bad_header():
 
 
 def test_filter_says_how_much_of_a_begun_frame_is_missing():
-    # the wheel reads that much at once instead of in READ_CHUNK pieces
     filt = ReferenceFilter()
     filt.get_one_start(b"1000\0" + b"x" * 300)
     assert filt.get_frames() == [] and filt.missing == 700
     filt.get_one_start(b"x" * 700)
     assert filt.get_frames() == [b"x" * 1000] and filt.missing == 0
+
+
+def test_a_large_frame_is_read_straight_into_its_own_buffer_once_a_quarter_is_in():
+    """What is tried: a 1 MiB frame between two small ones, fed as a socket
+    would: pieces into get_one_start, then the rest written into body_space()."""
+    filt = ReferenceFilter()
+    body = os.urandom(1 << 20)
+    stream = filt.put("before") + b"%d\0" % len(body) + body + filt.put("after")
+    head = stream.index(b"\0", len(filt.put("before"))) + 1     # end of the large frame's header
+    filt.get_one_start(stream[:head + 1000])          # under a quarter: stays in the buffer
+    assert [pickle.loads(b) for b in filt.get_frames()] == ["before"]
+    assert filt.body_space() is None and filt.missing == len(body) - 1000
+    filt.get_one_start(stream[head + 1000:head + (1 << 18)])    # a quarter in: its own buffer
+    assert filt.get_frames() == []
+    space = filt.body_space()
+    assert len(space) == filt.missing == len(body) - (1 << 18)
+    half = len(space) // 2
+    space[:half] = body[(1 << 18):(1 << 18) + half]   # what recv_into does
+    filt.body_received(half)
+    assert filt.get_frames() == [] and filt.buffered() == (1 << 18) + half
+    # the rest arrives by get_one_start, with the next frame behind it
+    filt.get_one_start(stream[head + (1 << 18) + half:])
+    frames = filt.get_frames()
+    assert frames[0] == body and pickle.loads(frames[1]) == "after"
+    assert filt.missing == 0 and filt.body_space() is None and filt.buffered() == 0
+
+
+def test_a_frame_header_alone_commits_no_memory_for_its_body():
+    """What is tried: headers announcing 8 MiB frames with a few bytes each;
+    the filter must not allocate a body a peer has not sent (at most 4x)."""
+    filt = ReferenceFilter()
+    filt.get_one_start(b"%d\0" % (8 << 20) + b"x" * 100)
+    assert filt.get_frames() == [] and filt.body_space() is None
+    assert filt.buffered() == len(b"%d\0" % (8 << 20)) + 100
+    filt.get_one_start(b"x" * ((2 << 20) - 100))      # a quarter: now it may
+    assert filt.get_frames() == [] and len(filt.body_space()) == 6 << 20
 
 
 def test_filter_max_frame_is_configurable():
