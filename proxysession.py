@@ -257,7 +257,7 @@ def _class_pairs(names: Iterable[str]) -> frozenset:
 # else it gives up and the frame is decoded whole, so it decides no outcome
 # that pickle.loads would decide differently.
 
-LARGE_PAYLOAD = 64 * 1024
+LARGE_PAYLOAD = 64 * 1024        # below this, pickle in C beats walking opcodes in Python
 _PAYLOAD_TYPES = (bytes, memoryview)   # a payload as it comes in: memoryview when large
 _PAYLOAD_OPCODES = b"\x8c\x07payload\x8e"    # SHORT_BINUNICODE 'payload', BINBYTES8
 _FRAME, _MEMOIZE = 0x95, 0x94
