@@ -252,8 +252,8 @@ def _class_pairs(names: Iterable[str]) -> frozenset:
 # message whose payload is LARGE_PAYLOAD or more goes out as the pickle of its
 # other fields followed by the payload where it lies, and comes in by walking
 # the opcodes of its outer dict, leaving the payload in the frame as a
-# memoryview. The walker knows only the opcodes of a flat dict of plain
-# scalars (what _encode and pickle.dumps write for a message); for anything
+# memoryview. The walker knows only the opcodes of a flat dict of str, bytes,
+# int, bool and None (what _encode and pickle.dumps write for a message); for anything
 # else it gives up and the frame is decoded whole, so it decides no outcome
 # that pickle.loads would decide differently.
 
@@ -319,7 +319,9 @@ def _decode_large(body) -> Any:
                 if body[pos] > pickle.HIGHEST_PROTOCOL:
                     return None
                 pos += 1
-            elif op == 0x7d:            # EMPTY_DICT
+            elif op == 0x7d:            # EMPTY_DICT: the message itself, nothing nested
+                if stack:
+                    return None
                 stack.append({})
             elif op == 0x28:            # MARK
                 stack.append(_MARK)
@@ -361,7 +363,11 @@ def _decode_large(body) -> Any:
         return None
     if pos != len(body) or len(stack) != 1 or type(stack[0]) is not dict:
         return None
-    return stack[0]
+    message = stack[0]
+    for key, value in message.items():
+        if type(value) is memoryview and key != "payload":
+            message[key] = value.tobytes()      # extra keys pass through as they came
+    return message
 
 
 def _set_items(target, items: list) -> None:

@@ -1537,7 +1537,7 @@ LARGE_MESSAGES = [
     {"type": "deliver", "id": 7, "to": "Écho", "payload": os.urandom(100 * 1024)},
     {"type": "result", "id": 70000, "success": True, "payload": b"\0" * (1 << 20)},
     {"type": "result", "id": -(2 ** 40), "success": False, "payload": b"x" * (1 << 16),
-     "extra": None, "n": 300, "f": False},
+     "extra": None, "n": 300, "f": False, "large extra": b"e" * (1 << 17)},
 ]
 
 
@@ -1553,6 +1553,9 @@ def test_large_messages_go_out_around_their_payload_and_come_in_without_copying_
     for incoming in (body, pickle.dumps(message, 4), pickle.dumps(message, 5)):
         decoded = proxysession._decode_large(bytearray(incoming))
         assert isinstance(decoded["payload"], memoryview) and plain(decoded) == message
+        # only the payload stays in the frame: unknown keys pass through as plain values
+        assert all(type(value) is not memoryview for key, value in decoded.items()
+                   if key != "payload")
     small = dict(message, payload=b"small")
     assert proxysession._encode(small) == pickle.dumps(small, 4)
 
@@ -1605,9 +1608,11 @@ def test_large_payloads_cross_the_server_between_raw_peers(server, peers):
     publish(publisher, "Echo")
     caller = peers(server.address)
     big = os.urandom(1 << 20)
-    caller.send(type="deliver", id=7, to="Echo", payload=big)
+    note = b"n" * (1 << 17)          # a large unknown key passes through as well
+    caller.send(type="deliver", id=7, to="Echo", payload=big, note=note)
     call = publisher.recv()
-    assert (call["type"], call["to"], call["payload"]) == ("deliver", "Echo", big)
+    assert (call["type"], call["to"], call["payload"], call["note"]) == (
+        "deliver", "Echo", big, note)
     publisher.send(type="result", id=call["id"], success=True, payload=big[::-1])
     assert caller.recv() == {"type": "result", "id": 7, "success": True, "payload": big[::-1]}
     assert caller.result(type="listing", id=8) == (True, ["Echo"])
