@@ -30,7 +30,8 @@ are measured side by side: each round runs every row on one cell before the
 next cell, rows in a rotating order, and the table shows each cell's median
 over the rounds (3 by default).
 
-Usage:  python bench_proxysession.py [--quick] [--seconds S] [--rounds N] [--only ROW,...] [--json]
+Usage:  python bench_proxysession.py [--quick] [--seconds S] [--rounds N] [--only ROW,...]
+                                   [--workloads W1,...] [--json]
 """
 
 import argparse
@@ -597,6 +598,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int,
                         help="rounds; each cell shows its median (default 3, quick 1)")
     parser.add_argument("--only", help="comma-separated rows to run, e.g. 'relay floor,server+raw'")
+    parser.add_argument("--workloads", help="comma-separated workloads to run, e.g. 'W1,W2' "
+                        "(default all; W4 is both sizes, W5 the idle connections)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--role", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -620,6 +623,12 @@ def main(argv=None):
     cells = [("W1", "sequential", {}), ("W2", "pipelined", {}),
              ("W3", "sequential", {"callers": FAN_IN})]
     cells += [("W4 %d KiB" % (size // 1024), "sequential", {"size": size}) for size in SIZES]
+    workloads = {"W1", "W2", "W3", "W4", "W5"}
+    if options.workloads:
+        workloads = {w.strip().upper() for w in options.workloads.split(",")}
+        if not workloads <= {"W1", "W2", "W3", "W4", "W5"}:
+            parser.error("unknown workloads in %r; known: W1,W2,W3,W4,W5" % options.workloads)
+    cells = [cell for cell in cells if cell[0].split()[0] in workloads]
     samples = {row: {} for row in rows}
     for number in range(rounds):
         order = rows[number % len(rows):] + rows[:number % len(rows)]
@@ -631,7 +640,9 @@ def main(argv=None):
                 samples[row].setdefault(cell, []).append(figures)
         print("  round %d of %d measured" % (number + 1, rounds), file=sys.stderr, flush=True)
     results = {row: {cell: medians(runs) for cell, runs in samples[row].items()} for row in rows}
-    idle = measure_idle(1000 if options.quick else IDLE, 200 if options.quick else 2000)
+    idle = None
+    if "W5" in workloads:
+        idle = measure_idle(1000 if options.quick else IDLE, 200 if options.quick else 2000)
     print_table(results, idle, seconds, rounds, notes)
     if options.json:
         print(json.dumps({"results": results, "idle": idle, "notes": notes}, indent=1))
@@ -673,10 +684,11 @@ def print_table(results, idle, seconds, rounds, notes):
                 else:
                     line += "%14.2f" % (value / base)
             print(line)
-    print("W5: %d idle connections: %.0f bytes of server RSS each; listing round trip "
-          "%.0f us among them vs %.0f us alone (%.2fx)" % (
-              idle["connections"], idle["rss_per_conn_bytes"], idle["rtt_among_us"],
-              idle["rtt_alone_us"], idle["rtt_ratio"]))
+    if idle:
+        print("W5: %d idle connections: %.0f bytes of server RSS each; listing round trip "
+              "%.0f us among them vs %.0f us alone (%.2fx)" % (
+                  idle["connections"], idle["rss_per_conn_bytes"], idle["rtt_among_us"],
+                  idle["rtt_alone_us"], idle["rtt_ratio"]))
     for note in notes:
         print("note: " + note)
 
