@@ -693,8 +693,8 @@ class Reactor:
         return True
 
     def run(self) -> None:
-        """Run until ``stop()``."""
-        self._stopping = False
+        """Run until ``stop()``; a stop asked for before (a signal during
+        start-up) makes it return at once rather than being lost."""
         while not self._stopping:
             self.run_once(None)
         self._stopping = False
@@ -2337,25 +2337,28 @@ def _run_server(options) -> int:
                     reactor=reactor, authkey=_read_authkey(options.authkey_file),
                     ssl_context=context, max_frame=options.max_frame,
                     insecure_no_auth=options.insecure_no_auth)
-    try:
-        server.start()
-    except ProxyError as exc:
-        print("proxysession: %s" % (exc,), file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print("proxysession: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc),
-              file=sys.stderr)
-        return 2
 
     def on_signal(signum, frame):
         log.info("signal %d: stopping", signum)
         reactor.stop()
 
+    # before start(): whoever waits for "listening" may signal the moment it is logged
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        reactor.run()
+        try:
+            server.start()
+        except ProxyError as exc:
+            print("proxysession: %s" % (exc,), file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print("proxysession: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc),
+                  file=sys.stderr)
+            return 2
+        try:
+            reactor.run()
+        finally:
+            server.stop()
     finally:
-        server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

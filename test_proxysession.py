@@ -761,6 +761,22 @@ def test_insecure_no_auth_allows_a_public_address():
     reactor.close()
 
 
+def test_a_stop_asked_for_before_run_is_not_lost():
+    """What is tried: stop() (as a signal handler would during start-up) and
+    only then run(); run() must return at once, not serve until a timer."""
+    reactor = proxysession.Reactor()
+    late = []
+    reactor.call_later(WAIT, lambda: (late.append(True), reactor.stop()))
+    reactor.stop()
+    reactor.run()
+    assert not late
+    # and the reactor runs again afterwards, until the next stop
+    reactor.call_soon(reactor.stop)
+    reactor.run()
+    assert not late
+    reactor.close()
+
+
 def test_the_stores_keep_the_original_accessors(server, peers):
     peer = peers(server.address)
     publish(peer, "Foo")
