@@ -257,7 +257,7 @@ def _class_pairs(names: Iterable[str]) -> frozenset:
 # else it gives up and the frame is decoded whole, so it decides no outcome
 # that pickle.loads would decide differently.
 
-LARGE_PAYLOAD = 64 * 1024        # below this, pickle in C beats walking opcodes in Python
+LARGE_PAYLOAD = SEND_COALESCE    # below this, pickle in C beats walking opcodes in Python
 _PAYLOAD_TYPES = (bytes, memoryview)   # a payload as it comes in: memoryview when large
 _PAYLOAD_OPCODES = b"\x8c\x07payload\x8e"    # SHORT_BINUNICODE 'payload', BINBYTES8
 _FRAME, _MEMOIZE = 0x95, 0x94
@@ -597,14 +597,12 @@ class Reactor:
         else:
             flush()
 
-    def read_buffer(self, size: int) -> memoryview:
-        """Scratch space for one ``recv_into``. A fresh buffer per recv costs
-        far more than the copy out of this one (measured: about 5x for 200 KB
-        reads); one is enough, since a wheel copies what it read into its filter
-        before any handler can run a nested loop. (Large frames skip it: the
-        filter gives them their own buffer.)"""
-        if len(self._scratch) < size:
-            self._scratch = memoryview(bytearray(size))
+    def read_buffer(self) -> memoryview:
+        """READ_CHUNK bytes of scratch space for one ``recv_into``. A fresh
+        buffer per recv costs far more than the copy out of this one (measured:
+        about 5x for 200 KB reads); one is enough, since a wheel copies what it
+        read into its filter before any handler can run a nested loop. (The
+        rest of a large frame skips it: the filter gives it a buffer of its own.)"""
         return self._scratch
 
     # callbacks and timers
@@ -1002,7 +1000,7 @@ class Wheel:
             if body_space is not None:
                 received = self.sock.recv_into(body_space)
             else:
-                scratch = self.reactor.read_buffer(READ_CHUNK)
+                scratch = self.reactor.read_buffer()
                 received = self.sock.recv_into(scratch, READ_CHUNK)
         except _WOULD_BLOCK:
             return
@@ -1081,9 +1079,7 @@ class Wheel:
             pieces = None
             size = len(body)
         header = b"%d\0" % size
-        if size < SEND_COALESCE:
-            if pieces is not None:
-                body = b"".join(pieces)
+        if size < SEND_COALESCE:       # (never pieces: their payload alone is LARGE_PAYLOAD)
             # header and body go in as they are: the join at the end of the pass
             # copies each once, where building the frame here would copy it twice
             size += len(header)

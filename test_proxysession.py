@@ -1524,7 +1524,8 @@ def test_both_plain_decoders_refuse_every_global_and_agree_on_plain_values(tmp_p
     import datetime
     marker = tmp_path / "pwned"
     decoders = [proxysession._loads_without_imports, proxysession._loads_with_unpickler]
-    assert proxysession._loads_plain in decoders
+    # CPython 3.8-3.13 pass the import-time proof, so the server takes the fast one
+    assert proxysession._loads_plain is proxysession._loads_without_imports
     hostile = [make(marker) for make in HOSTILE.values()] + [
         pickle.dumps(os.getcwd, 0), pickle.dumps(os.getcwd, 4), b"(ios\ngetcwd\n.",
         pickle.dumps(datetime.date(2026, 11, 25), 4), pickle.dumps({1, 2}, 2)]
