@@ -1138,7 +1138,8 @@ class Wheel:
                 out[0] = memoryview(data)[sent:]
                 break
             out.popleft()
-        self._update_events()
+        if bool(out) is not bool(self._events & _EVENT_WRITE):
+            self._update_events()       # only whether we wait to write can have changed
         if self._drain_waiters is not None and self.out_size <= self.low_water:
             self._release_drain_waiters()
 
