@@ -812,7 +812,9 @@ class Wheel:
     passes every whole frame body to ``on_frame(body, wheel)``; ``on_open(wheel)``
     and ``on_close(wheel, reason, error)`` mark the ends (``error`` is the
     exception behind the close, or None). ``write_frame(body)`` queues
-    a frame; the reactor flushes the queue once per pass (at once outside a pass).
+    a frame (``body`` is bytes, or the list of pieces ``_encode`` makes of a
+    large message); the reactor flushes the queue once per pass (at once
+    outside a pass).
 
     Flow control: ``pause_reading()`` / ``resume_reading()``; a wheel whose
     queue is above ``high_water`` can be asked, by ``wait_for_drain(other)``,
@@ -1065,7 +1067,7 @@ class Wheel:
 
     # writing
 
-    def write_frame(self, body: bytes) -> None:
+    def write_frame(self, body) -> None:
         """Queue one frame. Small frames gather in a batch that one join turns
         into one send at the end of the pass; a large body is never copied and
         goes out at once, since joining it gains nothing and leaving it queued
