@@ -199,8 +199,8 @@ def _refuses_every_global(loads: Callable) -> bool:
         except _GlobalRefused:
             continue
         except Exception:
-            pass
-        return False
+            return False        # it failed some other way: no proof of refusal
+        return False            # it built the global
     return True
 
 
@@ -268,9 +268,8 @@ def _encode(message: dict):
     ``[fields, payload, tail]`` that write_frame sends without joining."""
     payload = message.get("payload")
     if payload is None or len(payload) < LARGE_PAYLOAD:
-        return pickle.dumps(message, PICKLE_PROTOCOL)
-    head = pickle.dumps({key: value for key, value in message.items() if key != "payload"},
-                        PICKLE_PROTOCOL)
+        return _dumps(message)
+    head = _dumps({key: value for key, value in message.items() if key != "payload"})
     if head[2] == _FRAME:
         head = head[:2] + head[11:]     # a frame must hold whole opcodes: go unframed
     # the fields' dict stays on the stack where STOP was; SETITEM adds the payload to it

@@ -366,6 +366,66 @@ def test_a_large_frame_is_read_straight_into_its_own_buffer_once_a_quarter_is_in
     assert filt.missing == 0 and filt.body_space() is None and filt.buffered() == 0
 
 
+def test_a_wheel_reads_the_rest_of_a_large_frame_into_its_own_buffer():
+    """What is tried: a 1 MiB frame over a socketpair, its first quarter sent
+    before the rest; the rest must go straight into the frame's own buffer,
+    never through the reactor's scratch space, and arrive whole."""
+    reactor = proxysession.Reactor()
+    ours, theirs = socket.socketpair()
+    frames = []
+    wheel = proxysession.Wheel(reactor, ours, 1, on_frame=lambda body, w: frames.append(body),
+                               on_close=lambda *args: None)
+    body = os.urandom(1 << 20)
+    stream = b"%d\0" % len(body) + body
+    quarter = len(stream) // 4 + 16
+    first = threading.Thread(target=theirs.sendall, args=(stream[:quarter],))
+    first.start()
+    assert reactor.run_until(lambda: wheel.filter.body_space() is not None, WAIT)
+    first.join(WAIT)
+    scratch_reads = []
+    scratch = reactor.read_buffer
+    reactor.read_buffer = lambda: scratch_reads.append(1) or scratch()
+    rest = threading.Thread(target=theirs.sendall, args=(stream[quarter:],))
+    rest.start()
+    assert reactor.run_until(lambda: frames, WAIT)
+    rest.join(WAIT)
+    assert frames == [body] and scratch_reads == []
+    wheel.close()
+    theirs.close()
+    reactor.close()
+
+
+def test_a_pass_that_writes_much_joins_it_in_bounded_pieces():
+    """What is tried: 300 small frames written in one pass of the loop. They
+    are joined into chunks of about SEND_COALESCE (never one join of all of
+    it), and arrive whole and in order."""
+    reactor = proxysession.Reactor()
+    ours, theirs = socket.socketpair()
+    wheel = proxysession.Wheel(reactor, ours, 1, on_frame=lambda body, w: None,
+                               on_close=lambda *args: None)
+    chunks = []
+
+    def write_many():
+        for n in range(300):
+            wheel.write_frame(b"%04d" % n + b"x" * 996)
+        chunks.extend(len(chunk) for chunk in wheel._out)
+
+    reactor.call_soon(write_many)
+    reactor.run_once(0)
+    assert len(chunks) >= 4 and max(chunks) < proxysession.SEND_COALESCE + 1010
+    received = ReferenceFilter()
+    theirs.settimeout(WAIT)
+    frames = []
+    while len(frames) < 300:
+        reactor.run_once(0)
+        received.get_one_start(theirs.recv(1 << 16))
+        frames += received.get_frames()
+    assert frames == [b"%04d" % n + b"x" * 996 for n in range(300)]
+    wheel.close()
+    theirs.close()
+    reactor.close()
+
+
 def test_a_frame_header_alone_commits_no_memory_for_its_body():
     """What is tried: headers announcing 8 MiB frames with a few bytes each;
     the filter must not allocate a body a peer has not sent (at most 4x)."""
