@@ -49,6 +49,7 @@ Contents, in the order the data flows:
 
 import argparse
 import collections
+import copyreg
 import errno
 import hashlib
 import hmac
@@ -60,6 +61,8 @@ import itertools
 import logging
 import os
 import pickle
+import pickletools
+import re
 import selectors
 import signal
 import socket
@@ -98,6 +101,8 @@ DIRECT_READ = 64 * 1024           # a frame this large, once a quarter of it is 
 HIGH_WATER = 1024 * 1024          # output queued to a connection above which its feeders pause
 LOW_WATER = HIGH_WATER // 2       # ... and below which they resume (PROTOCOL 5)
 MAX_WRITE_BUFFER = 64 * 1024 * 1024  # a peer that lets this much pile up is not reading: close it
+MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for answers: bounds
+                                  # what a caller can make the server hold (~250 bytes each)
 HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
 MAX_HANDSHAKE_FRAME = 256         # a handshake frame is a challenge or a digest: tiny
 MAX_ACCEPTS_PER_WAKEUP = 128      # accept in batches so a connect storm cannot starve the others
@@ -107,6 +112,18 @@ KEEPALIVE_IDLE = 60               # TCP keepalive: idle seconds before the first
 KEEPALIVE_INTERVAL = 10           # seconds between probes,
 KEEPALIVE_COUNT = 3               # and unanswered probes before the kernel drops the peer
 PICKLE_PROTOCOL = 4               # the protocol every CPython >= 3.4 reads
+PROTOCOL_VERSION = 2              # PROTOCOL.md: version 1 (the seed's) plus info and ping
+MAX_FIELDS = 64                   # keys in one message: a message is a small flat dict (PROTOCOL 3.1)
+MAX_NAME = 256                    # characters in an alias, a session name or a method name
+MAX_METHODS = 4096                # entries in a published method table
+MAX_DESCRIPTION = 65536           # characters in one method's signature or doc
+ID_RANGE = 2 ** 63                # an id is an int in [-ID_RANGE, ID_RANGE)
+DECODE_COST_FACTOR = 64           # a pickle may build objects of at most this many times its size
+DECODE_COST_BASE = 1024 * 1024    # ... plus this: CPython objects are 50-230 bytes each, so
+                                  # small containers of small values legitimately cost ~40x
+MAX_QUOTE = 256                   # characters of a peer's value quoted back in an error
+MAX_NESTED_CALLS = 32             # blocking calls nested inside published methods, per reactor:
+                                  # each level costs ~15 interpreter frames of the 1000 allowed
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +225,172 @@ _loads_plain = (_loads_without_imports if _refuses_every_global(_loads_without_i
                 else _loads_with_unpickler)
 
 
+# Cost bounded by size. pickle.loads, even refusing every global, trusts the
+# opcodes it is given: a memo index is a size to allocate (an 11-byte
+# LONG_BINPUT frame made CPython allocate and clear 2 GiB), and every one-byte
+# container opcode builds a 56-232 byte object. So every pickle from the
+# network is walked first, opcode by opcode, without building anything: a memo
+# index larger than the pickle, an opcode not allowed in that place, or objects
+# that would cost more than DECODE_COST_FACTOR times the pickle's size (plus
+# DECODE_COST_BASE) refuse it before the decoder sees it. The walk costs about
+# 2 us for a call's message, against 0.8 us for its decode; it is the price of
+# a server that no 11-byte frame can take down.
+
+class _Refused(ProtocolError, pickle.UnpicklingError):
+    """A pickle that may not be decoded here; the message says why."""
+
+
+_LINE, _PAIR, _LEN1, _LEN4S, _LEN4, _LEN8, _MEMO4, _MEMO_LINE, _STOP = range(-1, -10, -1)
+_ARGUMENT_WIDTHS = {-1: _LINE, -2: _LEN1, -3: _LEN4S, -4: _LEN4, -5: _LEN8}
+_NEWLINE = re.compile(b"\n")     # re searches bytes and memoryviews alike
+
+# What decoding each opcode may allocate, in bytes, beyond the pickle's own
+# bytes: a new container, a stack or memo slot, an object of an allowed class.
+_CONTAINER_COSTS = {"EMPTY_SET": 232, "FROZENSET": 232, "EMPTY_DICT": 232, "DICT": 232,
+                    "EMPTY_LIST": 72, "LIST": 72, "TUPLE": 64, "TUPLE1": 64, "TUPLE2": 64,
+                    "TUPLE3": 64, "MARK": 64, "REDUCE": 640, "NEWOBJ": 640, "NEWOBJ_EX": 640,
+                    "OBJ": 640, "INST": 640, "BUILD": 64}
+_SLOT_COST = 16
+
+
+def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None) -> list:
+    """A list indexed by opcode byte: None (refused) or (argument width, cost)."""
+    table: list = [None] * 256
+    for opcode in pickletools.opcodes:
+        if allowed is not None and opcode.name not in allowed:
+            continue
+        if opcode.name in ("NEXT_BUFFER", "READONLY_BUFFER", "PERSID", "BINPERSID"):
+            continue             # out-of-band data and persistent ids are never used here
+        width = opcode.arg.n if opcode.arg is not None else 0
+        if width < 0:
+            width = _ARGUMENT_WIDTHS[width]
+        if opcode.name in ("GLOBAL", "INST"):
+            width = _PAIR        # two lines: module and name
+        elif opcode.name == "LONG_BINPUT":
+            width = _MEMO4
+        elif opcode.name == "PUT":
+            width = _MEMO_LINE
+        elif opcode.name == "STOP":
+            width = _STOP
+        if costs is None:
+            cost = _CONTAINER_COSTS.get(opcode.name, _SLOT_COST)
+        else:
+            cost = costs.get(opcode.name, 0)
+        table[ord(opcode.code.encode("latin-1"))] = (width, cost)
+    return table
+
+
+def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
+                  too_costly: str = "") -> None:
+    """Walk ``body``'s opcodes from ``start`` to STOP, building nothing;
+    raise ``_Refused`` for what ``opcodes`` refuses, or ``too_costly`` when it
+    costs over ``budget``."""
+    size = len(body)
+    pos = start
+    try:
+        while True:
+            op = body[pos]
+            entry = opcodes[op]
+            if entry is None:
+                raise _Refused("opcode %s is forbidden here" % (_OPCODE_NAMES[op],))
+            width, cost = entry
+            budget -= cost
+            pos += 1
+            if width >= 0:
+                pos += width
+            elif width == _LEN1:
+                pos += 1 + body[pos]
+            elif width == _STOP:
+                break
+            elif width == _LEN4 or width == _LEN4S or width == _LEN8:
+                count = 8 if width == _LEN8 else 4
+                length = int.from_bytes(body[pos:pos + count], "little", signed=width == _LEN4S)
+                if length < 0:
+                    raise _Refused("negative length")
+                pos += count + length
+            elif width == _MEMO4:
+                index = int.from_bytes(body[pos:pos + 4], "little")
+                if index >= size:
+                    raise _Refused("memo index %d in a pickle of %d bytes" % (index, size))
+                pos += 4
+            else:                # _LINE, _PAIR, _MEMO_LINE: arguments that end at a newline
+                end = _NEWLINE.search(body, pos)
+                if end is None:
+                    raise _Refused("truncated pickle")
+                if width == _MEMO_LINE:
+                    digits = bytes(body[pos:end.start()]).strip()
+                    if not digits.isdigit() or len(digits) > 20 or int(digits) >= size:
+                        raise _Refused("memo index %.20r in a pickle of %d bytes" % (digits, size))
+                elif width == _PAIR:
+                    end = _NEWLINE.search(body, end.end())
+                    if end is None:
+                        raise _Refused("truncated pickle")
+                pos = end.end()
+    except IndexError:
+        raise _Refused("truncated pickle") from None
+    if budget < 0:
+        raise _Refused(too_costly or "a pickle of %d bytes would build objects of more than "
+                       "%d times its size" % (size, DECODE_COST_FACTOR))
+
+
+_OPCODE_NAMES = {ord(opcode.code.encode("latin-1")): opcode.name
+                 for opcode in pickletools.opcodes}
+_SCALARS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING",
+            "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+            "NONE", "NEWTRUE", "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+            "BINUNICODE8", "FLOAT", "BINFLOAT")
+_MEMO = ("GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+_PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
+
+# A message (PROTOCOL 3.1): one flat dict of scalars, at most MAX_FIELDS keys.
+# Its cost is counted in pushed values, which also bounds what hash collisions
+# among its keys can cost.
+_MESSAGE_OPCODES = _opcode_table(_SCALARS + _MEMO + ("MARK", "SETITEM", "SETITEMS", "POP",
+                                                     "DUP", "FRAME", "STOP"),
+                                 {name: 1 for name in _PUSHES})
+_MESSAGE_PUSHES = 2 * MAX_FIELDS + 8
+# What the server decodes of a payload (a publish or rescind): dicts, lists,
+# str, bytes, small ints, bools, None. No big ints, floats, tuples or sets, so
+# no crafted hash collisions among a method table's keys.
+_TREE_OPCODES = _opcode_table(
+    [name for name in _SCALARS if name not in ("INT", "LONG", "LONG1", "LONG4", "FLOAT",
+                                                "BINFLOAT")]
+    + list(_MEMO) + ["MARK", "SETITEM", "SETITEMS", "EMPTY_DICT", "DICT", "EMPTY_LIST", "LIST",
+                     "APPEND", "APPENDS", "POP", "POP_MARK", "DUP", "PROTO", "FRAME", "STOP"])
+# A payload a client decodes: any opcode; the decoder refuses what it must.
+_VALUE_OPCODES = _opcode_table(None)
+
+
+def _decode_budget(size: int) -> int:
+    return DECODE_COST_FACTOR * size + DECODE_COST_BASE
+
+
+def _check_message(body) -> None:
+    """Refuse a message body that is not a flat dict of scalars (PROTOCOL 3.1)."""
+    pos = 0
+    try:
+        if body[0] == 0x80:                          # PROTO
+            pos = 2
+        if body[pos] == 0x95:                        # FRAME
+            pos += 9
+        if body[pos] == 0x7d:                        # EMPTY_DICT
+            pos += 1
+        elif body[pos] == 0x28 and body[pos + 1] == 0x64:     # MARK DICT (protocols 0 and 1)
+            pos += 2
+        else:
+            pos = -1
+    except IndexError:
+        pos = -1
+    if pos < 0:
+        raise _Refused("a message must be a pickled dict")
+    _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, pos,
+                  "a message has at most %d fields" % MAX_FIELDS)
+
+
+def _check_payload(payload, opcodes: list = _VALUE_OPCODES) -> None:
+    _check_pickle(payload, opcodes, _decode_budget(len(payload)))
+
+
 # (module, name) pairs a client rebuilds from a payload (PROTOCOL 2).
 SAFE_CLASSES = frozenset([
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
@@ -223,17 +406,82 @@ SAFE_CLASSES = frozenset([
 ])
 
 
-class _AllowListUnpickler(pickle.Unpickler):
-    """Each Client makes a subclass with its own ``allowed`` set of (module, name)."""
+class _AllowListUnpickler(pickle._Unpickler):
+    """Decodes a payload that names classes; each Client makes a subclass with
+    its own ``allowed`` set of (module, name).
+
+    It admits values, not power. pickle's BUILD sets attributes on whatever is
+    on the stack, a class included (57 bytes once broke ``Fraction(1, 2) + 1``
+    for a whole process), and an allowed constructor can be made to compute
+    or allocate far beyond the payload (``Fraction('1e10000000')``,
+    ``bytearray(2**30)``). So BUILD only sets the state of an instance of an
+    allowed class, and constructor arguments are checked first. This is the
+    pure-Python unpickler, whose dispatch table can be extended; it runs only
+    for payloads that name a class (the C decoder takes the rest)."""
 
     allowed: frozenset = SAFE_CLASSES
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
         if (module, name) in self.allowed:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            "global '%s.%s' is not on the allow-list (Client(allow_classes=...) extends it)"
-            % (module, name))
+            "global '%s.%s' is not on the allow-list of this client: the side that decodes it "
+            "(the publisher for arguments, the caller for results) must allow it with "
+            "Client(allow_classes=['%s.%s']), and the class must live in a module that "
+            "both sides import" % (module, name, module, name))
+
+    def _check_instance(self, target) -> None:
+        kind = type(target)
+        if (kind.__module__, kind.__qualname__) not in self.allowed:
+            raise pickle.UnpicklingError("BUILD may only set the state of an instance of an "
+                                         "allowed class, not of %s" % (kind.__qualname__,))
+
+    def _check_call(self, cls, args) -> None:
+        if not isinstance(cls, type) and (getattr(cls, "__module__", None), getattr(
+                cls, "__qualname__", None)) not in self.allowed:
+            raise pickle.UnpicklingError("cannot call %r" % (cls,))
+        if not isinstance(args, tuple):
+            raise pickle.UnpicklingError("arguments must be a tuple")
+        if cls is copyreg.__newobj__ and args:          # calls args[0].__new__(*args)
+            return self._check_call(args[0], args[1:])
+        if cls is copyreg._reconstructor and len(args) == 3:   # calls base(state)
+            return self._check_call(args[1], args[2:])
+        if cls is bytearray and args and isinstance(args[0], int):
+            raise pickle.UnpicklingError("bytearray(int) is refused: it allocates what it is told")
+        if getattr(cls, "__module__", None) == "fractions":
+            for arg in args:
+                if isinstance(arg, str) and not _PLAIN_RATIONAL.match(arg) or \
+                        isinstance(arg, int) and arg.bit_length() > 65536:
+                    raise pickle.UnpicklingError("Fraction(%.40r) is refused: only n or n/d "
+                                                 "of bounded size" % (arg,))
+
+    def load_build(self):
+        self._check_instance(self.stack[-2])
+        pickle._Unpickler.load_build(self)
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load_reduce(self):
+        self._check_call(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_reduce(self)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self):
+        self._check_call(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_newobj(self)
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self):
+        self._check_call(self.stack[-3], self.stack[-2])
+        pickle._Unpickler.load_newobj_ex(self)
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def _instantiate(self, klass, args):
+        self._check_call(klass, tuple(args))
+        return pickle._Unpickler._instantiate(self, klass, args)
+
+
+_PLAIN_RATIONAL = re.compile(r"\s*[-+]?\d{1,4300}(/\d{1,4300})?\s*\Z")
 
 
 def _class_pairs(names: Iterable[str]) -> frozenset:
@@ -287,6 +535,7 @@ def _decode_large(body) -> Any:
     ``body`` as memoryviews; None when the walker does not know the body."""
     view = memoryview(body)
     stack: list = []
+    marks: list = []            # where each MARK stands in the stack, so SETITEMS is O(items)
     memo: list = []
     pos = 0
     try:
@@ -323,6 +572,7 @@ def _decode_large(body) -> Any:
                     return None
                 stack.append({})
             elif op == 0x28:            # MARK
+                marks.append(len(stack))
                 stack.append(_MARK)
             elif op == 0x4b:            # BININT1
                 stack.append(body[pos])
@@ -339,18 +589,19 @@ def _decode_large(body) -> Any:
                 pos += 1 + size
             elif op in _CONSTANTS:
                 stack.append(_CONSTANTS[op])
-            elif op == 0x68:            # BINGET
-                stack.append(memo[body[pos]])
-                pos += 1
-            elif op == 0x6a:            # LONG_BINGET
-                stack.append(memo[int.from_bytes(body[pos:pos + 4], "little")])
-                pos += 4
+            elif op == 0x68 or op == 0x6a:    # BINGET, LONG_BINGET
+                width = 1 if op == 0x68 else 4
+                value = memo[int.from_bytes(body[pos:pos + width], "little")]
+                if type(value) is memoryview:   # a large value twice: the plain decoder
+                    return None                 # shares it where this would copy it
+                stack.append(value)
+                pos += width
             elif op == 0x73:            # SETITEM
                 value = stack.pop()
                 key = stack.pop()
                 _set_items(stack[-1], [key, value])
             elif op == 0x75:            # SETITEMS
-                mark = len(stack) - 1 - stack[::-1].index(_MARK)
+                mark = marks.pop()
                 items = stack[mark + 1:]
                 del stack[mark:]
                 _set_items(stack[-1], items)
@@ -370,18 +621,21 @@ def _decode_large(body) -> Any:
 
 
 def _set_items(target, items: list) -> None:
-    if type(target) is not dict or len(items) % 2 or _MARK in items:
-        raise TypeError("not a flat dict")
+    if type(target) is not dict or len(items) % 2 or _MARK in items or \
+            len(target) + len(items) // 2 > MAX_FIELDS:
+        raise TypeError("not a small flat dict")
     for index in range(0, len(items), 2):
         target[items[index]] = items[index + 1]
 
 
 def _decode_message(body) -> Any:
-    """A message as the plain decoder gives it; large ones by the walker when it can."""
+    """A message as the plain decoder gives it; large ones by the walker when it
+    can. Raises ``ProtocolError`` for a body that is not a small flat dict."""
     if len(body) >= LARGE_PAYLOAD:
         message = _decode_large(body)
         if message is not None:
             return message
+    _check_message(body)
     return _loads_plain(body)
 
 
@@ -739,6 +993,17 @@ WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
 DIGEST_NAME = b"{sha256}"
 MESSAGE_LENGTH = 40
+
+
+def _authkey_bytes(authkey: Any) -> Optional[bytes]:
+    """An ``authkey=`` as the handshake uses it: bytes as they are, str as UTF-8."""
+    if authkey is None or type(authkey) is bytes:
+        return authkey
+    if isinstance(authkey, str):
+        return authkey.encode("utf-8")
+    if isinstance(authkey, (bytearray, memoryview)):
+        return bytes(authkey)
+    raise TypeError("authkey must be bytes or str, not %s" % type(authkey).__name__)
 
 
 def _digest(authkey: bytes, message: bytes) -> bytes:
@@ -1223,9 +1488,82 @@ class _Session:
         self.subscribers = set()
 
 
+class _Peer:
+    """What the server holds for one connection, indexed so that its end costs
+    what it held and nothing more: the aliases it published and subscribed to,
+    the fresh ids of its calls still waiting and of the calls waiting on it.
+    Each set is made on first use: most connections never need most of them."""
+
+    __slots__ = ("published", "subscribed", "calls_made", "calls_served")
+
+    def __init__(self):
+        self.published: Optional[set] = None
+        self.subscribed: Optional[set] = None
+        self.calls_made: Optional[set] = None
+        self.calls_served: Optional[set] = None
+
+
 # A routed call waiting for its result, stored under the server's fresh id as
 # (caller_wheel_id, caller_id, publisher_wheel_id, alias): a plain tuple, since
 # one is made for every call.
+
+
+def _quote(value: Any) -> str:
+    """A peer's value as an error message may show it: a str cut to MAX_QUOTE
+    characters; of anything else only its type, which costs nothing to format."""
+    if type(value) is str:
+        return value if len(value) <= MAX_QUOTE else value[:MAX_QUOTE] + "..."
+    return "<%s>" % type(value).__name__
+
+
+def _is_name(value: Any) -> bool:
+    return type(value) is str and 0 < len(value) <= MAX_NAME
+
+
+def _alias_fault(alias: Any, missing: str) -> Optional[str]:
+    """Why ``alias`` cannot name a session (``missing`` in the seed's words when
+    there is none), or None."""
+    if not alias:
+        return missing
+    if type(alias) is not str:
+        return "Session alias must be a str, not %s" % type(alias).__name__
+    if len(alias) > MAX_NAME:
+        return "Session alias is longer than %d characters" % MAX_NAME
+    return None
+
+
+def _add(peer: "_Peer", field: str, item: Any) -> None:
+    """Add ``item`` to one of ``peer``'s sets, made on first use."""
+    items = getattr(peer, field)
+    if items is None:
+        setattr(peer, field, {item})
+    else:
+        items.add(item)
+
+
+def _plural(count: int, noun: str) -> str:
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
+def _method_table_fault(methods: Any) -> Optional[str]:
+    """Why a published method table is not one (PROTOCOL 3.1), or None."""
+    if type(methods) is not dict:
+        return "want a dict of method descriptions, got %s" % _quote(methods)
+    if len(methods) > MAX_METHODS:
+        return "%d methods, the most is %d" % (len(methods), MAX_METHODS)
+    for name, description in methods.items():
+        if not _is_name(name) or not name.isidentifier():
+            return "method name %s is not an identifier of at most %d characters" % (
+                _quote(name), MAX_NAME)
+        if type(description) is not dict or len(description) > 16:
+            return "the description of '%s' is not a dict of at most 16 fields" % name
+        for key, text in description.items():
+            if not _is_name(key) or not (text is None or type(text) is str and
+                                         len(text) <= MAX_DESCRIPTION):
+                return "the description of '%s' holds %s: want str keys and values that " \
+                       "are None or str of at most %d characters" % (name, _quote(key),
+                                                                     MAX_DESCRIPTION)
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -1262,7 +1600,8 @@ class Server:
     May be overridden: the handlers, named after the original's events:
     ``handle_inbound_data`` dispatches a decoded message to
     ``publish_session``, ``rescind_session``, ``get_listing``,
-    ``subscribe_session``, ``deliver_message`` and ``handle_delivered``;
+    ``subscribe_session``, ``deliver_message`` and ``handle_delivered``,
+    and the extensions ``get_info`` and ``answer_ping`` (PROTOCOL 7);
     ``send_result`` answers a request.
 
     The stores: ``sessions`` (alias -> session) and ``delivered_store``
@@ -1275,9 +1614,9 @@ class Server:
                  reactor: Optional[Reactor] = None, authkey: Optional[bytes] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, max_frame: int = MAX_FRAME,
                  max_write_buffer: int = MAX_WRITE_BUFFER, high_water: int = HIGH_WATER,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, insecure_no_auth: bool = False):
-        if authkey is not None and not isinstance(authkey, bytes):
-            raise TypeError("authkey must be bytes, not %s" % type(authkey).__name__)
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, insecure_no_auth: bool = False,
+                 max_waiting_calls: int = MAX_WAITING_CALLS):
+        authkey = _authkey_bytes(authkey)
         self.listen_ip = listen_ip
         self.listen_port = listen_port
         self.alias = alias
@@ -1290,6 +1629,7 @@ class Server:
         self.high_water = high_water
         self.handshake_timeout = handshake_timeout
         self.insecure_no_auth = insecure_no_auth
+        self.max_waiting_calls = max_waiting_calls
         self.sessions: Dict[str, _Session] = {}
         self.delivered_store: Dict[int, tuple] = {}
         self.wheels: Dict[int, Wheel] = {}
@@ -1299,6 +1639,7 @@ class Server:
         self._delivery_ids = itertools.count(1)
         self._trace = bool(self.options.get("trace"))
         self._at_file_limit = False
+        self._frame_size = 0           # of the message being handled: what _forward may send on
         self._handlers = {
             "publish": self.publish_session,
             "rescind": self.rescind_session,
@@ -1306,6 +1647,8 @@ class Server:
             "subscribe": self.subscribe_session,
             "deliver": self.deliver_message,
             "result": self.handle_delivered,
+            "info": self.get_info,
+            "ping": self.answer_ping,
         }
 
     def __repr__(self):
@@ -1356,6 +1699,7 @@ class Server:
             raise
         self._listener = listener
         self.address = listener.getsockname()[:2]
+        self.listen_port = self.address[1]
         self.reactor.register(listener, _EVENT_READ, self._on_acceptable)
         log.info("%s listening on %s:%d%s%s", self.alias, self.address[0], self.address[1],
                  " with TLS" if self.ssl_context else "",
@@ -1378,7 +1722,8 @@ class Server:
                     self.reactor.unregister(self._listener)
                     self.reactor.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
                     return
-                raise
+                log.error("accept failed: %s", exc)
+                return
             self._at_file_limit = False
             wheel_id = next(self._wheel_ids)
             peer = "%s:%d" % address[:2]
@@ -1389,8 +1734,9 @@ class Server:
                           low_water=self.high_water // 2, ssl_context=self.ssl_context,
                           authkey=self.authkey, handshake_timeout=self.handshake_timeout)
             if not wheel.closed:
+                wheel.context = _Peer()
                 self.wheels[wheel_id] = wheel
-                log.info("connection %d from %s", wheel_id, peer)
+                log.debug("connection %d from %s", wheel_id, peer)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None:
@@ -1406,11 +1752,13 @@ class Server:
             self.reactor.unregister(self._listener)
             self._listener.close()
             self._listener = None
-        for caller_wheel_id, caller_id, _, _ in self.delivered_store.values():
+        # every answer is written before any connection closes: a write may
+        # close its connection, whose cleanup must find no call left to answer
+        waiting, self.delivered_store = self.delivered_store, {}
+        for caller_wheel_id, caller_id, _, _ in waiting.values():
             caller = self.wheels.get(caller_wheel_id)
             if caller is not None:
                 self._answer(caller, caller_id, False, "Server is shutting down")
-        self.delivered_store.clear()
         for wheel in list(self.wheels.values()):
             wheel.close("server is shutting down")
         log.info("%s stopped", self.alias)
@@ -1425,15 +1773,14 @@ class Server:
                         wheel.wheel_id, wheel.peer, exc)
             self._answer(wheel, -1, False, "Malformed message: %s" % (exc,))
             return
-        try:
-            valid = type(message["type"]) is str and type(message["id"]) is int
-        except Exception:              # not a dict, or a key missing
-            valid = False
-        if not valid:
-            msg_id = message.get("id") if type(message) is dict else None
-            self._answer(wheel, msg_id if type(msg_id) is int else -1, False,
-                         "Malformed message: want a dict with a str 'type' and an int 'id'")
+        msg_id = message.get("id") if type(message) is dict else None
+        if type(msg_id) is not int or not -ID_RANGE <= msg_id < ID_RANGE or \
+                type(message.get("type")) is not str:
+            self._answer(wheel, msg_id if type(msg_id) is int and -ID_RANGE <= msg_id < ID_RANGE
+                         else -1, False, "Malformed message: want a dict with a str 'type' and "
+                         "an int 'id' in [-2**63, 2**63)")
             return
+        self._frame_size = len(body)
         self.handle_inbound_data(message, wheel.wheel_id)
         if wheel.out_size > self.high_water and not wheel.closed:
             wheel.wait_for_drain(wheel)    # it is not reading its own answers
@@ -1441,11 +1788,12 @@ class Server:
     def handle_inbound_data(self, data: dict, wheel_id: int) -> None:
         """Dispatch one message by its type."""
         if self._trace:
-            log.debug("connection %d: %s id=%r to=%r", wheel_id, data["type"], data["id"],
-                      data.get("to"))
+            log.debug("connection %d: %s id=%d to=%s", wheel_id, _quote(data["type"]),
+                      data["id"], _quote(data.get("to")))
         handler = self._handlers.get(data["type"])
         if handler is None:
-            self.send_result(False, data, wheel_id, "Unknown message type '%s'" % data["type"])
+            self.send_result(False, data, wheel_id,
+                             "Unknown message type '%s'" % _quote(data["type"]))
         else:
             handler(data, wheel_id)
 
@@ -1467,7 +1815,11 @@ class Server:
         answering with the reason."""
         payload = data.get("payload")
         try:
-            value = _loads_plain(payload) if type(payload) in _PAYLOAD_TYPES else None
+            if type(payload) in _PAYLOAD_TYPES:
+                _check_payload(payload, _TREE_OPCODES)
+                value = _loads_plain(payload)
+            else:
+                value = None
         except Exception as exc:
             self.send_result(False, data, wheel_id, "Malformed payload: %s" % (exc,))
             return None
@@ -1484,17 +1836,22 @@ class Server:
         alias = payload.get("session_alias")
         name = payload.get("session_name")
         methods = payload.get("methods")
-        if not alias or not isinstance(alias, str):
-            return self.send_result(False, data, wheel_id, "Session alias must be defined")
+        fault = _alias_fault(alias, "Session alias must be defined")
+        if fault:
+            return self.send_result(False, data, wheel_id, fault)
         if alias in self.sessions:
             return self.send_result(False, data, wheel_id, "Session '%s' already exists" % alias)
-        if not name or not isinstance(name, str):
-            return self.send_result(False, data, wheel_id, "Session name is required")
-        if not isinstance(methods, dict):
-            return self.send_result(False, data, wheel_id,
-                                    "Session methods must be a dict of method descriptions")
+        if not _is_name(name):
+            return self.send_result(False, data, wheel_id, "Session name is required"
+                                    if not name else "Session name must be a str of at most "
+                                    "%d characters" % MAX_NAME)
+        fault = _method_table_fault(methods)
+        if fault:
+            return self.send_result(False, data, wheel_id, "Malformed method table: " + fault)
         self.sessions[alias] = _Session(alias, name, methods, wheel_id)
-        log.info("connection %d published '%s' (%d methods)", wheel_id, alias, len(methods))
+        _add(self.wheels[wheel_id].context, "published", alias)
+        log.info("connection %d published '%s' (%s)", wheel_id, alias,
+                 _plural(len(methods), "method"))
         self.send_result(True, data, wheel_id, alias)
 
     def rescind_session(self, data: dict, wheel_id: int) -> None:
@@ -1503,8 +1860,9 @@ class Server:
         if payload is None:
             return
         alias = payload.get("session_alias")
-        if not alias or not isinstance(alias, str):
-            return self.send_result(False, data, wheel_id, "Session alias is required")
+        fault = _alias_fault(alias, "Session alias is required")
+        if fault:
+            return self.send_result(False, data, wheel_id, fault)
         session = self.sessions.get(alias)
         if session is None:
             return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % alias)
@@ -1515,10 +1873,17 @@ class Server:
         self.send_result(True, data, wheel_id)
 
     def _remove_session(self, session: _Session, why: str) -> None:
-        del self.sessions[session.alias]
+        if self.sessions.get(session.alias) is session:
+            del self.sessions[session.alias]
+        publisher = self.wheels.get(session.wheel_id)
+        if publisher is not None and publisher.context.published:
+            publisher.context.published.discard(session.alias)
         log.info("session '%s' of connection %d %s", session.alias, session.wheel_id, why)
+        self._notify_rescinded(session)
+
+    def _notify_rescinded(self, session: _Session) -> None:
         notice = _dumps({"type": "rescinded", "id": -1, "to": session.alias})
-        for subscriber_id in session.subscribers:
+        for subscriber_id in list(session.subscribers):    # a write may close a subscriber
             subscriber = self.wheels.get(subscriber_id)
             if subscriber is not None:
                 subscriber.write_frame(notice)
@@ -1530,31 +1895,60 @@ class Server:
     def subscribe_session(self, data: dict, wheel_id: int) -> None:
         """Subscribe to ``to``; success payload: ``{session, methods}``."""
         alias = data.get("to")
-        session = self.sessions.get(alias) if isinstance(alias, str) else None
+        session = self.sessions.get(alias) if type(alias) is str else None
         if session is None:
-            return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % (alias,))
+            return self.send_result(False, data, wheel_id,
+                                    "Session '%s' doesn't exist" % _quote(alias))
         session.subscribers.add(wheel_id)
+        _add(self.wheels[wheel_id].context, "subscribed", alias)
         self.send_result(True, data, wheel_id, {"session": alias, "methods": session.methods})
 
     def deliver_message(self, data: dict, wheel_id: int) -> None:
         """Route a call to the publisher of ``to`` under a fresh id; its
         payload goes through untouched."""
         alias = data.get("to")
-        try:
-            session = self.sessions[alias]
-        except (KeyError, TypeError):
-            return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % (alias,))
+        session = self.sessions.get(alias) if type(alias) is str else None
+        if session is None:
+            return self.send_result(False, data, wheel_id,
+                                    "Session '%s' doesn't exist" % _quote(alias))
         if type(data.get("payload")) not in _PAYLOAD_TYPES:
             return self.send_result(False, data, wheel_id,
                                     "Malformed message: deliver wants a bytes payload")
+        caller = self.wheels[wheel_id]
+        made = caller.context.calls_made
+        if made is None:
+            made = caller.context.calls_made = set()
+        elif len(made) >= self.max_waiting_calls:
+            return self.send_result(False, data, wheel_id, "Too many calls waiting: connection "
+                                    "%d has %d calls waiting for answers (max_waiting_calls)"
+                                    % (wheel_id, self.max_waiting_calls))
+        caller_id = data["id"]
         fresh_id = next(self._delivery_ids)
-        self.delivered_store[fresh_id] = (wheel_id, data["id"], session.wheel_id, alias)
         data["to"] = session.name
         data["id"] = fresh_id
         publisher = self.wheels[session.wheel_id]
-        publisher.write_frame(_encode(data))
+        body = self._forward(data, wheel_id, caller_id, alias)
+        if body is None:
+            return
+        self.delivered_store[fresh_id] = (wheel_id, caller_id, session.wheel_id, alias)
+        made.add(fresh_id)
+        _add(publisher.context, "calls_served", fresh_id)
+        publisher.write_frame(body)
         if publisher.out_size > self.high_water:
-            publisher.wait_for_drain(self.wheels[wheel_id])
+            publisher.wait_for_drain(caller)    # the caller feeds a publisher that lags: slow it
+
+    def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str):
+        """``data`` encoded to be passed on, or None after answering ``answer_id``
+        on ``wheel_id``: what the server sends on is never much larger than what
+        it received (a hostile message could otherwise grow on re-encoding,
+        past the frame limit of the connection it goes to)."""
+        body = _encode(data)
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if size > self._frame_size + len(data.get("to") or "") + 32:
+            self._answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
+                         "be forwarded as %d bytes, much more than it came as" % size)
+            return None
+        return body
 
     def handle_delivered(self, data: dict, wheel_id: int) -> None:
         """Route a publisher's result back to the caller, under the caller's id."""
@@ -1565,44 +1959,79 @@ class Server:
                         "someone else's" if delivery else "no waiting", fresh_id)
             return
         del self.delivered_store[fresh_id]
+        self.wheels[wheel_id].context.calls_served.discard(fresh_id)
         caller_wheel_id, caller_id, _, alias = delivery
         caller = self.wheels.get(caller_wheel_id)
         if caller is None:
             return                      # the caller left: nobody to tell
+        caller.context.calls_made.discard(fresh_id)
         if type(data.get("success")) is not bool or \
                 type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
             log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
             self._answer(caller, caller_id, False, "Session '%s' sent a malformed result" % alias)
             return
         data["id"] = caller_id
-        caller.write_frame(_encode(data))
+        body = self._forward(data, caller_wheel_id, caller_id, alias)
+        if body is None:
+            return
+        caller.write_frame(body)
         if caller.out_size > self.high_water:
-            caller.wait_for_drain(self.wheels[wheel_id])
+            # a caller that does not read its answers pays for it: it stops being
+            # read; the publisher that answered is never paused on its account
+            caller.wait_for_drain(caller)
+
+    def get_info(self, data: dict, wheel_id: int) -> None:
+        """What a client needs to know of this server (PROTOCOL 7.1)."""
+        self.send_result(True, data, wheel_id, {
+            "server": "proxysession", "version": __version__, "protocol": PROTOCOL_VERSION,
+            "max_frame": self.max_frame, "max_waiting_calls": self.max_waiting_calls,
+            "max_name": MAX_NAME})
+
+    def answer_ping(self, data: dict, wheel_id: int) -> None:
+        """A liveness check (PROTOCOL 7.2): success, no payload."""
+        self.send_result(True, data, wheel_id)
 
     # connections ending
 
     def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
+        """A connection ended (PROTOCOL 6.3). First everything it held leaves
+        the stores, then the others are told: telling one may close it, and its
+        own cleanup, run inside this one, must find nothing half removed."""
         wheel_id = wheel.wheel_id
         if self.wheels.pop(wheel_id, None) is None:
-            log.info("connection from %s closed before it was set up: %s", wheel.peer, reason)
+            log.debug("connection from %s closed before it was set up: %s", wheel.peer, reason)
             return
         level = logging.WARNING if reason.startswith(("protocol", "peer is not", "auth")) \
-            else logging.INFO
+            else logging.DEBUG
         log.log(level, "connection %d from %s closed: %s", wheel_id, wheel.peer, reason)
-        for session in [s for s in self.sessions.values() if s.wheel_id == wheel_id]:
-            self._remove_session(session, "went away with its connection")
-        for session in self.sessions.values():
-            session.subscribers.discard(wheel_id)
-        for fresh_id, (caller_wheel_id, caller_id, publisher_wheel_id, alias) in \
-                list(self.delivered_store.items()):
-            if publisher_wheel_id == wheel_id:
-                del self.delivered_store[fresh_id]
-                caller = self.wheels.get(caller_wheel_id)
-                if caller is not None:
-                    self._answer(caller, caller_id, False,
-                                 "Session '%s' went away before answering" % alias)
-            elif caller_wheel_id == wheel_id:
-                del self.delivered_store[fresh_id]
+        peer: _Peer = wheel.context
+        gone = [self.sessions.pop(alias) for alias in peer.published or ()
+                if alias in self.sessions]
+        for alias in peer.subscribed or ():
+            session = self.sessions.get(alias)
+            if session is not None:
+                session.subscribers.discard(wheel_id)
+        unanswered = []
+        for fresh_id in peer.calls_served or ():
+            delivery = self.delivered_store.pop(fresh_id, None)
+            if delivery is not None:
+                unanswered.append((fresh_id, delivery))
+        for fresh_id in peer.calls_made or ():
+            delivery = self.delivered_store.pop(fresh_id, None)
+            if delivery is not None:
+                publisher = self.wheels.get(delivery[2])
+                if publisher is not None:
+                    publisher.context.calls_served.discard(fresh_id)
+        for fresh_id, (caller_wheel_id, caller_id, _, alias) in unanswered:
+            caller = self.wheels.get(caller_wheel_id)
+            if caller is not None:
+                caller.context.calls_made.discard(fresh_id)
+                self._answer(caller, caller_id, False,
+                             "Session '%s' went away before answering" % alias)
+        for session in gone:
+            log.info("session '%s' of connection %d went away with its connection",
+                     session.alias, wheel_id)
+            self._notify_rescinded(session)
 
 
 # ---------------------------------------------------------------------------
@@ -1698,8 +2127,7 @@ class Client:
                  socket_error_event: Optional[Callable] = None,
                  connect_error_event: Optional[Callable] = None,
                  rescinded_event: Optional[Callable] = None):
-        if authkey is not None and not isinstance(authkey, bytes):
-            raise TypeError("authkey must be bytes, not %s" % type(authkey).__name__)
+        authkey = _authkey_bytes(authkey)
         self.alias = alias
         self.reactor = reactor or get_reactor()
         self.timeout = timeout
@@ -1746,6 +2174,7 @@ class Client:
     def _loads(self, data: bytes) -> Any:
         if self._unsafe:
             return pickle.loads(data)
+        _check_payload(data)                 # what decoding it may cost (serializers)
         try:
             return _loads_plain(data)        # most payloads are plain values: the fast way
         except _GlobalRefused:

@@ -802,8 +802,8 @@ def test_sigterm_answers_waiting_calls_and_exits_0(server_process):
     assert pickle.loads(answer["payload"]) == "Server is shutting down"
     assert server.proc.wait(WAIT) == 0
     log = "".join(server.log)
-    assert "connection 1 from 127.0.0.1" in log
-    assert "published 'Slow'" in log
+    assert "published 'Slow' (1 method)" in log
+    assert "Server stopped" in log
 
 
 def test_protected_mode_refuses_a_public_address_without_an_authkey():
