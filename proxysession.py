@@ -27,7 +27,7 @@ Publish an object, and call it (here both in one process)::
         greeter = client.subscribe(conn, "Greeter")
         print(greeter.hello("world"))          # -> hello, world
 
-The wire format (PROTOCOL.md has it whole): each frame is
+The wire format (PROTOCOL.md, beside this file in the repository, has it whole): each frame is
 ``<decimal length>\\0<body>`` as POE::Filter::Reference writes it; a body is
 one pickled dict ``{type, id, to, success, payload}`` whose ``payload`` is
 pickled separately, so the server routes calls without ever decoding what
@@ -90,8 +90,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 56789
 
 # Limits. Each is a default that Server/Client take as an argument.
-MAX_FRAME = 16 * 1024 * 1024      # a body larger than this closes the connection (PROTOCOL 1)
-MAX_HEADER = 20                   # a NUL must arrive within this many header bytes (PROTOCOL 1)
+MAX_FRAME = 16 * 1024 * 1024      # a body larger than this closes the connection (PROTOCOL.md 1)
+MAX_HEADER = 20                   # a NUL must arrive within this many header bytes (PROTOCOL.md 1)
 READ_CHUNK = 256 * 1024           # one recv per connection per pass: large enough to carry many
                                   # frames, small enough that one busy peer cannot starve the rest
 SEND_COALESCE = 64 * 1024         # small queued pieces are joined up to this size into one send;
@@ -99,7 +99,7 @@ SEND_COALESCE = 64 * 1024         # small queued pieces are joined up to this si
 DIRECT_READ = 64 * 1024           # a frame this large, once a quarter of it is in, gets a buffer
                                   # of its own that the socket reads straight into (see the filter)
 HIGH_WATER = 1024 * 1024          # output queued to a connection above which its feeders pause
-LOW_WATER = HIGH_WATER // 2       # ... and below which they resume (PROTOCOL 5)
+LOW_WATER = HIGH_WATER // 2       # ... and below which they resume (PROTOCOL.md 8)
 MAX_WRITE_BUFFER = 64 * 1024 * 1024  # a peer that lets this much pile up is not reading: close it
 MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for answers: bounds
                                   # what a caller can make the server hold (~250 bytes each)
@@ -113,7 +113,7 @@ KEEPALIVE_INTERVAL = 10           # seconds between probes,
 KEEPALIVE_COUNT = 3               # and unanswered probes before the kernel drops the peer
 PICKLE_PROTOCOL = 4               # the protocol every CPython >= 3.4 reads
 PROTOCOL_VERSION = 2              # PROTOCOL.md: version 1 (the seed's) plus info and ping
-MAX_FIELDS = 64                   # keys in one message: a message is a small flat dict (PROTOCOL 3.1)
+MAX_FIELDS = 64                   # keys in one message: a message is a small flat dict (PROTOCOL.md 3.1)
 MAX_NAME = 256                    # characters in an alias, a session name or a method name
 MAX_METHODS = 4096                # entries in a published method table
 MAX_DESCRIPTION = 65536           # characters in one method's signature or doc
@@ -162,7 +162,7 @@ class CallTimeout(ProxyError, TimeoutError):
 # ---------------------------------------------------------------------------
 # pickle is code execution unless find_class says otherwise. The server only
 # ever needs plain containers, so it refuses every global; a client needs a
-# few value classes as well, so it takes an allow-list (PROTOCOL 2).
+# few value classes as well, so it takes an allow-list (PROTOCOL.md 3).
 
 def _dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PICKLE_PROTOCOL)
@@ -342,7 +342,7 @@ _SCALARS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "ST
 _MEMO = ("GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
 _PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
 
-# A message (PROTOCOL 3.1): one flat dict of scalars, at most MAX_FIELDS keys.
+# A message (PROTOCOL.md 3.1): one flat dict of scalars, at most MAX_FIELDS keys.
 # Its cost is counted in pushed values, which also bounds what hash collisions
 # among its keys can cost.
 _MESSAGE_OPCODES = _opcode_table(_SCALARS + _MEMO + ("MARK", "SETITEM", "SETITEMS", "POP",
@@ -366,7 +366,7 @@ def _decode_budget(size: int) -> int:
 
 
 def _check_message(body) -> None:
-    """Refuse a message body that is not a flat dict of scalars (PROTOCOL 3.1)."""
+    """Refuse a message body that is not a flat dict of scalars (PROTOCOL.md 3.1)."""
     pos = 0
     try:
         if body[0] == 0x80:                          # PROTO
@@ -391,7 +391,7 @@ def _check_payload(payload, opcodes: list = _VALUE_OPCODES) -> None:
     _check_pickle(payload, opcodes, _decode_budget(len(payload)))
 
 
-# (module, name) pairs a client rebuilds from a payload (PROTOCOL 2).
+# (module, name) pairs a client rebuilds from a payload (PROTOCOL.md 3).
 SAFE_CLASSES = frozenset([
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
     ("builtins", "bytearray"),
@@ -664,11 +664,12 @@ class ReferenceFilter:
     quarter bounds what a peer can make us commit to four times what it sent.
     """
 
-    __slots__ = ("max_frame", "broken", "missing", "_buffer", "_parsed", "_loads", "_body",
-                 "_body_filled")
+    __slots__ = ("max_frame", "handshake_frames", "broken", "missing", "_buffer", "_parsed",
+                 "_loads", "_body", "_body_filled")
 
     def __init__(self, max_frame: int = MAX_FRAME, loads: Callable = _loads_plain):
         self.max_frame = max_frame
+        self.handshake_frames = 0          # the next this many frames may hold MAX_HANDSHAKE_FRAME
         self.broken: Optional[ProtocolError] = None
         self.missing = 0                   # bytes still to come for a frame begun
         self._buffer = bytearray()
@@ -730,6 +731,8 @@ class ReferenceFilter:
         size = len(buffer)
         pos = 0
         self.missing = 0
+        handshake_frames = self.handshake_frames
+        limit = MAX_HANDSHAKE_FRAME if handshake_frames else self.max_frame
         with memoryview(buffer) as view:
             while pos < size:
                 nul = buffer.find(b"\0", pos, pos + MAX_HEADER)
@@ -747,9 +750,10 @@ class ReferenceFilter:
                                if header else "frame header is empty", bodies)
                     break
                 length = int(header)
-                if length > self.max_frame:
-                    self._fail("frame of %d bytes exceeds max_frame (%d)"
-                               % (length, self.max_frame), bodies)
+                if length > limit:
+                    self._fail("handshake frame of %d bytes exceeds %d" % (length, limit)
+                               if handshake_frames else "frame of %d bytes exceeds max_frame (%d)"
+                               % (length, limit), bodies)
                     break
                 end = nul + 1 + length
                 if end > size:
@@ -763,9 +767,21 @@ class ReferenceFilter:
                     break
                 bodies.append(view[nul + 1:end].tobytes())
                 pos = end
+                if handshake_frames:
+                    handshake_frames -= 1
+                    if not handshake_frames:
+                        limit = self.max_frame
+        self.handshake_frames = handshake_frames
         if pos:
             del buffer[:pos]
         return bodies
+
+    def clear(self) -> None:
+        """Let go of everything buffered (the connection is gone)."""
+        self._buffer = bytearray()
+        self._parsed = []
+        self._body = None
+        self._body_filled = self.missing = 0
 
     def _fail(self, reason: str, bodies: list) -> None:
         self.broken = ProtocolError(reason)
@@ -793,7 +809,10 @@ class _Timer:
         self.cancelled = False
 
     def cancel(self) -> None:
+        """Flag it, and let go of what it would call: a cancelled timer stays in
+        the heap until its time, and must not keep a closed wheel alive that long."""
         self.cancelled = True
+        self.callback = self.args = None
 
 
 class Reactor:
@@ -901,23 +920,39 @@ class Reactor:
         self.in_pass += 1
         try:
             for key, mask in events:
-                key.data(mask)
+                try:
+                    key.data(mask)
+                except Exception:
+                    self._handler_failed(key.data)
             timers = self._timers
             if timers:
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     timer = heapq.heappop(timers)[2]
                     if not timer.cancelled:
-                        timer.cancelled = True
-                        timer.callback(*timer.args)
+                        callback, args = timer.callback, timer.args
+                        timer.cancel()
+                        try:
+                            callback(*args)
+                        except Exception:
+                            self._handler_failed(callback)
             ready = self._ready
             for _ in range(len(ready)):    # only what was queued before this pass
                 callback, args = ready.popleft()
-                callback(*args)
+                try:
+                    callback(*args)
+                except Exception:
+                    self._handler_failed(callback)
         finally:
             self.in_pass -= 1
         if self._flushes:
             self._flush_all()
+
+    def _handler_failed(self, handler) -> None:
+        """The loop survives its handlers: a bug in one is logged, with the
+        object it belongs to, and every other connection is served on."""
+        log.exception("error in %r of %r; the loop goes on", getattr(handler, "__name__", handler),
+                      getattr(handler, "__self__", None))
 
     def _flush_all(self) -> None:
         """One send per socket for everything a pass wrote to it; a flush may
@@ -926,7 +961,10 @@ class Reactor:
         while flushes:
             self._flushes = []
             for flush in flushes:
-                flush()
+                try:
+                    flush()
+                except Exception:
+                    self._handler_failed(flush)
             flushes = self._flushes
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
@@ -984,7 +1022,7 @@ def run() -> None:
 # ---------------------------------------------------------------------------
 # wheel
 # ---------------------------------------------------------------------------
-# The authkey handshake of PROTOCOL 3, as multiprocessing.connection does it
+# The authkey handshake of PROTOCOL.md section 4, as multiprocessing.connection does it
 # since 3.12, written as generators: each ``yield`` waits for the peer's next
 # raw frame, so the wheel can drive them from its read handler.
 
@@ -1049,7 +1087,7 @@ def _client_handshake(send, authkey):
 
 def _configure_socket(sock: socket.socket) -> None:
     """No Nagle (a call is a small frame that must leave now), keepalive so a
-    peer whose machine vanished is noticed (PROTOCOL 5)."""
+    peer whose machine vanished is noticed (PROTOCOL.md 8)."""
     sock.setblocking(False)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1089,7 +1127,7 @@ class Wheel:
                  "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
                  "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
                  "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
-                 "_server_hostname", "_server_side", "_authkey")
+                 "_server_hostname", "_server_side", "_authkey", "__weakref__")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, wheel_id: int, *,
                  on_frame: Callable, on_close: Callable, on_open: Optional[Callable] = None,
@@ -1182,6 +1220,9 @@ class Wheel:
             self._open()
             return
         self.phase = _AUTH
+        # each side receives three handshake frames (PROTOCOL.md 4), limited at their
+        # header: before it proves its key, a peer can make us buffer 256 bytes
+        self.filter.handshake_frames = 3
         steps = _server_handshake if self._server_side else _client_handshake
         self._handshake = steps(self.write_frame, self._authkey)
         self._step_handshake(None)
@@ -1310,11 +1351,7 @@ class Wheel:
         popleft = inbox.popleft
         try:
             while inbox and self.phase is _AUTH:
-                body = popleft()
-                if len(body) > MAX_HANDSHAKE_FRAME:
-                    raise ProtocolError("handshake frame of %d bytes exceeds %d"
-                                        % (len(body), MAX_HANDSHAKE_FRAME))
-                self._step_handshake(body)
+                self._step_handshake(popleft())
             on_frame = self.on_frame
             while inbox and self.phase is _OPEN and not self.paused:
                 on_frame(popleft(), self)
@@ -1461,6 +1498,11 @@ class Wheel:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        if self._handshake is not None:
+            self._handshake.close()     # it holds write_frame: a cycle through this wheel
+            self._handshake = None
+        self.filter.clear()             # a dropped peer's buffers go now, not at the next gc
+        self._inbox = None
         try:
             self.sock.close()
         except OSError:
@@ -1546,7 +1588,7 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _method_table_fault(methods: Any) -> Optional[str]:
-    """Why a published method table is not one (PROTOCOL 3.1), or None."""
+    """Why a published method table is not one (PROTOCOL.md 3.1), or None."""
     if type(methods) is not dict:
         return "want a dict of method descriptions, got %s" % _quote(methods)
     if len(methods) > MAX_METHODS:
@@ -1576,7 +1618,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _raise_file_limit() -> None:
-    """Thousands of connections need thousands of descriptors (PROTOCOL 5)."""
+    """Thousands of connections need thousands of descriptors (PROTOCOL.md 8)."""
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1601,7 +1643,7 @@ class Server:
     ``handle_inbound_data`` dispatches a decoded message to
     ``publish_session``, ``rescind_session``, ``get_listing``,
     ``subscribe_session``, ``deliver_message`` and ``handle_delivered``,
-    and the extensions ``get_info`` and ``answer_ping`` (PROTOCOL 7);
+    and the extensions ``get_info`` and ``answer_ping`` (PROTOCOL.md 7);
     ``send_result`` answers a request.
 
     The stores: ``sessions`` (alias -> session) and ``delivered_store``
@@ -1981,20 +2023,20 @@ class Server:
             caller.wait_for_drain(caller)
 
     def get_info(self, data: dict, wheel_id: int) -> None:
-        """What a client needs to know of this server (PROTOCOL 7.1)."""
+        """What a client needs to know of this server (PROTOCOL.md 7.1)."""
         self.send_result(True, data, wheel_id, {
             "server": "proxysession", "version": __version__, "protocol": PROTOCOL_VERSION,
             "max_frame": self.max_frame, "max_waiting_calls": self.max_waiting_calls,
             "max_name": MAX_NAME})
 
     def answer_ping(self, data: dict, wheel_id: int) -> None:
-        """A liveness check (PROTOCOL 7.2): success, no payload."""
+        """A liveness check (PROTOCOL.md 7.2): success, no payload."""
         self.send_result(True, data, wheel_id)
 
     # connections ending
 
     def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
-        """A connection ended (PROTOCOL 6.3). First everything it held leaves
+        """A connection ended (PROTOCOL.md 6.3). First everything it held leaves
         the stores, then the others are told: telling one may close it, and its
         own cleanup, run inside this one, must find nothing half removed."""
         wheel_id = wheel.wheel_id
@@ -2110,7 +2152,7 @@ class Client:
     ``connect_error_event(remote_address, remote_port, error)``,
     ``rescinded_event(alias, connection_id)``.
 
-    Payloads are unpickled with an allow-list (PROTOCOL 2): extend it with
+    Payloads are unpickled with an allow-list (PROTOCOL.md 3): extend it with
     ``allow_classes=["module.Name", ...]``; ``unsafe_unpickle_anything=True``
     turns it off, which lets any peer run code here: only for a network
     where every peer is trusted.
@@ -2288,6 +2330,12 @@ class Client:
         wheel = self._connections.get(connection_id)
         if wheel is None:
             raise ProxyError("no open connection %r" % (connection_id,))
+        if callback is None and self.reactor.in_pass >= MAX_NESTED_CALLS:
+            # each nested wait is a pass of the loop inside a published method
+            # inside a pass: past this depth the interpreter's stack runs out,
+            # and a RecursionError would close the connection instead of this call
+            raise ProxyError("a blocking call nested %d deep exceeds MAX_NESTED_CALLS (%d)"
+                             % (self.reactor.in_pass, MAX_NESTED_CALLS))
         request_id = message["id"] = next(self._ids)
         request = _Request(connection_id, on_result, callback, tag,
                            self.timeout if timeout == "default" else timeout)

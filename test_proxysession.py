@@ -4,8 +4,10 @@ sockets (the filter alone is tried with no sockets at all).
 Run with:  python -m pytest -q test_proxysession.py
 """
 
+import ast
 import os
 import pickle
+import pickletools
 import re
 import select
 import selectors
@@ -445,7 +447,7 @@ def test_filter_max_frame_is_configurable():
 
 
 # ---------------------------------------------------------------------------
-# the server: PROTOCOL 4, over sockets
+# the server: PROTOCOL.md 6, over sockets
 # ---------------------------------------------------------------------------
 
 def test_publish_listing_subscribe_and_the_failure_wording(server, peers):
@@ -1832,3 +1834,545 @@ def test_one_client_holds_connections_to_several_servers(make_server, make_clien
         client.rescind("Who")
     client.rescind("Who", connection_id=conn_a)
     assert client.server_listing(conn_a) == [] and client.server_listing(conn_b) == ["Who"]
+
+
+# ---------------------------------------------------------------------------
+# hostile and unlucky input: the server never dies, and no input costs more
+# than a small multiple of its size
+# ---------------------------------------------------------------------------
+
+MEMO_BOMB = b"\x80\x04K\x00r\xff\xff\xff\x07."     # LONG_BINPUT 134,217,727: 1 GiB of memo
+TEXT_MEMO_BOMB = b"K\x00p99999999\n."               # PUT 99,999,999 in protocol 0's text form
+
+
+def hwm_kib(pid="self"):
+    """Peak resident memory (VmHWM) of a process, in KiB."""
+    with open("/proc/%s/status" % pid) as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def prompt_listing(address, within=0.5):
+    """A clean client's listing, answered within ``within`` seconds."""
+    peer = RawPeer(address)
+    try:
+        started = time.monotonic()
+        assert peer.result(type="listing", id=1)[0] is True
+        took = time.monotonic() - started
+        assert took < within, "a clean listing took %.2f s" % took
+    finally:
+        peer.close()
+
+
+def failure_words(peer, **message):
+    success, payload = peer.result(**message)
+    assert success is False, payload
+    return payload
+
+
+def test_a_close_inside_a_close_leaves_the_server_serving(server, peers):
+    """What is tried: a caller with two calls waiting on a publisher, whose own
+    connection closes the moment anything is written to it; the publisher
+    leaves, so answering the first call closes the caller inside the
+    publisher's cleanup. The server must go on, and forget both calls."""
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "P")
+    caller.send(type="deliver", id=1, to="P", payload=dumps({"event": "echo", "args": [1]}))
+    caller.send(type="deliver", id=2, to="P", payload=dumps({"event": "echo", "args": [2]}))
+    publisher.recv(), publisher.recv()
+    assert server.call(lambda: server.server.count_delivereds()) == 2
+
+    def starve_caller():
+        for wheel in server.server.wheels.values():
+            if wheel.context.calls_made:
+                wheel.max_write_buffer = 0     # the next write closes it
+    server.call(starve_caller)
+    publisher.close()
+    assert caller.closed_by_server()
+    assert wait_for(lambda: server.call(lambda: (server.server.count_delivereds(),
+                                                 len(server.server.wheels))) == (0, 0))
+    prompt_listing(server.address)
+
+
+def test_stop_answers_every_waiting_caller_even_when_an_answer_closes_one(server, peers):
+    publisher, doomed, patient = (peers(server.address) for _ in range(3))
+    publish(publisher, "P")
+    for caller, msg_id in ((doomed, 1), (doomed, 2), (patient, 3), (patient, 4)):
+        caller.send(type="deliver", id=msg_id, to="P", payload=b"x")
+    for _ in range(4):
+        publisher.recv()
+
+    def starve_doomed():
+        for wheel in server.server.wheels.values():
+            if wheel.context.calls_made and 1 in [server.server.get_delivered(f)[1]
+                                                  for f in wheel.context.calls_made]:
+                wheel.max_write_buffer = 0
+    server.call(starve_doomed)
+    server.call(server.server.stop)
+    answers = [patient.recv(), patient.recv()]
+    assert sorted(a["id"] for a in answers) == [3, 4]
+    assert all(pickle.loads(a["payload"]) == "Server is shutting down" for a in answers)
+    assert doomed.closed_by_server()
+
+
+def test_a_handler_that_raises_is_logged_and_the_loop_goes_on(caplog):
+    reactor = proxysession.Reactor()
+    ran = []
+
+    def broken():
+        raise RuntimeError("a bug in a handler")
+    reactor.call_soon(broken)
+    reactor.call_later(0, broken)
+    reactor.call_soon(ran.append, "after")
+    try:
+        assert reactor.run_until(lambda: ran, WAIT)
+    finally:
+        reactor.close()
+    assert caplog.text.count("the loop goes on") == 2
+
+
+def test_sigterm_with_a_caller_whose_answer_closes_it_exits_0(server_process):
+    """What is tried: the SIGTERM path of a real server process, with waiting
+    callers, one of which has reset its connection."""
+    server = server_process()
+    publisher = RawPeer(server.address)
+    publish(publisher, "Slow")
+    callers = [RawPeer(server.address) for _ in range(3)]
+    for n, caller in enumerate(callers):
+        caller.send(type="deliver", id=n, to="Slow", payload=b"")
+        publisher.recv()
+    gone = callers.pop(0)
+    gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    gone.close()                              # a reset, not a goodbye
+    server.proc.send_signal(signal.SIGTERM)
+    for caller in callers:
+        assert pickle.loads(caller.recv()["payload"]) == "Server is shutting down"
+    assert server.proc.wait(WAIT) == 0
+    assert "Traceback" not in "".join(server.log)
+
+
+@pytest.mark.parametrize("body", [MEMO_BOMB, TEXT_MEMO_BOMB,
+                                  b"\x80\x04}\x94K\x00r\x00\x00\x00\x10."])
+def test_memo_bombs_are_refused_before_they_allocate(server_process, body):
+    """What is tried: frames of a dozen bytes whose memo index would make
+    pickle allocate and clear 1-2 GiB, ten of them in a row."""
+    server = server_process()
+    before = hwm_kib(server.proc.pid)
+    peer = RawPeer(server.address)
+    for _ in range(10):
+        peer.send_raw(frame(body))
+        answer = peer.recv()
+        assert answer["success"] is False
+        assert "Malformed message" in pickle.loads(answer["payload"])
+    assert hwm_kib(server.proc.pid) - before < 16 * 1024
+    prompt_listing(server.address)
+    peer.close()
+
+
+def test_a_memo_bomb_as_a_payload_is_a_malformed_call_and_costs_the_publisher_nothing(
+        server, make_client, peers):
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Echo", Echo())
+    caller = peers(server.address)
+    before = hwm_kib()
+    caller.send(type="deliver", id=1, to="Echo", payload=MEMO_BOMB)
+    assert run_until_readable(publisher.reactor, caller.sock)
+    answer = caller.recv()
+    assert answer["success"] is False
+    assert "Malformed call: memo index" in pickle.loads(answer["payload"])
+    assert hwm_kib() - before < 16 * 1024
+    echo = publisher.subscribe(publisher.connect(*server.address), "Echo")
+    assert echo.echo("still serving") == "still serving"
+
+
+@pytest.mark.parametrize("kib", [160, 320, 640])
+def test_large_crafted_frames_cost_linear_time(server, peers, kib):
+    """What is tried: large frames of the shapes that made the envelope walker
+    quadratic (many marks and item-setting opcodes, a huge flat dict), each
+    answered as malformed while a clean client waits."""
+    items = kib * 1024 // 6
+    shapes = [
+        b"\x80\x04}" + b"(" * items + b"K\x00K\x00u" * items + b".",
+        b"\x80\x04}(" + b"K\x01K\x01" * items + b"u.",
+        b"\x80\x04}" + b"(K\x00K\x00u" * items + b".",
+    ]
+    peer = peers(server.address)
+    for body in shapes:
+        peer.send_raw(frame(body))
+        assert "Malformed message" in pickle.loads(peer.recv()["payload"])
+        prompt_listing(server.address)
+
+
+def test_the_server_never_forwards_much_more_than_it_received(server, peers):
+    """What is tried: a deliver whose extra keys all reference one 14 KB value
+    (shared on the wire), small and large; the publisher must get a frame about
+    the size of the caller's, and its connection and session must stay."""
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "Victim")
+    shared = b"x" * 14000
+    for padding in (0, 100000):
+        message = {"type": "deliver", "id": 1, "to": "Victim", "payload": b"p" * padding}
+        message.update(("k%d" % n, shared) for n in range(60))
+        body = dumps(message)
+        assert len(body) < 16000 + padding
+        caller.send_raw(frame(body))
+        forwarded = publisher.recv()
+        assert forwarded["k59"] == shared
+        assert len(dumps(forwarded)) < len(body) + 64
+        publisher.send(type="result", id=forwarded["id"], success=True, payload=b"ok")
+        assert caller.recv()["payload"] == b"ok"
+    assert caller.result(type="listing", id=2) == (True, ["Victim"])
+
+
+@pytest.mark.parametrize("methods,words", [
+    ({"m%d" % n: {"doc": "d"} for n in range(5000)}, "5000 methods"),
+    ({"m": {"signature": [1, 2]}}, "holds signature"),
+    ({"m": {"signature": {1, 2}}}, "opcode EMPTY_SET is forbidden"),
+    ({"m": {"signature": "x" * 70000}}, "at most 65536"),
+    ({"not an identifier": {}}, "not an identifier"),
+    ({"m": {n: None for n in range(20)}}, "at most 16 fields"),
+])
+def test_a_method_table_out_of_shape_is_refused_and_the_connection_stays(server, peers, methods,
+                                                                       words):
+    peer = peers(server.address)
+    success, payload = publish(peer, "Odd", methods=methods)
+    assert success is False and words in payload, payload
+    assert peer.result(type="listing", id=2) == (True, [])
+
+
+def test_a_deeply_nested_or_set_built_publish_is_refused_without_building_it(server_process):
+    server = server_process()
+    peer = RawPeer(server.address)
+    before = hwm_kib(server.proc.pid)
+    deep = b"\x80\x04}(\x8c\x0csession_alias\x8c\x01D\x8c\x0csession_name\x8c\x01D" \
+           b"\x8c\x07methods" + b"}(\x8c\x01m" * 100000 + b"N" + b"u" * 100000 + b"u."
+    sets = b"\x80\x04" + b"\x8f" * (1 << 20) + b"."
+    for payload in (deep, sets):
+        words = failure_words(peer, type="publish", id=1, payload=payload)
+        assert "Malformed" in words
+    assert hwm_kib(server.proc.pid) - before < 32 * 1024
+    prompt_listing(server.address)
+    peer.close()
+
+
+@pytest.mark.parametrize("message,words", [
+    ({"type": "deliver", "id": 1, "to": 10 ** 5000, "payload": b""}, "Session '<int>' doesn't exist"),
+    ({"type": "subscribe", "id": 1, "to": 10 ** 5000}, "Session '<int>' doesn't exist"),
+    ({"type": "deliver", "id": 1, "to": "a" * 100000, "payload": b""}, "doesn't exist"),
+    ({"type": "deliver", "id": 10 ** 5000, "to": "x", "payload": b""}, "int 'id' in"),
+    ({"type": "x" * 5000, "id": 1}, "Unknown message type"),
+])
+def test_odd_values_are_answered_with_bounded_words_and_the_connection_stays(server, peers,
+                                                                             message, words):
+    peer = peers(server.address)
+    peer.send_raw(frame(dumps(message)))
+    answer = peer.recv()
+    text = pickle.loads(answer["payload"])
+    assert answer["success"] is False and words in text, text
+    assert len(text) < 400
+    assert peer.result(type="listing", id=2) == (True, [])
+
+
+def test_a_nested_to_is_a_malformed_message(server, peers):
+    nested = []
+    for _ in range(50):
+        nested = [nested, nested]              # shared references: 2**50 elements expanded
+    peer = peers(server.address)
+    peer.send_raw(frame(dumps({"type": "deliver", "id": 1, "to": nested, "payload": b""})))
+    answer = peer.recv()
+    assert answer["success"] is False and len(answer["payload"]) < 400
+    assert "Malformed message" in pickle.loads(answer["payload"])
+    assert peer.result(type="listing", id=2) == (True, [])
+
+
+def test_a_result_with_a_huge_id_costs_one_short_log_line(server, peers, caplog):
+    peer = peers(server.address)
+    peer.send_raw(frame(dumps({"type": "result", "id": 10 ** 5000, "success": True})))
+    assert "int 'id'" in pickle.loads(peer.recv()["payload"])
+    assert len(caplog.text.splitlines()) <= 2 and len(caplog.text) < 1000
+
+
+class Big:
+    @proxysession.proxy_event
+    def big(self):
+        return b"b" * (6 * 1024 * 1024)
+
+    @proxysession.proxy_event
+    def echo(self, x):
+        return x
+
+
+def test_a_caller_that_does_not_read_pays_for_it_not_the_publisher(server, make_client):
+    """What is tried: a caller with a tiny receive buffer asks for 6 MiB and
+    never reads it; the publisher's other callers must be served meanwhile."""
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Big", Big())
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: publisher.reactor.run_until(done.is_set, WAIT * 2))
+    thread.start()
+    try:
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(server.address)
+        slow.sendall(message_frame(type="deliver", id=1, to="Big",
+                                   payload=dumps({"event": "big", "args": [], "kwargs": {}})))
+        other = RawPeer(server.address)
+        for n in range(5):
+            started = time.monotonic()
+            answer = other.request(type="deliver", id=n, to="Big",
+                                   payload=dumps({"event": "echo", "args": [n], "kwargs": {}}))
+            assert answer["success"] is True and pickle.loads(answer["payload"]) == n
+            assert time.monotonic() - started < 1.0
+        other.close()
+        slow.close()
+    finally:
+        done.set()
+        thread.join(WAIT * 2)
+    assert not thread.is_alive()
+
+
+def test_the_allow_list_admits_values_not_power():
+    """What is tried: payloads that BUILD on an allowed class, function or enum
+    (which would change them for the whole process), and constructors made to
+    compute or allocate far beyond the payload's size."""
+    import copyreg
+    import fractions
+    import uuid
+    client = proxysession.Client(reactor=proxysession.Reactor())
+
+    def global_(module, name):
+        return b"\x8c" + bytes([len(module)]) + module.encode() + \
+               b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
+
+    def build_on(module, name):        # STACK_GLOBAL, then BUILD (None, {"x": True}) onto it
+        return b"\x80\x04" + global_(module, name) + b"N}\x8c\x01x\x88s\x86b."
+
+    attacks = {
+        "class": build_on("fractions", "Fraction"),
+        "enum": build_on("uuid", "SafeUUID"),
+        "function": build_on("copyreg", "_reconstructor"),
+        "Fraction exponent": b"\x80\x04" + global_("fractions", "Fraction") +
+                             b"\x8c\x0b1e100000000\x85R.",
+        "Fraction via NEWOBJ": b"\x80\x04" + global_("fractions", "Fraction") +
+                               b"\x8c\x0b1e100000000\x85\x81.",
+        "Fraction via __newobj__": b"\x80\x04" + global_("copyreg", "__newobj__") +
+                                   global_("fractions", "Fraction") + b"\x8c\x0b1e100000000\x86R.",
+        "bytearray(2**30)": b"\x80\x04" + global_("builtins", "bytearray") +
+                            b"J\x00\x00\x00@\x85R.",
+    }
+    for name, payload in attacks.items():
+        with pytest.raises(pickle.UnpicklingError):
+            client._loads(payload)
+    assert fractions.Fraction(1, 2) + 1 == fractions.Fraction(3, 2)
+    assert not hasattr(fractions.Fraction, "x") and not hasattr(uuid.SafeUUID, "x")
+    assert not hasattr(copyreg._reconstructor, "x")
+    # ... and every allowed value still round-trips, at every protocol that can carry it
+    import collections
+    import datetime
+    import decimal
+    values = [fractions.Fraction(-3, 4), datetime.datetime(2026, 12, 2, 18, 0, 1, 5),
+              datetime.timedelta(days=2), uuid.UUID(int=5), uuid.SafeUUID.safe,
+              decimal.Decimal("-1.5e-3"), collections.OrderedDict(a=1),
+              collections.deque([1, 2], 5), bytearray(b"ab"), {1, 2}, frozenset([3]), 1 + 2j,
+              datetime.timezone(datetime.timedelta(hours=3))]
+    for value in values:
+        for protocol in (3, 4, 5):
+            assert client._loads(pickle.dumps(value, protocol)) == value
+    client.close()
+    client.reactor.close()
+
+
+def test_a_build_attack_as_call_arguments_is_a_malformed_call(server, make_client, peers):
+    import fractions
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Echo", Echo())
+    caller = peers(server.address)
+    attack = b"\x80\x04}(\x8c\x05event\x8c\x04ping\x8c\x04args" \
+             b"\x8c\tfractions\x8c\x08Fraction\x93N}\x8c\x07__add__N\x86b\x85u."
+    caller.send(type="deliver", id=1, to="Echo", payload=attack)
+    assert run_until_readable(publisher.reactor, caller.sock)
+    answer = caller.recv()
+    assert answer["success"] is False
+    assert "Malformed call: BUILD may only" in pickle.loads(answer["payload"])
+    assert fractions.Fraction(1, 2) + 1 == fractions.Fraction(3, 2)
+
+
+def test_before_the_handshake_a_peer_can_make_the_server_buffer_nothing_big(make_server):
+    """What is tried: against a keyed server, peers that announce a 16 MiB
+    handshake frame and start sending it."""
+    server = make_server(authkey=b"key")
+    socks = []
+    for _ in range(20):
+        sock = socket.create_connection(server.address, timeout=WAIT)
+        sock.recv(1000)                                  # the challenge
+        sock.sendall(b"16000000\0" + b"x" * 60000)
+        socks.append(sock)
+    for sock in socks:
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        sock.close()
+    assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 0)
+
+
+def test_a_closed_wheel_is_freed_at_once_not_at_the_next_collection(make_server):
+    import gc
+    import weakref
+    server = make_server(authkey=b"key")
+    sock = socket.create_connection(server.address, timeout=WAIT)
+    sock.recv(1000)
+    assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 1)
+    ref = server.call(lambda: weakref.ref(next(iter(server.server.wheels.values()))))
+    gc.disable()
+    try:
+        sock.sendall(b"3\0bad")                          # a wrong answer: the server closes
+        assert sock.recv(1000).endswith(b"#FAILURE#") or True
+        assert wait_for(lambda: server.call(lambda: ref() is None))
+    finally:
+        gc.enable()
+        sock.close()
+
+
+class Down:
+    def __init__(self):
+        self.next = None
+
+    @proxysession.proxy_event
+    def down(self, n):
+        return 0 if n == 0 else self.next.down(n - 1) + 1
+
+
+def test_calls_nested_deeper_than_the_interpreter_allows_fail_that_call_only(server,
+                                                                             make_client):
+    client = make_client()
+    conn = client.connect(*server.address)
+    down = Down()
+    client.publish(conn, "Down", down)
+    down.next = client.subscribe(conn, "Down")
+    assert down.next.down(10) == 10
+    with pytest.raises(proxysession.ProxyError, match="nested %d deep exceeds MAX_NESTED_CALLS"
+                       % proxysession.MAX_NESTED_CALLS):
+        down.next.down(80)
+    assert down.next.down(5) == 5                        # the connection stayed
+
+
+# ---------------------------------------------------------------------------
+# PROTOCOL.md: its worked examples are the encoder's bytes
+# ---------------------------------------------------------------------------
+
+PROTOCOL_MD = os.path.join(os.path.dirname(os.path.abspath(proxysession.__file__)),
+                           "PROTOCOL.md")
+EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "deliver-forwarded",
+                 "result-from-publisher", "result-forwarded"}
+
+
+def protocol_md_examples(text):
+    """Every ``<!-- example: NAME -->`` followed by a python code block, as
+    NAME -> the bytes literal in the block; and the rows of the opcode table
+    that follows ``<!-- example: listing-request-opcodes -->``."""
+    literals = {}
+    for name, source in re.findall(r"^<!-- example: ([\w-]+) -->\n```python\n(.*?)\n```$",
+                                   text, re.M | re.S):
+        assert name not in literals, "example %r appears twice in PROTOCOL.md" % name
+        literals[name] = ast.literal_eval(source)
+        assert type(literals[name]) is bytes, "example %r is not a bytes literal" % name
+    table = re.search(r"^<!-- example: listing-request-opcodes -->\n((?:\|.*\n)+)", text, re.M)
+    assert table, "PROTOCOL.md has no opcode table for the listing request"
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in table.group(1).splitlines()]
+    return literals, rows[2:]          # past the heading row and the --- row
+
+
+def split_frame(data):
+    header, nul, body = data.partition(b"\0")
+    assert nul and header.isdigit() and int(header) == len(body), data[:24]
+    return body
+
+
+def decoded(data):
+    """The message the real filter and decoder make of one whole frame."""
+    frames = ReferenceFilter()
+    frames.get_one_start(data)
+    messages = frames.get_one()
+    assert len(messages) == 1 and frames.get_one() == []
+    return messages[0]
+
+
+def test_protocol_md_examples_are_what_the_encoder_writes():
+    with open(PROTOCOL_MD, encoding="utf-8") as handle:
+        text = handle.read()
+    examples, opcode_rows = protocol_md_examples(text)
+    assert set(examples) == EXAMPLE_NAMES
+
+    def framed(message):
+        return b"%d\0%s" % (len(pickle.dumps(message, 4)), pickle.dumps(message, 4))
+
+    def encoded(message):              # as write_frame sends what _encode returns
+        body = proxysession._encode(message)
+        assert type(body) is bytes     # small messages are one piece
+        return b"%d\0%s" % (len(body), body)
+
+    # (a) the Client's listing request: send_message adds the id to {"type": "listing"}
+    listing = {"type": "listing"}
+    listing["id"] = 1
+    assert examples["listing-request"] == ReferenceFilter().put(listing)
+    assert examples["listing-request"] == encoded(listing) == framed(listing)
+
+    # (b) Server._answer: type, id, success, then the payload pickled on its own
+    answer = {"type": "result", "id": 1, "success": True}
+    answer["payload"] = pickle.dumps(["Greeter"], 4)
+    assert examples["listing-result"] == encoded(answer) == framed(answer)
+
+    # (c) Client.deliver builds type, to, payload; send_message adds the id last
+    call = pickle.dumps({"event": "hello", "args": ["world"], "kwargs": {}}, 4)
+    deliver = {"type": "deliver", "to": "Greeter", "payload": call}
+    deliver["id"] = 7
+    assert examples["deliver-request"] == encoded(deliver) == framed(deliver)
+    # ... and the server's form: the decoded request with to and id rewritten
+    forwarded = decoded(examples["deliver-request"])
+    assert forwarded == deliver and list(forwarded) == list(deliver)
+    forwarded["to"] = "Greeter"
+    forwarded["id"] = 1
+    assert examples["deliver-forwarded"] == encoded(forwarded)
+
+    # (d) Client.return_to_sender: type, id, success, payload
+    result = {"type": "result", "id": 1, "success": True,
+              "payload": pickle.dumps("hello, world", 4)}
+    assert examples["result-from-publisher"] == encoded(result) == framed(result)
+    back = decoded(examples["result-from-publisher"])
+    assert back == result and list(back) == list(result)
+    back["id"] = 7
+    assert examples["result-forwarded"] == encoded(back)
+
+    # routing leaves every payload's bytes as they came, and grows nothing past
+    # the bound of section 3.1 (received + len(session name) + 32)
+    for received, sent in (("deliver-request", "deliver-forwarded"),
+                           ("result-from-publisher", "result-forwarded")):
+        assert bytes(decoded(examples[sent])["payload"]) == \
+            bytes(decoded(examples[received])["payload"])
+        assert len(split_frame(examples[sent])) <= \
+            len(split_frame(examples[received])) + len("Greeter") + 32
+    assert pickle.loads(decoded(examples["listing-result"])["payload"]) == ["Greeter"]
+    assert pickle.loads(decoded(examples["result-forwarded"])["payload"]) == "hello, world"
+
+    # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
+    body = split_frame(examples["listing-request"])
+    walked = list(pickletools.genops(body))
+    assert len(opcode_rows) == len(walked)
+    ends = [pos for _, _, pos in walked[1:]] + [len(body)]
+    for row, (opcode, _, pos), end in zip(opcode_rows, walked, ends):
+        offset, hexes, name = row[0], row[1].strip("`"), row[2].strip("`")
+        assert (int(offset), name) == (pos, opcode.name), row
+        assert bytes.fromhex(hexes) == body[pos:end], row
+
+    # section 4's byte strings are the module's constants
+    for name in ("CHALLENGE", "DIGEST_NAME", "WELCOME", "FAILURE"):
+        row = re.search(r"^\| `%s` \| `(b'[^`]*')` \| (\d+) \|$" % name, text, re.M)
+        assert row, "PROTOCOL.md section 4 has no row for %s" % name
+        value = ast.literal_eval(row.group(1))
+        assert value == getattr(proxysession, name) and len(value) == int(row.group(2))
+    assert proxysession.MESSAGE_LENGTH == 40
