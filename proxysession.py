@@ -78,7 +78,7 @@ __license__ = "MIT"
 
 __all__ = [
     "ProxyError", "ProtocolError", "AuthenticationError", "RemoteError",
-    "CallTimeout",
+    "CallTimeout", "ConnectError", "FrameTooLarge",
     "ReferenceFilter", "Reactor", "Wheel", "Server", "Client", "Proxy",
     "Result", "proxy_event", "get_reactor", "run", "main",
     "DEFAULT_HOST", "DEFAULT_PORT", "MAX_FRAME",
@@ -155,6 +155,22 @@ class RemoteError(ProxyError):
 
 class CallTimeout(ProxyError, TimeoutError):
     """No answer came within the request's timeout."""
+
+
+class ConnectError(ProxyError, ConnectionError):
+    """``connect()`` could not reach the server, or it did not speak the protocol."""
+
+
+class FrameTooLarge(ProxyError):
+    """A request (or a published method's answer) would make a frame larger
+    than the server accepts: it fails alone, and nothing is sent. ``size``
+    and ``limit`` are in bytes."""
+
+    def __init__(self, what: str, size: int, limit: int):
+        super().__init__("%s of %d bytes exceeds the server's max_frame (%d bytes)"
+                         % (what, size, limit))
+        self.size = size
+        self.limit = limit
 
 
 # ---------------------------------------------------------------------------
@@ -1123,7 +1139,8 @@ class Wheel:
     to resume ``other`` once it drains below half of it.
     """
 
-    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "phase", "paused",
+    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "phase",
+                 "paused",
                  "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
                  "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
                  "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
@@ -1141,6 +1158,7 @@ class Wheel:
         self.wheel_id = wheel_id
         self.peer = peer
         self.filter = ReferenceFilter(max_frame)
+        self.peer_max_frame = MAX_FRAME     # the largest frame the peer takes, once it says
         self.paused = False
         self.out_size = 0
         self.max_write_buffer = max_write_buffer
@@ -2138,6 +2156,37 @@ class _Publication:
         self.methods = methods
 
 
+def _parse_host_port(text: str) -> Tuple[str, Optional[int]]:
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``HOST``: the host (default 127.0.0.1)
+    and the port, or None where there is none. Raises ``ValueError``."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    if not port:
+        return host or DEFAULT_HOST, None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("bad port in %r: want HOST:PORT with PORT 0..65535" % text)
+    return host or DEFAULT_HOST, int(port)
+
+
+def _address_and_port(address: str, port: Optional[int]) -> Tuple[str, int]:
+    """``connect()``'s address: a host and a port, or one "host:port" string."""
+    if not isinstance(address, str):
+        raise TypeError("the address must be a str, not %s" % type(address).__name__)
+    if address.startswith("[") or address.count(":") == 1:
+        host, parsed_port = _parse_host_port(address)
+        if parsed_port is not None:
+            if port is not None and port != parsed_port:
+                raise ValueError("the port is given twice: %r and %r" % (address, port))
+            return host, parsed_port
+        address = host
+    return address, DEFAULT_PORT if port is None else port
+
+
 class Client:
     """Connections to proxysession servers, after POEx::ProxySession::Client.
 
@@ -2224,12 +2273,14 @@ class Client:
 
     # connections
 
-    def connect(self, remote_address: str = DEFAULT_HOST, remote_port: int = DEFAULT_PORT,
+    def connect(self, remote_address: str = DEFAULT_HOST, remote_port: Optional[int] = None,
                 timeout: Optional[float] = None, server_hostname: Optional[str] = None) -> int:
-        """Connect to a server and return the connection id. Raises
-        ``ConnectionError`` (or ``AuthenticationError``) after calling
-        ``connect_error_event`` when set."""
+        """Connect to a server and return the connection id. The address is a
+        host and a port (default 56789), or one ``"host:port"`` string. Raises
+        ``ConnectError`` (a ``ConnectionError`` too) or ``AuthenticationError``,
+        after calling ``connect_error_event`` when set."""
         timeout = self.handshake_timeout if timeout is None else timeout
+        remote_address, remote_port = _address_and_port(remote_address, remote_port)
         connection_id = next(self._connection_ids)
         try:
             infos = socket.getaddrinfo(remote_address, remote_port, 0, socket.SOCK_STREAM)
@@ -2264,25 +2315,39 @@ class Client:
             return self._connect_failed(remote_address, remote_port, errors[0] if errors else
                                         ConnectionError("connection closed during the handshake"))
         wheel.context = None
-        if self.authkey is None:
-            # A keyed server challenges first; a keyless client learns it only
-            # from the next frame. One listing makes connect() the place where
-            # that, or a peer that does not speak the protocol, is reported.
-            try:
-                self.send_message(connection_id, {"type": "listing"}, timeout=timeout)
-            except ProxyError as exc:
-                wheel.close("connect check failed")
-                return self._connect_failed(remote_address, remote_port, exc)
-        log.info("%s connected to %s:%s as connection %d", self.alias, remote_address,
-                 remote_port, connection_id)
+        # One round trip makes connect() the place where a keyed server met
+        # without a key (it challenges first, and a keyless client learns it
+        # only from the next frame), or a peer that does not speak the
+        # protocol, is reported; and it tells us the server's limits.
+        try:
+            wheel.peer_max_frame = self._server_max_frame(connection_id, timeout)
+        except ProxyError as exc:
+            wheel.close("connect check failed")
+            return self._connect_failed(remote_address, remote_port, exc)
+        log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
+                  remote_port, connection_id)
         return connection_id
+
+    def _server_max_frame(self, connection_id: int, timeout: Optional[float]) -> int:
+        """The server's frame limit from ``info`` (PROTOCOL.md 7.1); a version-1
+        server does not know the message, and has the seed's default."""
+        try:
+            info = self.send_message(connection_id, {"type": "info"}, timeout=timeout)
+        except ProxyError as exc:
+            if str(exc) == "Unknown message type 'info'":
+                return MAX_FRAME
+            raise
+        limit = info.get("max_frame") if type(info) is dict else None
+        if type(limit) is not int or limit <= 0:
+            raise ProtocolError("the server's info holds no max_frame: %.100r" % (info,))
+        return limit
 
     def _connect_failed(self, address, port, error):
         if self.connect_error_event is not None:
             self.connect_error_event(address, port, error)
-        if isinstance(error, ProxyError):
+        if isinstance(error, ProxyError) and not isinstance(error, CallTimeout):
             raise error
-        raise ConnectionError("cannot connect to %s:%s: %s" % (address, port, error)) from error
+        raise ConnectError("cannot connect to %s:%s: %s" % (address, port, error)) from error
 
     def close(self) -> None:
         """Close every connection; waiting requests fail."""
@@ -2343,7 +2408,12 @@ class Client:
         deadline = request.deadline
         if deadline is not None and (self._sweep_at is None or deadline < self._sweep_at):
             self._arm_sweep(deadline)
-        wheel.write_frame(_encode(message))
+        body = _encode(message)
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if size > wheel.peer_max_frame:
+            del self._pending[request_id]
+            raise FrameTooLarge("a %s request" % message["type"], size, wheel.peer_max_frame)
+        wheel.write_frame(body)
         if callback is not None:
             return None
         self.reactor.run_until(lambda: request.result is not None, None)
@@ -2472,8 +2542,17 @@ class Client:
 
     def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
                          payload: bytes) -> None:
-        wheel.write_frame(_encode({"type": "result", "id": message_id, "success": success,
-                                  "payload": payload}))
+        body = _encode({"type": "result", "id": message_id, "success": success,
+                        "payload": payload})
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if size > wheel.peer_max_frame:
+            # the server would close this connection, taking every session on it
+            # down for one caller's large answer: that caller gets a failure instead
+            error = FrameTooLarge("Result", size, wheel.peer_max_frame)
+            log.warning("%s: %s", self.alias, error)
+            body = _encode({"type": "result", "id": message_id, "success": False,
+                            "payload": _dumps(str(error))})
+        wheel.write_frame(body)
 
     # the requests
 
@@ -2675,18 +2754,11 @@ class _UsageError(Exception):
 
 def _parse_address(text: str) -> Tuple[str, int]:
     """``HOST:PORT``, ``[IPv6]:PORT`` or ``HOST`` (the default port)."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    else:
-        host, port = text, ""
-    if not port:
-        return host or DEFAULT_HOST, DEFAULT_PORT
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise _UsageError("bad port in %r: want HOST:PORT with PORT 0..65535" % text)
-    return host or DEFAULT_HOST, int(port)
+    try:
+        host, port = _parse_host_port(text)
+    except ValueError as exc:
+        raise _UsageError(str(exc))
+    return host, DEFAULT_PORT if port is None else port
 
 
 def _read_authkey(path: Optional[str]) -> Optional[bytes]:

@@ -980,9 +980,10 @@ def test_unknown_message_types_reach_unknown_message_event_and_garbage_is_logged
         sock, _ = listener.accept()
         peer = RawPeer.__new__(RawPeer)
         peer.sock, peer.filter = sock, ReferenceFilter()
-        probe = peer.recv()                  # connect() checks the peer with a listing
-        sock.sendall(message_frame(type="result", id=probe["id"], success=True,
-                                   payload=dumps([])))
+        probe = peer.recv()                  # connect() asks for info: a version-1 server
+        assert probe["type"] == "info"       # does not know it, and connect() carries on
+        sock.sendall(message_frame(type="result", id=probe["id"], success=False,
+                                   payload=dumps("Unknown message type 'info'")))
         sock.sendall(frame(b"garbage that does not decode")        # logged, not passed on
                      + message_frame(type="result", id=[1], success=True)  # no such request
                      + message_frame(type="frobnicate", id=3, to="x"))
@@ -2376,3 +2377,79 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
         value = ast.literal_eval(row.group(1))
         assert value == getattr(proxysession, name) and len(value) == int(row.group(2))
     assert proxysession.MESSAGE_LENGTH == 40
+
+
+# ---------------------------------------------------------------------------
+# limits that cost only whoever hits them
+# ---------------------------------------------------------------------------
+
+class Sizes:
+    @proxysession.proxy_event
+    def length(self, data):
+        return len(data)
+
+    @proxysession.proxy_event
+    def make(self, size):
+        return b"m" * size
+
+    @proxysession.proxy_event
+    def slow_echo(self, x, seconds):
+        time.sleep(seconds)
+        return x
+
+
+def test_a_call_over_the_servers_frame_limit_fails_alone_and_nothing_is_sent(server_process,
+                                                                           make_client):
+    server = server_process("--max-frame", "1048576")
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Sizes", Sizes())
+    caller = make_client(reactor=publisher.reactor)
+    conn = caller.connect(*server.address)
+    sizes = caller.subscribe(conn, "Sizes")
+    answers = []
+    sizes.length.post(b"before", callback=answers.append)     # in flight meanwhile
+    started = time.monotonic()
+    with pytest.raises(proxysession.FrameTooLarge) as raised:
+        sizes.length(b"x" * (2 * 1024 * 1024))
+    assert time.monotonic() - started < 2.0
+    assert "exceeds the server's max_frame (1048576 bytes)" in str(raised.value)
+    assert raised.value.limit == 1048576 and raised.value.size > 2 * 1024 * 1024
+    assert caller.reactor.run_until(lambda: answers, WAIT)
+    assert answers[0].success and answers[0].payload == 6
+    assert sizes.length(b"after") == 5
+    # an answer over the limit: that call fails, the session stays
+    with pytest.raises(proxysession.ProxyError,
+                       match=r"Result of \d+ bytes exceeds the server's max_frame \(1048576"):
+        sizes.make(2 * 1024 * 1024)
+    assert sizes.make(10) == b"m" * 10
+    assert caller.server_listing(conn) == ["Sizes"]
+    assert "protocol error" not in "".join(server.log)
+
+
+def test_a_caller_may_leave_only_so_many_calls_waiting(make_server, peers):
+    server = make_server(max_waiting_calls=5)
+    publisher, caller, other = (peers(server.address) for _ in range(3))
+    publish(publisher, "Mute")
+    for n in range(5):
+        caller.send(type="deliver", id=n, to="Mute", payload=b"")
+    forwarded = [publisher.recv() for _ in range(5)]
+    words = failure_words(caller, type="deliver", id=5, to="Mute", payload=b"")
+    assert re.fullmatch(r"Too many calls waiting: connection \d+ has 5 calls waiting for "
+                        r"answers \(max_waiting_calls\)", words), words
+    other.send(type="deliver", id=1, to="Mute", payload=b"")   # another caller is not limited
+    assert publisher.recv()["to"] == "Mute"
+    publisher.send(type="result", id=forwarded[0]["id"], success=True, payload=b"done")
+    assert caller.recv()["id"] == 0
+    caller.send(type="deliver", id=6, to="Mute", payload=b"")  # room again
+    assert publisher.recv()["to"] == "Mute"
+
+
+def test_info_tells_a_client_the_servers_limits(make_server, peers):
+    server = make_server(max_frame=123456, max_waiting_calls=77)
+    peer = peers(server.address)
+    success, info = peer.result(type="info", id=1)
+    assert success is True
+    assert info == {"server": "proxysession", "version": proxysession.__version__,
+                    "protocol": 2, "max_frame": 123456, "max_waiting_calls": 77,
+                    "max_name": 256}
+    assert peer.result(type="ping", id=2) == (True, None)
