@@ -1708,7 +1708,10 @@ def fuzz_inputs(rng, marker, count):
     ]
     hostile = [frame(make(marker)) for make in HOSTILE.values()]
     for _ in range(count):
-        kind = rng.randrange(6)
+        kind = rng.randrange(7)
+        if kind == 6:        # the shapes that once cost far more than their size
+            yield frame(crafted_pickle(rng))
+            continue
         if kind == 0:        # bit flips of a valid frame
             data = bytearray(rng.choice(valid))
             for _ in range(rng.randint(1, 4)):
@@ -1726,6 +1729,38 @@ def fuzz_inputs(rng, marker, count):
             yield rng.choice(hostile)
         else:                # huge declared length
             yield b"%d\0" % rng.randint(16 * 1024 * 1024 + 1, 10 ** 18)
+
+
+def crafted_pickle(rng):
+    """A pickle built from the opcodes that amplify: memo puts with huge or
+    random indices, runs of marks, deep nesting, big ints, shared references
+    (memo gets), containers of containers, and whole valid messages among them."""
+    pieces = [b"\x80\x04"]
+    for _ in range(rng.randint(1, 40)):
+        kind = rng.randrange(9)
+        if kind == 0:
+            pieces.append(b"r" + rng.randrange(1 << 32).to_bytes(4, "little"))   # LONG_BINPUT
+        elif kind == 1:
+            pieces.append(b"p%d\n" % rng.randrange(10 ** rng.randint(1, 12)))    # PUT
+        elif kind == 2:
+            pieces.append(b"(" * rng.randint(1, 5000))                            # marks
+        elif kind == 3:
+            depth = rng.randint(1, 3000)
+            pieces.append(b"]" * depth + b"a" * (depth - 1))                      # nesting
+        elif kind == 4:
+            digits = rng.randint(1, 3000)
+            pieces.append(b"\x8b" + digits.to_bytes(4, "little") + os.urandom(digits))  # LONG4
+        elif kind == 5:
+            pieces.append(b"h" + bytes([rng.randrange(4)]) * rng.randint(1, 2000))  # BINGETs
+        elif kind == 6:
+            pieces.append(rng.choice([b"\x8f", b"}", b"]", b")", b"\x94"]) * rng.randint(1, 5000))
+        elif kind == 7:
+            pieces.append(rng.choice([b"u", b"e", b"s", b"t", b"\x90", b"\x85"]) *
+                          rng.randint(1, 50))
+        else:
+            pieces.append(dumps({"type": "listing", "id": rng.randrange(100)})[2:-1])
+    pieces.append(b".")
+    return b"".join(pieces)
 
 
 def test_fuzzed_frames_from_many_connections_leave_the_server_serving(server_process, tmp_path):
@@ -1766,7 +1801,90 @@ def test_fuzzed_frames_from_many_connections_leave_the_server_serving(server_pro
     assert not marker.exists()
     grown = server.rss_kib() - baseline
     assert grown < 32 * 1024, "server grew by %d KiB" % grown
+    assert hwm_kib(server.proc.pid) - baseline < 64 * 1024
     assert "Traceback" not in "".join(server.log)
+
+
+def test_fuzzed_frames_and_payloads_leave_a_client_serving(server, make_client, tmp_path):
+    """What is tried: 1,500 fuzzed frames (mutations, crafted amplifying
+    pickles, hostile pickles) sent to a Client by a fake server, and 1,500
+    fuzzed payloads delivered to a Client's published session through the real
+    server. The Client must stay up, its session must answer, and its peak
+    memory must not jump."""
+    import random
+    marker = tmp_path / "pwned"
+    rng = random.Random(20261202)
+    before = hwm_kib()
+    listener = socket.create_server(("127.0.0.1", 0))
+    valid = [dumps({"type": "result", "id": n, "success": True, "payload": dumps(n)})
+             for n in range(5)] + [dumps({"type": "rescinded", "id": -1, "to": "F"})]
+    hostile = [make(marker) for make in HOSTILE.values()]
+    bodies = []
+    for _ in range(1500):
+        kind = rng.randrange(4)
+        if kind == 0:
+            body = bytearray(rng.choice(valid))
+            for _ in range(rng.randint(1, 4)):
+                body[rng.randrange(len(body))] ^= 1 << rng.randrange(8)
+            bodies.append(bytes(body))
+        elif kind == 1:
+            bodies.append(crafted_pickle(rng))
+        elif kind == 2:
+            bodies.append(rng.choice(hostile))
+        else:
+            bodies.append(bytes(rng.randrange(256) for _ in range(rng.randint(0, 200))))
+
+    def fake_server():
+        sock, _ = listener.accept()
+        with sock:
+            peer = RawPeer.__new__(RawPeer)
+            peer.sock, peer.filter = sock, ReferenceFilter()
+            probe = peer.recv()
+            sock.sendall(message_frame(type="result", id=probe["id"], success=False,
+                                       payload=dumps("Unknown message type 'info'")))
+            try:
+                for body in bodies:
+                    sock.sendall(frame(body))
+                sock.sendall(message_frame(type="frobnicate", id=1))
+                sock.recv(1)
+            except OSError:
+                pass
+
+    seen = []
+    victim = make_client(unknown_message_event=lambda data, conn: seen.append(data))
+    thread = threading.Thread(target=fake_server, daemon=True)
+    thread.start()
+    conn = victim.connect(*listener.getsockname())
+    assert victim.reactor.run_until(lambda: {"type": "frobnicate", "id": 1} in seen, WAIT)
+    assert conn in victim._connections                  # every frame before it was survived
+    victim.close()
+    thread.join(WAIT)
+    listener.close()
+
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Echo", Echo())
+    caller = RawPeer(server.address)
+    payloads = [crafted_pickle(rng) for _ in range(1000)] + \
+               [bytes(rng.randrange(256) for _ in range(rng.randint(0, 300))) for _ in range(500)]
+    for start in range(0, len(payloads), 50):         # in batches: flow control holds a
+        batch = payloads[start:start + 50]            # caller whose publisher lags
+        for n, payload in enumerate(batch):
+            caller.send(type="deliver", id=n, to="Echo", payload=payload)
+        answered = 0
+        while answered < len(batch):
+            if not caller.filter.buffered():
+                assert run_until_readable(publisher.reactor, caller.sock)
+                data = caller.sock.recv(1 << 16)
+                assert data, "the server closed the caller"
+                caller.filter.get_one_start(data)
+            for answer in iter(caller.filter.get_one, []):
+                assert answer[0]["success"] is False
+                answered += 1
+    caller.close()
+    echo = publisher.subscribe(publisher.connect(*server.address), "Echo")
+    assert echo.echo("still serving") == "still serving"
+    assert not marker.exists()
+    assert hwm_kib() - before < 64 * 1024
 
 
 def test_large_frames_arrive_whole_through_the_server(server, make_client):
