@@ -39,9 +39,10 @@ Contents, in the order the data flows:
 - errors            ProxyError and its family
 - serializers       pickle, restricted on the way in
 - filter            ReferenceFilter: bytes <-> frames
-- reactor           Reactor: a selectors loop with timers
+- reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
 - server            Server: sessions and call routing
+- threads           worker pools, futures: calls that run off the loop
 - client            Client: connections, publications, requests
 - proxy             Proxy, proxy_event
 - command line      main()
@@ -49,6 +50,7 @@ Contents, in the order the data flows:
 
 import argparse
 import collections
+import concurrent.futures
 import copyreg
 import errno
 import hashlib
@@ -62,12 +64,14 @@ import logging
 import os
 import pickle
 import pickletools
+import queue
 import re
 import selectors
 import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import traceback
 import types
@@ -80,7 +84,7 @@ __all__ = [
     "ProxyError", "ProtocolError", "AuthenticationError", "RemoteError",
     "CallTimeout", "ConnectError", "FrameTooLarge",
     "ReferenceFilter", "Reactor", "Wheel", "Server", "Client", "Proxy",
-    "Result", "proxy_event", "get_reactor", "run", "main",
+    "Result", "proxy_event", "get_reactor", "run", "run_in_thread", "main",
     "DEFAULT_HOST", "DEFAULT_PORT", "MAX_FRAME",
 ]
 
@@ -124,6 +128,9 @@ DECODE_COST_BASE = 1024 * 1024    # ... plus this: CPython objects are 50-230 by
 MAX_QUOTE = 256                   # characters of a peer's value quoted back in an error
 MAX_NESTED_CALLS = 32             # blocking calls nested inside published methods, per reactor:
                                   # each level costs ~15 interpreter frames of the 1000 allowed
+HANDOFF_GRACE = 1.0               # seconds past its own timeout that a thread waits for a call
+                                  # handed to the reactor's thread: only a loop blocked by user
+                                  # code (whose sweep cannot run) makes it wait that long
 
 
 # ---------------------------------------------------------------------------
@@ -844,6 +851,14 @@ class Reactor:
     asked-for flush once, at the end of the pass, so whatever one pass of the
     loop produced for a socket leaves in one ``send``. A write made while no
     pass runs is flushed at once.
+
+    Threads: one thread at a time runs passes, the *driver*: the one in
+    ``run()`` (``run_in_thread()`` starts one), or else whichever thread is
+    waiting in ``run_until`` and found the loop free. Everything the reactor
+    and its wheels hold is touched only by the driver. Another thread hands
+    work over with ``call_in_loop(fn, *args)`` (and waits for its value) or
+    ``call_soon_threadsafe``, and waits in ``run_until``, taking over the loop
+    if the driver lets it go first.
     """
 
     def __init__(self):
@@ -859,6 +874,14 @@ class Reactor:
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
         self.register(self._wakeup_recv, selectors.EVENT_READ, self._drain_wakeup)
+        self._role = threading.Lock()  # held by the driver: the thread running passes
+        self._driver: Optional[int] = None   # its thread ident
+        self._runner: Optional[int] = None   # the thread in run(), which keeps the role
+        # Threads waiting for something the driver will do; it wakes them at the
+        # end of each pass and when it lets the loop go. An RLock, since stop()
+        # may notify from a signal handler that interrupted a waiter.
+        self._changed = threading.Condition(threading.RLock())
+        self._waiters = 0
 
     def __repr__(self):
         return "<Reactor sockets=%d timers=%d>" % (len(self._selector.get_map()), len(self._timers))
@@ -922,7 +945,18 @@ class Reactor:
 
     def run_once(self, timeout: Optional[float] = None) -> None:
         """Wait up to ``timeout`` (None: until something happens), handle
-        whatever is ready, and flush what the handlers wrote."""
+        whatever is ready, and flush what the handlers wrote. Raises
+        ``RuntimeError`` while another thread runs this reactor."""
+        took = self._take()
+        if took is None:
+            raise RuntimeError(self._busy_message())
+        try:
+            self._pass(timeout)
+        finally:
+            if took:
+                self._release()
+
+    def _pass(self, timeout: Optional[float]) -> None:
         if self._flushes:
             # a nested loop (a handler making a blocking call) must first send
             # what the outer pass wrote, its own request among it
@@ -963,6 +997,8 @@ class Reactor:
             self.in_pass -= 1
         if self._flushes:
             self._flush_all()
+        if self._waiters:
+            self._wake_waiters()
 
     def _handler_failed(self, handler) -> None:
         """The loop survives its handlers: a bug in one is logged, with the
@@ -985,24 +1021,42 @@ class Reactor:
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Run until ``done()`` is true (returns True) or ``timeout`` seconds
-        pass (returns False)."""
+        pass (returns False). From a thread other than the driver's, wait
+        for the driver to make it true, or drive the loop once it is free."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        took = self._take()
+        if took is None:
+            return self._wait_until(done, deadline)
+        try:
+            return self._drive(done, deadline)
+        finally:
+            if took:
+                self._release()
+
+    def _drive(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
         while not done():
             if deadline is None:
-                self.run_once(None)
+                self._pass(None)
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self.run_once(remaining)
+                self._pass(remaining)
         return True
 
     def run(self) -> None:
         """Run until ``stop()``; a stop asked for before (a signal during
-        start-up) makes it return at once rather than being lost."""
-        while not self._stopping:
-            self.run_once(None)
-        self._stopping = False
+        start-up) makes it return at once rather than being lost. Raises
+        ``RuntimeError`` if another thread is in ``run()``."""
+        self._claim_runner()
+        self._run_claimed()
+
+    def _run_claimed(self) -> None:
+        try:
+            self.run_until(lambda: self._stopping)
+        finally:
+            self._stopping = False
+            self._runner = None
 
     def stop(self) -> None:
         """Make ``run()`` return after the current pass (safe from signal handlers and threads)."""
@@ -1011,6 +1065,132 @@ class Reactor:
             self._wakeup_send.send(b"\0")
         except OSError:
             pass
+        if self._waiters:          # run() may be waiting for the loop
+            self._wake_waiters()
+
+    # threads: who runs the loop (see the class docstring)
+
+    def run_in_thread(self, name: str = "proxysession-reactor") -> threading.Thread:
+        """Start a daemon thread that runs this reactor until ``stop()``, and
+        return it once it is this reactor's runner."""
+        self._claim_runner()           # raises here, in the caller, if one runs already
+
+        def run_here():
+            self._runner = threading.get_ident()
+            self._run_claimed()
+
+        thread = threading.Thread(target=run_here, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def call_in_loop(self, fn: Callable, *args) -> Any:
+        """Run ``fn(*args)`` on the thread that runs this reactor and return
+        its value or raise its exception: at once if this thread runs it or
+        nobody does, else handed to the driver and waited for."""
+        took = self._take()
+        if took is not None:
+            try:
+                return fn(*args)
+            finally:
+                if took:
+                    self._release()
+        outcome: list = []
+
+        def run_and_keep():
+            try:
+                outcome.append((True, fn(*args)))
+            except BaseException as exc:
+                outcome.append((False, exc))
+
+        self.call_soon_threadsafe(run_and_keep)
+        self._wait_until(outcome.__len__, None)
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+    def hand_over(self, fn: Callable, *args) -> None:
+        """Have ``fn(*args)`` run on the loop's thread soon, without waiting;
+        here and now if the loop is free (its driver may have let go
+        meanwhile: _release looks at the queue after letting go, this after
+        queueing, so one of the two runs it)."""
+        self.call_soon_threadsafe(fn, *args)
+        if not self._role.locked() and self._take():
+            self._release()
+
+    def run_elsewhere(self) -> bool:
+        """True if another thread runs this reactor now."""
+        return self._driver != threading.get_ident() and self._role.locked()
+
+    def depth(self) -> int:
+        """How many passes this thread is inside (nested calls); 0 off the loop."""
+        return self.in_pass if self._driver == threading.get_ident() else 0
+
+    def _take(self) -> Optional[bool]:
+        """Become the driver if nobody is: True if this thread took the loop
+        now, False if it had it already, None if another thread has it."""
+        me = threading.get_ident()
+        if self._driver == me:
+            return False
+        if self._role.acquire(False):
+            self._driver = me
+            return True
+        return None
+
+    def _release(self) -> None:
+        while True:
+            self._driver = None
+            self._role.release()
+            if self._waiters:
+                self._wake_waiters()
+            # work handed over as we let go would wait for the next driver,
+            # and there may be none: run it
+            if not self._ready or not self._role.acquire(False):
+                return
+            self._driver = threading.get_ident()
+            self._pass(0)
+
+    def _wake_waiters(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _claim_runner(self) -> None:
+        with self._changed:
+            if self._runner is not None:
+                raise RuntimeError("this reactor is already running in thread %s; one reactor "
+                                   "runs in one thread at a time" % _thread_name(self._runner))
+            self._runner = threading.get_ident()
+
+    def _busy_message(self) -> str:
+        return ("this reactor is being run by thread %s: from other threads use call_in_loop(), "
+                "call_soon_threadsafe() or run_until()" % _thread_name(self._driver))
+
+    def _wait_until(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
+        """run_until for a thread that is not the driver: sleep until the
+        driver wakes us, and drive the loop ourselves whenever it is free."""
+        changed = self._changed
+        with changed:
+            self._waiters += 1
+        try:
+            while not done():
+                if self._take():
+                    try:
+                        return self._drive(done, deadline)
+                    finally:
+                        self._release()
+                with changed:
+                    if done():
+                        return True
+                    if not self._role.locked():
+                        continue           # let go meanwhile: try to take it
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    changed.wait(remaining)
+            return True
+        finally:
+            with changed:
+                self._waiters -= 1
 
     def close(self) -> None:
         self.unregister(self._wakeup_recv)
@@ -1019,20 +1199,35 @@ class Reactor:
         self._selector.close()
 
 
+def _thread_name(ident: Optional[int]) -> str:
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return repr(thread.name)
+    return str(ident)
+
+
 _default_reactor: Optional[Reactor] = None
+_default_reactor_lock = threading.Lock()
 
 
 def get_reactor() -> Reactor:
     """The module's default reactor, made on first use, like POE::Kernel."""
     global _default_reactor
     if _default_reactor is None:
-        _default_reactor = Reactor()
+        with _default_reactor_lock:
+            if _default_reactor is None:
+                _default_reactor = Reactor()
     return _default_reactor
 
 
 def run() -> None:
     """Run the default reactor until ``get_reactor().stop()``."""
     get_reactor().run()
+
+
+def run_in_thread() -> threading.Thread:
+    """Run the default reactor in a daemon thread (``get_reactor().stop()`` ends it)."""
+    return get_reactor().run_in_thread()
 
 
 # ---------------------------------------------------------------------------
@@ -2095,6 +2290,125 @@ class Server:
 
 
 # ---------------------------------------------------------------------------
+# threads
+# ---------------------------------------------------------------------------
+# What lets a program's own threads use a Client (every Client method hands
+# its state changes to the reactor's thread with Reactor.call_in_loop and
+# waits in run_until), lets a published method run off the loop (workers=N)
+# or answer later (a future), and lets a caller get a future, or await one.
+
+
+class _Workers:
+    """The worker threads of one publication (``publish(..., workers=N)``):
+    up to N of its calls run at once. Daemon threads, one more for each of the
+    first N calls, so that a method that never returns cannot keep the
+    process from exiting."""
+
+    def __init__(self, count: int, name: str):
+        self._count = count
+        self._name = name
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._threads: List[threading.Thread] = []
+
+    def submit(self, job: Callable, *args) -> None:
+        self._jobs.put((job, args))
+        if len(self._threads) < self._count:
+            thread = threading.Thread(target=self._work, daemon=True,
+                                      name="%s-worker-%d" % (self._name, len(self._threads) + 1))
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, args = item
+            try:
+                job(*args)
+            except Exception:
+                log.exception("%s: a worker's job raised", self._name)
+
+    def stop(self) -> None:
+        """Let each thread end after the jobs queued before this."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+def _check_workers(workers: Any) -> int:
+    if type(workers) is not int or workers < 0:
+        raise ValueError("workers must be an int >= 0 (0: calls run on the reactor's thread), "
+                         "not %r" % (workers,))
+    return workers
+
+
+def _is_future(value: Any) -> bool:
+    """A concurrent.futures.Future, or an asyncio one (which every asyncio
+    future marks with this attribute: asyncio.isfuture, without importing asyncio)."""
+    return isinstance(value, concurrent.futures.Future) or \
+        getattr(value, "_asyncio_future_blocking", None) is not None
+
+
+def _when_done(future: Any, callback: Callable[[Any], None]) -> None:
+    """``future.add_done_callback(callback)``, from any thread: an asyncio
+    future's callbacks may only be added on its own loop's thread."""
+    if isinstance(future, concurrent.futures.Future):
+        future.add_done_callback(callback)
+    else:
+        future.get_loop().call_soon_threadsafe(future.add_done_callback, callback)
+
+
+def _error_answer(exc: BaseException, what: str = "") -> dict:
+    """A published method's exception as the payload of a failure result."""
+    return {"error": type(exc).__name__, "message": what + str(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+def _answer_body(value: Any) -> Tuple[bool, bytes]:
+    """A method's value, pickled for its result; one that cannot be pickled
+    becomes a failure naming its type."""
+    try:
+        return True, _dumps(value)
+    except Exception as exc:
+        return False, _dumps(_error_answer(
+            exc, "cannot send a result of type %s: " % type(value).__qualname__))
+
+
+class _CallFuture(concurrent.futures.Future):
+    """What ``proxy.method.future(...)`` returns: a concurrent.futures.Future
+    whose ``result()`` and ``exception()`` drive the reactor when no thread
+    runs it, and which asyncio code may ``await`` (with the reactor running
+    in a thread of its own: ``run_in_thread()``)."""
+
+    def __init__(self, reactor: Reactor):
+        super().__init__()
+        self._reactor = reactor
+        self.set_running_or_notify_cancel()   # sent: it can no longer be cancelled
+
+    def settle(self, result: "Result") -> None:
+        if result.success:
+            self.set_result(result.payload)
+        else:
+            self.set_exception(_error_from_payload(result.payload))
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        self._reactor.run_until(self.done, timeout)
+        return super().result(0)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        self._reactor.run_until(self.done, timeout)
+        return super().exception(0)
+
+    def __await__(self):
+        if not self.done() and self._reactor._runner is None:
+            raise RuntimeError("awaiting a call needs the reactor running in a thread of its "
+                               "own: call proxysession.run_in_thread() (or "
+                               "reactor.run_in_thread()) first")
+        import asyncio                 # only for programs that await
+        return asyncio.wrap_future(self).__await__()
+
+
+# ---------------------------------------------------------------------------
 # client
 # ---------------------------------------------------------------------------
 
@@ -2134,9 +2448,10 @@ def _error_from_payload(payload: Any) -> ProxyError:
 class _Request:
     """A request waiting for its result."""
 
-    __slots__ = ("connection_id", "on_result", "callback", "tag", "timeout", "deadline", "result")
+    __slots__ = ("connection_id", "on_result", "callback", "tag", "timeout", "deadline", "result",
+                 "undo")
 
-    def __init__(self, connection_id, on_result, callback, tag, timeout):
+    def __init__(self, connection_id, on_result, callback, tag, timeout, undo=None):
         self.connection_id = connection_id
         self.on_result = on_result     # turns the success payload into the return value
         self.callback = callback
@@ -2144,16 +2459,18 @@ class _Request:
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.result: Optional[Result] = None
+        self.undo = undo               # what to take back if the request fails
 
 
 class _Publication:
-    __slots__ = ("connection_id", "alias", "obj", "methods")
+    __slots__ = ("connection_id", "alias", "obj", "methods", "workers")
 
-    def __init__(self, connection_id, alias, obj, methods):
+    def __init__(self, connection_id, alias, obj, methods, workers):
         self.connection_id = connection_id
         self.alias = alias
         self.obj = obj
         self.methods = methods
+        self.workers = workers         # a _Workers, or None: calls run on the reactor's thread
 
 
 def _parse_host_port(text: str) -> Tuple[str, Optional[int]]:
@@ -2297,24 +2614,35 @@ class Client:
             sock.close()
             return self._connect_failed(remote_address, remote_port, exc)
         outcome: list = []
-        wheel = Wheel(self.reactor, sock, connection_id, on_frame=self._on_frame,
-                      on_close=self._on_wheel_closed,
-                      on_open=lambda wheel: outcome.append(None),
-                      peer="%s:%s" % (remote_address, remote_port), server_side=False,
-                      connecting=True, max_frame=self.max_frame,
-                      max_write_buffer=self.max_write_buffer, ssl_context=self.ssl_context,
-                      server_hostname=server_hostname or remote_address,
-                      authkey=self.authkey, handshake_timeout=timeout)
-        wheel.context = outcome        # _on_wheel_closed puts the error here while connecting
-        self._connections[connection_id] = wheel
-        self.reactor.run_until(lambda: outcome, None)
-        if not wheel.is_open:
+
+        def open_wheel():
+            wheel = Wheel(self.reactor, sock, connection_id, on_frame=self._on_frame,
+                          on_close=self._on_wheel_closed,
+                          on_open=lambda wheel: outcome.append(None),
+                          peer="%s:%s" % (remote_address, remote_port), server_side=False,
+                          connecting=True, max_frame=self.max_frame,
+                          max_write_buffer=self.max_write_buffer, ssl_context=self.ssl_context,
+                          server_hostname=server_hostname or remote_address,
+                          authkey=self.authkey, handshake_timeout=timeout)
+            wheel.context = outcome    # _on_wheel_closed puts the error here while connecting
+            self._connections[connection_id] = wheel
+            return wheel
+
+        def opened(wheel) -> bool:
+            if wheel.is_open:
+                wheel.context = None
+                return True
             # it may have opened and closed in one pass: the error is what counts
             self._connections.pop(connection_id, None)
+            return False
+
+        reactor = self.reactor
+        wheel = reactor.call_in_loop(open_wheel)
+        reactor.run_until(outcome.__len__, None)
+        if not reactor.call_in_loop(opened, wheel):
             errors = [error for error in outcome if error is not None]
             return self._connect_failed(remote_address, remote_port, errors[0] if errors else
                                         ConnectionError("connection closed during the handshake"))
-        wheel.context = None
         # One round trip makes connect() the place where a keyed server met
         # without a key (it challenges first, and a keyless client learns it
         # only from the next frame), or a peer that does not speak the
@@ -2322,7 +2650,7 @@ class Client:
         try:
             wheel.peer_max_frame = self._server_max_frame(connection_id, timeout)
         except ProxyError as exc:
-            wheel.close("connect check failed")
+            reactor.call_in_loop(wheel.close, "connect check failed")
             return self._connect_failed(remote_address, remote_port, exc)
         log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
                   remote_port, connection_id)
@@ -2351,6 +2679,9 @@ class Client:
 
     def close(self) -> None:
         """Close every connection; waiting requests fail."""
+        self.reactor.call_in_loop(self._close_all)
+
+    def _close_all(self) -> None:
         for wheel in list(self._connections.values()):
             wheel.close("client closed")
 
@@ -2371,7 +2702,7 @@ class Client:
                 del self._pending[request_id]
                 self._finish(request, Result(False, failure, connection_id, request.tag))
         for key in [key for key in self._publications if key[0] == connection_id]:
-            del self._publications[key]
+            self._drop_publication(key)
         for key in [key for key in self._proxies if key[0] == connection_id]:
             self._proxies.pop(key)._Proxy__gone = str(failure)
         if self.socket_error_event is not None and reason != "client closed":
@@ -2388,22 +2719,70 @@ class Client:
 
     def send_message(self, connection_id: int, message: dict,
                      on_result: Optional[Callable] = None, callback: Optional[Callable] = None,
-                     tag: Any = None, timeout: Any = "default") -> Any:
+                     tag: Any = None, timeout: Any = "default",
+                     prepare: Optional[Callable[[], None]] = None,
+                     undo: Optional[Callable[[], None]] = None) -> Any:
         """Send a request and wait for its result (or, given ``callback``,
         return at once). ``on_result(payload)`` turns the success payload into
-        the return value."""
-        wheel = self._connections.get(connection_id)
-        if wheel is None:
-            raise ProxyError("no open connection %r" % (connection_id,))
-        if callback is None and self.reactor.in_pass >= MAX_NESTED_CALLS:
+        the return value. From any thread: the sending is done on the
+        reactor's thread, the waiting on this one; a request with a callback
+        handed to another thread's loop is not waited for, and its errors
+        reach the callback. ``prepare()`` runs on the reactor's thread just
+        before the send, ``undo()`` if the request fails."""
+        reactor = self.reactor
+        if callback is None and reactor.depth() >= MAX_NESTED_CALLS:
             # each nested wait is a pass of the loop inside a published method
             # inside a pass: past this depth the interpreter's stack runs out,
             # and a RecursionError would close the connection instead of this call
             raise ProxyError("a blocking call nested %d deep exceeds MAX_NESTED_CALLS (%d)"
-                             % (self.reactor.in_pass, MAX_NESTED_CALLS))
-        request_id = message["id"] = next(self._ids)
+                             % (reactor.depth(), MAX_NESTED_CALLS))
         request = _Request(connection_id, on_result, callback, tag,
-                           self.timeout if timeout == "default" else timeout)
+                           self.timeout if timeout == "default" else timeout, undo)
+        took = reactor._take()
+        if took is None:
+            return self._send_from_another_thread(request, message, prepare)
+        try:                    # this thread runs the loop: send, and run it until answered
+            self._send_request(request, message, prepare)
+            if callback is not None:
+                return None
+            reactor.run_until(lambda: request.result is not None, None)
+        finally:
+            if took:
+                reactor._release()
+        return request.result.value()
+
+    def _send_from_another_thread(self, request: _Request, message: dict,
+                                  prepare: Optional[Callable[[], None]]) -> Any:
+        """send_message while another thread runs the loop (threads)."""
+        reactor = self.reactor
+        if request.callback is not None:
+            # an asyncio program, or a thread posting many calls, must not wait
+            # a thread switch for each
+            return reactor.hand_over(self._send_or_fail, request, message, prepare)
+        reactor.call_in_loop(self._send_request, request, message, prepare)
+        bound = None if request.timeout is None else request.timeout + HANDOFF_GRACE
+        if not reactor.run_until(lambda: request.result is not None, bound):
+            raise CallTimeout("no answer within %.3g s, and the reactor's thread has not run "
+                              "for %.3g s more: is a callback or method on it blocked?"
+                              % (request.timeout, HANDOFF_GRACE))
+        return request.result.value()
+
+    def _send_or_fail(self, request: _Request, message: dict,
+                      prepare: Optional[Callable[[], None]]) -> None:
+        try:
+            self._send_request(request, message, prepare)
+        except Exception as exc:
+            self._finish(request, Result(False, exc, request.connection_id, request.tag))
+
+    def _send_request(self, request: _Request, message: dict,
+                      prepare: Optional[Callable[[], None]]) -> None:
+        """On the reactor's thread: give the request its id, and send it."""
+        wheel = self._connections.get(request.connection_id)
+        if wheel is None:
+            raise ProxyError("no open connection %r" % (request.connection_id,))
+        if prepare is not None:
+            prepare()
+        request_id = message["id"] = next(self._ids)
         self._pending[request_id] = request
         deadline = request.deadline
         if deadline is not None and (self._sweep_at is None or deadline < self._sweep_at):
@@ -2412,12 +2791,10 @@ class Client:
         size = len(body) if type(body) is bytes else sum(map(len, body))
         if size > wheel.peer_max_frame:
             del self._pending[request_id]
+            if request.undo is not None:
+                request.undo()
             raise FrameTooLarge("a %s request" % message["type"], size, wheel.peer_max_frame)
         wheel.write_frame(body)
-        if callback is not None:
-            return None
-        self.reactor.run_until(lambda: request.result is not None, None)
-        return request.result.value()
 
     # Timeouts: one timer for the earliest deadline, not one per request. A
     # request's timer would be cancelled by its answer yet stay in the reactor's
@@ -2449,6 +2826,8 @@ class Client:
             self._arm_sweep(earliest)
 
     def _finish(self, request: _Request, result: Result) -> None:
+        if not result.success and request.undo is not None:
+            request.undo()
         if request.callback is None:
             request.result = result
         else:
@@ -2527,14 +2906,46 @@ class Client:
         if publication is None or event not in publication.methods:
             return self.send_result(wheel, message, False,
                                     "Unable to post '%s' to '%s'" % (event, name))
+        method = getattr(publication.obj, event)
+        if publication.workers is not None:
+            return publication.workers.submit(self._run_on_worker, wheel, message["id"], method,
+                                              args, kwargs)
         try:
-            value = getattr(publication.obj, event)(*args, **kwargs)
-            body = _dumps(value)
+            value = method(*args, **kwargs)
         except Exception as exc:
-            return self.send_result(wheel, message, False, {
-                "error": type(exc).__name__, "message": str(exc),
-                "traceback": traceback.format_exc()})
-        self.return_to_sender(wheel, message["id"], True, body)
+            return self.return_to_sender(wheel, message["id"], False, _dumps(_error_answer(exc)))
+        if _is_future(value):
+            return self._answer_when_done(wheel, message["id"], value)
+        self.return_to_sender(wheel, message["id"], *_answer_body(value))
+
+    # published methods off the loop (threads)
+
+    def _run_on_worker(self, wheel: Wheel, message_id: int, method: Callable, args, kwargs):
+        """On a worker thread: run the call, pickle its answer there, and hand
+        the answer to the reactor's thread to send."""
+        try:
+            value = method(*args, **kwargs)
+        except Exception as exc:
+            answer = False, _dumps(_error_answer(exc))
+        else:
+            if _is_future(value):
+                return self._answer_when_done(wheel, message_id, value)
+            answer = _answer_body(value)
+        self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message_id, *answer)
+
+    def _answer_when_done(self, wheel: Wheel, message_id: int, future: Any) -> None:
+        """A method answered with a future: the result goes when it is done
+        (on whatever thread completes it), and the loop serves others meanwhile."""
+        def done(future):
+            if future.cancelled():
+                answer = False, _dumps("the call's future was cancelled")
+            elif future.exception() is not None:
+                answer = False, _dumps(_error_answer(future.exception()))
+            else:
+                answer = _answer_body(future.result())
+            self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message_id, *answer)
+
+        _when_done(future, done)
 
     def send_result(self, wheel: Wheel, original: dict, success: bool, payload: Any) -> None:
         """Answer a delivered call (MessageSender's send_result)."""
@@ -2542,6 +2953,8 @@ class Client:
 
     def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
                          payload: bytes) -> None:
+        if wheel.phase is _CLOSED:     # an answer from a worker or a future, too late
+            return
         body = _encode({"type": "result", "id": message_id, "success": success,
                         "payload": payload})
         size = len(body) if type(body) is bytes else sum(map(len, body))
@@ -2558,42 +2971,44 @@ class Client:
 
     def publish(self, connection_id: int, alias: str, obj: Any,
                 methods: Optional[Iterable[str]] = None, callback: Optional[Callable] = None,
-                tag: Any = None, timeout: Any = "default") -> str:
+                tag: Any = None, timeout: Any = "default", workers: int = 0) -> str:
         """Publish ``obj`` under ``alias``: the methods marked ``@proxy_event``,
-        or those named in ``methods``. Returns the alias."""
+        or those named in ``methods``. Returns the alias. With ``workers=N``,
+        up to N calls to it run at once on worker threads of its own; with 0,
+        on the reactor's thread, one after another. A method may return a
+        ``concurrent.futures.Future`` (or an asyncio one): the caller gets its
+        result when it is done."""
         table = _method_table(obj, methods)
+        workers = _check_workers(workers)
         key = (connection_id, alias)
-        if key in self._publications:
-            raise ProxyError("Session '%s' is already published on connection %d"
-                             % (alias, connection_id))
-        publication = _Publication(connection_id, alias, obj, table)
-        self._publications[key] = publication   # a call may arrive before the answer does
+        publication = _Publication(connection_id, alias, obj, table, _Workers(
+            workers, "%s:%s" % (self.alias, alias)) if workers else None)
         message = {"type": "publish", "payload": _dumps(
             {"session_alias": alias, "session_name": alias, "methods": table})}
 
+        def register():
+            if key in self._publications:
+                raise ProxyError("Session '%s' is already published on connection %d"
+                                 % (alias, connection_id))
+            self._publications[key] = publication   # a call may arrive before the answer does
+
         def forget():
             if self._publications.get(key) is publication:
-                del self._publications[key]
+                self._drop_publication(key)
 
-        def forget_if_refused(result):
-            if not result.success:
-                forget()
-            callback(result)
+        return self.send_message(connection_id, message, None, callback, tag, timeout,
+                                 register, forget)
 
-        if callback is not None:
-            return self.send_message(connection_id, message, None, forget_if_refused, tag,
-                                     timeout)
-        try:
-            return self.send_message(connection_id, message, None, None, tag, timeout)
-        except BaseException:
-            forget()
-            raise
+    def _drop_publication(self, key: Tuple[int, str]) -> None:
+        publication = self._publications.pop(key, None)
+        if publication is not None and publication.workers is not None:
+            publication.workers.stop()
 
     def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
                 callback: Optional[Callable] = None, tag: Any = None,
                 timeout: Any = "default") -> None:
         """Rescind a publication, named by its alias or by the published object."""
-        matches = [p for p in self._publications.values()
+        matches = [p for p in list(self._publications.values())
                    if (p.alias == obj_or_alias if isinstance(obj_or_alias, str)
                        else p.obj is obj_or_alias)
                    and (connection_id is None or p.connection_id == connection_id)]
@@ -2606,7 +3021,7 @@ class Client:
         key = (publication.connection_id, publication.alias)
 
         def on_result(value):
-            self._publications.pop(key, None)
+            self._drop_publication(key)
             return value
 
         payload = _dumps({"session_alias": publication.alias})
@@ -2634,6 +3049,9 @@ class Client:
 
     def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int] = None) -> None:
         """Forget a subscription; its proxy then fails fast."""
+        self.reactor.call_in_loop(self._unsubscribe, alias_or_proxy, connection_id)
+
+    def _unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int]) -> None:
         alias = alias_or_proxy._Proxy__alias if isinstance(alias_or_proxy, Proxy) \
             else alias_or_proxy
         keys = [key for key in self._proxies
@@ -2686,7 +3104,8 @@ def _method_table(obj: Any, names: Optional[Iterable[str]]) -> Dict[str, dict]:
 
 class _ProxyMethod:
     """One published method: call it to block, ``.post(...)`` not to,
-    ``.call(args, kwargs, ...)`` for the explicit form."""
+    ``.future(...)`` for a future (which asyncio code may await),
+    ``.call(args, kwargs, ...)`` for the explicit form. From any thread."""
 
     def __init__(self, proxy: "Proxy", name: str, description: dict):
         self._proxy = proxy
@@ -2707,6 +3126,14 @@ class _ProxyMethod:
     def post(self, *args, callback: Optional[Callable] = None, tag: Any = None, **kwargs):
         """Call without waiting; ``callback(Result)`` gets the answer."""
         return self.call(args, kwargs, callback=callback or _ignore_result, tag=tag)
+
+    def future(self, *args, **kwargs) -> concurrent.futures.Future:
+        """Call without waiting; the future gets the value or the exception.
+        ``future.result()`` runs the reactor if no thread does; ``await
+        future`` in asyncio needs ``run_in_thread()``."""
+        future = _CallFuture(self._client.reactor)
+        self.call(args, kwargs, callback=future.settle)
+        return future
 
     def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
              timeout: Any = "default", callback: Optional[Callable] = None, tag: Any = None):

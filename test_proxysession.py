@@ -5,6 +5,7 @@ Run with:  python -m pytest -q test_proxysession.py
 """
 
 import ast
+import concurrent.futures
 import os
 import pickle
 import pickletools
@@ -2571,3 +2572,344 @@ def test_info_tells_a_client_the_servers_limits(make_server, peers):
                     "protocol": 2, "max_frame": 123456, "max_waiting_calls": 77,
                     "max_name": 256}
     assert peer.result(type="ping", id=2) == (True, None)
+
+
+# ---------------------------------------------------------------------------
+# threads, workers and asyncio: any thread may call, a slow method never
+# blocks a fast one, answers may come later
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def loop_threads():
+    """Reactors run in threads by a test: stopped, and their threads joined, after it."""
+    running = []
+
+    def start(reactor):
+        thread = reactor.run_in_thread()
+        running.append((reactor, thread))
+        return thread
+
+    yield start
+    for reactor, thread in running:
+        reactor.stop()
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
+def join_all(threads):
+    for thread in threads:
+        thread.join(WAIT)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+class Tools:
+    """A publication for the thread tests; gates let a test hold a call open."""
+
+    def __init__(self):
+        self.order = []
+        self.started = threading.Semaphore(0)
+        self.gate = threading.Event()
+        self.pending = []
+
+    @proxysession.proxy_event
+    def add(self, a, b):
+        return a + b
+
+    @proxysession.proxy_event
+    def record(self, n):
+        self.order.append(n)
+        return n
+
+    @proxysession.proxy_event
+    def held(self, n):
+        """Blocks its thread until the test opens the gate."""
+        self.started.release()
+        assert self.gate.wait(WAIT)
+        return threading.current_thread().name
+
+    @proxysession.proxy_event
+    def later(self, n):
+        """Answers with a future that the test completes."""
+        future = concurrent.futures.Future()
+        self.pending.append((n, future))
+        self.started.release()
+        return future
+
+    @proxysession.proxy_event
+    def where(self):
+        return threading.current_thread().name
+
+
+def publish_on_a_thread(server, make_client, loop_threads, obj, alias="Tools", **options):
+    """A publisher Client whose reactor runs in a thread of its own."""
+    client = make_client(reactor=proxysession.Reactor())
+    conn = client.connect(*server.address)
+    client.publish(conn, alias, obj, **options)
+    loop_threads(client.reactor)
+    return client
+
+
+@pytest.mark.parametrize("with_loop_thread", [False, True])
+def test_eight_threads_share_one_client_and_each_gets_its_own_answers(
+        server, make_client, loop_threads, with_loop_thread):
+    # what is tried: 8 threads x 300 blocking calls through one Client and one
+    # connection; without a loop thread the callers take turns running the loop
+    publish_on_a_thread(server, make_client, loop_threads, Tools())
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    tools = caller.subscribe(conn, "Tools")
+    if with_loop_thread:
+        loop_threads(caller.reactor)
+    wrong = []
+
+    def work(base):
+        for n in range(300):
+            try:
+                got = tools.add(base, n)
+            except Exception as exc:   # noqa: BLE001 - every failure is a finding
+                got = exc
+            if got != base + n:
+                wrong.append((base, n, got))
+
+    threads = [threading.Thread(target=work, args=(1000 * k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    join_all(threads)
+    assert wrong == []
+    assert caller.server_listing(conn) == ["Tools"]
+
+
+def test_a_callback_posted_from_a_plain_thread_runs_on_the_loop_thread(
+        server, make_client, loop_threads):
+    publish_on_a_thread(server, make_client, loop_threads, Tools())
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    tools = caller.subscribe(conn, "Tools")
+    loop = loop_threads(caller.reactor)
+    seen = []
+    answered = threading.Event()
+
+    def post():
+        tools.add.post(2, 3, callback=lambda result: (
+            seen.append((threading.current_thread(), result.payload)), answered.set()))
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    join_all([poster])
+    assert answered.wait(WAIT)
+    assert seen == [(loop, 5)]
+
+
+def test_one_reactor_is_run_by_one_thread_at_a_time(loop_threads):
+    reactor = proxysession.Reactor()
+    thread = loop_threads(reactor)
+    assert thread.daemon and thread.is_alive()
+    with pytest.raises(RuntimeError, match="already running in thread"):
+        reactor.run_in_thread()
+    with pytest.raises(RuntimeError, match="already running in thread"):
+        reactor.run()
+    with pytest.raises(RuntimeError, match="being run by thread"):
+        reactor.run_once(0)
+    # work handed over runs on the loop's thread, and its value comes back
+    assert reactor.call_in_loop(threading.current_thread) is thread
+    with pytest.raises(ZeroDivisionError):
+        reactor.call_in_loop(lambda: 1 / 0)
+
+
+def test_the_module_runs_its_default_reactor_in_a_thread():
+    thread = proxysession.run_in_thread()
+    try:
+        assert proxysession.get_reactor().call_in_loop(threading.current_thread) is thread
+    finally:
+        proxysession.get_reactor().stop()
+        join_all([thread])
+
+
+def test_200_futures_from_one_thread_and_a_failure_raised_from_its_future(server, make_client,
+                                                                         loop_threads):
+    publish_on_a_thread(server, make_client, loop_threads, Tools())
+    caller = make_client()
+    tools = caller.subscribe(caller.connect(*server.address), "Tools")
+    # nobody runs the caller's reactor: result() runs it
+    futures = [tools.add.future(n, 1) for n in range(200)]
+    assert all(isinstance(future, concurrent.futures.Future) for future in futures)
+    assert [future.result(WAIT) for future in futures] == [n + 1 for n in range(200)]
+    failing = tools.add.future(1, "x")
+    assert isinstance(failing.exception(WAIT), proxysession.RemoteError)
+    with pytest.raises(proxysession.RemoteError, match="unsupported operand"):
+        failing.result()
+    assert failing.cancel() is False       # sent: a remote call cannot be taken back
+
+
+def test_with_workers_a_fast_call_is_not_held_behind_slow_ones(server, make_client,
+                                                               loop_threads):
+    # what is tried: three calls that block their thread until the test lets
+    # them go, then a fast one; events, not clocks, prove they overlap
+    tools = Tools()
+    publish_on_a_thread(server, make_client, loop_threads, tools, workers=4)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    held = [proxy.held.future(n) for n in range(3)]
+    for _ in range(3):
+        assert tools.started.acquire(timeout=WAIT)    # all three run at once
+    assert proxy.add(1, 2) == 3                        # answered while they still run
+    assert not any(future.done() for future in held)
+    tools.gate.set()
+    names = [future.result(WAIT) for future in held]
+    assert len(set(names)) == 3 and all("-worker-" in name for name in names)
+
+
+def test_without_workers_calls_run_on_the_loop_thread_in_order(server, make_client,
+                                                               loop_threads):
+    tools = Tools()
+    publish_on_a_thread(server, make_client, loop_threads, tools)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    answers = []
+    for n in range(100):
+        proxy.record.post(n, callback=answers.append)
+    assert caller.reactor.run_until(lambda: len(answers) == 100, WAIT)
+    assert tools.order == list(range(100))
+    assert proxy.where() == "proxysession-reactor"
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True, "2", None])
+def test_a_bad_workers_value_is_a_value_error_at_once(server, make_client, workers):
+    client = make_client()
+    conn = client.connect(*server.address)
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        client.publish(conn, "Tools", Tools(), workers=workers)
+    assert client.server_listing(conn) == []
+
+
+def test_a_method_answers_later_with_a_future(server, make_client, loop_threads):
+    tools = Tools()
+    publish_on_a_thread(server, make_client, loop_threads, tools)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    waiting = [proxy.later.future(n) for n in range(3)]
+    for _ in range(3):
+        assert tools.started.acquire(timeout=WAIT)
+    assert proxy.add(2, 2) == 4                   # the publisher serves others meanwhile
+    (_, ok), (_, bad), (_, odd) = sorted(tools.pending, key=lambda item: item[0])
+    completer = threading.Thread(target=lambda: (
+        ok.set_result("done"), bad.set_exception(KeyError("gone")),
+        odd.set_result(threading.Lock())))
+    completer.start()
+    join_all([completer])
+    assert waiting[0].result(WAIT) == "done"
+    error = waiting[1].exception(WAIT)
+    assert isinstance(error, proxysession.RemoteError)
+    assert (error.error, error.message) == ("KeyError", "'gone'")
+    assert "KeyError" in error.traceback
+    with pytest.raises(proxysession.RemoteError, match="cannot send a result of type lock"):
+        waiting[2].result(WAIT)
+
+
+def test_a_future_that_never_completes_times_out_like_any_call(server, make_client,
+                                                              loop_threads):
+    tools = Tools()
+    publish_on_a_thread(server, make_client, loop_threads, tools)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    with pytest.raises(proxysession.CallTimeout):
+        proxy.later.call((1,), timeout=0.3)
+    assert proxy.add(1, 1) == 2
+
+
+def test_a_hung_worker_and_a_raising_callback_wedge_nothing(server, make_client, loop_threads,
+                                                          caplog):
+    tools = Tools()
+    publish_on_a_thread(server, make_client, loop_threads, tools, workers=2)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    loop_threads(caller.reactor)
+    try:
+        with pytest.raises(proxysession.CallTimeout):
+            proxy.held.call((1,), timeout=0.3)          # its worker stays blocked
+        answered = threading.Event()
+
+        def bad_callback(result):
+            answered.set()
+            raise RuntimeError("a bug in a callback")
+
+        proxy.add.post(1, 1, callback=bad_callback)
+        assert answered.wait(WAIT)
+        assert proxy.add(2, 3) == 5                       # the other worker, the same loop
+        assert "a bug in a callback" in caplog.text
+    finally:
+        tools.gate.set()
+
+
+def test_a_call_from_any_thread_after_close_is_a_proxy_error(server, make_client,
+                                                             loop_threads):
+    publish_on_a_thread(server, make_client, loop_threads, Tools())
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    loop_threads(caller.reactor)
+    caller.close()
+    raised = []
+
+    def call():
+        try:
+            proxy.add(1, 1)
+        except proxysession.ProxyError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    join_all([thread])
+    assert len(raised) == 1 and "client closed" in str(raised[0])
+
+
+def test_asyncio_awaits_1000_calls_while_its_own_timers_run(server, make_client, loop_threads):
+    # what is tried: 1,000 calls awaited at once from one event loop; their
+    # answers are held back until one of the loop's own timers has fired, so
+    # a loop blocked by the calls would never see them answered
+    import asyncio
+
+    tools = Tools()
+    publish_on_a_thread(server, make_client, loop_threads, tools)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    with pytest.raises(RuntimeError, match="run_in_thread"):
+        proxy.add.future(1, 1).__await__()
+    loop_threads(caller.reactor)
+
+    def all_held():
+        return all(tools.started.acquire(timeout=WAIT) for _ in range(1000))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        answers = asyncio.ensure_future(asyncio.gather(
+            *(proxy.later.future(n) for n in range(1000))))
+        timer = loop.create_future()
+        loop.call_later(0.01, timer.set_result, "fired")
+        assert await asyncio.wait_for(timer, WAIT) == "fired"
+        assert await loop.run_in_executor(None, all_held)
+        assert not answers.done()
+        for n, future in tools.pending:
+            future.set_result(2 * n)
+        return await asyncio.wait_for(answers, WAIT)
+
+    assert asyncio.run(main()) == [2 * n for n in range(1000)]
+
+
+def test_readme_threads_examples_run_as_written(server):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Threads, workers and asyncio\n")[1].split("\n## ")[0]
+    publisher_code, caller_code = re.findall(r"```python\n(.*?)```", section, re.S)
+    port = str(server.address[1])
+    publisher_code = publisher_code.replace("56789", port).replace(
+        "proxysession.run()", "print('ready', flush=True); proxysession.run()")
+    publisher = subprocess.Popen([sys.executable, "-c", publisher_code], cwd=HERE,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert publisher.stdout.readline() == "ready\n"
+        done = run_python(caller_code.replace("56789", port))
+        assert done.returncode == 0, done.stderr
+        expected = re.findall(r"print\(.*# (.*)", caller_code)
+        assert done.stdout.splitlines() == expected
+    finally:
+        publisher.kill()
+        publisher.wait(WAIT)
