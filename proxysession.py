@@ -43,7 +43,8 @@ Contents, in the order the data flows:
 - wheel             Wheel: one connection, its buffers, TLS and authkey
 - server            Server: sessions and call routing
 - threads           worker pools, futures: calls that run off the loop
-- client            Client: connections, publications, requests
+- client            Client: connections, publications, requests;
+                    links: reconnection, heartbeats, resuming publishers
 - proxy             Proxy, proxy_event
 - command line      main()
 """
@@ -66,6 +67,7 @@ import pickle
 import pickletools
 import queue
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -112,6 +114,11 @@ MAX_HANDSHAKE_FRAME = 256         # a handshake frame is a challenge or a digest
 MAX_ACCEPTS_PER_WAKEUP = 128      # accept in batches so a connect storm cannot starve the others
 ACCEPT_RETRY_DELAY = 1.0          # seconds to stop accepting after EMFILE/ENFILE
 DEFAULT_TIMEOUT = 30.0            # seconds a blocking request waits for its answer
+RECONNECT_FIRST = 0.5             # a lost connection's first reconnection try comes within this,
+RECONNECT_CAP = 5.0               # and the waits double up to this: a server in a crash loop
+                                  # costs a client one try per few seconds
+HEARTBEAT = 15.0                  # seconds of silence after which a Client pings; no answer in
+                                  # as long again, and the connection is taken as lost
 KEEPALIVE_IDLE = 60               # TCP keepalive: idle seconds before the first probe,
 KEEPALIVE_INTERVAL = 10           # seconds between probes,
 KEEPALIVE_COUNT = 3               # and unanswered probes before the kernel drops the peer
@@ -1334,9 +1341,8 @@ class Wheel:
     to resume ``other`` once it drains below half of it.
     """
 
-    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "phase",
-                 "paused",
-                 "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
+    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "reads",
+                 "phase", "paused", "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
                  "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
                  "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
                  "_server_hostname", "_server_side", "_authkey", "__weakref__")
@@ -1354,6 +1360,7 @@ class Wheel:
         self.peer = peer
         self.filter = ReferenceFilter(max_frame)
         self.peer_max_frame = MAX_FRAME     # the largest frame the peer takes, once it says
+        self.reads = 0                 # recvs that got bytes: what a heartbeat looks at
         self.paused = False
         self.out_size = 0
         self.max_write_buffer = max_write_buffer
@@ -1530,6 +1537,7 @@ class Wheel:
         if not received:
             self.close("closed by peer")
             return
+        self.reads += 1
         if body_space is not None:
             body_space.release()
             self.filter.body_received(received)
@@ -1749,13 +1757,29 @@ class _Peer:
     the fresh ids of its calls still waiting and of the calls waiting on it.
     Each set is made on first use: most connections never need most of them."""
 
-    __slots__ = ("published", "subscribed", "calls_made", "calls_served")
+    __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token")
 
     def __init__(self):
         self.published: Optional[set] = None
         self.subscribed: Optional[set] = None
         self.calls_made: Optional[set] = None
         self.calls_served: Optional[set] = None
+        self.token: Optional[str] = None    # its resume token, if it asked for one
+
+
+class _Parked:
+    """The sessions of a publisher whose connection ended without a goodbye,
+    kept for the grace window (resumption): calls to them wait in ``held``
+    as (fresh id, frame) until it resumes with ``token`` or the window ends."""
+
+    __slots__ = ("token", "wheel_id", "published", "held", "timer")
+
+    def __init__(self, token, wheel_id, published, timer):
+        self.token = token
+        self.wheel_id = wheel_id       # of the connection that ended: its sessions still name it
+        self.published = published
+        self.held: List[Tuple[int, Any]] = []
+        self.timer = timer
 
 
 # A routed call waiting for its result, stored under the server's fresh id as
@@ -1870,7 +1894,7 @@ class Server:
                  ssl_context: Optional[ssl.SSLContext] = None, max_frame: int = MAX_FRAME,
                  max_write_buffer: int = MAX_WRITE_BUFFER, high_water: int = HIGH_WATER,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, insecure_no_auth: bool = False,
-                 max_waiting_calls: int = MAX_WAITING_CALLS):
+                 max_waiting_calls: int = MAX_WAITING_CALLS, grace: float = 0.0):
         authkey = _authkey_bytes(authkey)
         self.listen_ip = listen_ip
         self.listen_port = listen_port
@@ -1885,6 +1909,12 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.insecure_no_auth = insecure_no_auth
         self.max_waiting_calls = max_waiting_calls
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not grace >= 0:
+            raise ValueError("grace must be a number of seconds >= 0, not %r" % (grace,))
+        self.grace = float(grace)
+        self._tokens: Dict[str, int] = {}          # resume token -> its live connection
+        self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
+        self._parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
         self.sessions: Dict[str, _Session] = {}
         self.delivered_store: Dict[int, tuple] = {}
         self.wheels: Dict[int, Wheel] = {}
@@ -1904,6 +1934,8 @@ class Server:
             "result": self.handle_delivered,
             "info": self.get_info,
             "ping": self.answer_ping,
+            "resume": self.resume_session,
+            "goodbye": self.say_goodbye,
         }
 
     def __repr__(self):
@@ -2181,12 +2213,14 @@ class Server:
         fresh_id = next(self._delivery_ids)
         data["to"] = session.name
         data["id"] = fresh_id
-        publisher = self.wheels[session.wheel_id]
         body = self._forward(data, wheel_id, caller_id, alias)
         if body is None:
             return
         self.delivered_store[fresh_id] = (wheel_id, caller_id, session.wheel_id, alias)
         made.add(fresh_id)
+        publisher = self.wheels.get(session.wheel_id)
+        if publisher is None:          # its publisher is away, within its grace window
+            return self._parked_wheels[session.wheel_id].held.append((fresh_id, body))
         _add(publisher.context, "calls_served", fresh_id)
         publisher.write_frame(body)
         if publisher.out_size > self.high_water:
@@ -2240,7 +2274,7 @@ class Server:
         self.send_result(True, data, wheel_id, {
             "server": "proxysession", "version": __version__, "protocol": PROTOCOL_VERSION,
             "max_frame": self.max_frame, "max_waiting_calls": self.max_waiting_calls,
-            "max_name": MAX_NAME})
+            "max_name": MAX_NAME, "grace": self.grace})
 
     def answer_ping(self, data: dict, wheel_id: int) -> None:
         """A liveness check (PROTOCOL.md 7.2): success, no payload."""
@@ -2260,6 +2294,12 @@ class Server:
             else logging.DEBUG
         log.log(level, "connection %d from %s closed: %s", wheel_id, wheel.peer, reason)
         peer: _Peer = wheel.context
+        if peer.token is not None:
+            if peer.published:
+                self._park(wheel_id, peer)
+                peer.published = None         # parked: they stay in self.sessions
+            else:
+                del self._tokens[peer.token]
         gone = [self.sessions.pop(alias) for alias in peer.published or ()
                 if alias in self.sessions]
         for alias in peer.subscribed or ():
@@ -2286,6 +2326,98 @@ class Server:
         for session in gone:
             log.info("session '%s' of connection %d went away with its connection",
                      session.alias, wheel_id)
+            self._notify_rescinded(session)
+
+    # resumption: a publisher's sessions outlive its connection for the grace
+    # window (PROTOCOL.md 7.3); peers that never ask for a token are not affected
+
+    def resume_session(self, data: dict, wheel_id: int) -> None:
+        """Without a token: make this connection resumable and give it one.
+        With one: take over the sessions of the departed connection it was
+        given to, and the calls held for them; a new token comes back."""
+        if self.grace <= 0:
+            return self.send_result(False, data, wheel_id, "Resume is off: this server has no "
+                                    "grace window (Server(grace=...), --grace)")
+        peer: _Peer = self.wheels[wheel_id].context
+        token = data.get("token")
+        resumed: list = []
+        if token is not None:
+            parked = self._parked.pop(token, None) if type(token) is str else None
+            if parked is None:
+                return self.send_result(False, data, wheel_id, "Unknown or expired resume token")
+            resumed = self._take_over(parked, wheel_id, peer)
+        if peer.token is not None:
+            del self._tokens[peer.token]
+        peer.token = secrets.token_urlsafe(24)
+        self._tokens[peer.token] = wheel_id
+        self.send_result(True, data, wheel_id, {"token": peer.token, "grace": self.grace,
+                                                "resumed": resumed})
+
+    def _take_over(self, parked: _Parked, wheel_id: int, peer: _Peer) -> list:
+        parked.timer.cancel()
+        del self._parked_wheels[parked.wheel_id]
+        resumed = []
+        for alias in parked.published:
+            session = self.sessions.get(alias)
+            if session is not None and session.wheel_id == parked.wheel_id:
+                session.wheel_id = wheel_id
+                _add(peer, "published", alias)
+                resumed.append(alias)
+        wheel = self.wheels[wheel_id]
+        for fresh_id, body in parked.held:
+            delivery = self.delivered_store.get(fresh_id)
+            if delivery is not None:              # its caller is still waiting
+                self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
+                _add(peer, "calls_served", fresh_id)
+                wheel.write_frame(body)
+        log.info("connection %d resumed %s of connection %d", wheel_id,
+                 _plural(len(resumed), "session"), parked.wheel_id)
+        return sorted(resumed)
+
+    def say_goodbye(self, data: dict, wheel_id: int) -> None:
+        """The peer is leaving on purpose: its sessions go with its connection."""
+        peer: _Peer = self.wheels[wheel_id].context
+        if peer.token is not None:
+            del self._tokens[peer.token]
+            peer.token = None
+        self.send_result(True, data, wheel_id)
+
+    def _park(self, wheel_id: int, peer: _Peer) -> None:
+        """Keep a departed publisher's sessions for the grace window."""
+        del self._tokens[peer.token]
+        published = [alias for alias in peer.published
+                     if self.sessions.get(alias) is not None
+                     and self.sessions[alias].wheel_id == wheel_id]
+        timer = self.reactor.call_later(self.grace, self._grace_ended, peer.token)
+        parked = _Parked(peer.token, wheel_id, published, timer)
+        self._parked[peer.token] = parked
+        self._parked_wheels[wheel_id] = parked
+        log.info("connection %d left without a goodbye: its %s wait %.3g s for it to resume",
+                 wheel_id, _plural(len(published), "session"), self.grace)
+
+    def _grace_ended(self, token: str) -> None:
+        """Nobody resumed: everything proceeds as if the connection had just ended."""
+        parked = self._parked.pop(token, None)
+        if parked is None:
+            return
+        del self._parked_wheels[parked.wheel_id]
+        gone = []
+        for alias in parked.published:
+            session = self.sessions.get(alias)
+            if session is not None and session.wheel_id == parked.wheel_id:
+                gone.append(self.sessions.pop(alias))
+        for fresh_id, _ in parked.held:
+            delivery = self.delivered_store.pop(fresh_id, None)
+            if delivery is not None:
+                caller_wheel_id, caller_id, _, alias = delivery
+                caller = self.wheels.get(caller_wheel_id)
+                if caller is not None:
+                    caller.context.calls_made.discard(fresh_id)
+                    self._answer(caller, caller_id, False,
+                                 "Session '%s' went away before answering" % alias)
+        for session in gone:
+            log.info("session '%s' went away: connection %d did not resume within %.3g s",
+                     session.alias, parked.wheel_id, self.grace)
             self._notify_rescinded(session)
 
 
@@ -2504,6 +2636,44 @@ def _address_and_port(address: str, port: Optional[int]) -> Tuple[str, int]:
     return address, DEFAULT_PORT if port is None else port
 
 
+def _limits_from_info(info: Any) -> Tuple[int, float]:
+    """The server's frame limit and grace window from its answer to ``info``
+    (PROTOCOL.md 7.1), or from the failure of a version-1 server, which does
+    not know the message and has the seed's default limit and no grace."""
+    if isinstance(info, ProxyError):
+        if str(info) == "Unknown message type 'info'":
+            return MAX_FRAME, 0.0
+        raise info
+    limit = info.get("max_frame") if type(info) is dict else None
+    if type(limit) is not int or limit <= 0:
+        raise ProtocolError("the server's info holds no max_frame: %.100r" % (info,))
+    grace = info.get("grace", 0.0)
+    return limit, float(grace) if type(grace) in (int, float) else 0.0
+
+
+class _Link:
+    """What a Client keeps of one connection beyond its wheel, so that it can
+    make it again (links): where it goes, and how the last tries went."""
+
+    __slots__ = ("connection_id", "address", "port", "server_hostname", "timeout", "state",
+                 "attempt", "timer", "token", "queued", "rejoining", "seen", "pinged")
+
+    def __init__(self, connection_id, address, port, server_hostname, timeout):
+        self.connection_id = connection_id
+        self.address = address
+        self.port = port
+        self.server_hostname = server_hostname
+        self.timeout = timeout
+        self.state = "up"              # "up", "down" (reconnecting) or "closed"
+        self.attempt = 0               # reconnection tries since it went down
+        self.timer: Optional[_Timer] = None
+        self.token: Optional[str] = None     # the server's resume token, if it has a grace window
+        self.queued: List[Tuple[int, Any]] = []   # (request id, frame) sent while down
+        self.rejoining: set = set()    # ids of the requests that set a new connection up
+        self.seen = 0                  # the wheel's reads at the last heartbeat
+        self.pinged = False
+
+
 class Client:
     """Connections to proxysession servers, after POEx::ProxySession::Client.
 
@@ -2516,7 +2686,17 @@ class Client:
     Callbacks (keyword arguments): ``unknown_message_event(data,
     connection_id)``, ``socket_error_event(connection_id, error)``,
     ``connect_error_event(remote_address, remote_port, error)``,
-    ``rescinded_event(alias, connection_id)``.
+    ``rescinded_event(alias, connection_id)``, and for reconnection
+    ``disconnected_event(connection_id, error)``,
+    ``reconnected_event(connection_id)``,
+    ``republish_error_event(alias, connection_id, error)`` (a publication
+    could not be made again: another connection has its alias).
+
+    A lost connection is made again (``reconnect=True``, the default) to the
+    same address, with the same id, its publications and subscriptions:
+    calls in flight fail, calls made meanwhile wait for it. ``heartbeat``
+    seconds of silence bring a ping; no answer in as long again, and the
+    connection is taken as lost (None: never).
 
     Payloads are unpickled with an allow-list (PROTOCOL.md 3): extend it with
     ``allow_classes=["module.Name", ...]``; ``unsafe_unpickle_anything=True``
@@ -2534,7 +2714,11 @@ class Client:
                  unknown_message_event: Optional[Callable] = None,
                  socket_error_event: Optional[Callable] = None,
                  connect_error_event: Optional[Callable] = None,
-                 rescinded_event: Optional[Callable] = None):
+                 rescinded_event: Optional[Callable] = None,
+                 reconnect: bool = True, heartbeat: Optional[float] = HEARTBEAT,
+                 disconnected_event: Optional[Callable] = None,
+                 reconnected_event: Optional[Callable] = None,
+                 republish_error_event: Optional[Callable] = None):
         authkey = _authkey_bytes(authkey)
         self.alias = alias
         self.reactor = reactor or get_reactor()
@@ -2549,6 +2733,17 @@ class Client:
         self.socket_error_event = socket_error_event
         self.connect_error_event = connect_error_event
         self.rescinded_event = rescinded_event
+        if heartbeat is not None and not (isinstance(heartbeat, (int, float))
+                                          and not isinstance(heartbeat, bool) and heartbeat > 0):
+            raise ValueError("heartbeat must be a number of seconds > 0, or None, not %r"
+                             % (heartbeat,))
+        self.reconnect = bool(reconnect)
+        self.heartbeat = heartbeat
+        self.disconnected_event = disconnected_event
+        self.reconnected_event = reconnected_event
+        self.republish_error_event = republish_error_event
+        self._links: Dict[int, _Link] = {}
+        self._heartbeat_timer: Optional[_Timer] = None
         self._unpickler = type("_ClientUnpickler", (_AllowListUnpickler,),
                                {"allowed": SAFE_CLASSES | _class_pairs(allow_classes)})
         self._unsafe = unsafe_unpickle_anything
@@ -2647,28 +2842,23 @@ class Client:
         # without a key (it challenges first, and a keyless client learns it
         # only from the next frame), or a peer that does not speak the
         # protocol, is reported; and it tells us the server's limits.
-        try:
-            wheel.peer_max_frame = self._server_max_frame(connection_id, timeout)
-        except ProxyError as exc:
-            reactor.call_in_loop(wheel.close, "connect check failed")
-            return self._connect_failed(remote_address, remote_port, exc)
-        log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
-                  remote_port, connection_id)
-        return connection_id
-
-    def _server_max_frame(self, connection_id: int, timeout: Optional[float]) -> int:
-        """The server's frame limit from ``info`` (PROTOCOL.md 7.1); a version-1
-        server does not know the message, and has the seed's default."""
+        link = _Link(connection_id, remote_address, remote_port, server_hostname, timeout)
         try:
             info = self.send_message(connection_id, {"type": "info"}, timeout=timeout)
         except ProxyError as exc:
-            if str(exc) == "Unknown message type 'info'":
-                return MAX_FRAME
-            raise
-        limit = info.get("max_frame") if type(info) is dict else None
-        if type(limit) is not int or limit <= 0:
-            raise ProtocolError("the server's info holds no max_frame: %.100r" % (info,))
-        return limit
+            info = exc
+        try:
+            wheel.peer_max_frame, grace = _limits_from_info(info)
+            if grace > 0 and self.reconnect:    # a publisher here may resume if its link drops
+                link.token = self.send_message(connection_id, {"type": "resume"},
+                                               timeout=timeout)["token"]
+        except (ProxyError, KeyError, TypeError) as exc:
+            reactor.call_in_loop(wheel.close, "connect check failed")
+            return self._connect_failed(remote_address, remote_port, exc)
+        reactor.call_in_loop(self._add_link, link)
+        log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
+                  remote_port, connection_id)
+        return connection_id
 
     def _connect_failed(self, address, port, error):
         if self.connect_error_event is not None:
@@ -2678,10 +2868,18 @@ class Client:
         raise ConnectError("cannot connect to %s:%s: %s" % (address, port, error)) from error
 
     def close(self) -> None:
-        """Close every connection; waiting requests fail."""
+        """Close every connection; waiting requests fail. A connection with a
+        resume token says goodbye first, so that its sessions go at once."""
         self.reactor.call_in_loop(self._close_all)
 
     def _close_all(self) -> None:
+        for link in list(self._links.values()):
+            wheel = self._connections.get(link.connection_id)
+            if link.token is not None and link.state == "up" and wheel is not None:
+                wheel.write_frame(_encode({"type": "goodbye", "id": next(self._ids)}))
+            if link.state == "down":            # no wheel to close: end it here
+                self._end_link(link, None, "client closed")
+            link.state = "closed"
         for wheel in list(self._connections.values()):
             wheel.close("client closed")
 
@@ -2691,22 +2889,251 @@ class Client:
             wheel.context.append(error if isinstance(error, ProxyError) else
                                  ConnectionError(reason))
             return
-        if self._connections.pop(connection_id, None) is None:
+        if self._connections.get(connection_id) is not wheel:
             return
+        del self._connections[connection_id]
+        link = self._links.get(connection_id)
+        if link is not None and link.state == "down":   # a reconnection try failed
+            return self._try_failed(link, reason)
+        if link is not None and self.reconnect and reason != "client closed":
+            return self._connection_lost(link, wheel, reason, error)
         log.info("%s: connection %d to %s closed: %s", self.alias, connection_id, wheel.peer,
                  reason)
         failure = error if isinstance(error, AuthenticationError) else ProxyError(
             "Connection %d to %s was lost: %s" % (connection_id, wheel.peer, reason))
-        for request_id, request in list(self._pending.items()):
-            if request.connection_id == connection_id:
-                del self._pending[request_id]
-                self._finish(request, Result(False, failure, connection_id, request.tag))
+        self._end_link(link, failure, reason, connection_id)
+
+    def _end_link(self, link: Optional[_Link], failure: Optional[ProxyError], reason: str,
+                  connection_id: Optional[int] = None) -> None:
+        """A connection is over for good: its requests fail, its publications
+        and proxies go."""
+        if connection_id is None:
+            connection_id = link.connection_id
+        if link is not None:
+            self._links.pop(connection_id, None)
+            if link.timer is not None:
+                link.timer.cancel()
+        if failure is None:
+            failure = ProxyError("Connection %d was lost: %s" % (connection_id, reason))
+        self._fail_requests(connection_id, failure)
         for key in [key for key in self._publications if key[0] == connection_id]:
             self._drop_publication(key)
         for key in [key for key in self._proxies if key[0] == connection_id]:
             self._proxies.pop(key)._Proxy__gone = str(failure)
         if self.socket_error_event is not None and reason != "client closed":
             self._call_user(self.socket_error_event, connection_id, failure)
+
+    def _fail_requests(self, connection_id: int, failure: ProxyError) -> None:
+        for request_id, request in list(self._pending.items()):
+            if request.connection_id == connection_id:
+                del self._pending[request_id]
+                self._finish(request, Result(False, failure, connection_id, request.tag))
+
+    # links: reconnection, heartbeats, resuming publishers. A Link outlives
+    # its wheels: when one is lost, the Client tries again after a jittered,
+    # doubling wait, and once a new wheel is open it asks for info, resumes
+    # (if the server gave a token) or publishes again, subscribes again, then
+    # sends what was queued meanwhile. Calls in flight when the link broke
+    # fail: they ran at most once, and nobody can know if they did.
+
+    def _add_link(self, link: _Link) -> None:
+        wheel = self._connections.get(link.connection_id)
+        if wheel is None:              # closed meanwhile
+            return
+        self._links[link.connection_id] = link
+        link.seen = wheel.reads
+        if self.heartbeat is not None and self._heartbeat_timer is None:
+            self._heartbeat_timer = self.reactor.call_later(self.heartbeat, self._beat)
+
+    def _connection_lost(self, link: _Link, wheel: Wheel, reason: str, error) -> None:
+        connection_id = link.connection_id
+        log.warning("%s: connection %d to %s lost: %s; reconnecting", self.alias,
+                    connection_id, wheel.peer, reason)
+        failure = ProxyError("Connection %d to %s was lost: %s" % (connection_id, wheel.peer,
+                                                                  reason))
+        link.state = "down"
+        link.attempt = 0
+        link.pinged = False
+        self._fail_requests(connection_id, failure)
+        self._schedule_try(link)
+        if self.disconnected_event is not None:
+            self._call_user(self.disconnected_event, connection_id, failure)
+        if self.socket_error_event is not None:
+            self._call_user(self.socket_error_event, connection_id, failure)
+
+    def _schedule_try(self, link: _Link) -> None:
+        wait = min(RECONNECT_CAP, RECONNECT_FIRST * 2 ** min(link.attempt, 16))
+        link.attempt += 1
+        link.timer = self.reactor.call_later(wait * (0.5 + secrets.randbelow(500) / 1000),
+                                             self._try_again, link)
+
+    def _try_failed(self, link: _Link, reason: str) -> None:
+        log.debug("%s: reconnecting connection %d, try %d failed: %s", self.alias,
+                  link.connection_id, link.attempt, reason)
+        for request_id in link.rejoining:
+            self._pending.pop(request_id, None)
+        link.rejoining.clear()
+        self._schedule_try(link)
+
+    def _try_again(self, link: _Link) -> None:
+        link.timer = None
+        if link.state != "down":
+            return
+        try:
+            infos = socket.getaddrinfo(link.address, link.port, 0, socket.SOCK_STREAM)
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            return self._try_failed(link, str(exc))
+        sock.setblocking(False)
+        try:
+            sock.connect(sockaddr)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            sock.close()
+            return self._try_failed(link, str(exc))
+        wheel = Wheel(self.reactor, sock, link.connection_id, on_frame=self._on_frame,
+                      on_close=self._on_wheel_closed, on_open=self._rejoin,
+                      peer="%s:%s" % (link.address, link.port), server_side=False,
+                      connecting=True, max_frame=self.max_frame,
+                      max_write_buffer=self.max_write_buffer, ssl_context=self.ssl_context,
+                      server_hostname=link.server_hostname or link.address,
+                      authkey=self.authkey, handshake_timeout=link.timeout)
+        self._connections[link.connection_id] = wheel
+
+    def _rejoin_request(self, link: _Link, message: dict, then: Callable[[Result], None]):
+        """A request that sets a new connection up: it goes ahead of the queue."""
+        wheel = self._connections.get(link.connection_id)
+        if wheel is None:
+            return
+        request = _Request(link.connection_id, None, then, None, link.timeout)
+        request_id = message["id"] = next(self._ids)
+        self._pending[request_id] = request
+        link.rejoining.add(request_id)
+        self._arm_sweep_for(request)
+        wheel.write_frame(_encode(message))
+
+    def _rejoin(self, wheel: Wheel) -> None:
+        """A reconnection is open: learn the server's limits first."""
+        link = self._links.get(wheel.wheel_id)
+        if link is None or link.state != "down":
+            return wheel.close("client closed")
+
+        def got_info(result):
+            try:
+                wheel.peer_max_frame, grace = _limits_from_info(
+                    result.payload if result.success else _error_from_payload(result.payload))
+            except ProxyError as exc:
+                return wheel.close("reconnected, but %s" % exc)
+            if link.token is not None and grace > 0:
+                self._rejoin_request(link, {"type": "resume", "token": link.token},
+                                     lambda result: resumed(result, grace))
+            else:
+                link.token = None
+                self._restore(link, wheel, (), grace)
+
+        def resumed(result, grace):
+            link.token = None
+            if result.success and type(result.payload) is dict:
+                link.token = result.payload.get("token")
+                return self._restore(link, wheel, result.payload.get("resumed") or (), grace)
+            log.info("%s: connection %d could not resume (%s): publishing again", self.alias,
+                     link.connection_id, result.payload)
+            self._restore(link, wheel, (), grace)
+
+        self._rejoin_request(link, {"type": "info"}, got_info)
+
+    def _restore(self, link: _Link, wheel: Wheel, resumed, grace: float) -> None:
+        """Publish again what did not resume, subscribe again, then let the
+        queued requests go: the server handles them in that order."""
+        connection_id = link.connection_id
+        for key, publication in list(self._publications.items()):
+            if key[0] == connection_id and publication.alias not in resumed:
+                self._rejoin_request(link, {"type": "publish", "payload": _dumps(
+                    {"session_alias": publication.alias, "session_name": publication.alias,
+                     "methods": publication.methods})},
+                    lambda result, key=key: self._republished(key, result))
+        for key, proxy in list(self._proxies.items()):
+            if key[0] == connection_id:
+                self._resubscribe(proxy)
+        if grace > 0 and link.token is None and self.reconnect:
+            self._rejoin_request(link, {"type": "resume"}, lambda result: setattr(
+                link, "token", result.payload.get("token") if result.success
+                and type(result.payload) is dict else None))
+        link.state = "up"
+        link.attempt = 0
+        link.seen = wheel.reads
+        link.pinged = False
+        link.rejoining.clear()
+        queued, link.queued = link.queued, []
+        for request_id, body in queued:
+            if request_id in self._pending:       # not timed out meanwhile
+                wheel.write_frame(body)
+        log.info("%s: connection %d to %s:%s is back", self.alias, connection_id, link.address,
+                 link.port)
+        if self.reconnected_event is not None:
+            self._call_user(self.reconnected_event, connection_id)
+
+    def _republished(self, key: Tuple[int, str], result: Result) -> None:
+        if result.success:
+            return
+        publication = self._publications.get(key)
+        if publication is None:
+            return
+        self._drop_publication(key)
+        error = _error_from_payload(result.payload)
+        log.warning("%s: could not publish '%s' again on connection %d: %s", self.alias,
+                    key[1], key[0], error)
+        if self.republish_error_event is not None:
+            self._call_user(self.republish_error_event, key[1], key[0], error)
+
+    def _resubscribe(self, proxy: "Proxy") -> None:
+        """Subscribe again on a new connection; if the session is not back
+        yet, the proxy fails fast, and tries again at its next call (_revive)."""
+        def subscribed(result):
+            if result.success:
+                proxy._Proxy__gone = None
+            elif proxy._Proxy__gone is None:
+                proxy._Proxy__gone = str(_error_from_payload(result.payload))
+
+        request = _Request(proxy._Proxy__connection_id, None, subscribed, None, self.timeout)
+        self._send_request(request, {"type": "subscribe", "to": proxy._Proxy__alias}, None)
+
+    def _revive(self, proxy: "Proxy") -> bool:
+        """A proxy whose session went (rescinded, or not back after a
+        reconnection) works again once its session is back: True if it is."""
+        connection_id, alias = proxy._Proxy__connection_id, proxy._Proxy__alias
+        if not self.reconnect or self._proxies.get((connection_id, alias)) is not proxy:
+            return False               # unsubscribed, or its connection ended for good
+        try:
+            self.send_message(connection_id, {"type": "subscribe", "to": alias})
+        except ProxyError:
+            return False
+        proxy._Proxy__gone = None
+        return True
+
+    def _beat(self) -> None:
+        """Every heartbeat: ping a connection that was silent for one, and
+        take as lost one that stayed silent for another."""
+        self._heartbeat_timer = None
+        for link in list(self._links.values()):
+            wheel = self._connections.get(link.connection_id)
+            if link.state != "up" or wheel is None:
+                continue
+            if wheel.reads != link.seen:
+                link.seen = wheel.reads
+                link.pinged = False
+            elif not link.pinged:
+                link.pinged = True
+                request = _Request(link.connection_id, None, _no_answer_needed, None, None)
+                request_id = next(self._ids)
+                self._pending[request_id] = request
+                wheel.write_frame(_encode({"type": "ping", "id": request_id}))
+            else:
+                wheel.close("no answer to a heartbeat ping within %.3g s" % self.heartbeat)
+        if self._links:
+            self._heartbeat_timer = self.reactor.call_later(self.heartbeat, self._beat)
 
     def _call_user(self, callback, *args) -> None:
         """A user callback's bug is logged, never allowed to break the connection."""
@@ -2776,25 +3203,35 @@ class Client:
 
     def _send_request(self, request: _Request, message: dict,
                       prepare: Optional[Callable[[], None]]) -> None:
-        """On the reactor's thread: give the request its id, and send it."""
+        """On the reactor's thread: give the request its id, and send it (or,
+        while its connection is being made again, queue it)."""
         wheel = self._connections.get(request.connection_id)
-        if wheel is None:
+        link = self._links.get(request.connection_id)
+        waiting = link is not None and link.state == "down"
+        if wheel is None and not waiting:
             raise ProxyError("no open connection %r" % (request.connection_id,))
         if prepare is not None:
             prepare()
         request_id = message["id"] = next(self._ids)
         self._pending[request_id] = request
-        deadline = request.deadline
-        if deadline is not None and (self._sweep_at is None or deadline < self._sweep_at):
-            self._arm_sweep(deadline)
+        self._arm_sweep_for(request)
         body = _encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
-        if size > wheel.peer_max_frame:
+        limit = wheel.peer_max_frame if wheel is not None else MAX_FRAME
+        if size > limit:
             del self._pending[request_id]
             if request.undo is not None:
                 request.undo()
-            raise FrameTooLarge("a %s request" % message["type"], size, wheel.peer_max_frame)
-        wheel.write_frame(body)
+            raise FrameTooLarge("a %s request" % message["type"], size, limit)
+        if waiting:
+            link.queued.append((request_id, body))
+        else:
+            wheel.write_frame(body)
+
+    def _arm_sweep_for(self, request: _Request) -> None:
+        deadline = request.deadline
+        if deadline is not None and (self._sweep_at is None or deadline < self._sweep_at):
+            self._arm_sweep(deadline)
 
     # Timeouts: one timer for the earliest deadline, not one per request. A
     # request's timer would be cancelled by its answer yet stay in the reactor's
@@ -2884,7 +3321,9 @@ class Client:
 
     def handle_on_rescinded(self, message: dict, wheel: Wheel) -> None:
         alias = message.get("to")
-        proxy = self._proxies.pop((wheel.wheel_id, alias), None)
+        key = (wheel.wheel_id, alias)
+        # with reconnection on, the proxy stays, to work again if its session comes back
+        proxy = self._proxies.get(key) if self.reconnect else self._proxies.pop(key, None)
         if proxy is not None:
             proxy._Proxy__gone = "Session '%s' was rescinded" % (alias,)
         if self.rescinded_event is not None:
@@ -3138,10 +3577,14 @@ class _ProxyMethod:
     def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
              timeout: Any = "default", callback: Optional[Callable] = None, tag: Any = None):
         gone = self._proxy._Proxy__gone
-        if gone is not None:
+        if gone is not None and not self._client._revive(self._proxy):
             raise ProxyError(gone)
         return self._client.deliver(self._connection_id, self._alias, self._name,
                                     args, kwargs, callback, tag, timeout)
+
+
+def _no_answer_needed(result: Result) -> None:
+    """A ping's answer: that it came is all a heartbeat needs."""
 
 
 def _ignore_result(result: Result) -> None:
@@ -3158,7 +3601,7 @@ class Proxy:
         self.__client = client
         self.__connection_id = connection_id
         self.__alias = alias
-        self.__gone: Optional[str] = None
+        self.__gone: Optional[str] = None   # why calls fail fast, if they do
         for name, description in methods.items():
             if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
                 setattr(self, name, _ProxyMethod(self, name, description))
@@ -3221,6 +3664,10 @@ def _make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="log at debug level")
     parser.add_argument("--max-frame", type=int, default=MAX_FRAME, metavar="BYTES",
                         help="largest frame body accepted (default %(default)s)")
+    parser.add_argument("--grace", type=float, default=0.0, metavar="SECONDS",
+                        help="keep the sessions of a publisher whose connection drops (without "
+                             "a goodbye) this long, holding calls to them, so that it can "
+                             "resume (default 0: they go at once)")
     parser.add_argument("--authkey-file", metavar="PATH",
                         help="file holding the shared key (else $%s)" % AUTHKEY_VARIABLE)
     parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (enables TLS)")
@@ -3310,7 +3757,7 @@ def _run_server(options) -> int:
     server = Server(host, port, options={"trace": options.trace, "debug": options.debug},
                     reactor=reactor, authkey=_read_authkey(options.authkey_file),
                     ssl_context=context, max_frame=options.max_frame,
-                    insecure_no_auth=options.insecure_no_auth)
+                    insecure_no_auth=options.insecure_no_auth, grace=options.grace)
 
     def on_signal(signum, frame):
         log.info("signal %d: stopping", signum)
@@ -3344,6 +3791,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = parser.parse_args(argv)
     if options.max_frame <= 0:
         parser.error("--max-frame must be positive")
+    if not options.grace >= 0:
+        parser.error("--grace must be a number of seconds >= 0")
     level = logging.DEBUG if options.debug or options.trace else logging.INFO
     if options.command:
         level = logging.DEBUG if options.debug else logging.WARNING

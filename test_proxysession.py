@@ -1129,12 +1129,14 @@ def test_calls_to_a_publisher_in_another_process(server, publisher_process, make
 
 
 def test_a_lost_connection_fails_waiting_calls_at_once(server_process, make_client):
-    # the server process is killed: no goodbye, no failure answers from it
+    # the server process is killed: no goodbye, no failure answers from it;
+    # with reconnect=False the connection stays down
     server = server_process()
     publisher = RawPeer(server.address)
     publish(publisher, "Silent")              # it never answers
     errors = []
-    client = make_client(socket_error_event=lambda conn, error: errors.append(conn))
+    client = make_client(socket_error_event=lambda conn, error: errors.append(conn),
+                         reconnect=False)
     conn = client.connect(*server.address)
     proxy = client.subscribe(conn, "Silent")
     waiting = []
@@ -1179,7 +1181,7 @@ def test_answered_calls_leave_no_timers_behind(server, make_client):
     echo = client.subscribe(conn, "Echo").echo
     for n in range(1000):
         assert echo(n) == n
-    assert len(client.reactor._timers) <= 2
+    assert len(client.reactor._timers) <= 3    # the sweep (and the one it replaced), the heartbeat
 
 
 class Evil:
@@ -2570,7 +2572,7 @@ def test_info_tells_a_client_the_servers_limits(make_server, peers):
     assert success is True
     assert info == {"server": "proxysession", "version": proxysession.__version__,
                     "protocol": 2, "max_frame": 123456, "max_waiting_calls": 77,
-                    "max_name": 256}
+                    "max_name": 256, "grace": 0.0}
     assert peer.result(type="ping", id=2) == (True, None)
 
 
@@ -2913,3 +2915,296 @@ def test_readme_threads_examples_run_as_written(server):
     finally:
         publisher.kill()
         publisher.wait(WAIT)
+
+
+# ---------------------------------------------------------------------------
+# faults: reconnection, heartbeats, publishers that resume
+# ---------------------------------------------------------------------------
+
+class Relay:
+    """A TCP relay to ``target`` that a test can cut (its listener and every
+    link closed: connecting is refused) and restore on the same port."""
+
+    def __init__(self, target):
+        self.target = target
+        self.port = 0
+        self.threads = []
+        self.sockets = []
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        self.listener.listen(16)
+        self._start(self._accept, self.listener)
+
+    def _start(self, target, *args):
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:
+                return
+            far = socket.create_connection(self.target)
+            self.sockets += [near, far]
+            self._start(self._pump, near, far)
+            self._start(self._pump, far, near)
+
+    def _pump(self, source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)    # wakes its accept(): close() would not
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.sockets = []
+
+    def stop(self):
+        self.cut()
+        join_all(self.threads)
+
+
+@pytest.fixture
+def relays():
+    made = []
+
+    def make(target):
+        relay = Relay(target)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.stop()
+
+
+def events_recorder():
+    """A list, and callbacks that append (name, connection_id) to it."""
+    seen = []
+    return seen, {"disconnected_event": lambda conn, error: seen.append(("disconnected", conn)),
+                  "reconnected_event": lambda conn: seen.append(("reconnected", conn))}
+
+
+def test_a_restarted_server_gets_the_publications_back_and_old_proxies_answer(
+        server_process, make_client, loop_threads):
+    # what is tried: the server is stopped (SIGTERM) and started again on the
+    # same port; the publisher and the caller reconnect by themselves
+    first = server_process()
+    port = first.address[1]
+    publisher_events, publisher_callbacks = events_recorder()
+    publisher = make_client(reactor=proxysession.Reactor(), **publisher_callbacks)
+    publisher.publish(publisher.connect("127.0.0.1", port), "Tools", Tools())
+    loop_threads(publisher.reactor)
+    caller_events, caller_callbacks = events_recorder()
+    caller = make_client(**caller_callbacks)
+    conn = caller.connect("127.0.0.1", port)
+    tools = caller.subscribe(conn, "Tools")
+    assert tools.add(1, 2) == 3
+    assert first.stop() == 0
+    assert caller.reactor.run_until(lambda: caller_events, WAIT)
+    assert caller_events == [("disconnected", conn)]
+    # a request made while the connection is down waits for it, within its timeout
+    listings = []
+    caller.server_listing(conn, callback=listings.append, timeout=10.0)
+    server_process("--listen", "127.0.0.1:%d" % port)
+    assert caller.reactor.run_until(lambda: listings, WAIT)
+    assert listings[0].success, listings[0].payload
+    assert caller_events == [("disconnected", conn), ("reconnected", conn)]
+    assert wait_for(lambda: len(publisher_events) == 2)
+    assert publisher_events == [("disconnected", 1), ("reconnected", 1)]
+    # the old proxy answers again (its session was rescinded as the server
+    # stopped: the proxy subscribes again by itself)
+    assert tools.add(2, 3) == 5
+    assert caller.server_listing(conn) == ["Tools"]
+
+
+def test_a_frozen_server_is_noticed_by_the_heartbeat(server_process, make_client):
+    server = server_process()
+    client = make_client(heartbeat=0.5, reconnect=False)
+    conn = client.connect(*server.address)
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        # the call's own timeout is 3 s: only the heartbeat can fail it sooner
+        with pytest.raises(proxysession.ProxyError) as raised:
+            client.server_listing(conn, timeout=3.0)
+        assert not isinstance(raised.value, proxysession.CallTimeout)
+        assert "was lost: no answer to a heartbeat ping within 0.5 s" in str(raised.value)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+def test_with_grace_a_publisher_whose_link_is_cut_resumes_and_held_calls_are_answered(
+        server_process, make_client, loop_threads, relays):
+    server = server_process("--grace", "5")
+    relay = relays(server.address)
+    publisher_events, publisher_callbacks = events_recorder()
+    publisher = make_client(reactor=proxysession.Reactor(), **publisher_callbacks)
+    publisher.publish(publisher.connect("127.0.0.1", relay.port), "Tools", Tools())
+    loop_threads(publisher.reactor)
+    rescinded = []
+    caller = make_client(rescinded_event=lambda alias, conn: rescinded.append(alias))
+    conn = caller.connect(*server.address)
+    tools = caller.subscribe(conn, "Tools")
+    relay.cut()
+    assert publisher.reactor.call_in_loop(lambda: None) is None   # its loop is alive
+    wait_for(lambda: publisher_events)
+    assert publisher_events == [("disconnected", 1)]
+    answers = []
+    tools.add.post(20, 22, callback=answers.append)         # held by the server
+    assert caller.server_listing(conn) == ["Tools"]         # the alias is kept
+    assert answers == []
+    relay.restore()
+    assert caller.reactor.run_until(lambda: answers, WAIT)
+    assert answers[0].success and answers[0].payload == 42
+    assert tools.add(1, 1) == 2
+    assert rescinded == []
+    assert publisher_events == [("disconnected", 1), ("reconnected", 1)]
+    assert "resumed 1 session" in "".join(server.log)
+
+
+def test_with_a_short_grace_a_killed_publishers_callers_fail(server_process, make_client):
+    server = server_process("--grace", "1")
+    code = textwrap.dedent("""
+        import sys, proxysession
+        class Tools:
+            @proxysession.proxy_event
+            def add(self, a, b):
+                return a + b
+        client = proxysession.Client()
+        client.publish(client.connect("127.0.0.1", int(sys.argv[1])), "Tools", Tools())
+        print("ready", flush=True)
+        proxysession.run()
+    """)
+    publisher = subprocess.Popen([sys.executable, "-c", code, str(server.address[1])], cwd=HERE,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert publisher.stdout.readline() == "ready\n"
+        caller = make_client()
+        tools = caller.subscribe(caller.connect(*server.address), "Tools")
+        publisher.kill()
+        # held for the 1 s window, then failed: well within this call's 3.5 s
+        with pytest.raises(proxysession.ProxyError,
+                           match="Session 'Tools' went away before answering"):
+            tools.add.call((1, 2), timeout=3.5)
+    finally:
+        publisher.kill()
+        publisher.wait(WAIT)
+
+
+def test_a_forged_or_misused_resume_token_gets_nothing(server_process, peers, make_client):
+    server = server_process("--grace", "5")
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Tools", Tools())
+    thief = peers(server.address)
+    assert thief.result(type="resume", id=1, token="forged") == (
+        False, "Unknown or expired resume token")
+    token = publisher._links[1].token                       # the real one, still connected
+    assert thief.result(type="resume", id=2, token=token) == (
+        False, "Unknown or expired resume token")
+    assert thief.result(type="resume", id=3, token=12345) == (
+        False, "Unknown or expired resume token")
+    assert thief.result(type="listing", id=4) == (True, ["Tools"])   # it carries on
+    assert publish(thief, "Tools", msg_id=5) == (False, "Session 'Tools' already exists")
+
+
+def test_resume_is_refused_by_a_server_without_grace(server, peers):
+    peer = peers(server.address)
+    success, words = peer.result(type="resume", id=1)
+    assert success is False and words.startswith("Resume is off")
+
+
+def test_a_client_that_closes_says_goodbye_and_its_sessions_go_at_once(server_process,
+                                                                       make_client):
+    server = server_process("--grace", "30")
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Tools", Tools())
+    rescinded = []
+    caller = make_client(rescinded_event=lambda alias, conn: rescinded.append(alias))
+    conn = caller.connect(*server.address)
+    caller.subscribe(conn, "Tools")
+    publisher.close()
+    assert caller.reactor.run_until(lambda: rescinded, WAIT)
+    assert rescinded == ["Tools"] and caller.server_listing(conn) == []
+
+
+def test_a_publication_whose_alias_was_taken_meanwhile_is_reported(server, make_client, peers,
+                                                                  relays):
+    relay = relays(server.address)
+    taken = []
+    publisher = make_client(republish_error_event=lambda alias, conn, error: taken.append(
+        (alias, conn, str(error))))
+    conn = publisher.connect("127.0.0.1", relay.port)
+    publisher.publish(conn, "Tools", Tools())
+    relay.cut()
+    other = peers(server.address)
+    assert wait_for(lambda: other.result(type="listing", id=1) == (True, []))
+    assert publish(other, "Tools", msg_id=2)[0] is True     # another connection takes it
+    relay.restore()
+    assert publisher.reactor.run_until(lambda: taken, WAIT)
+    assert taken == [("Tools", conn, "Session 'Tools' already exists")]
+    with pytest.raises(proxysession.ProxyError, match="nothing published"):
+        publisher.rescind("Tools")
+
+
+def test_a_server_that_closes_every_connection_at_once_costs_a_client_little(make_client):
+    # what is tried: a "server" that accepts and closes at once, as one in a
+    # crash loop would; the client's tries are spaced by its backoff
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    server = ThreadedServer()
+    events, callbacks = events_recorder()
+    client = make_client(**callbacks)
+    conn = client.connect(*server.address)
+    server.stop()
+    accepted = []
+
+    def accept_and_close():
+        listener.settimeout(WAIT)
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(sock)
+            sock.close()
+
+    client._links[conn].port = listener.getsockname()[1]    # its next tries go there
+    acceptor = threading.Thread(target=accept_and_close)
+    acceptor.start()
+    try:
+        cpu = time.process_time()
+        client.reactor.run_until(lambda: len(accepted) >= 3, WAIT)
+        assert len(accepted) >= 3            # it kept trying ...
+        assert time.process_time() - cpu < 0.5   # ... without spinning
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)        # wakes its accept()
+        listener.close()
+        join_all([acceptor])
+    assert events == [("disconnected", conn)]
