@@ -9,10 +9,30 @@ Workloads:
   W2  one caller, 64 calls in flight: calls/s, and for the brokers (Linux) the
       broker process's own CPU per routed call, steadier than throughput on a
       shared machine where three processes compete for the cores
-  W3  4 caller processes, one publisher: aggregate calls/s
+  W3  4 caller processes, one publisher: aggregate calls/s; and for the
+      proxysession rows (issue 9) "W3thr": 4 threads of one process sharing one
+      Client (one connection), its reactor in Reactor.run_in_thread(), each
+      making blocking calls: calls/s, "n/a" where the module has no
+      run_in_thread (the note says why), bounded by a timeout
   W4  payloads of 64 KiB and 1 MiB: MB/s of payload echoed
   W5  10,000 idle connections: server RSS per connection, and the round trip
       of one listing among them against the same with one connection
+  W6  the server at scale (issue 11), with raw peers, measured once per module:
+        cleanup: N = 2,000 and 16,000 connections that each published one
+          session (or, variant "calls", each left one call waiting on a
+          publisher that never answers) all leave at once (their process is
+          killed); the server's own CPU (time.process_time in it) from then
+          until a listing shows them gone, and the ratio 16k/2k (linear ~8)
+        fan-in: 10,000 connections with one call each in flight to one
+          publisher: wall time until all are answered, and how many were
+        flood: 500,000 calls from one caller to a publisher that reads them
+          and answers none: growth of the server's RSS in MiB (calls past the
+          server's max_waiting_calls, where it has one, are refused)
+      Each W6 cell is capped by --cell-timeout and shows "timeout" past it.
+      Not in --quick unless asked for with --workloads; there it is scaled
+      down (250/2,000 connections, 1,000 callers, 50,000 calls).
+      Needs RLIMIT_NOFILE: the soft limit is raised to the hard one, and a
+      cell the hard limit cannot hold is skipped with a note.
 
 Rows:
   proxysession   its own Client and Proxy on both ends, through its server
@@ -24,6 +44,14 @@ Rows:
   direct         raw-socket ping-pong, no broker
   mp.managers    multiprocessing.managers, for context
   Pyro5, RPyC    when importable, for context (skipped with a note otherwise)
+  baseline proxysession, baseline server+raw
+                 with --baseline PATH: the same two rows with PATH's module in
+                 every process that imports proxysession (copied into a temp
+                 dir as proxysession.py, first on that process's sys.path),
+                 interleaved with the current rows in every round; W5, W6 and
+                 W3thr run for it too, and a table of current/baseline follows.
+                 Every process reports the proxysession.__file__ it imported,
+                 and the bench stops if it is not the one meant.
 
 The machine's speed drifts over tens of seconds when it is shared, so cells
 are measured side by side: each round runs every row on one cell before the
@@ -31,7 +59,8 @@ next cell, rows in a rotating order, and the table shows each cell's median
 over the rounds (3 by default).
 
 Usage:  python bench_proxysession.py [--quick] [--seconds S] [--rounds N] [--only ROW,...]
-                                   [--workloads W1,...] [--json]
+                                   [--workloads W1,...] [--baseline PATH] [--current PATH]
+                                   [--cell-timeout S] [--json]
 """
 
 import argparse
@@ -39,11 +68,14 @@ import json
 import os
 import pickle
 import platform
+import select
 import selectors
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,8 +86,15 @@ PIPELINE = 64                   # W2: calls in flight
 FAN_IN = 4                      # W3: caller processes
 SIZES = [64 * 1024, 1024 * 1024]  # W4
 IDLE = 10000                    # W5: idle connections
+CLEANUP = [2000, 16000]         # W6: connections that leave at once
+FAN_IN_CONNS = 10000            # W6: callers with one call each in flight
+FLOOD = 500000                  # W6: calls nobody answers
+CELL_TIMEOUT = 120.0            # W6 and W3thr cells: seconds before "timeout"
 CHUNK = 256 * 1024
 ROWS = ["proxysession", "server+raw", "relay floor", "direct", "mp.managers", "Pyro5", "RPyC"]
+MODULE_ROWS = ("proxysession", "server+raw")   # the rows that run the module: --baseline twins
+BASELINE = "baseline "                          # the twins' prefix
+PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller")   # roles that import it
 
 
 # ---------------------------------------------------------------------------
@@ -108,9 +147,15 @@ def recv_messages(sock, frames):
             return [pickle.loads(body) for body in bodies]
 
 
-def call_message(msg_id, arg):
+def call_message(msg_id, arg, to="Echo"):
     payload = pickle.dumps({"event": "echo", "args": [arg], "kwargs": {}}, 4)
-    return frame({"type": "deliver", "id": msg_id, "to": "Echo", "payload": payload})
+    return frame({"type": "deliver", "id": msg_id, "to": to, "payload": payload})
+
+
+def publish_message(msg_id, alias):
+    return frame({"type": "publish", "id": msg_id, "payload": pickle.dumps(
+        {"session_alias": alias, "session_name": alias,
+         "methods": {"echo": {"signature": "(x)", "doc": None}}}, 4)})
 
 
 def raw_callee(address, listen):
@@ -124,9 +169,7 @@ def raw_callee(address, listen):
         sel.register(server, selectors.EVENT_READ, None)
     else:
         sock = connect(address)
-        sock.sendall(frame({"type": "publish", "id": 1, "payload": pickle.dumps(
-            {"session_alias": "Echo", "session_name": "Echo",
-             "methods": {"echo": {"signature": "(x)", "doc": None}}}, 4)}))
+        sock.sendall(publish_message(1, "Echo"))
         assert recv_messages(sock, Frames())[0]["success"]
         print("ready", flush=True)
         sel = selectors.DefaultSelector()
@@ -265,10 +308,30 @@ def relay_floor():
 # proxysession end to end
 # ---------------------------------------------------------------------------
 
+# Each of these prints or returns the proxysession.__file__ it imported, which
+# the parent checks against the module the row is meant to run (--baseline).
+
 def ps_server():
     import proxysession
     server = proxysession.Server(listen_port=0).start()
-    print(server.address[1], flush=True)
+    print(server.address[1], proxysession.__file__, flush=True)
+    proxysession.run()
+
+
+def ps_probe_server():
+    """The server with a listing that W6 reads: its counts and its own CPU so
+    far. get_listing is one of the handlers the Server documents as overridable;
+    everything else is the module's."""
+    import proxysession
+
+    class ProbeServer(proxysession.Server):
+        def get_listing(self, data, wheel_id):
+            self.send_result(True, data, wheel_id, {
+                "connections": len(self.wheels), "sessions": len(self.sessions),
+                "waiting": len(self.delivered_store), "cpu": time.process_time()})
+
+    server = ProbeServer(listen_port=0).start()
+    print(server.address[1], proxysession.__file__, flush=True)
     proxysession.run()
 
 
@@ -282,14 +345,18 @@ def ps_callee(address):
 
     client = proxysession.Client("callee", timeout=None)
     client.publish(client.connect(*address), "Echo", Echo())
-    print("ready", flush=True)
+    print("ready", proxysession.__file__, flush=True)
     proxysession.run()
 
 
 def ps_caller(address, workload, seconds, size):
     import proxysession
+    if workload == "threaded" and not hasattr(proxysession.Reactor, "run_in_thread"):
+        return {"na": "no thread support"}
     client = proxysession.Client("caller", timeout=60)
     echo = client.subscribe(client.connect(*address), "Echo").echo
+    if workload == "threaded":
+        return threaded(client, echo, seconds)
     if workload != "pipelined":
         return sequential(echo, seconds, size)
     arg = ARG if size is None else b"x" * size
@@ -309,6 +376,38 @@ def ps_caller(address, workload, seconds, size):
         echo.post(arg, callback=on_result)
     client.reactor.run_until(lambda: not state["in_flight"])
     return state["calls"], time.perf_counter() - start, []
+
+
+def threaded(client, echo, seconds):
+    """W3thr (issue 9): FAN_IN threads share one Client and its one connection,
+    the reactor running in a thread of its own; each makes blocking calls.
+    Never hangs: a thread still busy well past the end makes it 'hung'."""
+    import threading
+    client.reactor.run_in_thread()
+    counts = [0] * FAN_IN
+    errors = []
+    start = time.perf_counter()
+    end = start + seconds
+
+    def work(index):
+        try:
+            while time.perf_counter() < end:
+                assert echo(ARG) == ARG
+                counts[index] += 1
+        except BaseException as exc:          # reported, not raised: the cell says why
+            errors.append("%s: %s" % (type(exc).__name__, exc))
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(FAN_IN)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, end + 10 - time.perf_counter()))
+    elapsed = time.perf_counter() - start
+    if any(thread.is_alive() for thread in threads):
+        return {"na": "hung (a thread still in a call 10 s after the end)"}
+    if errors:
+        return {"na": "failed: " + errors[0][:200]}
+    return sum(counts), elapsed, []
 
 
 # ---------------------------------------------------------------------------
@@ -429,28 +528,175 @@ def listing_rtt(address, rounds):
 
 
 # ---------------------------------------------------------------------------
+# W6: the server at scale (issue 11); raw peers, so only the server is measured
+# ---------------------------------------------------------------------------
+
+def silent_callee(address):
+    """Publishes 'Silent', reads everything sent to it, answers nothing."""
+    sock = connect(address)
+    sock.sendall(publish_message(1, "Silent"))
+    assert recv_messages(sock, Frames())[0]["success"]
+    print("ready", flush=True)
+    while sock.recv(CHUNK):
+        pass
+
+
+def cleanup_holder(address, count, mode):
+    """count connections, each with one session published ('sessions') or one
+    call waiting on 'Silent' ('calls'); held until this process is killed."""
+    socks = []
+    for n in range(count):
+        sock = connect(address)
+        socks.append(sock)
+        if mode == "sessions":
+            sock.sendall(publish_message(n, "S%d" % n))
+            if len(socks) % 256 == 0 or n == count - 1:    # read the batch's answers
+                for held in socks[(len(socks) - 1) // 256 * 256:]:
+                    assert recv_messages(held, Frames())[0]["success"]
+        else:
+            sock.sendall(call_message(n, ARG, to="Silent"))
+    print("ready", flush=True)
+    sys.stdin.readline()        # hold them until killed
+
+
+def fan_in(address, count):
+    """count connections; once told, one call on each, then wait for every answer."""
+    socks = [connect(address) for _ in range(count)]
+    sel = selectors.DefaultSelector()
+    for sock in socks:
+        sel.register(sock, selectors.EVENT_READ, Frames())
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.perf_counter()
+    for n, sock in enumerate(socks):
+        sock.sendall(call_message(n, ARG))
+    answered = succeeded = 0
+    while answered < count:
+        for key, _ in sel.select():
+            data = key.fileobj.recv(CHUNK)
+            if not data:
+                raise EOFError("the server closed a caller")
+            for body in key.data.feed(data):
+                answered += 1
+                succeeded += pickle.loads(body)["success"]
+                sel.unregister(key.fileobj)
+    return {"answered": answered, "succeeded": succeeded,
+            "elapsed": time.perf_counter() - start}
+
+
+def flood(address, total):
+    """total calls to 'Silent' down one connection, never blocking on the send
+    (the server may stop reading us until we read its refusals), then a
+    listing: its answer means the server has handled every call before it."""
+    sock = connect(address)
+    sock.setblocking(False)
+    frames = Frames()
+    out = bytearray()
+    sent = refused = 0
+    listed = False
+    start = time.perf_counter()
+    while True:
+        if not out and sent < total:
+            batch = min(512, total - sent)
+            out += b"".join(call_message(sent + n, ARG, to="Silent") for n in range(batch))
+            sent += batch
+        elif not out and not listed:
+            out += frame({"type": "listing", "id": -1})
+            listed = True
+        readable, writable, _ = select.select([sock], [sock] if out else [], [], 1.0)
+        if writable:
+            try:
+                del out[:sock.send(out)]
+            except BlockingIOError:
+                pass
+        if readable:
+            data = sock.recv(CHUNK)
+            if not data:
+                raise EOFError("the server closed the caller")
+            for body in frames.feed(data):
+                message = pickle.loads(body)
+                if message["id"] == -1:
+                    return {"sent": sent, "refused": refused,
+                            "elapsed": time.perf_counter() - start}
+                refused += not message["success"]
+
+
+class Probe:
+    """A raw connection to ps-probe-server asking for its listing (counts, CPU)."""
+
+    def __init__(self, port):
+        self.sock = connect(("127.0.0.1", port))
+        self.frames = Frames()
+
+    def state(self, timeout):
+        self.sock.settimeout(max(timeout, 0.001))   # socket.timeout past it
+        self.sock.sendall(frame({"type": "listing", "id": 0}))
+        return pickle.loads(recv_messages(self.sock, self.frames)[0]["payload"])
+
+    def wait_for(self, done, deadline):
+        """Poll every 5 ms until done(state); the state, or None at the deadline."""
+        while True:
+            try:
+                state = self.state(deadline - time.perf_counter())
+            except socket.timeout:
+                return None
+            if done(state):
+                return state
+            if time.perf_counter() > deadline:
+                return None
+            time.sleep(0.005)
+
+    def close(self):
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------
 # orchestration: every role is this file in a child process
 # ---------------------------------------------------------------------------
 
+# Which proxysession.py each row runs: label ("current" or "baseline") -> the
+# directory that holds it as proxysession.py; main() fills it in. A process of
+# a module row gets --module-dir DIR, which goes first on its sys.path.
+MODULE_DIRS = {"current": HERE}
+SEEN_MODULES = {}               # label -> the __file__ its processes reported
+
+
+def module_label(row):
+    return "baseline" if row.startswith(BASELINE) else "current"
+
+
 class Child:
-    def __init__(self, role, *args, stdin=False):
+    def __init__(self, role, *args, stdin=False, module="current"):
+        command = [sys.executable, __file__]
+        self.module = module if role in PS_ROLES else None
+        if self.module:
+            command += ["--module-dir", MODULE_DIRS[module]]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--role", role] + [str(a) for a in args],
+            command + ["--role", role] + [str(a) for a in args],
             stdout=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             text=True, cwd=HERE)
 
     def line(self):
+        """The child's next line; a module role's ends with the proxysession
+        file it imported, checked here and cut off."""
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("child %s exited: %s" % (self.proc.args, self.proc.poll()))
-        return line.strip()
+        line = line.strip()
+        if self.module:
+            line, path = line.split(" ", 1)
+            self.check_module(path)
+        return line
+
+    def check_module(self, path):
+        expected = os.path.join(MODULE_DIRS[self.module], "proxysession.py")
+        if os.path.realpath(path.replace(".pyc", ".py")) != os.path.realpath(expected):
+            raise RuntimeError("%s ran %s, not the %s module %s"
+                               % (self.proc.args[-1], path, self.module, expected))
+        SEEN_MODULES[self.module] = path
 
     def rss_kib(self):
-        with open("/proc/%d/status" % self.proc.pid) as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+        return self.vm_kib("VmRSS")
 
     def cpu_seconds(self):
         """User plus system CPU so far, from /proc (None where there is none)."""
@@ -461,9 +707,24 @@ class Child:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def result(self):
-        out, _ = self.proc.communicate(timeout=600)
-        return json.loads(out.strip().splitlines()[-1])
+    def result(self, timeout=600):
+        """The child's last line as JSON; subprocess.TimeoutExpired past timeout."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        lines = out.strip().splitlines()
+        if not lines:
+            raise RuntimeError("child %s printed nothing: %s" % (self.proc.args, self.proc.poll()))
+        result = json.loads(lines[-1])
+        if self.module and "module" in result:
+            self.check_module(result["module"])
+        return result
+
+    def vm_kib(self, field):
+        """A VmRSS/VmHWM-style field of /proc/PID/status, in KiB."""
+        with open("/proc/%d/status" % self.proc.pid) as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        return 0
 
     def stop(self):
         if self.proc.poll() is None:
@@ -485,30 +746,42 @@ SYSTEMS = {
 
 
 def measure(row, workload, seconds, size=None, callers=1):
-    """Start the row's processes, run the callers, return the combined figures."""
-    server_role, callee_role, caller_role = SYSTEMS[row]
+    """Start the row's processes, run the callers, return the combined figures
+    (or {"na": why} for a W3thr cell that cannot run or timed out)."""
+    module = module_label(row)
+    server_role, callee_role, caller_role = SYSTEMS[row[len(BASELINE):] if module == "baseline"
+                                                    else row]
     children = []
     try:
         port = None
         if server_role:
-            server = Child(server_role)
+            server = Child(server_role, module=module)
             children.append(server)
             port = int(server.line())
         if callee_role:
-            callee = Child(callee_role, port or 0)
+            callee = Child(callee_role, port or 0, module=module)
             children.append(callee)
             reply = callee.line()
             if callee_role == "raw-callee-listen":
                 port = int(reply)
         broker = server if server_role in ("ps-server", "relay") else None
         cpu_before = broker.cpu_seconds() if broker else None
-        runs = [Child(caller_role, port, workload, seconds, size or 0) for _ in range(callers)]
+        runs = [Child(caller_role, port, workload, seconds, size or 0, module=module)
+                for _ in range(callers)]
         children.extend(runs)
-        results = [run.result() for run in runs]
+        try:
+            # a threaded caller bounds itself at its end + 10 s: this is for worse
+            limit = seconds + 30 if workload == "threaded" else 600
+            results = [run.result(timeout=limit) for run in runs]
+        except subprocess.TimeoutExpired:
+            return {"na": "timeout (> %.0f s)" % limit}
         cpu_after = broker.cpu_seconds() if broker else None
     finally:
         for child in children:
             child.stop()
+    for result in results:
+        if "na" in result:
+            return {"na": result["na"]}
     calls = sum(r["calls"] for r in results)
     elapsed = max(r["elapsed"] for r in results)
     latencies = sorted(l for r in results for l in r["latencies"])
@@ -525,8 +798,8 @@ def measure(row, workload, seconds, size=None, callers=1):
     return figures
 
 
-def measure_idle(count, rounds):
-    server = Child("ps-server")
+def measure_idle(count, rounds, module="current"):
+    server = Child("ps-server", module=module)
     holder = None
     try:
         port = int(server.line())
@@ -547,6 +820,152 @@ def measure_idle(count, rounds):
         server.stop()
 
 
+def file_limit():
+    """Raise RLIMIT_NOFILE's soft limit to the hard one (children inherit it);
+    the limit now, or None where there is none to read."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def enough_files(count, why):
+    """None if count connections fit under the file limit, else the skip note."""
+    limit = file_limit()
+    if limit is not None and limit < count + 100:
+        return ("%s skipped: needs %d file descriptors per process, RLIMIT_NOFILE is %d "
+                "(raise the hard limit, e.g. ulimit -Hn)" % (why, count + 100, limit))
+    return None
+
+
+def measure_cleanup(count, mode, module, timeout):
+    """W6 cleanup: the server's CPU (its own process_time) and the wall time from
+    the moment count connections holding a session or a waiting call each all
+    leave (their process is killed) until a listing shows them gone."""
+    server = Child("ps-probe-server", module=module)
+    children = [server]
+    probe = None
+    try:
+        port = int(server.line())
+        if mode == "calls":
+            children.append(Child("silent-callee", port))
+            children[-1].line()
+        probe = Probe(port)
+        holder = Child("cleanup-holder", port, count, mode, stdin=True)
+        children.append(holder)
+        holder.line()
+        deadline = time.perf_counter() + timeout
+        key = "sessions" if mode == "sessions" else "waiting"
+        before = probe.wait_for(lambda state: state[key] >= count, deadline)
+        if before is None:
+            return {"timeout": timeout, "during": "setup"}
+        held = before["connections"]
+        start = time.perf_counter()
+        holder.stop()
+        after = probe.wait_for(lambda state: state["connections"] <= held - count,
+                               start + timeout)
+        if after is None:
+            return {"timeout": timeout}
+        return {"cpu_ms": (after["cpu"] - before["cpu"]) * 1e3,
+                "wall_ms": (time.perf_counter() - start) * 1e3}
+    finally:
+        if probe:
+            probe.close()
+        for child in reversed(children):    # the peers first: none sees the server die
+            child.stop()
+
+
+def measure_fan_in(count, module, timeout):
+    """W6 fan-in: count connections, one call each in flight to one publisher."""
+    server = Child("ps-server", module=module)
+    children = [server]
+    try:
+        port = int(server.line())
+        children.append(Child("raw-callee", port))
+        children[-1].line()
+        callers = Child("fan-in", port, count, stdin=True)
+        children.append(callers)
+        callers.line()
+        cpu_before = server.cpu_seconds()
+        callers.proc.stdin.write("go\n")
+        callers.proc.stdin.flush()
+        try:
+            result = callers.result(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"timeout": timeout}
+        cpu_after = server.cpu_seconds()
+        result["wall_ms"] = result.pop("elapsed") * 1e3
+        if cpu_before is not None and cpu_after is not None:
+            result["server_cpu_ms"] = (cpu_after - cpu_before) * 1e3
+        return result
+    finally:
+        for child in reversed(children):    # the peers first: none sees the server die
+            child.stop()
+
+
+def measure_flood(total, module, timeout):
+    """W6 flood: the server's RSS growth over total calls that nobody answers."""
+    server = Child("ps-server", module=module)
+    children = [server]
+    try:
+        port = int(server.line())
+        children.append(Child("silent-callee", port))
+        children[-1].line()
+        before = server.rss_kib()
+        caller = Child("flood", port, total)
+        children.append(caller)
+        try:
+            result = caller.result(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"timeout": timeout, "rss_growth_mib": (server.rss_kib() - before) / 1024}
+        result["rss_growth_mib"] = (server.rss_kib() - before) / 1024
+        result["peak_growth_mib"] = (server.vm_kib("VmHWM") - before) / 1024
+        return result
+    finally:
+        for child in reversed(children):    # the peers first: none sees the server die
+            child.stop()
+
+
+def measure_scale(modules, quick, timeout, notes):
+    """Every W6 cell, each module one after the other on the same cell."""
+    cleanup = [n // 8 for n in CLEANUP] if quick else CLEANUP
+    callers = FAN_IN_CONNS // 10 if quick else FAN_IN_CONNS
+    calls = FLOOD // 10 if quick else FLOOD
+    cells = {}
+    for mode in ("sessions", "calls"):
+        for count in cleanup:
+            skip = enough_files(count, "W6 cleanup %s %d" % (mode, count))
+            if skip:
+                notes.append(skip)
+                continue
+            name = "cleanup %s %d" % (mode, count)
+            cells[name] = {m: measure_cleanup(count, mode, m, timeout) for m in modules}
+            progress(name, cells[name])
+    skip = enough_files(callers, "W6 fan-in %d" % callers)
+    if skip:
+        notes.append(skip)
+    else:
+        name = "fan-in %d" % callers
+        cells[name] = {m: measure_fan_in(callers, m, timeout) for m in modules}
+        progress(name, cells[name])
+    name = "flood %d" % calls
+    cells[name] = {m: measure_flood(calls, m, timeout) for m in modules}
+    progress(name, cells[name])
+    return cells
+
+
+def progress(name, figures):
+    print("  W6 %s measured: %s" % (name, json.dumps(figures)), file=sys.stderr, flush=True)
+
+
 def importable(name):
     try:
         __import__(name)
@@ -559,6 +978,16 @@ def run_role(argv):
     role, args = argv[0], argv[1:]
     if role == "ps-server":
         return ps_server()
+    if role == "ps-probe-server":
+        return ps_probe_server()
+    if role == "silent-callee":
+        return silent_callee(("127.0.0.1", int(args[0])))
+    if role == "cleanup-holder":
+        return cleanup_holder(("127.0.0.1", int(args[0])), int(args[1]), args[2])
+    if role in ("fan-in", "flood"):
+        function = fan_in if role == "fan-in" else flood
+        print(json.dumps(function(("127.0.0.1", int(args[0])), int(args[1]))), flush=True)
+        return None
     if role == "relay":
         return relay_floor()
     if role == "mp-server":
@@ -579,13 +1008,51 @@ def run_role(argv):
     callers = {"ps-caller": ps_caller, "raw-caller": raw_caller, "mp-caller": mp_caller,
                "pyro-caller": pyro_caller, "rpyc-caller": rpyc_caller}
     port, workload, seconds, size = int(args[0]), args[1], float(args[2]), int(args[3]) or None
-    calls, elapsed, latencies = callers[role](("127.0.0.1", port), workload, seconds, size)
-    if len(latencies) > 20000:           # keep the pipe small: a sorted sample is enough
-        step = len(latencies) / 20000
-        ordered = sorted(latencies)
-        latencies = [ordered[int(i * step)] for i in range(20000)]
-    print(json.dumps({"calls": calls, "elapsed": elapsed, "latencies": latencies}))
+    outcome = callers[role](("127.0.0.1", port), workload, seconds, size)
+    module = sys.modules.get("proxysession")
+    report = {"module": module.__file__} if module and role == "ps-caller" else {}
+    if type(outcome) is dict:            # W3thr that cannot run here: why
+        report.update(outcome)
+    else:
+        calls, elapsed, latencies = outcome
+        if len(latencies) > 20000:           # keep the pipe small: a sorted sample is enough
+            step = len(latencies) / 20000
+            ordered = sorted(latencies)
+            latencies = [ordered[int(i * step)] for i in range(20000)]
+        report.update({"calls": calls, "elapsed": elapsed, "latencies": latencies})
+    print(json.dumps(report), flush=True)
+    if workload == "threaded":
+        os._exit(0)                      # threads stuck in a call must not hold the exit
     return None
+
+
+def module_copy(path, label, temps):
+    """A temp dir holding a copy of path as proxysession.py: what --module-dir takes."""
+    if not os.path.isfile(path):
+        raise SystemExit("--%s: no such file: %s" % (label, path))
+    temp = tempfile.mkdtemp(prefix="bench-%s-" % label)
+    temps.append(temp)
+    shutil.copyfile(path, os.path.join(temp, "proxysession.py"))
+    return temp
+
+
+def describe_module(path, source):
+    """Where a module came from, for the table's header: its sha1, and whether it
+    is the repository's committed proxysession.py."""
+    import hashlib
+    with open(path, "rb") as module:
+        content = module.read()
+    text = "%s (from %s, sha1 %s" % (path, source, hashlib.sha1(content).hexdigest()[:12])
+    try:
+        head = subprocess.run(["git", "-C", HERE, "log", "-1", "--format=%h"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        committed = subprocess.run(["git", "-C", HERE, "show", "HEAD:proxysession.py"],
+                                   capture_output=True, timeout=10).stdout
+        if head:
+            text += ", %s git HEAD %s" % ("=" if committed == content else "differs from", head)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return text + ")"
 
 
 def main(argv=None):
@@ -593,17 +1060,33 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true",
-                        help="short cells and 1,000 idle connections (CI smoke, under a minute)")
+                        help="short cells and 1,000 idle connections, no W6 unless --workloads "
+                        "names it (then scaled down); the CI smoke test, under a minute")
     parser.add_argument("--seconds", type=float, help="seconds per cell (default 3, quick 0.3)")
     parser.add_argument("--rounds", type=int,
                         help="rounds; each cell shows its median (default 3, quick 1)")
-    parser.add_argument("--only", help="comma-separated rows to run, e.g. 'relay floor,server+raw'")
+    parser.add_argument("--only", help="comma-separated rows to run, e.g. 'relay floor,server+raw'"
+                        " (with --baseline, the proxysession rows bring their baseline twins)")
     parser.add_argument("--workloads", help="comma-separated workloads to run, e.g. 'W1,W2' "
-                        "(default all; W4 is both sizes, W5 the idle connections)")
+                        "(default all, W6 not in --quick; W3 includes W3thr, W4 is both "
+                        "sizes, W5 the idle connections, W6 the scale cells)")
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="another proxysession.py (e.g. an older version): its rows "
+                        "'baseline proxysession' and 'baseline server+raw' run beside the "
+                        "current ones, and current/baseline ratios are printed")
+    parser.add_argument("--current", metavar="PATH",
+                        help="the proxysession.py of the current rows (default the one next "
+                        "to this file), e.g. a snapshot of a file being edited")
+    parser.add_argument("--cell-timeout", type=float, default=CELL_TIMEOUT, metavar="S",
+                        help="seconds a W6 cell may take before it shows 'timeout' "
+                        "(default %.0f)" % CELL_TIMEOUT)
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--module-dir", help=argparse.SUPPRESS)
     parser.add_argument("--role", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.role:
+        if options.module_dir:      # first, ahead of this file's own directory
+            sys.path.insert(0, options.module_dir)
         return run_role(options.role)
     seconds = options.seconds or (0.3 if options.quick else 3.0)
     rows = ROWS if not options.only else [r.strip() for r in options.only.split(",")]
@@ -618,79 +1101,186 @@ def main(argv=None):
             rows.remove(row)
             notes.append("%s skipped: not installed (pip install %s)" % (row, module.lower()))
     rounds = options.rounds or (1 if options.quick else 3)
-    if rounds < 1 or seconds <= 0:
-        parser.error("--rounds and --seconds must be positive")
-    cells = [("W1", "sequential", {}), ("W2", "pipelined", {}),
-             ("W3", "sequential", {"callers": FAN_IN})]
-    cells += [("W4 %d KiB" % (size // 1024), "sequential", {"size": size}) for size in SIZES]
-    workloads = {"W1", "W2", "W3", "W4", "W5"}
+    if rounds < 1 or seconds <= 0 or options.cell_timeout <= 0:
+        parser.error("--rounds, --seconds and --cell-timeout must be positive")
+    known = ["W1", "W2", "W3", "W4", "W5", "W6"]
+    workloads = set(known) - ({"W6"} if options.quick else set())
     if options.workloads:
         workloads = {w.strip().upper() for w in options.workloads.split(",")}
-        if not workloads <= {"W1", "W2", "W3", "W4", "W5"}:
-            parser.error("unknown workloads in %r; known: W1,W2,W3,W4,W5" % options.workloads)
+        if not workloads <= set(known):
+            parser.error("unknown workloads in %r; known: %s" % (options.workloads, ",".join(known)))
+    temps = []
+    try:
+        modules = ["current"]
+        sources = {"current": options.current or os.path.join(HERE, "proxysession.py")}
+        if options.current:
+            MODULE_DIRS["current"] = module_copy(options.current, "current", temps)
+        if options.baseline:
+            MODULE_DIRS["baseline"] = module_copy(options.baseline, "baseline", temps)
+            sources["baseline"] = options.baseline
+            modules.append("baseline")
+            rows = [twin for row in rows for twin in
+                    ([row, BASELINE + row] if row in MODULE_ROWS else [row])]
+        return run(options, rows, workloads, modules, sources, seconds, rounds, notes)
+    finally:
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
+    file_limit()
+    cells = [("W1", "sequential", {}), ("W2", "pipelined", {}),
+             ("W3", "sequential", {"callers": FAN_IN}), ("W3 threads", "threaded", {})]
+    cells += [("W4 %d KiB" % (size // 1024), "sequential", {"size": size}) for size in SIZES]
     cells = [cell for cell in cells if cell[0].split()[0] in workloads]
     samples = {row: {} for row in rows}
-    for number in range(rounds):
+    for number in range(rounds if cells else 0):
         order = rows[number % len(rows):] + rows[:number % len(rows)]
         for cell, workload, extra in cells:
             for row in order:
-                if cell == "W2" and row in ("mp.managers", "Pyro5", "RPyC"):
+                base = row[len(BASELINE):] if row.startswith(BASELINE) else row
+                if cell == "W2" and base in ("mp.managers", "Pyro5", "RPyC"):
                     continue        # their clients have no pipelined call
+                if cell == "W3 threads" and base != "proxysession":
+                    continue        # a Client shared by threads: only the library has one
                 figures = measure(row, workload, seconds, **extra)
                 samples[row].setdefault(cell, []).append(figures)
         print("  round %d of %d measured" % (number + 1, rounds), file=sys.stderr, flush=True)
     results = {row: {cell: medians(runs) for cell, runs in samples[row].items()} for row in rows}
-    idle = None
+    idle = {}
     if "W5" in workloads:
-        idle = measure_idle(1000 if options.quick else IDLE, 200 if options.quick else 2000)
-    print_table(results, idle, seconds, rounds, notes)
+        for module in modules:
+            idle[module] = measure_idle(1000 if options.quick else IDLE,
+                                        200 if options.quick else 2000, module)
+    scale = measure_scale(modules, options.quick, options.cell_timeout, notes) \
+        if "W6" in workloads else {}
+    for module in modules:
+        if module in SEEN_MODULES:
+            notes.append("%s rows ran %s" % (module, describe_module(SEEN_MODULES[module],
+                                                                     sources[module])))
+    print_table(results, idle, scale, seconds, rounds, notes)
     if options.json:
-        print(json.dumps({"results": results, "idle": idle, "notes": notes}, indent=1))
+        print(json.dumps({"results": results, "idle": idle, "scale": scale, "notes": notes},
+                         indent=1))
     return 0
 
 
 def medians(runs):
-    """One cell's figures: the median of each over the rounds."""
+    """One cell's figures: the median of each over the rounds; a cell that could
+    not run in some round ({"na": why}) is that."""
+    for run in runs:
+        if "na" in run:
+            return run
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def print_table(results, idle, seconds, rounds, notes):
+COLUMNS = [("W1 calls/s", "W1", "calls_per_s"), ("W1 p50 us", "W1", "p50_us"),
+           ("W1 p99 us", "W1", "p99_us"), ("W2 calls/s", "W2", "calls_per_s"),
+           ("W2 broker us", "W2", "broker_cpu_us"), ("W3 calls/s", "W3", "calls_per_s"),
+           ("W3thr calls/s", "W3 threads", "calls_per_s"),
+           ("W4 64K MB/s", "W4 64 KiB", "mb_per_s"), ("W4 1M MB/s", "W4 1024 KiB", "mb_per_s")]
+WIDTH = 23                      # the row names' column: 'baseline proxysession'
+
+
+def print_table(results, idle, scale, seconds, rounds, notes):
     floor = results.get("relay floor")
     print("proxysession benchmark, %s, CPython %s on %s, %d CPUs, %.1f s per cell, "
           "median of %d round%s" % (time.strftime("%Y-%m-%d"), platform.python_version(),
                                     platform.machine(), os.cpu_count(), seconds, rounds,
                                     "" if rounds == 1 else "s"))
-    columns = ["W1 calls/s", "W1 p50 us", "W1 p99 us", "W2 calls/s", "W2 broker us",
-               "W3 calls/s", "W4 64K MB/s", "W4 1M MB/s"]
-    keys = [("W1", "calls_per_s"), ("W1", "p50_us"), ("W1", "p99_us"), ("W2", "calls_per_s"),
-            ("W2", "broker_cpu_us"), ("W3", "calls_per_s"), ("W4 64 KiB", "mb_per_s"),
-            ("W4 1024 KiB", "mb_per_s")]
-    print("%-14s" % "row" + "".join("%14s" % c for c in columns))
-    for row, cells in results.items():
-        line = "%-14s" % row
-        for cell, key in keys:
-            value = cells.get(cell, {}).get(key)
-            line += "%14s" % ("-" if value is None else "%.0f" % value)
+    columns = [column for column in COLUMNS
+               if any(column[1] in cells for cells in results.values())]
+    if columns:
+        print("%-*s" % (WIDTH, "row") + "".join("%14s" % c[0] for c in columns))
+    for row, cells in results.items() if columns else ():
+        line = "%-*s" % (WIDTH, row)
+        for _, cell, key in columns:
+            figures = cells.get(cell, {})
+            value = figures.get(key)
+            if "na" in figures:
+                line += "%14s" % "n/a"
+                notes.append("%s %s: n/a (%s)" % (row, cell, figures["na"]))
+            else:
+                line += "%14s" % ("-" if value is None else "%.0f" % value)
         print(line)
-    if floor:
-        print("ratio to the relay floor (throughput; higher is better)")
-        for row, cells in results.items():
-            line = "%-14s" % row
-            for cell, key in keys:
+
+    def ratios(title, pairs, times):
+        print(title)
+        for name, cells, base in pairs:
+            line = "%-*s" % (WIDTH, name)
+            for _, cell, key in columns:
                 value = cells.get(cell, {}).get(key)
-                base = floor.get(cell, {}).get(key)
-                if value is None or not base or key.endswith("_us"):
+                under = base.get(cell, {}).get(key)
+                if value is None or not under or (key.endswith("_us") and not times):
                     line += "%14s" % "-"
                 else:
-                    line += "%14.2f" % (value / base)
+                    line += "%14.2f" % (value / under)
             print(line)
-    if idle:
-        print("W5: %d idle connections: %.0f bytes of server RSS each; listing round trip "
+
+    if floor and columns:   # throughput only: a latency's ratio would read the other way
+        ratios("ratio to the relay floor (throughput; higher is better)",
+               [(row, cells, floor) for row, cells in results.items()], False)
+    twins = [(row, results[row], results[BASELINE + row]) for row in results
+             if BASELINE + row in results]
+    if twins and columns:
+        ratios("ratio current/baseline (calls/s, MB/s: higher is better; us: lower is better)",
+               twins, True)
+    for module, figures in idle.items():
+        print("W5%s: %d idle connections: %.0f bytes of server RSS each; listing round trip "
               "%.0f us among them vs %.0f us alone (%.2fx)" % (
-                  idle["connections"], idle["rss_per_conn_bytes"], idle["rtt_among_us"],
-                  idle["rtt_alone_us"], idle["rtt_ratio"]))
+                  "" if module == "current" else " (%s)" % module,
+                  figures["connections"], figures["rss_per_conn_bytes"], figures["rtt_among_us"],
+                  figures["rtt_alone_us"], figures["rtt_ratio"]))
+    if scale:
+        print_scale(scale)
     for note in notes:
         print("note: " + note)
+
+
+def print_scale(scale):
+    """W6: one line per cell, a column per module, then current/baseline."""
+    modules = list(next(iter(scale.values())))
+    print("W6: the server at scale (raw peers; cleanup: the server's own CPU from the "
+          "moment all leave until a listing shows them gone; lower is better throughout)")
+    print("%-24s" % "cell" + "".join("%32s" % m for m in modules) +
+          ("%18s" % "current/baseline" if len(modules) > 1 else ""))
+
+    def show(figures, key, unit):
+        if "timeout" in figures:
+            return "timeout (> %.0f s)" % figures["timeout"]
+        text = "%.1f %s" % (figures[key], unit)
+        if "answered" in figures:
+            text += ", %d/%d ok" % (figures["succeeded"], figures["answered"])
+        if "refused" in figures:
+            text += ", %d refused" % figures["refused"]
+        return text
+
+    def line(name, values, texts, compare=True):
+        ratio = ""
+        if len(values) > 1 and compare:
+            ratio = "%.3f" % (values[0] / values[1]) if None not in values and values[1] else "-"
+        print("%-24s" % name + "".join("%32s" % t for t in texts) + ("%18s" % ratio if ratio else ""))
+
+    for name, by_module in scale.items():
+        kind = name.split()[0]
+        key, unit = {"cleanup": ("cpu_ms", "ms CPU"), "fan-in": ("wall_ms", "ms wall"),
+                     "flood": ("rss_growth_mib", "MiB RSS growth")}[kind]
+        figures = [by_module[m] for m in modules]
+        line(name, [f.get(key) if "timeout" not in f else None for f in figures],
+             [show(f, key, unit) for f in figures])
+    for mode in ("sessions", "calls"):
+        counts = sorted(int(name.split()[-1]) for name in scale
+                        if name.startswith("cleanup %s " % mode))
+        if len(counts) == 2:
+            values = []
+            for m in modules:
+                small = scale["cleanup %s %d" % (mode, counts[0])][m].get("cpu_ms")
+                large = scale["cleanup %s %d" % (mode, counts[1])][m].get("cpu_ms")
+                values.append(large / small if small and large is not None else None)
+            line("cleanup %s %dk/%dk" % (mode, counts[1] // 1000, counts[0] // 1000) if
+                 counts[0] >= 1000 else "cleanup %s %d/%d" % (mode, counts[1], counts[0]),
+                 values, ["-" if v is None else "%.1fx (linear ~%d)" % (v, counts[1] // counts[0])
+                          for v in values], compare=False)
 
 
 if __name__ == "__main__":
