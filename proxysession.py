@@ -123,7 +123,7 @@ KEEPALIVE_IDLE = 60               # TCP keepalive: idle seconds before the first
 KEEPALIVE_INTERVAL = 10           # seconds between probes,
 KEEPALIVE_COUNT = 3               # and unanswered probes before the kernel drops the peer
 PICKLE_PROTOCOL = 4               # the protocol every CPython >= 3.4 reads
-PROTOCOL_VERSION = 2              # PROTOCOL.md: version 1 (the seed's) plus info and ping
+PROTOCOL_VERSION = 2              # PROTOCOL.md: version 1 (the seed's) plus info, ping, resume...
 MAX_FIELDS = 64                   # keys in one message: a message is a small flat dict (PROTOCOL.md 3.1)
 MAX_NAME = 256                    # characters in an alias, a session name or a method name
 MAX_METHODS = 4096                # entries in a published method table
