@@ -692,12 +692,14 @@ def _set_items(target, items: list) -> None:
 def _decode_message(body) -> Any:
     """A message as the plain decoder gives it; large ones by the walker when it
     can. Raises ``ProtocolError`` for a body that is not a small flat dict."""
-    if len(body) >= LARGE_PAYLOAD:
-        message = _decode_large(body)
-        if message is not None:
-            return message
-    _check_message(body)
-    return _loads_plain(body)
+    message = _decode_large(body) if len(body) >= LARGE_PAYLOAD else None
+    if message is None:
+        _check_message(body)
+        message = _loads_plain(body)
+    if type(message) is dict and len(message) > MAX_FIELDS:
+        # the walk bounds what decoding costs, with some slack; this is the rule
+        raise _Refused("a message has at most %d fields" % MAX_FIELDS)
+    return message
 
 
 # ---------------------------------------------------------------------------

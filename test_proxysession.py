@@ -3208,3 +3208,22 @@ def test_a_server_that_closes_every_connection_at_once_costs_a_client_little(mak
         listener.close()
         join_all([acceptor])
     assert events == [("disconnected", conn)]
+
+
+@pytest.mark.parametrize("extra", [
+    {"k%d" % n: n for n in range(62)},             # ints and str keys: the inline walk
+    {"k%d" % n: None for n in range(62)},          # None
+    {"k%d" % n: 1.5 for n in range(62)},           # floats: the general walk
+])
+def test_a_message_of_more_than_64_fields_is_refused_and_64_are_served(server, peers, extra):
+    peer = peers(server.address)
+    assert peer.result(type="listing", id=1, **extra) == (True, [])       # 64 fields
+    extra["k62"] = 0
+    peer.send(type="listing", id=2, **extra)       # undecodable: answered under id -1
+    assert peer.recv() == {"type": "result", "id": -1, "success": False, "payload": dumps(
+        "Malformed message: a message has at most 64 fields")}
+    body = dumps(dict(type="listing", id=3, **extra))
+    peer.send_raw(frame(body[:-30]))                                        # cut short
+    answer = peer.recv()
+    assert answer["success"] is False and b"truncated" in answer["payload"]
+    assert peer.result(type="listing", id=4) == (True, [])
