@@ -2610,6 +2610,18 @@ def _error_from_payload(payload: Any) -> ProxyError:
     return ProxyError(payload if isinstance(payload, str) else repr(payload))
 
 
+class _ClientTimeout:
+    """The default ``timeout`` of a request: the Client's own ``timeout``."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "CLIENT_TIMEOUT"
+
+
+CLIENT_TIMEOUT = _ClientTimeout()
+
+
 class _Request:
     """A request waiting for its result."""
 
@@ -2714,7 +2726,9 @@ class Client:
     ``unsubscribe``, ``server_listing``, ``close``; each request blocks until
     its answer (driving the reactor meanwhile) and returns the payload or
     raises, or, given ``callback=``, returns at once and calls
-    ``callback(Result)`` later.
+    ``callback(Result)`` later. A request's ``timeout=`` is in seconds (None:
+    no limit); its default, ``CLIENT_TIMEOUT``, stands for the Client's own
+    ``timeout``. Every method may be called from any thread.
 
     Callbacks (keyword arguments): ``unknown_message_event(data,
     connection_id)``, ``socket_error_event(connection_id, error)``,
@@ -3179,7 +3193,7 @@ class Client:
 
     def send_message(self, connection_id: int, message: dict,
                      on_result: Optional[Callable] = None, callback: Optional[Callable] = None,
-                     tag: Any = None, timeout: Any = "default",
+                     tag: Any = None, timeout: Any = CLIENT_TIMEOUT,
                      prepare: Optional[Callable[[], None]] = None,
                      undo: Optional[Callable[[], None]] = None) -> Any:
         """Send a request and wait for its result (or, given ``callback``,
@@ -3197,7 +3211,7 @@ class Client:
             raise ProxyError("a blocking call nested %d deep exceeds MAX_NESTED_CALLS (%d)"
                              % (reactor.depth(), MAX_NESTED_CALLS))
         request = _Request(connection_id, on_result, callback, tag,
-                           self.timeout if timeout == "default" else timeout, undo)
+                           self.timeout if timeout is CLIENT_TIMEOUT else timeout, undo)
         took = reactor._take()
         if took is None:
             return self._send_from_another_thread(request, message, prepare)
@@ -3443,7 +3457,7 @@ class Client:
 
     def publish(self, connection_id: int, alias: str, obj: Any,
                 methods: Optional[Iterable[str]] = None, callback: Optional[Callable] = None,
-                tag: Any = None, timeout: Any = "default", workers: int = 0) -> str:
+                tag: Any = None, timeout: Any = CLIENT_TIMEOUT, workers: int = 0) -> str:
         """Publish ``obj`` under ``alias``: the methods marked ``@proxy_event``,
         or those named in ``methods``. Returns the alias. With ``workers=N``,
         up to N calls to it run at once on worker threads of its own; with 0,
@@ -3478,7 +3492,7 @@ class Client:
 
     def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
                 callback: Optional[Callable] = None, tag: Any = None,
-                timeout: Any = "default") -> None:
+                timeout: Any = CLIENT_TIMEOUT) -> None:
         """Rescind a publication, named by its alias or by the published object."""
         matches = [p for p in list(self._publications.values())
                    if (p.alias == obj_or_alias if isinstance(obj_or_alias, str)
@@ -3501,13 +3515,13 @@ class Client:
                                  "payload": payload}, on_result, callback, tag, timeout)
 
     def server_listing(self, connection_id: int, callback: Optional[Callable] = None,
-                       tag: Any = None, timeout: Any = "default") -> List[str]:
+                       tag: Any = None, timeout: Any = CLIENT_TIMEOUT) -> List[str]:
         """The aliases published on that server, sorted."""
         return self.send_message(connection_id, {"type": "listing"}, None, callback, tag,
                                  timeout)
 
     def subscribe(self, connection_id: int, alias: str, callback: Optional[Callable] = None,
-                  tag: Any = None, timeout: Any = "default") -> "Proxy":
+                  tag: Any = None, timeout: Any = CLIENT_TIMEOUT) -> "Proxy":
         """Subscribe to ``alias``; returns its ``Proxy``."""
         def on_result(value):
             if not isinstance(value, dict) or not isinstance(value.get("methods"), dict):
@@ -3535,7 +3549,7 @@ class Client:
 
     def deliver(self, connection_id: int, alias: str, event: str, args=(), kwargs=None,
                 callback: Optional[Callable] = None, tag: Any = None,
-                timeout: Any = "default") -> Any:
+                timeout: Any = CLIENT_TIMEOUT) -> Any:
         """Call ``event`` on the session ``alias``: what a proxy method does."""
         payload = _dumps({"event": event, "args": list(args), "kwargs": kwargs or {}})
         return self.send_message(connection_id, {"type": "deliver", "to": alias,
@@ -3608,7 +3622,7 @@ class _ProxyMethod:
         return future
 
     def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
-             timeout: Any = "default", callback: Optional[Callable] = None, tag: Any = None):
+             timeout: Any = CLIENT_TIMEOUT, callback: Optional[Callable] = None, tag: Any = None):
         gone = self._proxy._Proxy__gone
         if gone is not None and not self._client._revive(self._proxy):
             raise ProxyError(gone)
@@ -3724,16 +3738,43 @@ def _make_parser() -> argparse.ArgumentParser:
     call.add_argument("alias", metavar="ALIAS")
     call.add_argument("method", metavar="METHOD")
     call.add_argument("args", nargs="*", metavar="ARG",
-                      help="Python literals (ast.literal_eval), else strings")
+                      help="Python literals (ast.literal_eval), else strings; NAME=VALUE is "
+                           "a keyword argument (\"punctuation='?'\"); text that opens with a "
+                           "quote or a bracket must parse")
     return parser
 
 
+_KEYWORD_ARGUMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
+
+
 def _literal(text: str) -> Any:
+    """A Python literal; a word that is none is the str it spells, but text
+    that opens like one (a quote or a bracket) and does not parse is a mistake
+    the user should hear of, not a str."""
     import ast
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+        if text[:1] in ("'", '"', "[", "(", "{"):
+            raise _UsageError("argument %.60r is not a Python literal (%s); the str it spells "
+                              "is the literal %.70s" % (text, getattr(exc, "msg", exc),
+                                                        repr(text)))
         return text
+
+
+def _call_arguments(words: List[str]) -> Tuple[list, dict]:
+    """``call``'s ARGs: NAME=VALUE is a keyword argument, anything else positional."""
+    args: list = []
+    kwargs: dict = {}
+    for word in words:
+        keyword = _KEYWORD_ARGUMENT.fullmatch(word)
+        if keyword is None:
+            if kwargs:
+                raise _UsageError("positional argument %.60r after a keyword argument" % word)
+            args.append(_literal(word))
+        else:
+            kwargs[keyword.group(1)] = _literal(keyword.group(2))
+    return args, kwargs
 
 
 def _run_client_command(options) -> int:
@@ -3745,8 +3786,10 @@ def _run_client_command(options) -> int:
         except (OSError, ssl.SSLError) as exc:
             raise _UsageError("cannot load the CA file: %s" % exc)
     authkey = _read_authkey(options.authkey_file)
+    arguments = _call_arguments(options.args) if options.command == "call" else None
+    # a one-shot command fails at once rather than wait for a server to come back
     client = Client("proxysession-cli", reactor=Reactor(), timeout=options.timeout,
-                    authkey=authkey, ssl_context=context)
+                    authkey=authkey, ssl_context=context, reconnect=False, heartbeat=None)
     try:
         try:
             connection = client.connect(host, port, timeout=options.timeout)
@@ -3758,8 +3801,7 @@ def _run_client_command(options) -> int:
                 for alias in client.server_listing(connection):
                     print(alias)
             else:
-                value = client.deliver(connection, options.alias, options.method,
-                                       [_literal(arg) for arg in options.args])
+                value = client.deliver(connection, options.alias, options.method, *arguments)
                 print(repr(value))
         except RemoteError as exc:
             print("proxysession: remote %s" % (exc,), file=sys.stderr)
@@ -3834,6 +3876,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if options.command:
             return _run_client_command(options)
         return _run_server(options)
+    except KeyboardInterrupt:          # Ctrl-C on a client command: one line, like the rest
+        print("proxysession: interrupted", file=sys.stderr)
+        return 130
     except _UsageError as exc:
         parser.print_usage(sys.stderr)
         print("proxysession: error: %s" % exc, file=sys.stderr)

@@ -1259,6 +1259,31 @@ def test_cli_list_and_call(server, publisher_process):
     done = subprocess.run([sys.executable, MODULE, "call", address, "Nope", "x"],
                           capture_output=True, text=True, timeout=WAIT)
     assert (done.returncode, done.stderr) == (1, "proxysession: Session 'Nope' doesn't exist\n")
+    # keyword arguments: NAME=VALUE
+    done = subprocess.run([sys.executable, MODULE, "call", address, "Calc", "add", "2", "b=3",
+                           "scale=10"], capture_output=True, text=True, timeout=WAIT)
+    assert (done.returncode, done.stdout) == (0, "50\n")
+    # text that opens like a literal but does not parse is a usage error, not a str
+    for bad in ("'unterminated", "[1, 2"):
+        done = subprocess.run([sys.executable, MODULE, "call", address, "Calc", "add", bad],
+                              capture_output=True, text=True, timeout=WAIT)
+        assert done.returncode == 2
+        assert "is not a Python literal" in done.stderr.splitlines()[-1]
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(server, publisher_process):
+    address = "127.0.0.1:%d" % server.address[1]
+    proc = subprocess.Popen([sys.executable, MODULE, "call", address, "Calc", "block"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert publisher_process.stdout.readline() == "busy\n"    # the call is in flight
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+    assert proc.returncode == 130
+    assert err == "proxysession: interrupted\n"
 
 
 # ---------------------------------------------------------------------------
