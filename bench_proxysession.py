@@ -335,6 +335,15 @@ def ps_probe_server():
     proxysession.run()
 
 
+def ps_client(proxysession, name, timeout):
+    """A Client that does not try to reconnect when the bench stops its
+    server (a version without reconnection has no such option)."""
+    try:
+        return proxysession.Client(name, timeout=timeout, reconnect=False)
+    except TypeError:
+        return proxysession.Client(name, timeout=timeout)
+
+
 def ps_callee(address):
     import proxysession
 
@@ -343,7 +352,7 @@ def ps_callee(address):
         def echo(self, x):
             return x
 
-    client = proxysession.Client("callee", timeout=None)
+    client = ps_client(proxysession, "callee", None)
     client.publish(client.connect(*address), "Echo", Echo())
     print("ready", proxysession.__file__, flush=True)
     proxysession.run()
@@ -353,7 +362,7 @@ def ps_caller(address, workload, seconds, size):
     import proxysession
     if workload == "threaded" and not hasattr(proxysession.Reactor, "run_in_thread"):
         return {"na": "no thread support"}
-    client = proxysession.Client("caller", timeout=60)
+    client = ps_client(proxysession, "caller", 60)
     echo = client.subscribe(client.connect(*address), "Echo").echo
     if workload == "threaded":
         return threaded(client, echo, seconds)
