@@ -1224,10 +1224,9 @@ def test_allowed_value_classes_round_trip(server, make_client):
         assert echo.echo(value) == value
 
 
-def test_readme_examples_run_as_written(server):
-    readme = open(os.path.join(HERE, "README.md")).read()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    publisher_code, caller_code = blocks[0], blocks[1]
+def run_readme_example(server, publisher_code, caller_code, expected):
+    """A README publisher in a process of its own, then its caller: what the
+    caller prints must be what the README's comments say."""
     port = str(server.address[1])
     publisher_code = publisher_code.replace("56789", port).replace(
         "proxysession.run()", "print('ready', flush=True); proxysession.run()")
@@ -1237,11 +1236,16 @@ def test_readme_examples_run_as_written(server):
         assert publisher.stdout.readline() == "ready\n"
         done = run_python(caller_code.replace("56789", port))
         assert done.returncode == 0, done.stderr
-        expected = re.findall(r"# (.*)", caller_code)
         assert done.stdout.splitlines() == expected
     finally:
         publisher.kill()
         publisher.wait(WAIT)
+
+
+def test_readme_examples_run_as_written(server):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    run_readme_example(server, blocks[0], blocks[1], re.findall(r"# (.*)", blocks[1]))
 
 
 def test_cli_list_and_call(server, publisher_process):
@@ -2926,20 +2930,8 @@ def test_readme_threads_examples_run_as_written(server):
     readme = open(os.path.join(HERE, "README.md")).read()
     section = readme.split("## Threads, workers and asyncio\n")[1].split("\n## ")[0]
     publisher_code, caller_code = re.findall(r"```python\n(.*?)```", section, re.S)
-    port = str(server.address[1])
-    publisher_code = publisher_code.replace("56789", port).replace(
-        "proxysession.run()", "print('ready', flush=True); proxysession.run()")
-    publisher = subprocess.Popen([sys.executable, "-c", publisher_code], cwd=HERE,
-                                 stdout=subprocess.PIPE, text=True)
-    try:
-        assert publisher.stdout.readline() == "ready\n"
-        done = run_python(caller_code.replace("56789", port))
-        assert done.returncode == 0, done.stderr
-        expected = re.findall(r"print\(.*# (.*)", caller_code)
-        assert done.stdout.splitlines() == expected
-    finally:
-        publisher.kill()
-        publisher.wait(WAIT)
+    run_readme_example(server, publisher_code, caller_code,
+                       re.findall(r"print\(.*# (.*)", caller_code))
 
 
 # ---------------------------------------------------------------------------
