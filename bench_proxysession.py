@@ -33,6 +33,31 @@ Workloads:
       down (250/2,000 connections, 1,000 callers, 50,000 calls).
       Needs RLIMIT_NOFILE: the soft limit is raised to the hard one, and a
       cell the hard limit cannot hold is skipped with a note.
+  W7  reconnection and heartbeats (issue 10), measured once per module whose
+      Client takes reconnect= ("n/a" for one that does not, e.g. an old
+      --baseline):
+        restart: a server (the module's command line, python proxysession.py
+          --listen), a publisher process (a Client publishing Echo) and a
+          caller process (a Client holding a proxy of it), both with
+          reconnection on; the server is sent SIGTERM and, once it has
+          exited, started again on the same port. The time from the new
+          server's log line "listening" (and, second figure, from its spawn)
+          to the first call the caller answers through its old proxy, retrying
+          a call that fails meanwhile ("Session 'Echo' doesn't exist" until the
+          publisher is back): median and max over 5 restarts
+        heartbeat idle CPU: one server, one process holding 1,000 connections
+          (one Client, 1,000 connect() calls, RLIMIT_NOFILE raised) idle, with
+          heartbeat=1.0 (each connection is pinged every other beat: ~5 pings
+          in the 10 s window) and with heartbeat=None: the CPU (utime+stime
+          from /proc/PID/stat) of the server and of the holder over 10 s, in
+          ms per second per 1,000 connections, and the difference; "sched" is
+          the same from /proc/PID/task/*/schedstat, whose ns resolution
+          checks the clock ticks' 10 ms (1 ms/s over 10 s). The window opens
+          once the holder's connect() handshake timers (10 s) have lapsed:
+          cancelled, they still wake its reactor at their time
+      Each W7 cell is capped by --cell-timeout and shows "timeout" past it.
+      Not in --quick unless asked for with --workloads; there it is 3
+      restarts and a 3 s window.
 
 Rows:
   proxysession   its own Client and Proxy on both ends, through its server
@@ -68,14 +93,17 @@ import json
 import os
 import pickle
 import platform
+import queue
 import select
 import selectors
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,12 +117,18 @@ IDLE = 10000                    # W5: idle connections
 CLEANUP = [2000, 16000]         # W6: connections that leave at once
 FAN_IN_CONNS = 10000            # W6: callers with one call each in flight
 FLOOD = 500000                  # W6: calls nobody answers
-CELL_TIMEOUT = 120.0            # W6 and W3thr cells: seconds before "timeout"
+CELL_TIMEOUT = 120.0            # W6, W7 and W3thr cells: seconds before "timeout"
+RESTARTS = 5                    # W7: server restarts
+HEARTBEAT_CONNS = 1000          # W7: idle connections with heartbeats
+HEARTBEAT = 1.0                 # W7: their Client's heartbeat, seconds
+HEARTBEAT_WINDOW = 10.0         # W7: seconds of CPU measured
 CHUNK = 256 * 1024
 ROWS = ["proxysession", "server+raw", "relay floor", "direct", "mp.managers", "Pyro5", "RPyC"]
 MODULE_ROWS = ("proxysession", "server+raw")   # the rows that run the module: --baseline twins
 BASELINE = "baseline "                          # the twins' prefix
-PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller")   # roles that import it
+PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller",   # roles that import it
+            "ps-features", "ps-cli-server", "ps-restart-callee", "ps-restart-caller",
+            "ps-heartbeat-holder")
 
 
 # ---------------------------------------------------------------------------
@@ -660,6 +694,125 @@ class Probe:
 
 
 # ---------------------------------------------------------------------------
+# W7: reconnection and heartbeats (issue 10); the module's own Client
+# ---------------------------------------------------------------------------
+
+def quiet_links(proxysession):
+    """The Clients here log every lost and regained connection (warnings that
+    would reach the bench's stderr); the bench counts them itself."""
+    import logging
+    logging.getLogger(proxysession.__name__).addHandler(logging.NullHandler())
+    logging.getLogger(proxysession.__name__).propagate = False
+
+
+def ps_features():
+    """What the module's Client can do: W7 runs only where it reconnects."""
+    import inspect
+    import proxysession
+    parameters = inspect.signature(proxysession.Client).parameters
+    return {"module": proxysession.__file__, "reconnect": "reconnect" in parameters,
+            "heartbeat": "heartbeat" in parameters}
+
+
+def ps_cli_server(port):
+    """The module's command-line server (python proxysession.py --listen), its
+    log on stdout: the bench waits for "listening", stops it with SIGTERM."""
+    import logging
+    import proxysession
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+    print("started", proxysession.__file__, flush=True)
+    return proxysession.main(["--listen", "127.0.0.1:%d" % port])
+
+
+def ps_restart_callee(address):
+    """Publishes Echo with reconnection on: publishes it again after a restart."""
+    import proxysession
+    quiet_links(proxysession)
+
+    class Echo:
+        @proxysession.proxy_event
+        def echo(self, x):
+            return x
+
+    client = proxysession.Client("restart-callee", timeout=30)
+    client.publish(client.connect(*address), "Echo", Echo())
+    print("ready", proxysession.__file__, flush=True)
+    proxysession.run()
+
+
+def ps_restart_caller(address, limit):
+    """Holds one proxy of Echo through server restarts. For each "arm" on
+    stdin: a call through the server as it is ("armed"), then the reactor runs
+    until the connection is lost, then the same proxy is called (again and
+    again, 2 ms apart, while calls fail) until one is answered; one JSON line:
+    when (time.monotonic(), which the parent shares) the connection was lost,
+    came back, and the first call was answered, and what failed meanwhile."""
+    import proxysession
+    quiet_links(proxysession)
+    state = {"down": None, "back": None}
+
+    def lost(connection_id, error):
+        state["down"] = time.monotonic()
+
+    def back(connection_id):
+        state["back"] = time.monotonic()
+
+    client = proxysession.Client("restart-caller", timeout=30, disconnected_event=lost,
+                                 reconnected_event=back)
+    echo = client.subscribe(client.connect(*address), "Echo").echo
+    assert echo(ARG) == ARG
+    print("ready", proxysession.__file__, flush=True)
+    for _ in iter(sys.stdin.readline, ""):
+        state["down"] = state["back"] = None
+        assert echo(ARG) == ARG
+        print("armed", flush=True)
+        deadline = time.monotonic() + limit
+        if not client.reactor.run_until(lambda: state["down"] is not None, limit):
+            print(json.dumps({"timeout": "the connection was never lost"}), flush=True)
+            continue
+        tries, errors, answered = 0, {}, None
+        while time.monotonic() < deadline:
+            tries += 1
+            try:
+                if echo.call([ARG], timeout=max(0.1, min(5.0, deadline - time.monotonic()))) \
+                        == ARG:
+                    answered = time.monotonic()
+                    break
+            except proxysession.ProxyError as exc:
+                text = "%s: %s" % (type(exc).__name__, str(exc)[:100])
+                errors[text] = errors.get(text, 0) + 1
+            client.reactor.run_until(lambda: False, 0.002)
+        print(json.dumps({"down": state["down"], "back": state["back"], "answered": answered,
+                          "tries": tries, "errors": errors}), flush=True)
+
+
+def ps_heartbeat_holder(address, count, heartbeat):
+    """count connections on one Client (heartbeat seconds, or None), idle, its
+    reactor in a thread; each "reads" on stdin prints how many recvs with
+    bytes its connections have made (each answered ping is one)."""
+    import proxysession
+    file_limit()
+    quiet_links(proxysession)
+    client = proxysession.Client("heartbeat-holder", timeout=30, heartbeat=heartbeat)
+    for _ in range(count):
+        client.connect(*address)
+    client.reactor.run_in_thread()
+    # Each connect() left a handshake timer, cancelled but in the reactor's heap
+    # until its time, when it wakes the loop (16 wakeups/s, 0.8 ms/s of CPU at
+    # 1,000 connections): idle begins once they have all lapsed.
+    time.sleep(getattr(client, "handshake_timeout", 10.0) + 0.5)
+
+    def reads():
+        wheels = list(client._connections.values())
+        return {"reads": sum(getattr(wheel, "reads", 0) for wheel in wheels),
+                "connections": len(wheels)}
+
+    print("ready", proxysession.__file__, flush=True)
+    for _ in iter(sys.stdin.readline, ""):
+        print(json.dumps(client.reactor.call_in_loop(reads)), flush=True)
+
+
+# ---------------------------------------------------------------------------
 # orchestration: every role is this file in a child process
 # ---------------------------------------------------------------------------
 
@@ -684,18 +837,46 @@ class Child:
             command + ["--role", role] + [str(a) for a in args],
             stdout=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             text=True, cwd=HERE)
+        self.lines = None           # (monotonic time, line) from a reader thread, once started
+        self.checked = False        # whether the first line's module path was checked
 
-    def line(self):
-        """The child's next line; a module role's ends with the proxysession
-        file it imported, checked here and cut off."""
-        line = self.proc.stdout.readline()
+    def line(self, deadline=None):
+        """The child's next line; a module role's first ends with the
+        proxysession file it imported, checked here and cut off. With a
+        deadline (time.monotonic()), CellTimeout past it."""
+        return self.timed_line(deadline)[1]
+
+    def timed_line(self, deadline=None):
+        """(when, line): when it was read, by a reader thread once a deadline
+        has been asked for (then every later line goes through that thread)."""
+        if deadline is None and self.lines is None:
+            when, line = time.monotonic(), self.proc.stdout.readline()
+        else:
+            if self.lines is None:
+                self.lines = queue.Queue()
+                threading.Thread(target=self.read_lines, daemon=True).start()
+            try:
+                when, line = self.lines.get(
+                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise CellTimeout() from None
         if not line:
             raise RuntimeError("child %s exited: %s" % (self.proc.args, self.proc.poll()))
         line = line.strip()
-        if self.module:
+        if self.module and not self.checked:
             line, path = line.split(" ", 1)
             self.check_module(path)
-        return line
+            self.checked = True
+        return when, line
+
+    def read_lines(self):
+        for line in iter(self.proc.stdout.readline, ""):
+            self.lines.put((time.monotonic(), line))
+        self.lines.put((time.monotonic(), ""))
+
+    def send(self, text):
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
 
     def check_module(self, path):
         expected = os.path.join(MODULE_DIRS[self.module], "proxysession.py")
@@ -715,6 +896,19 @@ class Child:
         except OSError:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def run_seconds(self):
+        """On-CPU time of all its threads so far, in ns resolution, from
+        /proc/PID/task/*/schedstat (None where there is none): a cross-check of
+        cpu_seconds(), whose clock ticks are 10 ms."""
+        total = 0
+        try:
+            for task in os.listdir("/proc/%d/task" % self.proc.pid):
+                with open("/proc/%d/task/%s/schedstat" % (self.proc.pid, task)) as stat:
+                    total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return total / 1e9
 
     def result(self, timeout=600):
         """The child's last line as JSON; subprocess.TimeoutExpired past timeout."""
@@ -972,7 +1166,189 @@ def measure_scale(modules, quick, timeout, notes):
 
 
 def progress(name, figures):
-    print("  W6 %s measured: %s" % (name, json.dumps(figures)), file=sys.stderr, flush=True)
+    print("  %s%s measured: %s" % ("" if name.startswith("W") else "W6 ", name,
+                                   json.dumps(figures)), file=sys.stderr, flush=True)
+
+
+class CellTimeout(Exception):
+    """A W7 cell went past its --cell-timeout."""
+
+
+def measure_restart(count, module, timeout):
+    """W7 restart: count times, SIGTERM the command-line server, start it again
+    on the same port once it has exited, and time how long the caller's old
+    proxy takes to answer again (see ps_restart_caller). Every time is the
+    shared time.monotonic()."""
+    deadline = time.monotonic() + timeout
+    children = []
+    runs = []
+    try:
+        server = Child("ps-cli-server", 0, module=module)
+        children.append(server)
+        _, port = wait_listening(server, deadline)
+        callee = Child("ps-restart-callee", port, module=module)
+        children.append(callee)
+        callee.line(deadline)
+        caller = Child("ps-restart-caller", port, timeout, stdin=True, module=module)
+        children.append(caller)
+        caller.line(deadline)
+        for _ in range(count):
+            caller.send("arm")
+            if caller.line(deadline) != "armed":
+                raise RuntimeError("the caller did not arm")
+            stopped = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                server.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise CellTimeout() from None
+            exited = time.monotonic()
+            server = Child("ps-cli-server", port, module=module)
+            children.append(server)
+            listening, _ = wait_listening(server, deadline)
+            result = json.loads(caller.line(deadline))
+            if "timeout" in result or result["answered"] is None:
+                raise CellTimeout()
+            published = published_at(server)
+            runs.append({"from_listening_ms": (result["answered"] - listening) * 1e3,
+                         "from_spawn_ms": (result["answered"] - exited) * 1e3,
+                         "exit_ms": (exited - stopped) * 1e3,
+                         "spawn_to_listening_ms": (listening - exited) * 1e3,
+                         "caller_back_ms": None if result["back"] is None else
+                         (result["back"] - listening) * 1e3,
+                         "republished_ms": None if published is None else
+                         (published - listening) * 1e3,
+                         "tries": result["tries"], "errors": result["errors"]})
+            progress("W7 restart %d" % len(runs), runs[-1])
+    except CellTimeout:
+        return {"timeout": timeout, "restarts": len(runs)}
+    except (RuntimeError, ValueError, KeyError) as exc:
+        return {"failed": "%s: %s" % (type(exc).__name__, str(exc)[:200]),
+                "restarts": len(runs)}
+    finally:
+        for child in reversed(children):    # the clients first: none sees the server die
+            child.stop()
+    figures = {"restarts": count, "runs": runs}
+    for key in ("from_listening_ms", "from_spawn_ms", "exit_ms", "spawn_to_listening_ms"):
+        values = [run[key] for run in runs]
+        figures[key] = statistics.median(values)
+        figures[key[:-3] + "_max_ms"] = max(values)
+    for key in ("caller_back_ms", "republished_ms"):
+        values = [run[key] for run in runs if run[key] is not None]
+        figures[key] = statistics.median(values) if values else None
+    errors = {}
+    for run in runs:
+        for text, times in run["errors"].items():
+            errors[text] = errors.get(text, 0) + times
+    figures["errors"] = errors
+    return figures
+
+
+def wait_listening(server, deadline):
+    """(when, port): the moment the command-line server logged "listening"."""
+    import re
+    server.line(deadline)                       # "started": the module it imported
+    while True:
+        when, line = server.timed_line(deadline)
+        found = re.search(r"listening on \S+:(\d+)", line)
+        if found:
+            return when, int(found.group(1))
+
+
+def published_at(server):
+    """When the new server logged Echo's publication, if it has by now."""
+    while True:
+        try:
+            when, line = server.timed_line(time.monotonic() + 0.2)
+        except (CellTimeout, RuntimeError):
+            return None
+        if "published 'Echo'" in line:
+            return when
+
+
+def measure_heartbeat(count, heartbeat, window, module, timeout):
+    """W7 heartbeat idle CPU: the server's and the holder's CPU over window
+    seconds, count idle connections with heartbeat (seconds, or None)."""
+    deadline = time.monotonic() + timeout
+    if window + 20 > timeout:           # the holder settles ~12 s first
+        return {"timeout": timeout, "during": "a window longer than the cell timeout"}
+    server = Child("ps-server", module=module)
+    children = [server]
+    try:
+        port = int(server.line(deadline))
+        holder = Child("ps-heartbeat-holder", port, count,
+                       "none" if heartbeat is None else heartbeat, stdin=True, module=module)
+        children.append(holder)
+        holder.line(deadline)
+        time.sleep(min(1.0, heartbeat or 1.0))   # past the connections' setup: idle now
+        if time.monotonic() + window > deadline:
+            return {"timeout": timeout, "during": "setup"}
+        holder.send("reads")
+        before = json.loads(holder.line(deadline))
+        start = time.monotonic()
+        server_before, holder_before = server.cpu_seconds(), holder.cpu_seconds()
+        run_before = server.run_seconds(), holder.run_seconds()
+        time.sleep(window)
+        server_after, holder_after = server.cpu_seconds(), holder.cpu_seconds()
+        run_after = server.run_seconds(), holder.run_seconds()
+        elapsed = time.monotonic() - start
+        holder.send("reads")
+        after = json.loads(holder.line(deadline))
+    except CellTimeout:
+        return {"timeout": timeout}
+    except (RuntimeError, ValueError) as exc:
+        return {"failed": "%s: %s" % (type(exc).__name__, str(exc)[:200])}
+    finally:
+        for child in reversed(children):    # the holder first: it does not see the server die
+            child.stop()
+    if None in (server_before, server_after, holder_before, holder_after):
+        return {"failed": "no /proc/PID/stat here"}
+    per = 1e3 / elapsed / (count / 1000.0)      # CPU seconds -> ms per s per 1,000 connections
+    figures = {"connections": after["connections"], "window_s": elapsed,
+               "server_ms_per_s_1k": (server_after - server_before) * per,
+               "client_ms_per_s_1k": (holder_after - holder_before) * per,
+               "pings_per_conn": (after["reads"] - before["reads"]) / max(1, after["connections"])}
+    if None not in run_before + run_after:
+        figures["server_sched_ms_per_s_1k"] = (run_after[0] - run_before[0]) * per
+        figures["client_sched_ms_per_s_1k"] = (run_after[1] - run_before[1]) * per
+    return figures
+
+
+def measure_links(modules, quick, timeout, notes):
+    """Every W7 cell, for each module whose Client reconnects."""
+    restarts = 3 if quick else RESTARTS
+    window = 3.0 if quick else HEARTBEAT_WINDOW
+    cells = {}
+    for module in modules:
+        try:
+            features = Child("ps-features", module=module).result(timeout=60)
+        except (subprocess.TimeoutExpired, RuntimeError, ValueError) as exc:
+            features = {"reconnect": False, "heartbeat": False, "why": str(exc)[:200]}
+        for name in ("restart", "heartbeat %s" % HEARTBEAT, "heartbeat None"):
+            cells.setdefault(name, {})
+            needs = "reconnect" if name == "restart" else "heartbeat"
+            if not features.get(needs):
+                cells[name][module] = {"na": "its Client has no %s=" % needs}
+                notes.append("W7 %s (%s): n/a, its Client has no %s= (%s)" % (
+                    name, module, needs, features.get("module", features.get("why"))))
+                continue
+            skip = enough_files(HEARTBEAT_CONNS, "W7 %s (%s)" % (name, module)) \
+                if name != "restart" else None
+            if skip:
+                cells[name][module] = {"na": "RLIMIT_NOFILE"}
+                notes.append(skip)
+                continue
+            if name == "restart":
+                figures = measure_restart(restarts, module, timeout)
+            else:
+                figures = measure_heartbeat(HEARTBEAT_CONNS, HEARTBEAT if name != "heartbeat None"
+                                            else None, window, module, timeout)
+            cells[name][module] = figures
+            if "failed" in figures:
+                notes.append("W7 %s (%s) failed: %s" % (name, module, figures["failed"]))
+            progress("W7 %s (%s)" % (name, module),
+                     {key: value for key, value in figures.items() if key != "runs"})
+    return cells
 
 
 def importable(name):
@@ -999,6 +1375,18 @@ def run_role(argv):
         return None
     if role == "relay":
         return relay_floor()
+    if role == "ps-features":
+        print(json.dumps(ps_features()), flush=True)
+        return None
+    if role == "ps-cli-server":
+        return ps_cli_server(int(args[0]))
+    if role == "ps-restart-callee":
+        return ps_restart_callee(("127.0.0.1", int(args[0])))
+    if role == "ps-restart-caller":
+        return ps_restart_caller(("127.0.0.1", int(args[0])), float(args[1]))
+    if role == "ps-heartbeat-holder":
+        return ps_heartbeat_holder(("127.0.0.1", int(args[0])), int(args[1]),
+                                   None if args[2] == "none" else float(args[2]))
     if role == "mp-server":
         return mp_server()
     if role == "pyro-server":
@@ -1069,16 +1457,18 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--quick", action="store_true",
-                        help="short cells and 1,000 idle connections, no W6 unless --workloads "
-                        "names it (then scaled down); the CI smoke test, under a minute")
+                        help="short cells and 1,000 idle connections, no W6 or W7 unless "
+                        "--workloads names it (then scaled down); the CI smoke test, under a "
+                        "minute")
     parser.add_argument("--seconds", type=float, help="seconds per cell (default 3, quick 0.3)")
     parser.add_argument("--rounds", type=int,
                         help="rounds; each cell shows its median (default 3, quick 1)")
     parser.add_argument("--only", help="comma-separated rows to run, e.g. 'relay floor,server+raw'"
                         " (with --baseline, the proxysession rows bring their baseline twins)")
     parser.add_argument("--workloads", help="comma-separated workloads to run, e.g. 'W1,W2' "
-                        "(default all, W6 not in --quick; W3 includes W3thr, W4 is both "
-                        "sizes, W5 the idle connections, W6 the scale cells)")
+                        "(default all, W6 and W7 not in --quick; W3 includes W3thr, W4 is "
+                        "both sizes, W5 the idle connections, W6 the scale cells, W7 "
+                        "reconnection after a server restart and heartbeat CPU)")
     parser.add_argument("--baseline", metavar="PATH",
                         help="another proxysession.py (e.g. an older version): its rows "
                         "'baseline proxysession' and 'baseline server+raw' run beside the "
@@ -1087,7 +1477,7 @@ def main(argv=None):
                         help="the proxysession.py of the current rows (default the one next "
                         "to this file), e.g. a snapshot of a file being edited")
     parser.add_argument("--cell-timeout", type=float, default=CELL_TIMEOUT, metavar="S",
-                        help="seconds a W6 cell may take before it shows 'timeout' "
+                        help="seconds a W6 or W7 cell may take before it shows 'timeout' "
                         "(default %.0f)" % CELL_TIMEOUT)
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     parser.add_argument("--module-dir", help=argparse.SUPPRESS)
@@ -1112,8 +1502,8 @@ def main(argv=None):
     rounds = options.rounds or (1 if options.quick else 3)
     if rounds < 1 or seconds <= 0 or options.cell_timeout <= 0:
         parser.error("--rounds, --seconds and --cell-timeout must be positive")
-    known = ["W1", "W2", "W3", "W4", "W5", "W6"]
-    workloads = set(known) - ({"W6"} if options.quick else set())
+    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
+    workloads = set(known) - ({"W6", "W7"} if options.quick else set())
     if options.workloads:
         workloads = {w.strip().upper() for w in options.workloads.split(",")}
         if not workloads <= set(known):
@@ -1163,14 +1553,16 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
                                         200 if options.quick else 2000, module)
     scale = measure_scale(modules, options.quick, options.cell_timeout, notes) \
         if "W6" in workloads else {}
+    links = measure_links(modules, options.quick, options.cell_timeout, notes) \
+        if "W7" in workloads else {}
     for module in modules:
         if module in SEEN_MODULES:
             notes.append("%s rows ran %s" % (module, describe_module(SEEN_MODULES[module],
                                                                      sources[module])))
-    print_table(results, idle, scale, seconds, rounds, notes)
+    print_table(results, idle, scale, links, seconds, rounds, notes)
     if options.json:
-        print(json.dumps({"results": results, "idle": idle, "scale": scale, "notes": notes},
-                         indent=1))
+        print(json.dumps({"results": results, "idle": idle, "scale": scale, "links": links,
+                          "notes": notes}, indent=1))
     return 0
 
 
@@ -1191,7 +1583,7 @@ COLUMNS = [("W1 calls/s", "W1", "calls_per_s"), ("W1 p50 us", "W1", "p50_us"),
 WIDTH = 23                      # the row names' column: 'baseline proxysession'
 
 
-def print_table(results, idle, scale, seconds, rounds, notes):
+def print_table(results, idle, scale, links, seconds, rounds, notes):
     floor = results.get("relay floor")
     print("proxysession benchmark, %s, CPython %s on %s, %d CPUs, %.1f s per cell, "
           "median of %d round%s" % (time.strftime("%Y-%m-%d"), platform.python_version(),
@@ -1242,8 +1634,87 @@ def print_table(results, idle, scale, seconds, rounds, notes):
                   figures["rtt_alone_us"], figures["rtt_ratio"]))
     if scale:
         print_scale(scale)
+    if links:
+        print_links(links)
     for note in notes:
         print("note: " + note)
+
+
+def print_links(links):
+    """W7: one line per figure, a column per module, then current/baseline."""
+    modules = list(next(iter(links.values())))
+    print("W7: reconnection and heartbeats (issue 10; lower is better throughout)")
+    print("%-34s" % "cell" + "".join("%30s" % m for m in modules) +
+          ("%18s" % "current/baseline" if len(modules) > 1 else ""))
+
+    def line(name, cell, text, value=None):
+        texts, values = [], []
+        for m in modules:
+            figures = links.get(cell, {}).get(m, {})
+            measured = not {"na", "timeout", "failed"} & set(figures)
+            if "na" in figures:
+                texts.append("n/a")
+            elif "timeout" in figures:
+                texts.append("timeout (> %.0f s)" % figures["timeout"])
+            elif "failed" in figures:
+                texts.append("failed (see the notes)")
+            else:
+                texts.append(text(figures))
+            values.append(value(figures) if measured and value is not None else None)
+        ratio = ""
+        if len(modules) > 1 and value is not None:
+            ratio = "%.3f" % (values[0] / values[1]) if None not in values and values[1] else "-"
+        print("%-34s" % name + "".join("%30s" % t for t in texts) + ("%18s" % ratio if ratio
+                                                                    else ""))
+
+    def get(key):
+        return lambda figures: figures[key]
+
+    restart = links.get("restart", {})
+    count = max([f["restarts"] for f in restart.values() if "runs" in f] or [0])
+    line("restart: listening -> answered", "restart",
+         lambda f: "%.0f ms median, %.0f max" % (f["from_listening_ms"],
+                                                f["from_listening_max_ms"]),
+         get("from_listening_ms"))
+    line("restart: spawn -> answered", "restart",
+         lambda f: "%.0f ms median, %.0f max" % (f["from_spawn_ms"], f["from_spawn_max_ms"]),
+         get("from_spawn_ms"))
+    line("  (spawn -> listening)", "restart",
+         lambda f: "%.0f ms median" % f["spawn_to_listening_ms"])
+    line("  (listening -> caller back)", "restart",
+         lambda f: "-" if f["caller_back_ms"] is None else "%.0f ms median" % f["caller_back_ms"])
+    line("  (listening -> Echo republished)", "restart",
+         lambda f: "-" if f["republished_ms"] is None else "%.0f ms median" % f["republished_ms"])
+    line("  (SIGTERM -> exited)", "restart", lambda f: "%.0f ms median" % f["exit_ms"])
+    line("  (calls tried per restart)", "restart",
+         lambda f: "%.1f" % statistics.mean(run["tries"] for run in f["runs"]))
+    on, off = "heartbeat %s" % HEARTBEAT, "heartbeat None"
+    def cpu(key, sign=""):
+        sched = key.replace("_ms", "_sched_ms")
+        return lambda f: ("%" + sign + ".2f ms/s per 1k") % f[key] + (
+            " (sched %.2f)" % f[sched] if sched in f else "")
+
+    for side in ("server", "client"):
+        key = side + "_ms_per_s_1k"
+        line("idle CPU %s, heartbeat=%s" % (side, HEARTBEAT), on, cpu(key), get(key))
+        line("idle CPU %s, heartbeat=None" % side, off, cpu(key), get(key))
+        texts = []
+        for m in modules:
+            a, b = links.get(on, {}).get(m, {}), links.get(off, {}).get(m, {})
+            difference = {k: a[k] - b[k] for k in a if k.endswith("_1k") and k in b}
+            texts.append(cpu(key, "+")(difference) if key in difference else "-")
+        print("%-34s" % ("idle CPU %s, difference" % side) + "".join("%30s" % t for t in texts))
+    line("  (pings answered per connection)", on,
+         lambda f: "%.1f in %.0f s" % (f["pings_per_conn"], f["window_s"]))
+    if count:
+        print("restart figures: median and max over %d restarts of the server; heartbeat "
+              "figures: %d idle connections on one Client" % (count, HEARTBEAT_CONNS))
+    for m in modules:
+        errors = restart.get(m, {}).get("errors")
+        if errors:
+            print("W7 restart (%s): calls that failed meanwhile: %s" % (
+                m, "; ".join("%dx %s" % (n, text) for text, n in
+                             sorted(errors.items(), key=lambda item: -item[1]))))
 
 
 def print_scale(scale):

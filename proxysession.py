@@ -3139,10 +3139,9 @@ class Client:
         """Subscribe again on a new connection; if the session is not back
         yet, the proxy fails fast, and tries again at its next call (_revive)."""
         def subscribed(result):
-            if result.success:
-                proxy._Proxy__gone = None
-            elif proxy._Proxy__gone is None:
-                proxy._Proxy__gone = str(_error_from_payload(result.payload))
+            # what this server says, not what the last one did
+            proxy._Proxy__gone = None if result.success else str(
+                _error_from_payload(result.payload))
 
         request = _Request(proxy._Proxy__connection_id, None, subscribed, None, self.timeout)
         self._send_request(request, {"type": "subscribe", "to": proxy._Proxy__alias}, None)
