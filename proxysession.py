@@ -1123,10 +1123,11 @@ class Reactor:
         thread.start()
         return thread
 
-    def call_in_loop(self, fn: Callable, *args) -> Any:
+    def call_in_loop(self, fn: Callable, *args, timeout: Optional[float] = None) -> Any:
         """Run ``fn(*args)`` on the thread that runs this reactor and return
         its value or raise its exception: at once if this thread runs it or
-        nobody does, else handed to the driver and waited for."""
+        nobody does, else handed to the driver and waited for, for at most
+        ``timeout`` seconds (then ``TimeoutError``, and it will not run)."""
         took = self._take()
         if took is not None:
             try:
@@ -1137,13 +1138,18 @@ class Reactor:
         outcome: list = []
 
         def run_and_keep():
+            if outcome:                # given up on: too late
+                return
             try:
                 outcome.append((True, fn(*args)))
             except BaseException as exc:
                 outcome.append((False, exc))
 
         self.call_soon_threadsafe(run_and_keep)
-        self._wait_until(outcome.__len__, None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._wait_until(outcome.__len__, deadline):
+            outcome.append((False, TimeoutError("the reactor's thread did not run it within "
+                                                "%.3g s" % timeout)))
         ok, value = outcome[0]
         if ok:
             return value
@@ -1805,13 +1811,14 @@ class _Parked:
     kept for the grace window (resumption): calls to them wait in ``held``
     as (fresh id, frame) until it resumes with ``token`` or the window ends."""
 
-    __slots__ = ("token", "wheel_id", "published", "held", "timer")
+    __slots__ = ("token", "wheel_id", "published", "held", "held_bytes", "timer")
 
     def __init__(self, token, wheel_id, published, timer):
         self.token = token
         self.wheel_id = wheel_id       # of the connection that ended: its sessions still name it
         self.published = published
         self.held: List[Tuple[int, Any]] = []
+        self.held_bytes = 0            # bounded, so that they fit the resuming connection
         self.timer = timer
 
 
@@ -1942,8 +1949,9 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.insecure_no_auth = insecure_no_auth
         self.max_waiting_calls = max_waiting_calls
-        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not grace >= 0:
-            raise ValueError("grace must be a number of seconds >= 0, not %r" % (grace,))
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or \
+                not 0 <= grace < float("inf"):
+            raise ValueError("grace must be a finite number of seconds >= 0, not %r" % (grace,))
         self.grace = float(grace)
         self._tokens: Dict[str, int] = {}          # resume token -> its live connection
         self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
@@ -2249,11 +2257,12 @@ class Server:
         body = self._forward(data, wheel_id, caller_id, alias)
         if body is None:
             return
-        self.delivered_store[fresh_id] = (wheel_id, caller_id, session.wheel_id, alias)
-        made.add(fresh_id)
         publisher = self.wheels.get(session.wheel_id)
         if publisher is None:          # its publisher is away, within its grace window
-            return self._parked_wheels[session.wheel_id].held.append((fresh_id, body))
+            return self._hold(self._parked_wheels[session.wheel_id], data, wheel_id,
+                              caller_id, fresh_id, alias, body)
+        self.delivered_store[fresh_id] = (wheel_id, caller_id, session.wheel_id, alias)
+        made.add(fresh_id)
         _add(publisher.context, "calls_served", fresh_id)
         publisher.write_frame(body)
         if publisher.out_size > self.high_water:
@@ -2374,19 +2383,52 @@ class Server:
         peer: _Peer = self.wheels[wheel_id].context
         token = data.get("token")
         resumed: list = []
+        held: list = []
         if token is not None:
-            parked = self._parked.pop(token, None) if type(token) is str else None
-            if parked is None:
+            if type(token) is not str or (token not in self._parked and token not in
+                                          self._tokens) or self._tokens.get(token) == wheel_id:
                 return self.send_result(False, data, wheel_id, "Unknown or expired resume token")
-            resumed = self._take_over(parked, wheel_id, peer)
+            old = self.wheels.get(self._tokens.get(token))
+            if old is not None:
+                # its old connection is still open here (half-open: the publisher
+                # saw it die first): the token proves whose it is, so it goes,
+                # parking what it published for this one to take over
+                old.close("replaced by connection %d, which resumed it" % wheel_id)
+            parked = self._parked.pop(token, None)
+            if parked is not None:
+                resumed, held = self._take_over(parked, wheel_id, peer)
         if peer.token is not None:
             del self._tokens[peer.token]
         peer.token = secrets.token_urlsafe(24)
         self._tokens[peer.token] = wheel_id
         self.send_result(True, data, wheel_id, {"token": peer.token, "grace": self.grace,
                                                 "resumed": resumed})
+        wheel = self.wheels[wheel_id]
+        for body in held:              # after the answer, in the order they came
+            if not wheel.is_open:
+                break                  # its cleanup has answered the rest
+            wheel.write_frame(body)
 
-    def _take_over(self, parked: _Parked, wheel_id: int, peer: _Peer) -> list:
+    def _hold(self, parked: _Parked, data: dict, wheel_id: int, caller_id: int, fresh_id: int,
+              alias: str, body) -> None:
+        """Keep a call to a parked session for its publisher's return. What is
+        held must fit the resuming connection's output at once: past half its
+        max_write_buffer, calls fail instead (a live publisher's callers are
+        paused; a parked one cannot drain)."""
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if parked.held_bytes + size > self.max_write_buffer // 2:
+            data["id"] = caller_id
+            return self.send_result(False, data, wheel_id, "Session '%s' is away, and %d bytes "
+                                    "of calls already wait for it (max_write_buffer / 2)"
+                                    % (alias, parked.held_bytes))
+        parked.held_bytes += size
+        parked.held.append((fresh_id, body))
+        self.delivered_store[fresh_id] = (wheel_id, caller_id, parked.wheel_id, alias)
+        _add(self.wheels[wheel_id].context, "calls_made", fresh_id)
+
+    def _take_over(self, parked: _Parked, wheel_id: int, peer: _Peer) -> Tuple[list, list]:
+        """Give a parked publisher's sessions, and the calls held for them, to
+        ``wheel_id``: the aliases resumed, and the frames to send it."""
         parked.timer.cancel()
         del self._parked_wheels[parked.wheel_id]
         resumed = []
@@ -2396,16 +2438,16 @@ class Server:
                 session.wheel_id = wheel_id
                 _add(peer, "published", alias)
                 resumed.append(alias)
-        wheel = self.wheels[wheel_id]
+        frames = []
         for fresh_id, body in parked.held:
             delivery = self.delivered_store.get(fresh_id)
             if delivery is not None:              # its caller is still waiting
                 self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
                 _add(peer, "calls_served", fresh_id)
-                wheel.write_frame(body)
+                frames.append(body)
         log.info("connection %d resumed %s of connection %d", wheel_id,
                  _plural(len(resumed), "session"), parked.wheel_id)
-        return sorted(resumed)
+        return sorted(resumed), frames
 
     def say_goodbye(self, data: dict, wheel_id: int) -> None:
         """The peer is leaving on purpose: its sessions go with its connection."""
@@ -3123,8 +3165,8 @@ class Client:
             self._call_user(self.reconnected_event, connection_id)
 
     def _republished(self, key: Tuple[int, str], result: Result) -> None:
-        if result.success:
-            return
+        if result.success or isinstance(result.payload, BaseException):
+            return                     # lost with its connection: the next one publishes again
         publication = self._publications.get(key)
         if publication is None:
             return
@@ -3232,8 +3274,11 @@ class Client:
             # an asyncio program, or a thread posting many calls, must not wait
             # a thread switch for each
             return reactor.hand_over(self._send_or_fail, request, message, prepare)
-        reactor.call_in_loop(self._send_request, request, message, prepare)
         bound = None if request.timeout is None else request.timeout + HANDOFF_GRACE
+        try:
+            reactor.call_in_loop(self._send_request, request, message, prepare, timeout=bound)
+        except TimeoutError:
+            bound = 0              # not sent: say why below
         if not reactor.run_until(lambda: request.result is not None, bound):
             raise CallTimeout("no answer within %.3g s, and the reactor's thread has not run "
                               "for %.3g s more: is a callback or method on it blocked?"
@@ -3865,8 +3910,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = parser.parse_args(argv)
     if options.max_frame <= 0:
         parser.error("--max-frame must be positive")
-    if not options.grace >= 0:
-        parser.error("--grace must be a number of seconds >= 0")
+    if not 0 <= options.grace < float("inf"):
+        parser.error("--grace must be a finite number of seconds >= 0")
     level = logging.DEBUG if options.debug or options.trace else logging.INFO
     if options.command:
         level = logging.DEBUG if options.debug else logging.WARNING

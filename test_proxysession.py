@@ -3141,13 +3141,55 @@ def test_a_forged_or_misused_resume_token_gets_nothing(server_process, peers, ma
     thief = peers(server.address)
     assert thief.result(type="resume", id=1, token="forged") == (
         False, "Unknown or expired resume token")
-    token = publisher._links[1].token                       # the real one, still connected
-    assert thief.result(type="resume", id=2, token=token) == (
-        False, "Unknown or expired resume token")
     assert thief.result(type="resume", id=3, token=12345) == (
         False, "Unknown or expired resume token")
-    assert thief.result(type="listing", id=4) == (True, ["Tools"])   # it carries on
-    assert publish(thief, "Tools", msg_id=5) == (False, "Session 'Tools' already exists")
+    success, answer = thief.result(type="resume", id=4)              # a token of its own
+    assert success and thief.result(type="resume", id=5, token=answer["token"]) == (
+        False, "Unknown or expired resume token")                   # is not its own past
+    assert thief.result(type="listing", id=6) == (True, ["Tools"])   # it carries on
+    assert publish(thief, "Tools", msg_id=7) == (False, "Session 'Tools' already exists")
+
+
+def test_a_resume_with_the_token_of_a_half_open_connection_takes_its_sessions(make_server,
+                                                                               peers):
+    # what is tried: the publisher's old connection looks alive to the server
+    # (half-open); its new one resumes with the token, which proves whose it is
+    server = make_server(grace=5)
+    old, new, caller = (peers(server.address) for _ in range(3))
+    success, answer = old.result(type="resume", id=1)
+    assert publish(old, "Tools", msg_id=2) == (True, "Tools")
+    success, resumed = new.result(type="resume", id=1, token=answer["token"])
+    assert success and resumed["resumed"] == ["Tools"] and resumed["token"] != answer["token"]
+    assert old.closed_by_server()
+    caller.send(type="deliver", id=9, to="Tools", payload=b"call")
+    forwarded = new.recv()
+    assert forwarded["type"] == "deliver" and forwarded["payload"] == b"call"
+    new.send(type="result", id=forwarded["id"], success=True, payload=b"answer")
+    assert caller.recv() == {"type": "result", "id": 9, "success": True, "payload": b"answer"}
+
+
+def test_calls_held_for_a_parked_session_are_bounded_in_bytes(make_server, peers):
+    # what is tried: a caller floods a session whose publisher is away; what
+    # the server holds must fit the resuming connection's max_write_buffer
+    server = make_server(grace=5, max_write_buffer=1024 * 1024)
+    publisher, caller = peers(server.address), peers(server.address)
+    success, answer = publisher.result(type="resume", id=1)
+    assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
+    publisher.close()
+    assert wait_for(lambda: server.call(lambda: bool(server.server._parked)))
+    chunk = b"x" * (100 * 1024)
+    for n in range(5):                                # 5 x ~100 KiB fit in 512 KiB
+        caller.send(type="deliver", id=n, to="Tools", payload=chunk)
+    refused = failure_words(caller, type="deliver", id=5, to="Tools", payload=chunk)
+    assert re.fullmatch(
+        r"Session 'Tools' is away, and \d+ bytes of calls already wait for it "
+        r"\(max_write_buffer / 2\)", refused), refused
+    held = server.call(lambda: next(iter(server.server._parked.values())).held_bytes)
+    assert held <= 512 * 1024
+    back = peers(server.address)
+    success, resumed = back.result(type="resume", id=1, token=answer["token"])
+    assert success and resumed["resumed"] == ["Tools"]
+    assert back.recv()["type"] == "deliver"          # the held calls come, the link stays
 
 
 def test_resume_is_refused_by_a_server_without_grace(server, peers):
@@ -3244,3 +3286,32 @@ def test_a_message_of_more_than_64_fields_is_refused_and_64_are_served(server, p
     answer = peer.recv()
     assert answer["success"] is False and b"truncated" in answer["payload"]
     assert peer.result(type="listing", id=4) == (True, [])
+
+
+def test_a_call_from_a_thread_is_bounded_even_while_the_loop_thread_is_blocked(
+        server, make_client, loop_threads):
+    # what is tried: a callback blocks the caller's loop thread; another
+    # thread's call must still end by its own timeout (plus HANDOFF_GRACE)
+    publish_on_a_thread(server, make_client, loop_threads, Tools())
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*server.address), "Tools")
+    loop_threads(caller.reactor)
+    unblock, blocking = threading.Event(), threading.Event()
+
+    def blocking_callback(result):
+        blocking.set()
+        unblock.wait(WAIT)
+
+    proxy.add.post(1, 1, callback=blocking_callback)
+    try:
+        assert blocking.wait(WAIT)
+        raised = []
+        thread = threading.Thread(target=lambda: raised.append(
+            pytest.raises(proxysession.CallTimeout, proxy.add.call, (1, 2), timeout=0.2)))
+        thread.start()
+        thread.join(WAIT)
+        assert not thread.is_alive() and "is a callback or method on it blocked" in str(
+            raised[0].value)
+    finally:
+        unblock.set()
+    assert proxy.add(2, 2) == 4
