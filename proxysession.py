@@ -3057,8 +3057,12 @@ class Client:
                                              self._try_again, link)
 
     def _try_failed(self, link: _Link, reason: str) -> None:
-        log.debug("%s: reconnecting connection %d, try %d failed: %s", self.alias,
-                  link.connection_id, link.attempt, reason)
+        # the first failure says why (a changed authkey, TLS, ...); the rest are
+        # the same story, one every few seconds
+        log.log(logging.WARNING if link.attempt == 1 else logging.DEBUG,
+                "%s: reconnecting connection %d, try %d failed: %s%s", self.alias,
+                link.connection_id, link.attempt, reason,
+                "; trying again every few seconds" if link.attempt == 1 else "")
         for request_id in link.rejoining:
             self._pending.pop(request_id, None)
         link.rejoining.clear()
