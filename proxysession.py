@@ -27,12 +27,13 @@ Publish an object, and call it (here both in one process)::
         greeter = client.subscribe(conn, "Greeter")
         print(greeter.hello("world"))          # -> hello, world
 
-The wire format (PROTOCOL.md, beside this file in the repository, has it whole): each frame is
-``<decimal length>\\0<body>`` as POE::Filter::Reference writes it; a body is
-one pickled dict ``{type, id, to, success, payload}`` whose ``payload`` is
-pickled separately, so the server routes calls without ever decoding what
-callers pass or what methods return. The server unpickles with no globals at
-all; clients unpickle with an allow-list of plain value classes.
+The wire format (PROTOCOL.md, beside this file in the repository, has it
+whole): each frame is ``<decimal length>\\0<body>`` as POE::Filter::Reference
+writes it; a body is one pickled dict ``{type, id, to, success, payload}``
+whose ``payload`` is pickled separately, so the server routes calls without
+ever decoding what callers pass or what methods return. The server unpickles
+with no globals at all; clients unpickle with an allow-list of plain value
+classes.
 
 Contents, in the order the data flows:
 
@@ -41,7 +42,7 @@ Contents, in the order the data flows:
 - filter            ReferenceFilter: bytes <-> frames
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
-- server            Server: sessions and call routing
+- server            Server: sessions and call routing; resumption (grace window)
 - threads           worker pools, futures: calls that run off the loop
 - client            Client: connections, publications, requests;
                     links: reconnection, heartbeats, resuming publishers
@@ -123,8 +124,8 @@ KEEPALIVE_IDLE = 60               # TCP keepalive: idle seconds before the first
 KEEPALIVE_INTERVAL = 10           # seconds between probes,
 KEEPALIVE_COUNT = 3               # and unanswered probes before the kernel drops the peer
 PICKLE_PROTOCOL = 4               # the protocol every CPython >= 3.4 reads
-PROTOCOL_VERSION = 2              # PROTOCOL.md: version 1 (the seed's) plus info, ping, resume...
-MAX_FIELDS = 64                   # keys in one message: a message is a small flat dict (PROTOCOL.md 3.1)
+PROTOCOL_VERSION = 2              # PROTOCOL.md: the seed's version 1, plus section 7
+MAX_FIELDS = 64                   # keys in one message, a small flat dict (PROTOCOL.md 3.1)
 MAX_NAME = 256                    # characters in an alias, a session name or a method name
 MAX_METHODS = 4096                # entries in a published method table
 MAX_DESCRIPTION = 65536           # characters in one method's signature or doc
@@ -924,7 +925,8 @@ class Reactor:
         self._waiters = 0
 
     def __repr__(self):
-        return "<Reactor sockets=%d timers=%d>" % (len(self._selector.get_map()), len(self._timers))
+        return "<Reactor sockets=%d timers=%d>" % (len(self._selector.get_map()),
+                                                   len(self._timers))
 
     # sockets
 
@@ -1381,8 +1383,8 @@ class Wheel:
     """
 
     __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "reads",
-                 "phase", "paused", "out_size", "max_write_buffer", "low_water", "on_frame", "on_open",
-                 "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
+                 "phase", "paused", "out_size", "max_write_buffer", "low_water", "on_frame",
+                 "on_open", "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
                  "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
                  "_server_hostname", "_server_side", "_authkey", "__weakref__")
 
