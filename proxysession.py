@@ -915,8 +915,11 @@ class Reactor:
         self._wakeup_recv.setblocking(False)
         self._wakeup_send.setblocking(False)
         self.register(self._wakeup_recv, selectors.EVENT_READ, self._drain_wakeup)
-        self._role = threading.Lock()  # held by the driver: the thread running passes
-        self._driver: Optional[int] = None   # its thread ident
+        # {"driver": thread ident} while a thread runs passes. Taken with one
+        # setdefault and let go with one pop: no signal (a KeyboardInterrupt)
+        # can land between taking the loop and recording who has it, and a
+        # try/finally that asks "is it mine now?" cannot leak it.
+        self._owner: Dict[str, int] = {}
         self._runner: Optional[int] = None   # the thread in run(), which keeps the role
         # Threads waiting for something the driver will do; it wakes them at the
         # end of each pass and when it lets the loop go. An RLock, since stop()
@@ -989,14 +992,15 @@ class Reactor:
         """Wait up to ``timeout`` (None: until something happens), handle
         whatever is ready, and flush what the handlers wrote. Raises
         ``RuntimeError`` while another thread runs this reactor."""
-        took = self._take()
-        if took is None:
-            raise RuntimeError(self._busy_message())
+        me = threading.get_ident()
+        mine = self._owner.get("driver") == me
         try:
+            if not mine and not self._claim(me):
+                raise RuntimeError(self._busy_message())
             self._pass(timeout)
         finally:
-            if took:
-                self._release()
+            if not mine:
+                self._let_go(me)
 
     def _pass(self, timeout: Optional[float]) -> None:
         if self._flushes:
@@ -1054,11 +1058,14 @@ class Reactor:
         flushes = self._flushes
         while flushes:
             self._flushes = []
-            for flush in flushes:
+            for index, flush in enumerate(flushes):
                 try:
                     flush()
                 except Exception:
                     self._handler_failed(flush)
+                except BaseException:      # a KeyboardInterrupt: what is left stays due
+                    self._flushes = flushes[index:] + self._flushes
+                    raise
             flushes = self._flushes
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
@@ -1066,14 +1073,15 @@ class Reactor:
         pass (returns False). From a thread other than the driver's, wait
         for the driver to make it true, or drive the loop once it is free."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        took = self._take()
-        if took is None:
-            return self._wait_until(done, deadline)
+        me = threading.get_ident()
+        mine = self._owner.get("driver") == me
         try:
+            if not mine and not self._claim(me):
+                return self._wait_until(done, deadline)
             return self._drive(done, deadline)
         finally:
-            if took:
-                self._release()
+            if not mine:
+                self._let_go(me)
 
     def _drive(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
         while not done():
@@ -1130,13 +1138,15 @@ class Reactor:
         its value or raise its exception: at once if this thread runs it or
         nobody does, else handed to the driver and waited for, for at most
         ``timeout`` seconds (then ``TimeoutError``, and it will not run)."""
-        took = self._take()
-        if took is not None:
-            try:
+        me = threading.get_ident()
+        mine = self._owner.get("driver") == me
+        if mine:
+            return fn(*args)
+        try:
+            if self._claim(me):
                 return fn(*args)
-            finally:
-                if took:
-                    self._release()
+        finally:
+            self._let_go(me)
         outcome: list = []
 
         def run_and_keep():
@@ -1160,43 +1170,52 @@ class Reactor:
     def hand_over(self, fn: Callable, *args) -> None:
         """Have ``fn(*args)`` run on the loop's thread soon, without waiting;
         here and now if the loop is free (its driver may have let go
-        meanwhile: _release looks at the queue after letting go, this after
+        meanwhile: _let_go looks at the queue after letting go, this after
         queueing, so one of the two runs it)."""
         self.call_soon_threadsafe(fn, *args)
-        if not self._role.locked() and self._take():
-            self._release()
+        if "driver" not in self._owner:
+            me = threading.get_ident()
+            try:
+                self._claim(me)
+            finally:
+                self._let_go(me)
 
     def run_elsewhere(self) -> bool:
         """True if another thread runs this reactor now."""
-        return self._driver != threading.get_ident() and self._role.locked()
+        driver = self._owner.get("driver")
+        return driver is not None and driver != threading.get_ident()
 
     def depth(self) -> int:
         """How many passes this thread is inside (nested calls); 0 off the loop."""
-        return self.in_pass if self._driver == threading.get_ident() else 0
+        return self.in_pass if self._owner.get("driver") == threading.get_ident() else 0
 
-    def _take(self) -> Optional[bool]:
-        """Become the driver if nobody is: True if this thread took the loop
-        now, False if it had it already, None if another thread has it."""
-        me = threading.get_ident()
-        if self._driver == me:
-            return False
-        if self._role.acquire(False):
-            self._driver = me
-            return True
-        return None
+    # Taking the loop: ``mine = owner is me`` first, then ``_claim(me)`` inside a
+    # try whose finally calls ``_let_go(me)`` unless it was mine before; wherever
+    # an exception lands, the loop is let go exactly when this level took it.
 
-    def _release(self) -> None:
-        while True:
-            self._driver = None
-            self._role.release()
-            if self._waiters:
-                self._wake_waiters()
-            # work handed over as we let go would wait for the next driver,
-            # and there may be none: run it
-            if not self._ready or not self._role.acquire(False):
-                return
-            self._driver = threading.get_ident()
-            self._pass(0)
+    def _claim(self, me: int) -> bool:
+        """Become the driver if nobody is; True if this thread is it now."""
+        return self._owner.setdefault("driver", me) == me
+
+    def _let_go(self, me: int) -> None:
+        """Stop being the driver, if this thread is it. Work handed over as it
+        lets go would wait for the next driver, and there may be none: it
+        runs that first, and wakes the threads waiting for the loop."""
+        try:
+            while self._owner.get("driver") == me:
+                try:
+                    if self._ready:
+                        self._pass(0)
+                finally:
+                    self._owner.pop("driver", None)
+                    if self._waiters:
+                        self._wake_waiters()
+                if not self._ready or not self._claim(me):
+                    return
+        except BaseException:          # even one landing just after the claim above
+            if self._owner.get("driver") == me:
+                self._owner.pop("driver", None)
+            raise
 
     def _wake_waiters(self) -> None:
         with self._changed:
@@ -1211,25 +1230,26 @@ class Reactor:
 
     def _busy_message(self) -> str:
         return ("this reactor is being run by thread %s: from other threads use call_in_loop(), "
-                "call_soon_threadsafe() or run_until()" % _thread_name(self._driver))
+                "call_soon_threadsafe() or run_until()" % _thread_name(self._owner.get("driver")))
 
     def _wait_until(self, done: Callable[[], bool], deadline: Optional[float]) -> bool:
         """run_until for a thread that is not the driver: sleep until the
         driver wakes us, and drive the loop ourselves whenever it is free."""
+        me = threading.get_ident()
         changed = self._changed
         with changed:
             self._waiters += 1
         try:
             while not done():
-                if self._take():
-                    try:
+                try:
+                    if self._claim(me):
                         return self._drive(done, deadline)
-                    finally:
-                        self._release()
+                finally:
+                    self._let_go(me)
                 with changed:
                     if done():
                         return True
-                    if not self._role.locked():
+                    if "driver" not in self._owner:
                         continue           # let go meanwhile: try to take it
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -1650,16 +1670,27 @@ class Wheel:
             size += len(header)
             self.out_size += size
             batch = self._batch
-            if batch is None:
-                self._batch = [header, body]
-                self._batch_size = size
-                self.reactor.schedule_flush(self.flush)     # the first frame of this pass
+            reactor = self.reactor
+            if batch is None:              # the first frame of this pass
+                if reactor.in_pass:
+                    # the flush is due before the batch exists: an interrupt
+                    # between the two leaves a flush with nothing to do, never
+                    # a batch that nothing will flush
+                    reactor.schedule_flush(self.flush)
+                    self._batch = [header, body]
+                    self._batch_size = size
+                else:
+                    self._batch = [header, body]
+                    self._batch_size = size
+                    self.flush()
             else:
                 batch.append(header)
                 batch.append(body)
                 self._batch_size += size
                 if self._batch_size >= SEND_COALESCE:
                     self._seal_batch()      # bounded joins: a busy pass never doubles its queue
+                if not reactor.in_pass:    # (only after an interrupt left a batch behind)
+                    self.flush()
         else:
             self._seal_batch()
             self._out.append(header)
@@ -3259,17 +3290,19 @@ class Client:
                              % (reactor.depth(), MAX_NESTED_CALLS))
         request = _Request(connection_id, on_result, callback, tag,
                            self.timeout if timeout is CLIENT_TIMEOUT else timeout, undo)
-        took = reactor._take()
-        if took is None:
-            return self._send_from_another_thread(request, message, prepare)
-        try:                    # this thread runs the loop: send, and run it until answered
+        me = threading.get_ident()
+        mine = reactor._owner.get("driver") == me
+        try:
+            if not mine and not reactor._claim(me):
+                return self._send_from_another_thread(request, message, prepare)
+            # this thread runs the loop: send, and run it until answered
             self._send_request(request, message, prepare)
             if callback is not None:
                 return None
             reactor.run_until(lambda: request.result is not None, None)
         finally:
-            if took:
-                reactor._release()
+            if not mine:
+                reactor._let_go(me)
         return request.result.value()
 
     def _send_from_another_thread(self, request: _Request, message: dict,
