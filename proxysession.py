@@ -487,11 +487,18 @@ class _AllowListUnpickler(pickle._Unpickler):
     def find_class(self, module, name):
         if (module, name) in self.allowed:
             return super().find_class(module, name)
+        if module == "__main__":
+            raise pickle.UnpicklingError(
+                "global '__main__.%s' is refused: a class defined in a script is __main__.%s "
+                "on one side and missing on the other; move it into a module both sides "
+                "import, and allow it with Client(allow_classes=['module.%s']) on the side "
+                "that decodes it (the publisher for arguments, the caller for results)"
+                % (name, name, name))
         raise pickle.UnpicklingError(
-            "global '%s.%s' is not on the allow-list of this client: the side that decodes it "
-            "(the publisher for arguments, the caller for results) must allow it with "
-            "Client(allow_classes=['%s.%s']), and the class must live in a module that "
-            "both sides import" % (module, name, module, name))
+            "global '%s.%s' is not on the allow-list of the client that decodes it (the "
+            "publisher for arguments, the caller for results): allow it there with "
+            "Client(allow_classes=['%s.%s']); the class must live in a module that both "
+            "sides import" % (module, name, module, name))
 
     def _check_instance(self, target) -> None:
         kind = type(target)
@@ -3706,6 +3713,9 @@ class _ProxyMethod:
 
     def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
              timeout: Any = CLIENT_TIMEOUT, callback: Optional[Callable] = None, tag: Any = None):
+        """The explicit form: the method's ``args`` and ``kwargs``, this call's
+        own ``timeout`` (seconds, None: none), and ``callback``/``tag`` not to
+        block. A proxy that was rescinded subscribes again first (reconnect)."""
         gone = self._proxy._Proxy__gone
         if gone is not None and not self._client._revive(self._proxy):
             raise ProxyError(gone)

@@ -3315,3 +3315,14 @@ def test_a_call_from_a_thread_is_bounded_even_while_the_loop_thread_is_blocked(
     finally:
         unblock.set()
     assert proxy.add(2, 2) == 4
+
+
+def test_a_class_from_a_script_is_refused_with_the_advice_to_move_it():
+    client = proxysession.Client(reactor=proxysession.Reactor())
+    with pytest.raises(pickle.UnpicklingError) as raised:
+        client._loads(b"\x80\x04c__main__\nP\n)\x81.")      # NEWOBJ of __main__.P
+    assert "defined in a script is __main__.P on one side and missing on the other" in str(
+        raised.value)
+    with pytest.raises(pickle.UnpicklingError, match=r"allow it there with "
+                       r"Client\(allow_classes=\['shapes.Point'\]\)"):
+        client._loads(b"\x80\x04cshapes\nPoint\n)\x81.")
