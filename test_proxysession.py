@@ -3326,3 +3326,18 @@ def test_a_class_from_a_script_is_refused_with_the_advice_to_move_it():
     with pytest.raises(pickle.UnpicklingError, match=r"allow it there with "
                        r"Client\(allow_classes=\['shapes.Point'\]\)"):
         client._loads(b"\x80\x04cshapes\nPoint\n)\x81.")
+
+
+def test_200_clients_coming_and_going_leave_a_short_log(server_process):
+    # what is tried: the server's default log (INFO) while 200 connections
+    # come, ask, and go; a publish at the end marks where the log must be read to
+    server = server_process()
+    for n in range(200):
+        peer = RawPeer(server.address)
+        assert peer.result(type="listing", id=n) == (True, [])
+        peer.close()
+    marker = RawPeer(server.address)
+    assert publish(marker, "Marker") == (True, "Marker")
+    assert wait_for(lambda: any("published 'Marker'" in line for line in server.log))
+    marker.close()
+    assert len(server.log) < 20, "".join(server.log)
