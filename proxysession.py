@@ -111,6 +111,8 @@ MAX_WRITE_BUFFER = 64 * 1024 * 1024  # a peer that lets this much pile up is not
 MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for answers: bounds
                                   # what a caller can make the server hold (~250 bytes each)
 HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
+CHALLENGE_PROBE = 1.0             # seconds a keyed Client waits for the server's challenge before
+                                  # asking, on a second connection, why none came (connect())
 MAX_HANDSHAKE_FRAME = 256         # a handshake frame is a challenge or a digest: tiny
 MAX_ACCEPTS_PER_WAKEUP = 128      # accept in batches so a connect storm cannot starve the others
 ACCEPT_RETRY_DELAY = 1.0          # seconds to stop accepting after EMFILE/ENFILE
@@ -2962,6 +2964,15 @@ class Client:
 
         reactor = self.reactor
         wheel = reactor.call_in_loop(open_wheel)
+        if self.authkey is not None and timeout is not None and timeout > CHALLENGE_PROBE and \
+                not reactor.run_until(outcome.__len__, CHALLENGE_PROBE) and wheel.reads == 0:
+            # no challenge yet: a keyless server, or a TLS one, says nothing and
+            # waits as we do; a second connection finds out which, at once
+            why = self._why_no_challenge(remote_address, remote_port, sockaddr, family,
+                                         server_hostname or remote_address)
+            if why is not None:
+                reactor.call_in_loop(wheel.close, "connect check failed")
+                return self._connect_failed(remote_address, remote_port, why)
         reactor.run_until(outcome.__len__, None)
         if not reactor.call_in_loop(opened, wheel):
             errors = [error for error in outcome if error is not None]
@@ -2988,6 +2999,39 @@ class Client:
         log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
                   remote_port, connection_id)
         return connection_id
+
+    def _why_no_challenge(self, address, port, sockaddr, family,
+                          server_hostname: str) -> Optional[ProxyError]:
+        """A keyed connect() got no challenge: ask on a plain blocking probe
+        connection. A server that answers a listing without a challenge has
+        no authkey; one that drops a connection that speaks no TLS wants TLS.
+        None when the probe learns nothing (a slow server: keep waiting)."""
+        peer = "%s:%s" % (address, port)
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(sockaddr)
+            if self.ssl_context is not None:
+                probe = self.ssl_context.wrap_socket(probe, server_hostname=server_hostname)
+            probe.sendall(_frame(_dumps({"type": "listing", "id": 0})))
+            answer = probe.recv(64)
+        except socket.timeout:
+            return None                # slow, not silent by design: the handshake decides
+        except (OSError, ssl.SSLError):
+            answer = b""
+        finally:
+            probe.close()
+        if answer.split(b"\0", 1)[-1].startswith(CHALLENGE):
+            return None                # keyed after all, and slow
+        if self.ssl_context is None and (not answer or answer[0] in (0x15, 0x16)):
+            # closed, or a TLS record (an alert, a handshake): it speaks TLS
+            return ConnectError("the server at %s sent no challenge, and closed a second "
+                                "connection that spoke no TLS at once: it probably expects "
+                                "TLS (Client(ssl_context=...), --tls-ca)" % peer)
+        if answer[:1].isdigit():
+            return AuthenticationError("the server at %s has no authkey, but this client has "
+                                       "one: it answered a request without a challenge" % peer)
+        return None
 
     def _connect_failed(self, address, port, error):
         if self.connect_error_event is not None:

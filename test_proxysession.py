@@ -3341,3 +3341,31 @@ def test_200_clients_coming_and_going_leave_a_short_log(server_process):
     assert wait_for(lambda: any("published 'Marker'" in line for line in server.log))
     marker.close()
     assert len(server.log) < 20, "".join(server.log)
+
+
+def test_a_keyed_client_learns_at_once_that_the_server_has_no_key(server, make_client):
+    # the handshake timeout is long: only the probe of a second connection can
+    # give this answer, and it does so after CHALLENGE_PROBE (1 s)
+    client = make_client(authkey=b"sesame", handshake_timeout=WAIT)
+    with pytest.raises(proxysession.AuthenticationError,
+                       match="has no authkey, but this client has one: it answered a request "
+                             "without a challenge"):
+        client.connect(*server.address)
+
+
+def test_a_keyed_client_without_tls_learns_at_once_that_the_server_wants_tls(make_server,
+                                                                             make_client, tls):
+    server_context, _, _, _ = tls
+    server = make_server(authkey=b"sesame", ssl_context=server_context)
+    client = make_client(authkey=b"sesame", handshake_timeout=WAIT)
+    with pytest.raises(proxysession.ConnectError, match="it probably expects TLS"):
+        client.connect(*server.address)
+
+
+def test_the_cli_with_a_key_against_a_keyless_server_fails_within_seconds(server):
+    env = dict(os.environ, PROXYSESSION_AUTHKEY="abc")
+    done = subprocess.run([sys.executable, MODULE, "list", "127.0.0.1:%d" % server.address[1]],
+                          capture_output=True, text=True, timeout=WAIT, env=env)
+    assert done.returncode == 2
+    assert "has no authkey, but this client has one" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
