@@ -1413,9 +1413,9 @@ class Wheel:
 
     __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "reads",
                  "phase", "paused", "out_size", "max_write_buffer", "low_water", "on_frame",
-                 "on_open", "on_close", "context", "_out", "_batch", "_batch_size", "_events", "_tls",
-                 "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context", "_inbox",
-                 "_server_hostname", "_server_side", "_authkey", "__weakref__")
+                 "on_open", "on_close", "context", "_out", "_batch", "_batch_size", "_events",
+                 "_tls", "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context",
+                 "_inbox", "_server_hostname", "_server_side", "_authkey", "__weakref__")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, wheel_id: int, *,
                  on_frame: Callable, on_close: Callable, on_open: Optional[Callable] = None,
@@ -1543,7 +1543,8 @@ class Wheel:
             exc = AuthenticationError(
                 "no authkey handshake within %.1f s%s" % (
                     timeout, "" if self._server_side else
-                    ": the server sent no challenge, so it has no authkey but this client has one"))
+                    ": the server sent no challenge, so it has no authkey but this client "
+                    "has one"))
             self.close(str(exc), error=exc)
 
     @property
