@@ -2995,6 +2995,11 @@ class Client:
                                                timeout=timeout)["token"]
         except (ProxyError, KeyError, TypeError) as exc:
             reactor.call_in_loop(wheel.close, "connect check failed")
+            if self.ssl_context is None and " was lost: " in str(exc):
+                # a TLS server drops a peer whose first bytes are not TLS
+                exc = ConnectError("the server at %s:%s closed the connection at its first "
+                                   "request: it probably expects TLS (Client(ssl_context=...), "
+                                   "--tls-ca); %s" % (remote_address, remote_port, exc))
             return self._connect_failed(remote_address, remote_port, exc)
         reactor.call_in_loop(self._add_link, link)
         log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,

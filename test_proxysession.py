@@ -3369,3 +3369,11 @@ def test_the_cli_with_a_key_against_a_keyless_server_fails_within_seconds(server
     assert done.returncode == 2
     assert "has no authkey, but this client has one" in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_keyless_client_without_tls_is_told_the_server_wants_tls(make_server, make_client,
+                                                                   tls):
+    server_context, _, _, _ = tls
+    server = make_server(ssl_context=server_context)
+    with pytest.raises(proxysession.ConnectError, match="it probably expects TLS"):
+        make_client().connect(*server.address)
