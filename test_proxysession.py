@@ -3125,7 +3125,10 @@ def test_with_a_short_grace_a_killed_publishers_callers_fail(server_process, mak
         caller = make_client()
         tools = caller.subscribe(caller.connect(*server.address), "Tools")
         publisher.kill()
-        # held for the 1 s window, then failed: well within this call's 3.5 s
+        # parked, not gone (without a grace window the call would be told
+        # "doesn't exist"); the call is held for the 1 s window, then failed,
+        # well within this call's 3.5 s
+        assert wait_for(lambda: any("left without a goodbye" in line for line in server.log))
         with pytest.raises(proxysession.ProxyError,
                            match="Session 'Tools' went away before answering"):
             tools.add.call((1, 2), timeout=3.5)
