@@ -266,9 +266,10 @@ _loads_plain = (_loads_without_imports if _refuses_every_global(_loads_without_i
 # network is walked first, opcode by opcode, without building anything: a memo
 # index larger than the pickle, an opcode not allowed in that place, or objects
 # that would cost more than DECODE_COST_FACTOR times the pickle's size (plus
-# DECODE_COST_BASE) refuse it before the decoder sees it. The walk costs about
-# 2 us for a call's message, against 0.8 us for its decode; it is the price of
-# a server that no 11-byte frame can take down.
+# DECODE_COST_BASE) refuse it before the decoder sees it. It is the price of a
+# server that no 11-byte frame can take down, paid twice per routed call in each
+# of the three processes; so it is paid at C speed where it can be (the skim,
+# below), and in Python only for what the skim does not know.
 
 class _Refused(ProtocolError, pickle.UnpicklingError):
     """A pickle that may not be decoded here; the message says why."""
@@ -287,9 +288,19 @@ _CONTAINER_COSTS = {"EMPTY_SET": 232, "FROZENSET": 232, "EMPTY_DICT": 232, "DICT
 _SLOT_COST = 16
 
 
-def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None) -> list:
-    """A list indexed by opcode byte: None (refused) or (argument width, cost)."""
-    table: list = [None] * 256
+class _Opcodes(list):
+    """An opcode table: a list indexed by opcode byte, of None (refused) or
+    (argument width, cost); and ``steps``, a regex stepping over its plain
+    opcodes (see _skim), each of which costs at most ``plain_cost`` per byte."""
+
+    __slots__ = ("steps", "whole", "plain_cost")
+
+
+def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None,
+                  not_plain: Iterable[str] = ()) -> _Opcodes:
+    """The table of ``allowed`` opcodes (None: all), with the cost of each
+    (default: what it allocates); ``not_plain`` ones are left to the walk."""
+    table = _Opcodes([None] * 256)
     for opcode in pickletools.opcodes:
         if allowed is not None and opcode.name not in allowed:
             continue
@@ -311,7 +322,74 @@ def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None
         else:
             cost = costs.get(opcode.name, 0)
         table[ord(opcode.code.encode("latin-1"))] = (width, cost)
+    _plain_steps(table, {ord(opcode.code.encode("latin-1")) for opcode in pickletools.opcodes
+                         if opcode.name in not_plain})
     return table
+
+
+# The skim: most pickles that reach us hold only opcodes of a fixed width or a
+# one-byte length (what pickle.dumps writes for small dicts, lists, str, bytes
+# and ints), and a regex steps over those in C, where the walk below takes a
+# Python loop turn for each. Each opcode byte starts exactly one branch, and a
+# one-byte length has one branch per value, so the regex reads the opcodes as
+# pickle does; it stops at the first other opcode. Measured side by side with
+# timeit on CPython 3.11: a 177-byte deliver is checked in 1.07 us against 1.37
+# us for the inline walk this replaced, and its 111-byte payload in 1.32 us
+# against 3.3 us for the walk below; the cost it bounds needs no count (_skim).
+_PLAIN_COST = 232                # an opcode of more cost (REDUCE, NEWOBJ) is never plain
+_SHORT_LENGTH = b"(?:" + b"|".join(re.escape(bytes([length])) + b".{%d}" % length
+                                   for length in range(256)) + b")"
+
+
+def _plain_steps(table: _Opcodes, not_plain: set) -> None:
+    by_width: Dict[int, List[int]] = collections.defaultdict(list)
+    table.plain_cost = 1
+    for op, entry in enumerate(table):
+        if entry is None or op in not_plain or entry[1] > _PLAIN_COST or \
+                entry[0] not in (0, 1, 2, 4, 8, _LEN1):
+            continue
+        by_width[entry[0]].append(op)
+        table.plain_cost = max(table.plain_cost, entry[1])
+
+    def ops(width):
+        return b"[" + b"".join(re.escape(bytes([op])) for op in by_width[width]) + b"]"
+    singles = ops(0) + b"*"
+    steps = [ops(_LEN1) + _SHORT_LENGTH] if by_width[_LEN1] else []   # the most common first
+    steps += [ops(width) + b"." * width for width in (1, 4, 2, 8) if by_width[width]]
+    table.steps = re.compile(singles + b"(?:(?:" + b"|".join(steps) + b")" + singles + b")*",
+                             re.DOTALL)
+    table.whole = re.compile(table.steps.pattern + b"\\.", re.DOTALL)   # ... up to STOP
+
+
+_SKIM_STRINGS = 16               # four-byte-length strings a skim steps over, in Python
+_BINBYTES, _BINUNICODE, _STOP_OP = 0x42, 0x58, 0x2e
+
+
+def _skim(body, table: _Opcodes, pos: int) -> int:
+    """An upper bound on what decoding ``body`` from ``pos`` costs, when every
+    opcode to its STOP is a plain one of ``table`` or one of a few four-byte
+    length strings; -1 when one is not, and the walk must decide. The bound is
+    the plain bytes times the most any plain opcode costs, so it needs no
+    count: a pickle it cannot clear goes to the walk, which counts exactly."""
+    whole = table.whole.match(body, pos)
+    if whole is not None:                       # the usual case: one call into C
+        return (whole.end() - pos) * table.plain_cost
+    end = table.steps.match(body, pos).end()
+    cost = (end - pos) * table.plain_cost
+    strings = 0
+    try:
+        while body[end] != _STOP_OP:
+            op = body[end]
+            if op != _BINBYTES and op != _BINUNICODE or table[op] is None or \
+                    strings == _SKIM_STRINGS:
+                return -1
+            strings += 1
+            pos = end + 5 + int.from_bytes(body[end + 1:end + 5], "little")
+            end = table.steps.match(body, pos).end()
+            cost += (end - pos) * table.plain_cost + table[op][1]
+    except IndexError:
+        return -1                               # truncated: the walk says so
+    return cost
 
 
 def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
@@ -381,11 +459,15 @@ _PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
 
 # A message (PROTOCOL.md 3.1): one flat dict of scalars, at most MAX_FIELDS keys.
 # Its cost is counted in pushed values, which also bounds what hash collisions
-# among its keys can cost.
+# among its keys can cost. The skim bounds pushes by plain bytes, several times
+# over, so it clears up to _PLAIN_MESSAGE_PUSHES: as many small values cost
+# little to decode, and _decode_message counts the fields exactly. It leaves
+# big ints and floats to the walk: only they could be crafted to collide.
 _MESSAGE_OPCODES = _opcode_table(_SCALARS + _MEMO + ("MARK", "SETITEM", "SETITEMS", "POP",
                                                      "DUP", "FRAME", "STOP"),
-                                 {name: 1 for name in _PUSHES})
+                                 {name: 1 for name in _PUSHES}, ("LONG1", "BINFLOAT"))
 _MESSAGE_PUSHES = 2 * MAX_FIELDS + 8
+_PLAIN_MESSAGE_PUSHES = 4096
 # What the server decodes of a payload (a publish or rescind): dicts, lists,
 # str, bytes, small ints, bools, None. No big ints, floats, tuples or sets, so
 # no crafted hash collisions among a method table's keys.
@@ -402,58 +484,31 @@ def _decode_budget(size: int) -> int:
     return DECODE_COST_FACTOR * size + DECODE_COST_BASE
 
 
+# PROTO, FRAME, then EMPTY_DICT, or MARK DICT as protocols 0 and 1 write it
+_MESSAGE_START = re.compile(b"(?:\x80.)?(?:\x95.{8})?(?:}|\\(d)", re.DOTALL)
+
+
+_PLAIN_MESSAGE = re.compile(_MESSAGE_START.pattern + _MESSAGE_OPCODES.whole.pattern, re.DOTALL)
+
+
 def _check_message(body) -> None:
     """Refuse a message body that is not a flat dict of scalars (PROTOCOL.md 3.1)."""
-    pos = 0
-    try:
-        if body[0] == 0x80:                          # PROTO
-            pos = 2
-        if body[pos] == 0x95:                        # FRAME
-            pos += 9
-        if body[pos] == 0x7d:                        # EMPTY_DICT
-            pos += 1
-        elif body[pos] == 0x28 and body[pos + 1] == 0x64:     # MARK DICT (protocols 0 and 1)
-            pos += 2
-        else:
-            pos = -1
-    except IndexError:
-        pos = -1
-    if pos < 0:
+    plain = _PLAIN_MESSAGE.match(body)      # most messages: a skim, whole, in one call into C
+    if plain is not None and plain.end() <= _PLAIN_MESSAGE_PUSHES:
+        return
+    start = _MESSAGE_START.match(body)
+    if start is None:
         raise _Refused("a message must be a pickled dict")
-    # The opcodes of almost every message (see PROTOCOL.md 9), stepped over
-    # here; the first other one hands the rest to the general walk. Measured
-    # with timeit on CPython 3.11: 1.06 us for a 221-byte deliver against 1.37
-    # us for the general walk alone, and this runs twice per routed call in
-    # each of the three processes.
-    pushes = _MESSAGE_PUSHES
-    try:
-        while True:
-            op = body[pos]
-            if op == 0x94:                           # MEMOIZE
-                pos += 1
-            elif op == 0x8c or op == 0x43:           # SHORT_BINUNICODE, SHORT_BINBYTES
-                pos += 2 + body[pos + 1]
-                pushes -= 1
-            elif op == 0x4b or op == 0x4d or op == 0x4a:   # BININT1, BININT2, BININT
-                pos += 2 if op == 0x4b else 3 if op == 0x4d else 5
-                pushes -= 1
-            elif op == 0x28 or op == 0x88 or op == 0x89 or op == 0x4e:   # MARK, bools, None
-                pos += 1
-                pushes -= 1
-            elif op == 0x75:                         # SETITEMS
-                pos += 1
-            elif op == 0x2e and pushes >= 0:         # STOP
-                return
-            else:
-                break
-    except IndexError:
-        raise _Refused("truncated pickle") from None
-    _check_pickle(body, _MESSAGE_OPCODES, pushes, pos,
-                  "a message has at most %d fields" % MAX_FIELDS)
+    pos = start.end()
+    if not 0 <= _skim(body, _MESSAGE_OPCODES, pos) <= _PLAIN_MESSAGE_PUSHES:
+        _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, pos,
+                      "a message has at most %d fields" % MAX_FIELDS)
 
 
-def _check_payload(payload, opcodes: list = _VALUE_OPCODES) -> None:
-    _check_pickle(payload, opcodes, _decode_budget(len(payload)))
+def _check_payload(payload, opcodes: _Opcodes = _VALUE_OPCODES) -> None:
+    budget = _decode_budget(len(payload))
+    if not 0 <= _skim(payload, opcodes, 0) <= budget:
+        _check_pickle(payload, opcodes, budget)
 
 
 # (module, name) pairs a client rebuilds from a payload (PROTOCOL.md 3).

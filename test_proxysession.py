@@ -1712,6 +1712,94 @@ def test_the_envelope_walker_never_decides_other_than_pickle():
     assert accepted > 100            # the mutations left plenty that it walks
 
 
+def skim_samples(rng, count):
+    """Pickles of random values (every protocol; nesting, big ints, floats,
+    sets, shared references, long and short strings), a fifth of them mutated
+    (flipped, inserted or removed bytes, memo puts among them), and crafted ones."""
+    def value(depth):
+        kind = rng.randrange(12 if depth < 3 else 7)
+        return [lambda: rng.randrange(-2 ** 40, 2 ** 40), lambda: rng.randrange(256),
+                lambda: "s" * rng.randrange(300), lambda: b"b" * rng.choice([0, 5, 256, 70000]),
+                rng.random, lambda: rng.choice([None, True, False]),
+                lambda: rng.randrange(2 ** 70),
+                lambda: [value(depth + 1) for _ in range(rng.randrange(5))],
+                lambda: tuple(value(depth + 1) for _ in range(rng.randrange(5))),
+                lambda: {str(n): value(depth + 1) for n in range(rng.randrange(5))},
+                lambda: {rng.randrange(9), rng.random()},
+                lambda: ["shared"] * 3][kind]()
+    for trial in range(count):
+        if trial % 10 == 9:
+            yield crafted_pickle(rng)
+            continue
+        body = bytearray(pickle.dumps(
+            value(0) if trial % 3 else {"type": "deliver", "id": rng.randrange(2 ** 33),
+                                        "to": "x" * rng.randrange(300), "payload": value(0)},
+            rng.randrange(6)))
+        for _ in range(rng.choice([0, 0, 0, 0, 1, 3])):
+            if not body:
+                break
+            where = rng.randrange(len(body))
+            change = rng.randrange(3)
+            if change == 0:
+                body[where] = rng.randrange(256)
+            elif change == 1:
+                del body[where:where + rng.randint(1, 8)]
+            else:
+                body[where:where] = bytes([rng.choice(b"rp\x94}](qhjJKMC\x8cXBu.e")])
+        yield bytes(body) or b"."
+
+
+def test_the_skim_clears_only_what_the_walk_accepts():
+    """What is tried: 6,000 pickles from skim_samples against each opcode table
+    (a message's, the server's tree, a client's values) and budget (a
+    message's pushes, a small and the usual decoding budget), and against
+    _check_message's single match. Whenever the C speed skim clears a pickle
+    within a budget, the exact walk must accept it within that budget too: the
+    skim only ever saves time."""
+    import random
+    rng = random.Random(12)
+    tables = (proxysession._MESSAGE_OPCODES, proxysession._TREE_OPCODES,
+              proxysession._VALUE_OPCODES)
+    cleared = walked = 0
+    for body in skim_samples(rng, 6000):
+        plain = proxysession._PLAIN_MESSAGE.match(body)       # _check_message's one call
+        if plain is not None and plain.end() <= proxysession._PLAIN_MESSAGE_PUSHES:
+            cleared += 1
+            proxysession._check_pickle(body, proxysession._MESSAGE_OPCODES,
+                                       proxysession._PLAIN_MESSAGE_PUSHES,
+                                       proxysession._MESSAGE_START.match(body).end())
+        for table in tables:
+            for budget in (proxysession._MESSAGE_PUSHES, 4096,
+                           proxysession._decode_budget(len(body))):
+                if 0 <= proxysession._skim(body, table, 0) <= budget:
+                    cleared += 1
+                    proxysession._check_pickle(body, table, budget)   # raises if it disagrees
+                else:
+                    walked += 1
+    assert cleared > 2000 and walked > 2000     # both ways were taken, many times
+
+
+def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_walk():
+    """The messages and payloads a call makes are cleared by the skim alone
+    (the walk is never reached), and a memo bomb is never cleared by it."""
+    payload = dumps({"event": "echo", "args": [{"name": "x" * 20, "n": 12345}], "kwargs": {}})
+    for message in ({"type": "deliver", "id": 7, "to": "Echo", "payload": payload},
+                    {"type": "result", "id": 2 ** 31 - 1, "success": True, "payload": payload},
+                    {"type": "result", "id": 9, "success": False, "payload": b"e" * 5000}):
+        body = dumps(message)
+        pos = proxysession._MESSAGE_START.match(body).end()
+        assert 0 <= proxysession._skim(body, proxysession._MESSAGE_OPCODES, pos) <= \
+            proxysession._PLAIN_MESSAGE_PUSHES
+    assert 0 <= proxysession._skim(payload, proxysession._VALUE_OPCODES, 0) <= \
+        proxysession._decode_budget(len(payload))
+    for bomb in (MEMO_BOMB, TEXT_MEMO_BOMB):
+        for table in (proxysession._MESSAGE_OPCODES, proxysession._VALUE_OPCODES):
+            assert proxysession._skim(bomb, table, 0) == -1
+        with pytest.raises(proxysession.ProtocolError, match="memo index"):
+            proxysession._check_payload(bomb)
+
+
+
 def test_large_payloads_cross_the_server_between_raw_peers(server, peers):
     """What is tried: peers with no client library send 1 MiB messages as
     pickle.dumps writes them; what the server forwards must be a plain pickle
