@@ -1762,8 +1762,7 @@ def test_the_skim_clears_only_what_the_walk_accepts():
               proxysession._VALUE_OPCODES)
     cleared = walked = 0
     for body in skim_samples(rng, 6000):
-        plain = proxysession._PLAIN_MESSAGE.match(body)       # _check_message's one call
-        if plain is not None and plain.end() <= proxysession._PLAIN_MESSAGE_PUSHES:
+        if proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES):
             cleared += 1
             proxysession._check_pickle(body, proxysession._MESSAGE_OPCODES,
                                        proxysession._PLAIN_MESSAGE_PUSHES,
@@ -1771,12 +1770,40 @@ def test_the_skim_clears_only_what_the_walk_accepts():
         for table in tables:
             for budget in (proxysession._MESSAGE_PUSHES, 4096,
                            proxysession._decode_budget(len(body))):
-                if 0 <= proxysession._skim(body, table, 0) <= budget:
+                if proxysession._skim(body, table, 0, budget):
                     cleared += 1
                     proxysession._check_pickle(body, table, budget)   # raises if it disagrees
                 else:
                     walked += 1
     assert cleared > 2000 and walked > 2000     # both ways were taken, many times
+
+
+def test_skimming_a_huge_plain_frame_costs_little_memory_and_the_stop_is_counted():
+    """What is tried (helper-7's review): 4 MiB of BININT1 pushes as a message
+    and as a publish payload. Unbounded, sre's backtracking state made the
+    skim of such a frame cost 88 bytes per 2 input bytes (1.4 GiB at 16 MiB);
+    each match now ends within the budget and _SKIM_SPAN. Then a payload whose
+    cost fits its budget only with STOP left out, and a byte that is no opcode."""
+    import tracemalloc
+    pushes = b"K\x00" * (2 << 20)
+    for body, table in ((b"}" + pushes + b".", proxysession._MESSAGE_OPCODES),
+                        (b"\x80\x04}" + pushes + b".", proxysession._TREE_OPCODES)):
+        start = proxysession._MESSAGE_START.match(body).end()
+        tracemalloc.start()
+        try:
+            assert not proxysession._skim(body, table, start,
+                                          proxysession._decode_budget(len(body)))
+            assert proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES) \
+                is None
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, "skimming 4 MiB took %d bytes" % peak
+    at_budget = b"X\x06\x00\x00\x00" + b"a" * 6 + b"}" * 6246 + b"."
+    with pytest.raises(proxysession.ProtocolError, match="would build objects"):
+        proxysession._check_payload(at_budget, proxysession._TREE_OPCODES)
+    with pytest.raises(proxysession.ProtocolError, match="opcode 0xe6, which is none, is forbidden"):
+        proxysession._check_payload(b"}K\x01\xe6.")
 
 
 def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_walk():
@@ -1788,13 +1815,13 @@ def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_wa
                     {"type": "result", "id": 9, "success": False, "payload": b"e" * 5000}):
         body = dumps(message)
         pos = proxysession._MESSAGE_START.match(body).end()
-        assert 0 <= proxysession._skim(body, proxysession._MESSAGE_OPCODES, pos) <= \
-            proxysession._PLAIN_MESSAGE_PUSHES
-    assert 0 <= proxysession._skim(payload, proxysession._VALUE_OPCODES, 0) <= \
-        proxysession._decode_budget(len(payload))
+        assert proxysession._skim(body, proxysession._MESSAGE_OPCODES, pos,
+                                  proxysession._PLAIN_MESSAGE_PUSHES)
+    assert proxysession._skim(payload, proxysession._VALUE_OPCODES, 0,
+                              proxysession._decode_budget(len(payload)))
     for bomb in (MEMO_BOMB, TEXT_MEMO_BOMB):
         for table in (proxysession._MESSAGE_OPCODES, proxysession._VALUE_OPCODES):
-            assert proxysession._skim(bomb, table, 0) == -1
+            assert not proxysession._skim(bomb, table, 0, 1 << 40)
         with pytest.raises(proxysession.ProtocolError, match="memo index"):
             proxysession._check_payload(bomb)
 
