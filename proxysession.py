@@ -366,7 +366,7 @@ def _plain_steps(table: _Opcodes, not_plain: set) -> None:
 _SKIM_STRINGS = 16               # four-byte-length strings a skim steps over, in Python
 _SKIM_SPAN = 8192                # plain bytes one skim match may step over: more than any
                                  # budget clears at the largest plain cost (6 KiB), and sre
-                                 # keeps ~44 bytes of state per byte it steps over
+                                 # keeps 44 (3.11) to 140 (3.8) bytes of state per byte
 
 
 def _skim(body, table: _Opcodes, pos: int, budget: int) -> bool:

@@ -1798,7 +1798,9 @@ def test_skimming_a_huge_plain_frame_costs_little_memory_and_the_stop_is_counted
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 1 << 20, "skimming 4 MiB took %d bytes" % peak
+        # sre's state for one 8 KiB span: ~0.4 MiB on 3.11, ~1.1 MiB on 3.8-3.10;
+        # unbounded, this frame took hundreds of MiB
+        assert peak < 4 << 20, "skimming 4 MiB took %d bytes" % peak
     at_budget = b"X\x06\x00\x00\x00" + b"a" * 6 + b"}" * 6246 + b"."
     with pytest.raises(proxysession.ProtocolError, match="would build objects"):
         proxysession._check_payload(at_budget, proxysession._TREE_OPCODES)
