@@ -290,10 +290,11 @@ _SLOT_COST = 16
 
 class _Opcodes(list):
     """An opcode table: a list indexed by opcode byte, of None (refused) or
-    (argument width, cost); and ``steps``, a regex stepping over its plain
-    opcodes (see _skim), each of which costs at most ``plain_cost`` per byte."""
+    (argument width, cost); and for the skim, ``steps``, a regex stepping over
+    its plain opcodes, each of which costs at most ``plain_cost`` per byte, and
+    ``whole``, the same followed by STOP."""
 
-    __slots__ = ("steps", "whole", "plain_cost", "stop_cost")
+    __slots__ = ("steps", "whole", "plain_cost")
 
 
 def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None,
@@ -301,6 +302,7 @@ def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None
     """The table of ``allowed`` opcodes (None: all), with the cost of each
     (default: what it allocates); ``not_plain`` ones are left to the walk."""
     table = _Opcodes([None] * 256)
+    left_to_the_walk = set()
     for opcode in pickletools.opcodes:
         if allowed is not None and opcode.name not in allowed:
             continue
@@ -321,9 +323,11 @@ def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None
             cost = _CONTAINER_COSTS.get(opcode.name, _SLOT_COST)
         else:
             cost = costs.get(opcode.name, 0)
-        table[ord(opcode.code.encode("latin-1"))] = (width, cost)
-    _plain_steps(table, {ord(opcode.code.encode("latin-1")) for opcode in pickletools.opcodes
-                         if opcode.name in not_plain})
+        op = ord(opcode.code.encode("latin-1"))
+        table[op] = (width, cost)
+        if opcode.name in not_plain:
+            left_to_the_walk.add(op)
+    _plain_steps(table, left_to_the_walk)
     return table
 
 
@@ -359,8 +363,7 @@ def _plain_steps(table: _Opcodes, not_plain: set) -> None:
     steps += [ops(width) + b"." * width for width in (1, 4, 2, 8) if by_width[width]]
     table.steps = re.compile(singles + b"(?:(?:" + b"|".join(steps) + b")" + singles + b")*",
                              re.DOTALL)
-    table.whole = re.compile(table.steps.pattern + b"\\.", re.DOTALL)   # ... and its STOP
-    table.stop_cost = table[_STOP_OP][1]
+    table.whole = re.compile(table.steps.pattern + b"\\.", re.DOTALL)
 
 
 _SKIM_STRINGS = 16               # four-byte-length strings a skim steps over, in Python
@@ -374,39 +377,33 @@ def _skim(body, table: _Opcodes, pos: int, budget: int) -> bool:
     one of ``table`` or one of a few four-byte-length strings, and decoding it
     cannot cost more than ``budget``; False when the walk must decide. The
     cost is bounded by the plain bytes times the most any plain opcode costs,
-    so it needs no count. Each match also ends where that bound would pass the
-    budget, and within _SKIM_SPAN: unbounded, one 16 MiB frame of plain
-    opcodes cost 1.4 GiB of sre's state to skim."""
+    so it needs no count: each match ends where that bound would pass the
+    budget, and within _SKIM_SPAN (unbounded, one 16 MiB frame of plain
+    opcodes cost 1.4 GiB of sre's state to skim)."""
     plain_cost = table.plain_cost
-    cost = table.stop_cost
+    cost = table[_STOP_OP][1]
     span = (budget - cost) // plain_cost
-    if span < 0:
-        return False
-    limit = pos + (span if span < _SKIM_SPAN else _SKIM_SPAN)
-    if table.whole.match(body, pos, limit + 1) is not None:
-        return True                                  # the usual case: one call into C
-    end = table.steps.match(body, pos, limit).end()  # a match ends only between opcodes
-    cost += (end - pos) * plain_cost
-    strings = 0
-    try:
-        while body[end] != _STOP_OP:
-            op = body[end]
-            entry = table[op]
-            if op != _BINBYTES and op != _BINUNICODE or entry is None or \
-                    strings == _SKIM_STRINGS:
-                return False
-            strings += 1
-            cost += entry[1]
-            pos = end + 5 + int.from_bytes(body[end + 1:end + 5], "little")
-            span = (budget - cost) // plain_cost
-            if span < 0:
-                return False
-            limit = pos + (span if span < _SKIM_SPAN else _SKIM_SPAN)
-            end = table.steps.match(body, pos, limit).end()
-            cost += (end - pos) * plain_cost
-    except IndexError:
-        return False                                 # truncated: the walk says so
-    return cost <= budget
+    # the usual case, all plain: one call into C, about 0.5 us less per payload
+    # than the loop below alone (side by side in one process, 5 runs of 6)
+    if span >= 0 and table.whole.match(body, pos, pos + min(span, _SKIM_SPAN) + 1):
+        return True
+    for _ in range(_SKIM_STRINGS + 1):
+        span = (budget - cost) // plain_cost
+        if span < 0:
+            return False
+        end = table.steps.match(body, pos, pos + min(span, _SKIM_SPAN)).end()
+        cost += (end - pos) * plain_cost     # a match ends only between opcodes
+        if end >= len(body):
+            return False                     # truncated: the walk says so
+        op = body[end]
+        if op == _STOP_OP:
+            return True                      # within budget, as every span was
+        entry = table[op]
+        if op != _BINBYTES and op != _BINUNICODE or entry is None:
+            return False
+        cost += entry[1]
+        pos = end + 5 + int.from_bytes(body[end + 1:end + 5], "little")
+    return False
 
 
 def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
@@ -504,21 +501,21 @@ def _decode_budget(size: int) -> int:
 
 # PROTO, FRAME, then EMPTY_DICT, or MARK DICT as protocols 0 and 1 write it
 _MESSAGE_START = re.compile(b"(?:\x80.)?(?:\x95.{8})?(?:}|\\(d)", re.DOTALL)
-
-
+# ... and the skim of a plain message to its STOP, in the same call: most
+# messages, about 1 us less per message than _MESSAGE_START then the skim's
+# loop (side by side in one process, 6 runs)
 _PLAIN_MESSAGE = re.compile(_MESSAGE_START.pattern + _MESSAGE_OPCODES.whole.pattern, re.DOTALL)
 
 
 def _check_message(body) -> None:
     """Refuse a message body that is not a flat dict of scalars (PROTOCOL.md 3.1)."""
     if _PLAIN_MESSAGE.match(body, 0, _PLAIN_MESSAGE_PUSHES) is not None:
-        return                              # most messages: a skim, whole, in one call into C
+        return
     start = _MESSAGE_START.match(body)
     if start is None:
         raise _Refused("a message must be a pickled dict")
-    pos = start.end()
-    if not _skim(body, _MESSAGE_OPCODES, pos, _PLAIN_MESSAGE_PUSHES):
-        _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, pos,
+    if not _skim(body, _MESSAGE_OPCODES, start.end(), _PLAIN_MESSAGE_PUSHES):
+        _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, start.end(),
                       "a message has at most %d fields" % MAX_FIELDS)
 
 

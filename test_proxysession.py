@@ -1714,8 +1714,9 @@ def test_the_envelope_walker_never_decides_other_than_pickle():
 
 def skim_samples(rng, count):
     """Pickles of random values (every protocol; nesting, big ints, floats,
-    sets, shared references, long and short strings), a fifth of them mutated
-    (flipped, inserted or removed bytes, memo puts among them), and crafted ones."""
+    sets, shared references, long and short strings), a third of them mutated
+    (flipped, inserted or removed bytes, memo puts among them), and one in ten
+    crafted (crafted_pickle)."""
     def value(depth):
         kind = rng.randrange(12 if depth < 3 else 7)
         return [lambda: rng.randrange(-2 ** 40, 2 ** 40), lambda: rng.randrange(256),
@@ -1819,6 +1820,9 @@ def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_wa
         pos = proxysession._MESSAGE_START.match(body).end()
         assert proxysession._skim(body, proxysession._MESSAGE_OPCODES, pos,
                                   proxysession._PLAIN_MESSAGE_PUSHES)
+        # _check_message's one match takes every message but the long-payload one
+        plain = proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES)
+        assert (plain is not None) is (len(message["payload"]) < 256), message["type"]
     assert proxysession._skim(payload, proxysession._VALUE_OPCODES, 0,
                               proxysession._decode_budget(len(payload)))
     for bomb in (MEMO_BOMB, TEXT_MEMO_BOMB):
@@ -1826,7 +1830,6 @@ def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_wa
             assert not proxysession._skim(bomb, table, 0, 1 << 40)
         with pytest.raises(proxysession.ProtocolError, match="memo index"):
             proxysession._check_payload(bomb)
-
 
 
 def test_large_payloads_cross_the_server_between_raw_peers(server, peers):
