@@ -192,6 +192,52 @@ class FrameTooLarge(ProxyError):
 
 
 # ---------------------------------------------------------------------------
+# peer values
+# ---------------------------------------------------------------------------
+# Whatever a peer sends is data, and data the allow-list admits can make the
+# plainest operations raise: str() of an int of more than 4,300 digits
+# (ValueError), hash() of Decimal('sNaN') or of a list, repr() of a list nested
+# past the recursion limit (RecursionError). So a peer's value becomes text only
+# through _text or _quote, and a dict key only through _name: these never raise.
+
+def _text(value: Any, limit: Optional[int] = MAX_QUOTE) -> str:
+    """``str(value)``, cut to ``limit`` characters (None: whole), for a message
+    or a log line; a value whose str() raises is described by its type."""
+    try:
+        text = value if type(value) is str else str(value)
+    except Exception:
+        return _unshowable(value)
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
+def _show(value: Any, limit: Optional[int] = MAX_QUOTE) -> str:
+    """``repr(value)``, cut and guarded as _text does it."""
+    try:
+        return _text(repr(value), limit)
+    except Exception:
+        return _unshowable(value)
+
+
+def _unshowable(value: Any) -> str:
+    bits = " of %d bits" % value.bit_length() if isinstance(value, int) else ""
+    return "<%s%s that cannot be shown>" % (type(value).__name__, bits)
+
+
+def _quote(value: Any) -> str:
+    """A peer's value as a message may quote it: a str cut to MAX_QUOTE
+    characters; of anything else only its type, which costs nothing to format."""
+    if type(value) is str:
+        return _text(value)
+    return "<%s>" % type(value).__name__
+
+
+def _name(value: Any) -> Optional[str]:
+    """``value`` if it can be looked up as a name (a str: its hash cannot
+    fail or be made to collide), else None."""
+    return value if type(value) is str else None
+
+
+# ---------------------------------------------------------------------------
 # serializers
 # ---------------------------------------------------------------------------
 # pickle is code execution unless find_class says otherwise. The server only
@@ -581,7 +627,7 @@ class _AllowListUnpickler(pickle._Unpickler):
     def _check_call(self, cls, args) -> None:
         if not isinstance(cls, type) and (getattr(cls, "__module__", None), getattr(
                 cls, "__qualname__", None)) not in self.allowed:
-            raise pickle.UnpicklingError("cannot call %r" % (cls,))
+            raise pickle.UnpicklingError("cannot call %s" % _show(cls))
         if not isinstance(args, tuple):
             raise pickle.UnpicklingError("arguments must be a tuple")
         if cls is copyreg.__newobj__ and args:          # calls args[0].__new__(*args)
@@ -594,8 +640,8 @@ class _AllowListUnpickler(pickle._Unpickler):
             for arg in args:
                 if isinstance(arg, str) and not _PLAIN_RATIONAL.match(arg) or \
                         isinstance(arg, int) and arg.bit_length() > 65536:
-                    raise pickle.UnpicklingError("Fraction(%.40r) is refused: only n or n/d "
-                                                 "of bounded size" % (arg,))
+                    raise pickle.UnpicklingError("Fraction(%s) is refused: only n or n/d "
+                                                 "of bounded size" % _show(arg, 40))
 
     def load_build(self):
         self._check_instance(self.stack[-2])
@@ -1934,14 +1980,6 @@ class _Parked:
 # one is made for every call.
 
 
-def _quote(value: Any) -> str:
-    """A peer's value as an error message may show it: a str cut to MAX_QUOTE
-    characters; of anything else only its type, which costs nothing to format."""
-    if type(value) is str:
-        return value if len(value) <= MAX_QUOTE else value[:MAX_QUOTE] + "..."
-    return "<%s>" % type(value).__name__
-
-
 def _is_name(value: Any) -> bool:
     return type(value) is str and 0 < len(value) <= MAX_NAME
 
@@ -2629,7 +2667,7 @@ class _Workers:
             job, args = item
             try:
                 job(*args)
-            except Exception:
+            except BaseException:      # never ends the thread: others wait on it
                 log.exception("%s: a worker's job raised", self._name)
 
     def stop(self) -> None:
@@ -2661,10 +2699,34 @@ def _when_done(future: Any, callback: Callable[[Any], None]) -> None:
         future.get_loop().call_soon_threadsafe(future.add_done_callback, callback)
 
 
+def _interrupts(exc: BaseException) -> bool:
+    """True for the one exception user code may pass up through us: Ctrl-C
+    on the main thread. Anything else a published method or a callback
+    raises (SystemExit, asyncio.CancelledError included) is its caller's
+    failure, or logged, and never ends the thread that serves the others."""
+    return isinstance(exc, KeyboardInterrupt) and \
+        threading.current_thread() is threading.main_thread()
+
+
+def _run_published(method: Callable, args, kwargs) -> Tuple[bool, Any]:
+    """Run a published method: (True, its value), or (False, the pickled
+    failure its exception makes)."""
+    try:
+        return True, method(*args, **kwargs)
+    except BaseException as exc:
+        if _interrupts(exc):
+            raise
+        return False, _dumps(_error_answer(exc))
+
+
 def _error_answer(exc: BaseException, what: str = "") -> dict:
-    """A published method's exception as the payload of a failure result."""
-    return {"error": type(exc).__name__, "message": what + str(exc),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+    """A published method's exception as the payload of a failure result. Its
+    text may hold a caller's value, whose str() can raise (peer values)."""
+    try:
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        trace = ""
+    return {"error": type(exc).__name__, "message": what + _text(exc, None), "traceback": trace}
 
 
 def _answer_body(value: Any) -> Tuple[bool, bytes]:
@@ -2672,7 +2734,9 @@ def _answer_body(value: Any) -> Tuple[bool, bytes]:
     becomes a failure naming its type."""
     try:
         return True, _dumps(value)
-    except Exception as exc:
+    except BaseException as exc:
+        if _interrupts(exc):
+            raise
         return False, _dumps(_error_answer(
             exc, "cannot send a result of type %s: " % type(value).__qualname__))
 
@@ -2729,8 +2793,8 @@ class Result:
         self.tag = tag
 
     def __repr__(self):
-        return "Result(success=%r, payload=%r, connection_id=%r, tag=%r)" % (
-            self.success, self.payload, self.connection_id, self.tag)
+        return "Result(success=%r, payload=%s, connection_id=%r, tag=%s)" % (
+            self.success, _show(self.payload), self.connection_id, _show(self.tag))
 
     def value(self) -> Any:
         """The payload, or the error raised as an exception."""
@@ -2740,12 +2804,14 @@ class Result:
 
 
 def _error_from_payload(payload: Any) -> ProxyError:
+    """The exception a failure's payload stands for: the payload came from a
+    peer, so it is shown only through _text and _show (peer values)."""
     if isinstance(payload, BaseException):
-        return payload if isinstance(payload, ProxyError) else ProxyError(str(payload))
-    if isinstance(payload, dict) and "error" in payload:
-        return RemoteError(str(payload.get("error")), str(payload.get("message", "")),
-                           str(payload.get("traceback", "")))
-    return ProxyError(payload if isinstance(payload, str) else repr(payload))
+        return payload if isinstance(payload, ProxyError) else ProxyError(_text(payload, None))
+    if type(payload) is dict and "error" in payload:
+        return RemoteError(_text(payload.get("error")), _text(payload.get("message", ""), None),
+                           _text(payload.get("traceback", ""), None))
+    return ProxyError(payload if type(payload) is str else _show(payload))
 
 
 class _ClientTimeout:
@@ -2829,7 +2895,7 @@ def _limits_from_info(info: Any) -> Tuple[int, float]:
         raise info
     limit = info.get("max_frame") if type(info) is dict else None
     if type(limit) is not int or limit <= 0:
-        raise ProtocolError("the server's info holds no max_frame: %.100r" % (info,))
+        raise ProtocolError("the server's info holds no max_frame: %s" % _show(info, 100))
     grace = info.get("grace", 0.0)
     return limit, float(grace) if type(grace) in (int, float) else 0.0
 
@@ -3269,7 +3335,7 @@ class Client:
                 link.token = result.payload.get("token")
                 return self._restore(link, wheel, result.payload.get("resumed") or (), grace)
             log.info("%s: connection %d could not resume (%s): publishing again", self.alias,
-                     link.connection_id, result.payload)
+                     link.connection_id, _text(result.payload))
             self._restore(link, wheel, (), grace)
 
         self._rejoin_request(link, {"type": "info"}, got_info)
@@ -3368,7 +3434,9 @@ class Client:
         """A user callback's bug is logged, never allowed to break the connection."""
         try:
             callback(*args)
-        except Exception:
+        except BaseException as exc:
+            if _interrupts(exc):
+                raise
             log.exception("%s: callback %r raised", self.alias, callback)
 
     # sending requests (MessageSender)
@@ -3536,14 +3604,15 @@ class Client:
         if self.unknown_message_event is not None:
             self._call_user(self.unknown_message_event, data, connection_id)
         else:
-            log.warning("%s: connection %d sent a message this client does not handle: %.200r",
-                        self.alias, connection_id, data)
+            log.warning("%s: connection %d sent a message this client does not handle: %s",
+                        self.alias, connection_id, _show(data, 200))
 
     def handle_on_result(self, message: dict, wheel: Wheel) -> None:
         request_id = message.get("id")
         request = self._pending.get(request_id) if type(request_id) is int else None
         if request is None or request.connection_id != wheel.wheel_id:
-            log.debug("%s: dropped a result for no waiting request: %r", self.alias, request_id)
+            log.debug("%s: dropped a result for no waiting request: %s", self.alias,
+                      _show(request_id))
             return
         del self._pending[request_id]
         success = message.get("success") is True
@@ -3557,7 +3626,11 @@ class Client:
         self._finish(request, Result(success, value, wheel.wheel_id, request.tag))
 
     def handle_on_rescinded(self, message: dict, wheel: Wheel) -> None:
-        alias = message.get("to")
+        alias = _name(message.get("to"))
+        if alias is None:
+            log.warning("%s: connection %d sent a rescinded notice for %s", self.alias,
+                        wheel.wheel_id, _quote(message.get("to")))
+            return
         key = (wheel.wheel_id, alias)
         # with reconnection on, the proxy stays, to work again if its session comes back
         proxy = self._proxies.get(key) if self.reconnect else self._proxies.pop(key, None)
@@ -3567,58 +3640,69 @@ class Client:
             self._call_user(self.rescinded_event, alias, wheel.wheel_id)
 
     def handle_on_deliver(self, message: dict, wheel: Wheel) -> None:
-        """Run a published method for a caller; only what was published runs."""
-        name = message.get("to")
-        publication = self._publications.get((wheel.wheel_id, name))
+        """Run a published method for a caller; only what was published runs.
+        With workers, the call is decoded on the worker's thread as well: the
+        calls waiting for a worker hold only the bytes that came (threads)."""
+        publication = self._publications.get((wheel.wheel_id, _name(message.get("to"))))
+        if publication is not None and publication.workers is not None:
+            return publication.workers.submit(self._serve_call, wheel, message, publication,
+                                              True)
+        self._serve_call(wheel, message, publication, False)
+
+    def _serve_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
+                    on_worker: bool) -> None:
+        """Decode a call, run it and answer it; from a worker's thread, the
+        answer is handed to the reactor's thread to send."""
+        answer = self._run_call(wheel, message, publication)
+        if answer is None:             # a future answers it later
+            return
+        if on_worker:
+            self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message.get("id"),
+                                              *answer)
+        else:
+            self.return_to_sender(wheel, message.get("id"), *answer)
+
+    def _run_call(self, wheel: Wheel, message: dict,
+                  publication: Optional[_Publication]) -> Optional[Tuple[bool, bytes]]:
+        """The answer to a call, as (success, pickled payload); None when the
+        method returned a future, which answers when it is done."""
         try:
             call = self._loads(message["payload"])
             event = call["event"]
             args = call.get("args") or ()
             kwargs = call.get("kwargs") or {}
+            if type(event) is not str:
+                raise TypeError("event must be a str, not %s" % type(event).__name__)
             if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
                 raise TypeError("args must be a list and kwargs a dict")
         except Exception as exc:
-            return self.send_result(wheel, message, False, "Malformed call: %s" % (exc,))
+            return False, _dumps("Malformed call: %s" % _text(exc, None))
         if publication is None or event not in publication.methods:
-            return self.send_result(wheel, message, False,
-                                    "Unable to post '%s' to '%s'" % (event, name))
-        method = getattr(publication.obj, event)
-        if publication.workers is not None:
-            return publication.workers.submit(self._run_on_worker, wheel, message["id"], method,
-                                              args, kwargs)
-        try:
-            value = method(*args, **kwargs)
-        except Exception as exc:
-            return self.return_to_sender(wheel, message["id"], False, _dumps(_error_answer(exc)))
+            return False, _dumps("Unable to post '%s' to '%s'" % (_quote(event),
+                                                                  _quote(message.get("to"))))
+        ran, value = _run_published(getattr(publication.obj, event), args, kwargs)
+        if not ran:
+            return False, value
         if _is_future(value):
-            return self._answer_when_done(wheel, message["id"], value)
-        self.return_to_sender(wheel, message["id"], *_answer_body(value))
-
-    # published methods off the loop (threads)
-
-    def _run_on_worker(self, wheel: Wheel, message_id: int, method: Callable, args, kwargs):
-        """On a worker thread: run the call, pickle its answer there, and hand
-        the answer to the reactor's thread to send."""
-        try:
-            value = method(*args, **kwargs)
-        except Exception as exc:
-            answer = False, _dumps(_error_answer(exc))
-        else:
-            if _is_future(value):
-                return self._answer_when_done(wheel, message_id, value)
-            answer = _answer_body(value)
-        self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message_id, *answer)
+            self._answer_when_done(wheel, message.get("id"), value)
+            return None
+        return _answer_body(value)
 
     def _answer_when_done(self, wheel: Wheel, message_id: int, future: Any) -> None:
         """A method answered with a future: the result goes when it is done
         (on whatever thread completes it), and the loop serves others meanwhile."""
         def done(future):
-            if future.cancelled():
-                answer = False, _dumps("the call's future was cancelled")
-            elif future.exception() is not None:
-                answer = False, _dumps(_error_answer(future.exception()))
-            else:
-                answer = _answer_body(future.result())
+            try:
+                if future.cancelled():
+                    answer = False, _dumps("the call's future was cancelled")
+                elif future.exception() is not None:
+                    answer = False, _dumps(_error_answer(future.exception()))
+                else:
+                    answer = _answer_body(future.result())
+            except BaseException as exc:
+                if _interrupts(exc):
+                    raise
+                answer = False, _dumps(_error_answer(exc))
             self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message_id, *answer)
 
         _when_done(future, done)
@@ -3713,7 +3797,7 @@ class Client:
         """Subscribe to ``alias``; returns its ``Proxy``."""
         def on_result(value):
             if not isinstance(value, dict) or not isinstance(value.get("methods"), dict):
-                raise ProtocolError("malformed subscribe answer: %.200r" % (value,))
+                raise ProtocolError("malformed subscribe answer: %s" % _show(value, 200))
             proxy = Proxy(self, connection_id, alias, value["methods"])
             self._proxies[(connection_id, alias)] = proxy
             return proxy
@@ -3827,7 +3911,7 @@ def _no_answer_needed(result: Result) -> None:
 
 def _ignore_result(result: Result) -> None:
     if not result.success:
-        log.warning("a posted call failed with nobody to tell: %r", result.payload)
+        log.warning("a posted call failed with nobody to tell: %s", _show(result.payload))
 
 
 class Proxy:
@@ -3993,7 +4077,7 @@ def _run_client_command(options) -> int:
                     print(alias)
             else:
                 value = client.deliver(connection, options.alias, options.method, *arguments)
-                print(repr(value))
+                print(_show(value, None))
         except RemoteError as exc:
             print("proxysession: remote %s" % (exc,), file=sys.stderr)
             return 1

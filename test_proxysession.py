@@ -3500,3 +3500,275 @@ def test_a_keyless_client_without_tls_is_told_the_server_wants_tls(make_server, 
     server = make_server(ssl_context=server_context)
     with pytest.raises(proxysession.ConnectError, match="it probably expects TLS"):
         make_client().connect(*server.address)
+
+
+# ---------------------------------------------------------------------------
+# hostile peers: one bad call never takes a publisher, a caller or a thread down
+# ---------------------------------------------------------------------------
+
+HUGE_INT = 10 ** 5000          # str() raises ValueError (int_max_str_digits: 3.11, 3.10.7+,
+SHOWN_HUGE_INT = "<int of 16610 bits that cannot be shown>"   # 3.9.14+, 3.8.14+)
+if not hasattr(sys, "get_int_max_str_digits"):     # an interpreter without the limit
+    SHOWN_HUGE_INT = str(HUGE_INT)
+
+
+def deep_list_pickle(depth=100000):
+    """A list nested past the recursion limit, as pickle bytes (pickle.dumps
+    itself cannot write one): repr() of it raises RecursionError."""
+    return b"\x80\x04" + b"]" * depth + b"a" * (depth - 1) + b"."
+
+
+class HostileServer:
+    """A listening socket that speaks just enough protocol for Client.connect()
+    (it answers ``info`` as told), then lets the test send what it likes."""
+
+    def __init__(self, info=None):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(WAIT)
+        self.address = self.listener.getsockname()
+        self.info = info if info is not None else {"max_frame": 1 << 24, "grace": 0.0}
+        self.peer = None
+        self.filter = ReferenceFilter()
+        self.thread = threading.Thread(target=self._accept_and_answer_info, daemon=True)
+        self.thread.start()
+
+    def _accept_and_answer_info(self):
+        sock, _ = self.listener.accept()
+        sock.settimeout(WAIT)
+        self.peer = sock
+        request = self.recv()
+        assert request["type"] == "info"
+        self.send(type="result", id=request["id"], success=True, payload=dumps(self.info))
+
+    def ready(self):
+        self.thread.join(WAIT)
+        return self.peer is not None
+
+    def send(self, **message):
+        self.peer.sendall(message_frame(**message))
+
+    def recv(self):
+        while True:
+            got = self.filter.get_one()
+            if got:
+                return got[0]
+            data = self.peer.recv(1 << 16)
+            if not data:
+                raise EOFError("the client closed the connection")
+            self.filter.get_one_start(data)
+
+    def close(self):
+        if self.peer is not None:
+            self.peer.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def hostile_server():
+    made = []
+
+    def make(**options):
+        made.append(HostileServer(**options))
+        return made[-1]
+
+    yield make
+    for hostile in made:
+        hostile.close()
+
+
+class Store:
+    def __init__(self):
+        self.data = {"a": 1}
+
+    @proxysession.proxy_event
+    def get(self, key):
+        return self.data[key]          # KeyError(key) holds the caller's value
+
+    @proxysession.proxy_event
+    def echo(self, x):
+        return x
+
+
+HOSTILE_CALLS = [
+    ("event is a list", {"event": ["get"], "args": [], "kwargs": {}}, "Malformed call"),
+    ("event is a signalling NaN", {"event": __import__("decimal").Decimal("sNaN"), "args": [],
+                                   "kwargs": {}}, "Malformed call"),
+    ("event is a 5,000-digit int", {"event": HUGE_INT, "args": [], "kwargs": {}},
+     "Malformed call"),
+    ("event is a str nobody published", {"event": "x" * 300, "args": [], "kwargs": {}},
+     "Unable to post"),
+    ("the method's KeyError holds a 5,000-digit int", {"event": "get", "args": [HUGE_INT],
+                                                        "kwargs": {}}, "KeyError"),
+    ("the method's KeyError holds a signalling NaN", {
+        "event": "get", "args": [__import__("decimal").Decimal("sNaN")], "kwargs": {}},
+     "KeyError"),
+    ("args nested past the recursion limit", None, "RecursionError"),
+]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_hostile_calls_get_a_failure_and_the_publication_stays(server, peers, make_client,
+                                                              loop_threads, workers):
+    # what is tried: each call of HOSTILE_CALLS, sent by a raw caller, three
+    # times in a row; each must get a failure result naming what went wrong,
+    # and an honest call on the same publication must still be answered
+    publish_on_a_thread(server, make_client, loop_threads, Store(), "Store", workers=workers)
+    caller = peers(server.address)
+    msg_id = 0
+    for what, call, words in HOSTILE_CALLS:
+        if call is None:               # the deep list cannot be pickled by pickle.dumps
+            payload = (b"\x80\x04}(\x8c\x05event\x8c\x04echo\x8c\x04args" + deep_list_pickle()[2:-1]
+                       + b"\x8c\x06kwargs}u.")
+        else:
+            payload = dumps(call)
+        for _ in range(3):
+            msg_id += 1
+            success, answer = caller.result(type="deliver", id=msg_id, to="Store",
+                                            payload=payload)
+            assert success is False, what
+            assert words in repr(answer)[:2000], (what, answer)
+        msg_id += 1
+        assert caller.result(type="deliver", id=msg_id, to="Store", payload=dumps(
+            {"event": "echo", "args": ["still here"], "kwargs": {}})) == (True, "still here")
+    assert caller.result(type="listing", id=msg_id + 1) == (True, ["Store"])
+
+
+def test_a_deliver_whose_to_is_a_huge_int_is_answered_and_the_client_stays(hostile_server,
+                                                                            make_client):
+    # what is tried: a server that sends delivers whose "to" is a 5,000-digit
+    # int, bytes and a NaN, a rescinded notice for a 5,000-digit int, and a
+    # result whose id is one
+    hostile = hostile_server()
+    client = make_client(reconnect=False, heartbeat=None)
+    conn = client.connect(*hostile.address)
+    assert hostile.ready()
+    for n, to in enumerate([HUGE_INT, b"Store", float("nan")]):
+        hostile.send(type="deliver", id=100 + n, to=to,
+                     payload=dumps({"event": "echo", "args": [1], "kwargs": {}}))
+    hostile.send(type="rescinded", id=-1, to=HUGE_INT)
+    hostile.send(type="result", id=HUGE_INT, success=True)
+    answers = []
+    done = threading.Event()
+
+    def read_answers():
+        for _ in range(3):
+            answers.append(hostile.recv())
+        done.set()
+
+    reader = threading.Thread(target=read_answers, daemon=True)
+    reader.start()
+    assert client.reactor.run_until(done.is_set, WAIT)
+    reader.join(WAIT)
+    assert [answer["id"] for answer in answers] == [100, 101, 102]
+    assert all(answer["success"] is False for answer in answers)
+    assert "Unable to post" in pickle.loads(answers[0]["payload"])
+    # the connection is still the client's: a request goes out on it
+    client.server_listing(conn, callback=lambda result: None)
+    assert hostile.recv()["type"] == "listing"
+
+
+HOSTILE_FAILURES = [
+    ("a 5,000-digit int", dumps(HUGE_INT), SHOWN_HUGE_INT[:200]),
+    ("a list nested past the recursion limit", deep_list_pickle(), "list that cannot be shown"),
+    ("an error dict of odd values", dumps({"error": HUGE_INT, "message": [HUGE_INT],
+                                           "traceback": None}), SHOWN_HUGE_INT[:200]),
+]
+
+
+@pytest.mark.parametrize("what, payload, words", HOSTILE_FAILURES,
+                         ids=[case[0] for case in HOSTILE_FAILURES])
+def test_a_hostile_failure_payload_is_a_proxy_error_for_every_way_of_calling(
+        server, peers, make_client, what, payload, words):
+    # what is tried: a raw publisher answers every call with a failure whose
+    # payload is ``payload``; a blocking call, a future and a callback must
+    # each see a ProxyError (never ValueError or RecursionError), and settle
+    publisher = peers(server.address)
+    assert publish(publisher, "Odd") == (True, "Odd")
+    client = make_client()
+    conn = client.connect(*server.address)
+    odd = client.subscribe(conn, "Odd")
+    answered = threading.Event()
+
+    def answer_calls(count):
+        for _ in range(count):
+            call = publisher.recv()
+            publisher.send(type="result", id=call["id"], success=False, payload=payload)
+        answered.set()
+
+    responder = threading.Thread(target=answer_calls, args=(3,), daemon=True)
+    responder.start()
+    with pytest.raises(proxysession.ProxyError) as raised:
+        odd.echo(1)
+    assert words in str(raised.value)
+    future = odd.echo.future(2)
+    assert isinstance(future.exception(WAIT), proxysession.ProxyError)
+    results = []
+    odd.echo.post(3, callback=results.append)
+    assert client.reactor.run_until(lambda: results, WAIT)
+    assert results[0].success is False
+    with pytest.raises(proxysession.ProxyError):
+        results[0].value()
+    assert repr(results[0]).startswith("Result(success=False, payload=")   # repr never raises
+    responder.join(WAIT)
+
+
+def test_the_cli_shows_a_hostile_value_in_one_line(server, peers):
+    # what is tried: the call command against a publisher that answers with a
+    # 5,000-digit int, then with a failure holding a list nested too deep
+    publisher = peers(server.address)
+    assert publish(publisher, "Odd") == (True, "Odd")
+    port = str(server.address[1])
+
+    def respond(payloads):
+        for success, payload in payloads:
+            call = publisher.recv()
+            publisher.send(type="result", id=call["id"], success=success, payload=payload)
+
+    responder = threading.Thread(target=respond, args=(
+        [(True, dumps(HUGE_INT)), (False, deep_list_pickle())],), daemon=True)
+    responder.start()
+    cli = "import sys, proxysession; sys.exit(proxysession.main())"
+    done = run_python(cli, "call", "127.0.0.1:" + port, "Odd", "echo", "1")
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, SHOWN_HUGE_INT, "")
+    failed = run_python(cli, "call",
+                        "127.0.0.1:" + port, "Odd", "echo", "1")
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.count("\n") == 1 and "list that cannot be shown" in failed.stderr
+    responder.join(WAIT)
+
+
+class Quitter:
+    @proxysession.proxy_event
+    def quit(self, how):
+        if how == "exit":
+            sys.exit(3)
+        if how == "cancel":
+            import asyncio
+            raise asyncio.CancelledError()
+        raise GeneratorExit()
+
+    @proxysession.proxy_event
+    def ping(self):
+        return "pong"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_method_that_raises_system_exit_or_cancelled_error_fails_that_call_only(
+        server, make_client, loop_threads, workers):
+    # what is tried: SystemExit, asyncio.CancelledError and GeneratorExit (all
+    # BaseExceptions) raised by a published method, on the reactor's thread
+    # (workers=0) and on worker threads; four rounds, more than the workers
+    publisher = publish_on_a_thread(server, make_client, loop_threads, Quitter(), "Quitter",
+                                    workers=workers)
+    caller = make_client()
+    quitter = caller.subscribe(caller.connect(*server.address), "Quitter")
+    for _ in range(4):
+        for how, error in [("exit", "SystemExit"), ("cancel", "CancelledError"),
+                           ("generator", "GeneratorExit")]:
+            with pytest.raises(proxysession.RemoteError) as raised:
+                quitter.quit(how)
+            assert raised.value.error == error
+            assert quitter.ping() == "pong"
+    assert publisher.reactor._runner is not None    # its loop thread still runs
