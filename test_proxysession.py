@@ -1770,7 +1770,7 @@ def test_the_skim_clears_only_what_the_walk_accepts():
                                        proxysession._MESSAGE_START.match(body).end())
         for table in tables:
             for budget in (proxysession._MESSAGE_PUSHES, 4096,
-                           proxysession._decode_budget(len(body))):
+                           proxysession.DECODE_COST_BASE):
                 if proxysession._skim(body, table, 0, budget):
                     cleared += 1
                     proxysession._check_pickle(body, table, budget)   # raises if it disagrees
@@ -1793,7 +1793,7 @@ def test_skimming_a_huge_plain_frame_costs_little_memory_and_the_stop_is_counted
         tracemalloc.start()
         try:
             assert not proxysession._skim(body, table, start,
-                                          proxysession._decode_budget(len(body)))
+                                          proxysession.DECODE_COST_BASE)
             assert proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES) \
                 is None
             peak = tracemalloc.get_traced_memory()[1]
@@ -1824,7 +1824,7 @@ def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_wa
         plain = proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES)
         assert (plain is not None) is (len(message["payload"]) < 256), message["type"]
     assert proxysession._skim(payload, proxysession._VALUE_OPCODES, 0,
-                              proxysession._decode_budget(len(payload)))
+                              proxysession.DECODE_COST_BASE)
     for bomb in (MEMO_BOMB, TEXT_MEMO_BOMB):
         for table in (proxysession._MESSAGE_OPCODES, proxysession._VALUE_OPCODES):
             assert not proxysession._skim(bomb, table, 0, 1 << 40)
@@ -3772,3 +3772,49 @@ def test_a_method_that_raises_system_exit_or_cancelled_error_fails_that_call_onl
             assert raised.value.error == error
             assert quitter.ping() == "pong"
     assert publisher.reactor._runner is not None    # its loop thread still runs
+
+
+class CountingBytes(bytes):
+    """Bytes that count how often Python code reads one of them."""
+    reads = 0
+
+    def __getitem__(self, index):
+        CountingBytes.reads += 1
+        return bytes.__getitem__(self, index)
+
+
+JUNK_FRAMES = [
+    ("a message of BININT1 pushes", b"\x80\x04}" + b"K\x01" * (8 << 20) + b".", "message", True),
+    ("a message of MEMOIZEs", b"\x80\x04}\x8c\x01a" + b"\x94" * (16 << 20) + b".", "message",
+     True),
+    ("a publish payload of EMPTY_LISTs", b"\x80\x04" + b"]" * (16 << 20) + b".", "tree", True),
+    ("a publish payload of MEMOIZEs", b"\x80\x04N" + b"\x94" * (16 << 20) + b".", "tree", False),
+    ("a call payload of EMPTY_DICTs", b"\x80\x04" + b"}" * (16 << 20) + b".", "value", True),
+    ("a call payload of BININT1 pushes", b"\x80\x04" + b"K\x01" * (8 << 20) + b".", "value",
+     False),
+]
+
+
+@pytest.mark.parametrize("what, body, check, refused", JUNK_FRAMES,
+                         ids=[j[0] for j in JUNK_FRAMES])
+def test_a_junk_frame_is_refused_at_the_first_opcode_past_its_budget(what, body, check, refused):
+    # what is tried: 16 MiB bodies of one opcode repeated. The costly ones are
+    # refused at the first opcode past the budget; the cheap ones are within
+    # it (16 bytes of memory per byte at most). Either way the check reads at
+    # most a few hundred thousand of its bytes in Python: runs of cheap
+    # opcodes are stepped over in C, and nothing is walked on to the end
+    # (which took the server 6 s per frame)
+    CountingBytes.reads = 0
+    body = CountingBytes(body)
+    try:
+        if check == "message":
+            proxysession._decode_message(body)
+        elif check == "tree":
+            proxysession._check_payload(body, proxysession._TREE_OPCODES)
+        else:
+            proxysession._check_payload(body)
+    except proxysession.ProtocolError:
+        assert refused, what
+    else:
+        assert not refused, what
+    assert CountingBytes.reads < 300000, what
