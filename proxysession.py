@@ -2980,7 +2980,7 @@ class _Link:
         self.attempt = 0               # reconnection tries since it went down
         self.timer: Optional[_Timer] = None
         self.token: Optional[str] = None     # the server's resume token, if it has a grace window
-        self.queued: List[Tuple[int, Any]] = []   # (request id, frame) sent while down
+        self.queued: Dict[int, Any] = {}     # request id -> frame, sent while down, in order
         self.rejoining: set = set()    # ids of the requests that set a new connection up
         self.seen = 0                  # the wheel's reads at the last heartbeat
         self.pinged = False
@@ -3067,6 +3067,7 @@ class Client:
         self._proxies: Dict[Tuple[int, str], "Proxy"] = {}
         self._ids = itertools.count(1)
         self._connection_ids = itertools.count(1)
+        self._deadlines: List[Tuple[float, int]] = []   # a heap of (deadline, request id)
         self._sweep_timer: Optional[_Timer] = None
         self._sweep_at: Optional[float] = None
         self._trace = bool(self.options.get("trace"))
@@ -3353,7 +3354,7 @@ class Client:
         request_id = message["id"] = next(self._ids)
         self._pending[request_id] = request
         link.rejoining.add(request_id)
-        self._arm_sweep_for(request)
+        self._expect(request_id, request)
         wheel.write_frame(_encode(message))
 
     def _rejoin(self, wheel: Wheel) -> None:
@@ -3408,10 +3409,9 @@ class Client:
         link.seen = wheel.reads
         link.pinged = False
         link.rejoining.clear()
-        queued, link.queued = link.queued, []
-        for request_id, body in queued:
-            if request_id in self._pending:       # not timed out meanwhile
-                wheel.write_frame(body)
+        queued, link.queued = link.queued, {}
+        for body in queued.values():    # (a request that failed meanwhile took its frame out)
+            wheel.write_frame(body)
         log.info("%s: connection %d to %s:%s is back", self.alias, connection_id, link.address,
                  link.port)
         if self.reconnected_event is not None:
@@ -3565,7 +3565,7 @@ class Client:
             prepare()
         request_id = message["id"] = next(self._ids)
         self._pending[request_id] = request
-        self._arm_sweep_for(request)
+        self._expect(request_id, request)
         body = _encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
         limit = wheel.peer_max_frame if wheel is not None else MAX_FRAME
@@ -3575,19 +3575,30 @@ class Client:
                 request.undo()
             raise FrameTooLarge("a %s request" % message["type"], size, limit)
         if waiting:
-            link.queued.append((request_id, body))
+            link.queued[request_id] = body
         else:
             wheel.write_frame(body)
 
-    def _arm_sweep_for(self, request: _Request) -> None:
-        deadline = request.deadline
-        if deadline is not None and (self._sweep_at is None or deadline < self._sweep_at):
-            self._arm_sweep(deadline)
+    # Timeouts: a heap of (deadline, request id) and one timer, for its
+    # earliest deadline. A request's own timer would be cancelled by its answer
+    # yet stay in the reactor's heap until it expired; here an answered
+    # request's entry is skipped when it comes up, and once such entries
+    # outnumber the waiting requests the heap is rebuilt without them, so each
+    # request costs O(log n), and the memory follows the requests still waiting.
 
-    # Timeouts: one timer for the earliest deadline, not one per request. A
-    # request's timer would be cancelled by its answer yet stay in the reactor's
-    # heap until it expired: at thousands of calls a second, that is hundreds of
-    # thousands of dead timers. The sweep looks only at requests still waiting.
+    def _expect(self, request_id: int, request: _Request) -> None:
+        """Time ``request`` out at its deadline, if it has one."""
+        deadline = request.deadline
+        if deadline is None:
+            return
+        heap = self._deadlines
+        heapq.heappush(heap, (deadline, request_id))
+        if len(heap) > 2 * len(self._pending) + 64:
+            pending = self._pending
+            heap[:] = [entry for entry in heap if entry[1] in pending]
+            heapq.heapify(heap)
+        if self._sweep_at is None or deadline < self._sweep_at:
+            self._arm_sweep(deadline)
 
     def _arm_sweep(self, deadline: float) -> None:
         if self._sweep_timer is not None:
@@ -3598,20 +3609,20 @@ class Client:
     def _sweep(self) -> None:
         self._sweep_timer = self._sweep_at = None
         now = time.monotonic()
-        earliest = None
-        for request_id, request in list(self._pending.items()):
-            deadline = request.deadline
-            if deadline is None:
-                continue
-            if deadline <= now:
-                del self._pending[request_id]
-                self._finish(request, Result(False, CallTimeout(
-                    "no answer within %.3g s" % request.timeout), request.connection_id,
-                    request.tag))
-            elif earliest is None or deadline < earliest:
-                earliest = deadline
-        if earliest is not None and (self._sweep_at is None or earliest < self._sweep_at):
-            self._arm_sweep(earliest)
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            request_id = heapq.heappop(heap)[1]
+            request = self._pending.pop(request_id, None)
+            if request is None:
+                continue                # answered meanwhile
+            link = self._links.get(request.connection_id)
+            if link is not None:
+                link.queued.pop(request_id, None)   # never sent: its frame goes now
+            self._finish(request, Result(False, CallTimeout(
+                "no answer within %.3g s" % request.timeout), request.connection_id,
+                request.tag))
+        if heap:
+            self._arm_sweep(heap[0][0])
 
     def _finish(self, request: _Request, result: Result) -> None:
         if not result.success and request.undo is not None:
