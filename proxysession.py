@@ -108,6 +108,10 @@ DIRECT_READ = 64 * 1024           # a frame this large, once a quarter of it is 
 HIGH_WATER = 1024 * 1024          # output queued to a connection above which its feeders pause
 LOW_WATER = HIGH_WATER // 2       # ... and below which they resume (PROTOCOL.md 8)
 MAX_WRITE_BUFFER = 64 * 1024 * 1024  # a peer that lets this much pile up is not reading: close it
+HELD_PER_PUBLISHER = 2            # calls held for a publisher away (grace window) take at most
+                                  # max_write_buffer / this: they must fit its connection at once
+HELD_PER_CALLER = 2               # ... one caller's held calls, max_write_buffer / this,
+HELD_IN_TOTAL = 2                 # and all of them, max_write_buffer * this (128 MiB)
 MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for answers: bounds
                                   # what a caller can make the server hold (~250 bytes each)
 HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
@@ -1996,7 +2000,8 @@ class _Peer:
     the fresh ids of its calls still waiting and of the calls waiting on it.
     Each set is made on first use: most connections never need most of them."""
 
-    __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token")
+    __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token",
+                 "held_bytes")
 
     def __init__(self):
         self.published: Optional[set] = None
@@ -2004,19 +2009,21 @@ class _Peer:
         self.calls_made: Optional[set] = None
         self.calls_served: Optional[set] = None
         self.token: Optional[str] = None    # its resume token, if it asked for one
+        self.held_bytes = 0            # of its calls held for parked publishers
 
 
 class _Parked:
     """The sessions of a publisher whose connection ended without a goodbye,
     kept for the grace window (resumption): calls to them wait in ``held``
-    as (fresh id, frame) until it resumes with its token or the window ends."""
+    (fresh id -> frame, in the order they came) until it resumes with its
+    token or the window ends."""
 
     __slots__ = ("wheel_id", "published", "held", "held_bytes", "timer")
 
     def __init__(self, wheel_id, published, timer):
         self.wheel_id = wheel_id       # of the connection that ended: its sessions still name it
         self.published = published
-        self.held: List[Tuple[int, Any]] = []
+        self.held: Dict[int, Any] = {}
         self.held_bytes = 0            # bounded, so that they fit the resuming connection
         self.timer = timer
 
@@ -2147,6 +2154,7 @@ class Server:
         self._tokens: Dict[str, int] = {}          # resume token -> its live connection
         self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
         self._parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
+        self._held_bytes = 0           # of the calls held for every parked publisher
         self.sessions: Dict[str, _Session] = {}
         self.delivered_store: Dict[int, tuple] = {}
         self.wheels: Dict[int, Wheel] = {}
@@ -2549,6 +2557,8 @@ class Server:
                 publisher = self.wheels.get(delivery[2])
                 if publisher is not None:
                     publisher.context.calls_served.discard(fresh_id)
+                else:                  # held for a parked publisher: it goes, and its bytes
+                    self._release_held(self._parked_wheels.get(delivery[2]), fresh_id, peer)
         for fresh_id, delivery in unanswered:
             self._went_away(fresh_id, delivery)
         for session in gone:
@@ -2608,18 +2618,42 @@ class Server:
     def _hold(self, parked: _Parked, wheel_id: int, caller_id: int, fresh_id: int, alias: str,
               body) -> None:
         """Keep a call to a parked session for its publisher's return. What is
-        held must fit the resuming connection's output at once: past half its
-        max_write_buffer, calls fail instead (a live publisher's callers are
-        paused; a parked one cannot drain)."""
+        held is bounded three ways (a live publisher's callers are paused; a
+        parked one cannot drain, so calls past a bound fail instead): for one
+        publisher, by what fits its resuming connection's output at once; for
+        one caller, so that it cannot take the room of everyone else; and for
+        the whole server."""
+        caller = self.wheels[wheel_id]
         size = len(body) if type(body) is bytes else sum(map(len, body))
-        if parked.held_bytes + size > self.max_write_buffer // 2:
-            return self._answer(self.wheels[wheel_id], caller_id, False, "Session '%s' is away, "
-                                "and %d bytes of calls already wait for it (max_write_buffer "
-                                "/ 2)" % (alias, parked.held_bytes))
+        for held, limit, whose in (
+                (parked.held_bytes, self.max_write_buffer // HELD_PER_PUBLISHER, "wait for it"),
+                (caller.context.held_bytes, self.max_write_buffer // HELD_PER_CALLER,
+                 "of this connection wait for publishers that are away"),
+                (self._held_bytes, self.max_write_buffer * HELD_IN_TOTAL,
+                 "wait for publishers that are away")):
+            if held + size > limit:
+                return self._answer(caller, caller_id, False, "Session '%s' is away, and %d "
+                                    "bytes of calls already %s (at most %d)"
+                                    % (alias, held, whose, limit))
         parked.held_bytes += size
-        parked.held.append((fresh_id, body))
+        caller.context.held_bytes += size
+        self._held_bytes += size
+        parked.held[fresh_id] = body
         self.delivered_store[fresh_id] = (wheel_id, caller_id, parked.wheel_id, alias)
-        _add(self.wheels[wheel_id].context, "calls_made", fresh_id)
+        _add(caller.context, "calls_made", fresh_id)
+
+    def _release_held(self, parked: Optional[_Parked], fresh_id: int,
+                      caller: Optional[_Peer]) -> Any:
+        """Take a held call out of what is counted; returns its frame (None if
+        it was not held)."""
+        body = parked.held.pop(fresh_id, None) if parked is not None else None
+        if body is not None:
+            size = len(body) if type(body) is bytes else sum(map(len, body))
+            parked.held_bytes -= size
+            self._held_bytes -= size
+            if caller is not None:
+                caller.held_bytes -= size
+        return body
 
     def _take_over(self, parked: _Parked, wheel_id: int, peer: _Peer) -> Tuple[list, list]:
         """Give a parked publisher's sessions, and the calls held for them, to
@@ -2630,12 +2664,12 @@ class Server:
             self.sessions[alias].wheel_id = wheel_id
             _add(peer, "published", alias)
         frames = []
-        for fresh_id, body in parked.held:
-            delivery = self.delivered_store.get(fresh_id)
-            if delivery is not None:              # its caller is still waiting
-                self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
-                _add(peer, "calls_served", fresh_id)
-                frames.append(body)
+        for fresh_id in list(parked.held):
+            delivery = self.delivered_store[fresh_id]   # (a caller that left took its own)
+            caller = self.wheels.get(delivery[0])
+            frames.append(self._release_held(parked, fresh_id, caller and caller.context))
+            self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
+            _add(peer, "calls_served", fresh_id)
         log.info("connection %d resumed %s of connection %d", wheel_id,
                  _plural(len(parked.published), "session"), parked.wheel_id)
         return sorted(parked.published), frames
@@ -2666,10 +2700,11 @@ class Server:
             return
         del self._parked_wheels[parked.wheel_id]
         gone = [self.sessions.pop(alias) for alias in parked.published]
-        for fresh_id, _ in parked.held:
-            delivery = self.delivered_store.pop(fresh_id, None)
-            if delivery is not None:
-                self._went_away(fresh_id, delivery)
+        for fresh_id in list(parked.held):
+            delivery = self.delivered_store.pop(fresh_id)
+            caller = self.wheels.get(delivery[0])
+            self._release_held(parked, fresh_id, caller and caller.context)
+            self._went_away(fresh_id, delivery)
         for session in gone:
             log.info("session '%s' went away: connection %d did not resume within %.3g s",
                      session.alias, parked.wheel_id, self.grace)

@@ -3306,7 +3306,7 @@ def test_calls_held_for_a_parked_session_are_bounded_in_bytes(make_server, peers
     refused = failure_words(caller, type="deliver", id=5, to="Tools", payload=chunk)
     assert re.fullmatch(
         r"Session 'Tools' is away, and \d+ bytes of calls already wait for it "
-        r"\(max_write_buffer / 2\)", refused), refused
+        r"\(at most 524288\)", refused), refused
     held = server.call(lambda: next(iter(server.server._parked.values())).held_bytes)
     assert held <= 512 * 1024
     back = peers(server.address)
@@ -3905,3 +3905,47 @@ def test_calls_that_time_out_while_the_link_is_down_leave_nothing_queued(server_
     assert queued_then > 40 << 20                # they were queued, frames and all
     assert left < 4 << 20, "%d bytes left after the calls timed out" % left
     publisher.close()
+
+
+def test_calls_held_for_parked_publishers_are_bounded_per_caller_and_in_total(make_server,
+                                                                              peers):
+    # what is tried: six publishers away within the grace window; callers
+    # each send 100 KiB calls to all of them until refused. One caller may
+    # have half of max_write_buffer held, whatever the publishers; all of them
+    # together twice max_write_buffer; a caller that leaves gives its share back
+    server = make_server(grace=30, max_write_buffer=1024 * 1024)
+    for n in range(6):
+        publisher = peers(server.address)
+        assert publisher.result(type="resume", id=1)[0]
+        assert publish(publisher, "P%d" % n, msg_id=2) == (True, "P%d" % n)
+        publisher.close()
+    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 6)
+    chunk = b"x" * (100 * 1024)
+
+    def flood(caller):
+        """Calls until one is refused: the words of the refusal. A ping after
+        each call tells, in order, whether the call was answered or held."""
+        for n in range(100):
+            caller.send(type="deliver", id=n, to="P%d" % (n % 6), payload=chunk)
+            caller.send(type="ping", id=-1)
+            answer = caller.recv()
+            if answer["id"] == n:
+                assert caller.recv()["id"] == -1
+                return pickle.loads(answer["payload"])
+            assert answer["id"] == -1          # held: the ping's answer came first
+        raise AssertionError("never refused")
+
+    first = peers(server.address)
+    assert re.fullmatch(r"Session 'P\d' is away, and \d+ bytes of calls already of this "
+                        r"connection wait for publishers that are away \(at most 524288\)",
+                        flood(first))
+    held = lambda: server.call(lambda: server.server._held_bytes)
+    assert 400 * 1024 < held() <= 512 * 1024
+    first.close()
+    assert wait_for(lambda: held() == 0)          # its share is given back at once
+    callers = [peers(server.address) for _ in range(5)]
+    words = [flood(caller) for caller in callers]
+    assert all("of this connection" in said for said in words[:4]), words
+    assert re.fullmatch(r"Session 'P\d' is away, and \d+ bytes of calls already wait for "
+                        r"publishers that are away \(at most 2097152\)", words[4]), words[4]
+    assert held() <= 2 * 1024 * 1024
