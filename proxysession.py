@@ -2018,11 +2018,12 @@ class _Parked:
     (fresh id -> frame, in the order they came) until it resumes with its
     token or the window ends."""
 
-    __slots__ = ("wheel_id", "published", "held", "held_bytes", "timer")
+    __slots__ = ("wheel_id", "token", "published", "held", "held_bytes", "timer")
 
-    def __init__(self, wheel_id, published, timer):
+    def __init__(self, wheel_id, token, published, timer):
         self.wheel_id = wheel_id       # of the connection that ended: its sessions still name it
-        self.published = published
+        self.token = token
+        self.published: set = published
         self.held: Dict[int, Any] = {}
         self.held_bytes = 0            # bounded, so that they fit the resuming connection
         self.timer = timer
@@ -2366,8 +2367,13 @@ class Server:
         fault = _alias_fault(alias, "Session alias must be defined")
         if fault:
             return self.send_result(False, data, wheel_id, fault)
-        if alias in self.sessions:
-            return self.send_result(False, data, wheel_id, "Session '%s' already exists" % alias)
+        session = self.sessions.get(alias)
+        if session is not None:
+            parked = self._parked_wheels.get(session.wheel_id)
+            if parked is None or name != session.name or methods != session.methods:
+                return self.send_result(False, data, wheel_id,
+                                        "Session '%s' already exists" % alias)
+            return self._published_again(parked, alias, data, wheel_id)
         if not _is_name(name):
             return self.send_result(False, data, wheel_id, "Session name is required"
                                     if not name else "Session name must be a str of at most "
@@ -2380,6 +2386,15 @@ class Server:
         log.info("connection %d published '%s' (%s)", wheel_id, alias,
                  _plural(len(methods), "method"))
         self.send_result(True, data, wheel_id, alias)
+
+    def _published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
+        """A publish of a parked session with its name and method table: a
+        restarted publisher (or the same one, whose resume token was lost
+        with an answer) takes it over at once, with the calls held for it."""
+        log.info("connection %d published '%s' again: it takes it over from connection %d, "
+                 "which is away", wheel_id, alias, parked.wheel_id)
+        self._send_held(wheel_id, self._take_over(parked, wheel_id, [alias]),
+                        lambda: self.send_result(True, data, wheel_id, alias))
 
     def rescind_session(self, data: dict, wheel_id: int) -> None:
         """Rescind a session this connection published; no payload on success."""
@@ -2600,17 +2615,27 @@ class Server:
                 # saw it die first): the token proves whose it is, so it goes,
                 # parking what it published for this one to take over
                 old.close("replaced by connection %d, which resumed it" % wheel_id)
-            parked = self._parked.pop(token, None)
+            parked = self._parked.get(token)
             if parked is not None:
-                resumed, held = self._take_over(parked, wheel_id, peer)
+                resumed = sorted(parked.published)
+                held = self._take_over(parked, wheel_id, resumed)
+                log.info("connection %d resumed %s of connection %d", wheel_id,
+                         _plural(len(resumed), "session"), parked.wheel_id)
         if peer.token is not None:
             del self._tokens[peer.token]
-        peer.token = secrets.token_urlsafe(24)
+        # A token stays its publisher's across resumptions: if this answer is
+        # lost with the connection, the same token resumes on the next one.
+        peer.token = token or secrets.token_urlsafe(24)
         self._tokens[peer.token] = wheel_id
-        self.send_result(True, data, wheel_id, {"token": peer.token, "grace": self.grace,
-                                                "resumed": resumed})
+        self._send_held(wheel_id, held, lambda: self.send_result(
+            True, data, wheel_id, {"token": peer.token, "grace": self.grace, "resumed": resumed}))
+
+    def _send_held(self, wheel_id: int, held: list, answer: Callable[[], None]) -> None:
+        """Answer the request that took sessions over, then send the calls
+        held for them, in the order they came."""
+        answer()
         wheel = self.wheels[wheel_id]
-        for body in held:              # after the answer, in the order they came
+        for body in held:
             if not wheel.is_open:
                 break                  # its cleanup has answered the rest
             wheel.write_frame(body)
@@ -2655,24 +2680,28 @@ class Server:
                 caller.held_bytes -= size
         return body
 
-    def _take_over(self, parked: _Parked, wheel_id: int, peer: _Peer) -> Tuple[list, list]:
-        """Give a parked publisher's sessions, and the calls held for them, to
-        ``wheel_id``: the aliases resumed, and the frames to send it."""
-        parked.timer.cancel()
-        del self._parked_wheels[parked.wheel_id]
-        for alias in parked.published:        # still theirs: nobody else may take them
+    def _take_over(self, parked: _Parked, wheel_id: int, aliases: list) -> list:
+        """Give ``aliases``, sessions of a parked publisher, and the calls held
+        for them, to connection ``wheel_id``; returns the frames to send it. A
+        parked publisher left with no session is forgotten."""
+        peer = self.wheels[wheel_id].context
+        for alias in aliases:
+            parked.published.remove(alias)
             self.sessions[alias].wheel_id = wheel_id
             _add(peer, "published", alias)
         frames = []
         for fresh_id in list(parked.held):
             delivery = self.delivered_store[fresh_id]   # (a caller that left took its own)
-            caller = self.wheels.get(delivery[0])
-            frames.append(self._release_held(parked, fresh_id, caller and caller.context))
-            self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
-            _add(peer, "calls_served", fresh_id)
-        log.info("connection %d resumed %s of connection %d", wheel_id,
-                 _plural(len(parked.published), "session"), parked.wheel_id)
-        return sorted(parked.published), frames
+            if delivery[3] in aliases:
+                caller = self.wheels.get(delivery[0])
+                frames.append(self._release_held(parked, fresh_id, caller and caller.context))
+                self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
+                _add(peer, "calls_served", fresh_id)
+        if not parked.published:
+            parked.timer.cancel()
+            del self._parked_wheels[parked.wheel_id]
+            del self._parked[parked.token]
+        return frames
 
     def say_goodbye(self, data: dict, wheel_id: int) -> None:
         """The peer is leaving on purpose: its sessions go with its connection."""
@@ -2685,9 +2714,9 @@ class Server:
     def _park(self, wheel_id: int, peer: _Peer) -> None:
         """Keep a departed publisher's sessions for the grace window (its
         ``published`` are all its own: a connection publishes only free aliases)."""
-        published = list(peer.published)
+        published = set(peer.published)
         timer = self.reactor.call_later(self.grace, self._grace_ended, peer.token)
-        parked = _Parked(wheel_id, published, timer)
+        parked = _Parked(wheel_id, peer.token, published, timer)
         self._parked[peer.token] = parked
         self._parked_wheels[wheel_id] = parked
         log.info("connection %d left without a goodbye: its %s wait %.3g s for it to resume",
@@ -2925,7 +2954,7 @@ class _Request:
 
 
 class _Publication:
-    __slots__ = ("connection_id", "alias", "obj", "methods", "workers")
+    __slots__ = ("connection_id", "alias", "obj", "methods", "workers", "confirmed")
 
     def __init__(self, connection_id, alias, obj, methods, workers):
         self.connection_id = connection_id
@@ -2933,6 +2962,7 @@ class _Publication:
         self.obj = obj
         self.methods = methods
         self.workers = workers         # a _Workers, or None: calls run on the reactor's thread
+        self.confirmed = False         # the server said yes: a reconnection publishes it again
 
 
 def _parse_host_port(text: str) -> Tuple[str, Optional[int]]:
@@ -2975,10 +3005,26 @@ def _limits_from_info(info: Any) -> Tuple[int, float]:
             return MAX_FRAME, 0.0
         raise info
     limit = info.get("max_frame") if type(info) is dict else None
-    if type(limit) is not int or limit <= 0:
+    if type(limit) is not int or not 0 < limit < 1 << 63:
         raise ProtocolError("the server's info holds no max_frame: %s" % _show(info, 100))
     grace = info.get("grace", 0.0)
-    return limit, float(grace) if type(grace) in (int, float) else 0.0
+    seconds = float(grace) if type(grace) is float or type(grace) is int and \
+        grace.bit_length() < 64 else -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ProtocolError("the server's info holds a grace that is no number of seconds: %s"
+                            % _show(grace, 100))
+    return limit, seconds
+
+
+def _resume_answer(payload: Any) -> Tuple[str, list]:
+    """The token and the resumed aliases in a success answer to ``resume``
+    (PROTOCOL.md 7.3). Raises ``ProtocolError``."""
+    token = payload.get("token") if type(payload) is dict else None
+    resumed = payload.get("resumed", []) if type(payload) is dict else None
+    if type(token) is not str or type(resumed) is not list or \
+            not all(type(alias) is str for alias in resumed):
+        raise ProtocolError("malformed answer to resume: %s" % _show(payload, 100))
+    return token, resumed
 
 
 def _dial(address: str, port: int) -> Tuple[socket.socket, int, Any]:
@@ -3191,9 +3237,9 @@ class Client:
         try:
             wheel.peer_max_frame, grace = _limits_from_info(info)
             if grace > 0 and self.reconnect:    # a publisher here may resume if its link drops
-                link.token = self.send_message(connection_id, {"type": "resume"},
-                                               timeout=timeout)["token"]
-        except (ProxyError, KeyError, TypeError) as exc:
+                link.token = _resume_answer(self.send_message(
+                    connection_id, {"type": "resume"}, timeout=timeout))[0]
+        except ProxyError as exc:
             reactor.call_in_loop(wheel.close, "connect check failed")
             if self.ssl_context is None and " was lost: " in str(exc):
                 # a TLS server drops a peer whose first bytes are not TLS
@@ -3381,11 +3427,22 @@ class Client:
         return wheel
 
     def _rejoin_request(self, link: _Link, message: dict, then: Callable[[Result], None]):
-        """A request that sets a new connection up: it goes ahead of the queue."""
+        """A request that sets a new connection up: it goes ahead of the queue.
+        If ``then`` cannot use the answer, that connection is closed, and the
+        link tries again as after any failed try: it never stays down on an
+        open socket."""
         wheel = self._connections.get(link.connection_id)
         if wheel is None:
             return
-        request = _Request(link.connection_id, None, then, None, link.timeout)
+
+        def step(result):
+            try:
+                then(result)
+            except Exception as exc:
+                wheel.close("reconnected, but could not set the connection up again: %s"
+                            % _text(exc), error=exc)
+
+        request = _Request(link.connection_id, None, step, None, link.timeout)
         request_id = message["id"] = next(self._ids)
         self._pending[request_id] = request
         link.rejoining.add(request_id)
@@ -3399,11 +3456,8 @@ class Client:
             return wheel.close("client closed")
 
         def got_info(result):
-            try:
-                wheel.peer_max_frame, grace = _limits_from_info(
-                    result.payload if result.success else _error_from_payload(result.payload))
-            except ProxyError as exc:
-                return wheel.close("reconnected, but %s" % exc)
+            wheel.peer_max_frame, grace = _limits_from_info(
+                result.payload if result.success else _error_from_payload(result.payload))
             if link.token is not None and grace > 0:
                 self._rejoin_request(link, {"type": "resume", "token": link.token},
                                      lambda result: resumed(result, grace))
@@ -3412,33 +3466,50 @@ class Client:
                 self._restore(link, wheel, (), grace)
 
         def resumed(result, grace):
-            link.token = None
-            if result.success and type(result.payload) is dict:
-                link.token = result.payload.get("token")
-                return self._restore(link, wheel, result.payload.get("resumed") or (), grace)
+            if result.success:
+                link.token, aliases = _resume_answer(result.payload)
+                return self._restore(link, wheel, aliases, grace)
+            if isinstance(result.payload, ProxyError):
+                # no answer (a timeout): the server may have taken the token's
+                # sessions over; it is the same token next time, so keep it
+                raise result.payload
             log.info("%s: connection %d could not resume (%s): publishing again", self.alias,
                      link.connection_id, _text(result.payload))
+            link.token = None
             self._restore(link, wheel, (), grace)
 
         self._rejoin_request(link, {"type": "info"}, got_info)
 
-    def _restore(self, link: _Link, wheel: Wheel, resumed, grace: float) -> None:
-        """Publish again what did not resume, subscribe again, then let the
-        queued requests go: the server handles them in that order."""
+    def _restore(self, link: _Link, wheel: Wheel, resumed: list, grace: float) -> None:
+        """Make the server's state this client's again, whatever requests the
+        last connection lost: publish again what the server confirmed once and
+        did not resume (a publish still queued goes with the queue), rescind
+        what it resumed that this client no longer has (a publish whose
+        answer was lost), subscribe again, then let the queued requests go:
+        the server handles them in that order."""
         connection_id = link.connection_id
         for key, publication in list(self._publications.items()):
-            if key[0] == connection_id and publication.alias not in resumed:
+            if key[0] == connection_id and publication.confirmed and \
+                    publication.alias not in resumed:
                 self._rejoin_request(link, {"type": "publish", "payload": _dumps(
                     {"session_alias": publication.alias, "session_name": publication.alias,
                      "methods": publication.methods})},
                     lambda result, key=key: self._republished(key, result))
+        for alias in resumed:
+            if (connection_id, alias) not in self._publications:
+                log.info("%s: connection %d rescinds '%s', which the server kept for it but "
+                         "it no longer publishes", self.alias, connection_id, alias)
+                self._rejoin_request(link, {"type": "rescind", "payload": _dumps(
+                    {"session_alias": alias})}, _no_answer_needed)
         for key, proxy in list(self._proxies.items()):
             if key[0] == connection_id:
                 self._resubscribe(proxy)
         if grace > 0 and link.token is None and self.reconnect:
-            self._rejoin_request(link, {"type": "resume"}, lambda result: setattr(
-                link, "token", result.payload.get("token") if result.success
-                and type(result.payload) is dict else None))
+            def got_token(result):
+                if result.success:
+                    link.token = _resume_answer(result.payload)[0]
+
+            self._rejoin_request(link, {"type": "resume"}, got_token)
         link.state = "up"
         link.attempt = 0
         link.seen = wheel.reads
@@ -3846,7 +3917,11 @@ class Client:
             if self._publications.get(key) is publication:
                 self._drop_publication(key)
 
-        return self.send_message(connection_id, message, None, callback, tag, timeout,
+        def confirmed(value):
+            publication.confirmed = True
+            return value
+
+        return self.send_message(connection_id, message, confirmed, callback, tag, timeout,
                                  register, forget)
 
     def _drop_publication(self, key: Tuple[int, str]) -> None:

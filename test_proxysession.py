@@ -3067,6 +3067,8 @@ class Relay:
         self.port = 0
         self.threads = []
         self.sockets = []
+        self.lose_answer_to = None     # bytes: the answer to the request holding them is lost
+        self.muted = False
         self.restore()
 
     def restore(self):
@@ -3094,11 +3096,18 @@ class Relay:
             self._start(self._pump, far, near)
 
     def _pump(self, source, sink):
+        towards_server = sink.getpeername()[1] == self.target[1]
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if towards_server and self.lose_answer_to and self.lose_answer_to in data:
+                    self.lose_answer_to = None
+                    self.muted = True          # the server acts; its answer never arrives
+                elif not towards_server and self.muted:
+                    self.muted = False
+                    break                      # the link drops with the answer
                 sink.sendall(data)
         except OSError:
             pass
@@ -3282,7 +3291,8 @@ def test_a_resume_with_the_token_of_a_half_open_connection_takes_its_sessions(ma
     success, answer = old.result(type="resume", id=1)
     assert publish(old, "Tools", msg_id=2) == (True, "Tools")
     success, resumed = new.result(type="resume", id=1, token=answer["token"])
-    assert success and resumed["resumed"] == ["Tools"] and resumed["token"] != answer["token"]
+    # the token stays the publisher's: if this answer were lost, it would resume again
+    assert success and resumed["resumed"] == ["Tools"] and resumed["token"] == answer["token"]
     assert old.closed_by_server()
     caller.send(type="deliver", id=9, to="Tools", payload=b"call")
     forwarded = new.recv()
@@ -3949,3 +3959,157 @@ def test_calls_held_for_parked_publishers_are_bounded_per_caller_and_in_total(ma
     assert re.fullmatch(r"Session 'P\d' is away, and \d+ bytes of calls already wait for "
                         r"publishers that are away \(at most 2097152\)", words[4]), words[4]
     assert held() <= 2 * 1024 * 1024
+
+
+def test_a_lost_answer_to_resume_loses_no_publication(server_process, make_client,
+                                                      loop_threads, relays):
+    # what is tried: the publisher's link is cut; on its reconnection the
+    # server takes its sessions over on the resume, and the answer is lost
+    # with the link; the next reconnection must still get them back
+    server = server_process("--grace", "5")
+    relay = relays(server.address)
+    publisher_events, callbacks = events_recorder()
+    errors = []
+    publisher = make_client(reactor=proxysession.Reactor(), republish_error_event=lambda *a:
+                            errors.append(a), **callbacks)
+    publisher.publish(publisher.connect("127.0.0.1", relay.port), "Tools", Tools())
+    loop_threads(publisher.reactor)
+    relay.lose_answer_to = b"token"            # only the resume of a reconnection holds one
+    relay.cut()
+    relay.restore()
+    assert wait_for(lambda: ("reconnected", 1) in publisher_events)
+    caller = make_client()
+    tools = caller.subscribe(caller.connect(*server.address), "Tools")
+    assert tools.add(2, 3) == 5
+    assert errors == [] and relay.lose_answer_to is None
+    assert sum("resumed 1 session" in line for line in server.log) == 2
+
+
+def test_a_publish_made_while_the_link_is_down_is_published_once_it_is_back(
+        server_process, make_client, loop_threads, relays):
+    # what is tried: publish() with a callback while the publisher reconnects;
+    # the restore and the queued publish must not collide ("already exists")
+    server = server_process("--grace", "5")
+    relay = relays(server.address)
+    publisher_events, callbacks = events_recorder()
+    publisher = make_client(reactor=proxysession.Reactor(), **callbacks)
+    conn = publisher.connect("127.0.0.1", relay.port)
+    publisher.publish(conn, "Tools", Tools())
+    loop_threads(publisher.reactor)
+    relay.cut()
+    assert wait_for(lambda: publisher_events)
+    published = []
+    publisher.publish(conn, "Late", Tools(), callback=published.append)
+    relay.restore()
+    assert wait_for(lambda: published and ("reconnected", 1) in publisher_events)
+    assert published[0].success, published[0]
+    caller = make_client()
+    caller_conn = caller.connect(*server.address)
+    assert caller.subscribe(caller_conn, "Late").add(1, 2) == 3
+    assert caller.subscribe(caller_conn, "Tools").add(2, 2) == 4
+
+
+def test_a_publish_whose_answer_is_lost_with_the_link_leaves_no_alias_behind(
+        server_process, make_client, loop_threads, relays):
+    # what is tried: the server registers a publish whose answer is lost with
+    # the link (grace window on: the alias is kept for the resume); the user
+    # was told it failed, so the client takes it back after resuming, and a
+    # later publish of the alias succeeds
+    server = server_process("--grace", "5")
+    relay = relays(server.address)
+    publisher_events, callbacks = events_recorder()
+    publisher = make_client(reactor=proxysession.Reactor(), **callbacks)
+    conn = publisher.connect("127.0.0.1", relay.port)
+    publisher.publish(conn, "Tools", Tools())
+    loop_threads(publisher.reactor)
+    relay.lose_answer_to = b"Late"
+    with pytest.raises(proxysession.ProxyError, match="was lost"):
+        publisher.publish(conn, "Late", Tools())
+    assert wait_for(lambda: ("reconnected", 1) in publisher_events)
+    caller = make_client()
+    caller_conn = caller.connect(*server.address)
+    assert wait_for(lambda: caller.server_listing(caller_conn) == ["Tools"])
+    assert publisher.publish(conn, "Late", Tools()) == "Late"
+    assert caller.subscribe(caller_conn, "Late").add(1, 2) == 3
+
+
+def test_a_restarted_publisher_takes_its_parked_alias_over_at_once(make_server, peers):
+    # what is tried: a publisher leaves without a goodbye within the grace
+    # window and a call to it is held; a fresh connection that publishes the
+    # alias with the same name and method table takes it over at once and
+    # gets the held call; one with another method table is refused as before
+    server = make_server(grace=30)
+    old, caller, other, fresh = (peers(server.address) for _ in range(4))
+    assert old.result(type="resume", id=1)[0]
+    assert publish(old, "Tools", msg_id=2) == (True, "Tools")
+    old.close()
+    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    caller.send(type="deliver", id=9, to="Tools", payload=b"call")
+    caller.send(type="ping", id=10)
+    assert caller.recv()["id"] == 10                 # held: only the ping is answered
+    assert publish(other, "Tools", {"other": {"signature": "()", "doc": None}}) == (
+        False, "Session 'Tools' already exists")
+    assert publish(fresh, "Tools") == (True, "Tools")
+    forwarded = fresh.recv()
+    assert forwarded["type"] == "deliver" and forwarded["payload"] == b"call"
+    fresh.send(type="result", id=forwarded["id"], success=True, payload=b"answer")
+    assert caller.recv() == {"type": "result", "id": 9, "success": True, "payload": b"answer"}
+    assert server.call(lambda: (server.server._parked, server.server._held_bytes)) == ({}, 0)
+
+
+class FlakyServer(HostileServer):
+    """A HostileServer that accepts connection after connection, answering
+    the ``info`` of each with the next of ``infos`` (the last one repeats)."""
+
+    def __init__(self, infos):
+        self.infos = list(infos)
+        self.accepted = 0
+        super().__init__()
+
+    def _accept_and_answer_info(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.peer is not None:
+                self.peer.close()
+            sock.settimeout(WAIT)
+            self.peer, self.filter = sock, ReferenceFilter()
+            try:
+                request = self.recv()
+                info = self.infos.pop(0) if len(self.infos) > 1 else self.infos[0]
+                self.send(type="result", id=request["id"], success=True, payload=dumps(info))
+            except (OSError, EOFError):
+                continue
+
+    def drop(self):
+        self.peer.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_reconnection_step_that_fails_closes_that_try_and_the_link_tries_again(
+        make_client):
+    # what is tried: connect() against info answers that do not fit (a grace
+    # of 10**400, a max_frame of 2**70, no dict) fails with a ProtocolError;
+    # an established link whose reconnection gets such an answer tries again
+    # (it used to stay "down" on an open socket for good)
+    good = {"max_frame": 1 << 24, "grace": 0.0}
+    for bad in ({"max_frame": 1 << 24, "grace": 10 ** 400}, {"max_frame": 2 ** 70},
+                ["max_frame"]):
+        hostile = FlakyServer([bad])
+        try:
+            with pytest.raises(proxysession.ProtocolError, match="info"):
+                make_client(reconnect=False, heartbeat=None).connect(*hostile.address)
+        finally:
+            hostile.close()
+    events, callbacks = events_recorder()
+    flaky = FlakyServer([good, {"max_frame": 1 << 24, "grace": 10 ** 400}, good])
+    try:
+        client = make_client(heartbeat=None, **callbacks)
+        client.connect(*flaky.address)
+        flaky.drop()
+        assert client.reactor.run_until(lambda: ("reconnected", 1) in events, WAIT)
+        assert flaky.accepted == 3
+    finally:
+        flaky.close()
