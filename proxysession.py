@@ -430,16 +430,17 @@ def _plain_steps(table: _Opcodes, not_plain: set) -> None:
 
 
 # Cheap runs. Where the budget is counted in bytes (payloads), an opcode of a
-# fixed width that allocates at most _CHEAP_COST bytes can never take a pickle
-# past DECODE_COST_FACTOR per byte on its own, so the walk steps over a run of
-# them with one regex match, charging _CHEAP_COST per byte, and a frame of
-# millions of such opcodes costs milliseconds of C instead of seconds of Python.
-_CHEAP_COST = 16
+# fixed width that allocates at most _CHEAP_COST bytes (a scalar, a memo slot,
+# a mark, a tuple) can never take a pickle past DECODE_COST_FACTOR per byte on
+# its own, so the walk steps over a run of them with one regex match, charging
+# _CHEAP_COST per byte, and a frame of millions of such opcodes costs
+# milliseconds of C instead of seconds of Python.
+_CHEAP_COST = DECODE_COST_FACTOR
 
 
 def _cheap_steps(table: _Opcodes, not_plain: set, by_bytes: bool) -> None:
     cheap = [by_bytes and entry is not None and op not in not_plain and
-             entry[0] in (0, 1, 2, 4, 8) and entry[1] <= _CHEAP_COST
+             entry[0] in (0, 1, 2, 4, 8, _LEN1) and entry[1] <= _CHEAP_COST
              for op, entry in enumerate(table)]
     table.cheap = bytes(cheap)
     by_width: Dict[int, List[int]] = collections.defaultdict(list)
@@ -447,8 +448,10 @@ def _cheap_steps(table: _Opcodes, not_plain: set, by_bytes: bool) -> None:
         if is_cheap:
             by_width[table[op][0]].append(op)
     table.cheap_steps = re.compile(b"(?:" + b"|".join(
-        b"[" + b"".join(re.escape(bytes([op])) for op in ops) + b"]" + b"." * width
-        for width, ops in sorted(by_width.items())) + b")*", re.DOTALL) if by_width else None
+        b"[" + b"".join(re.escape(bytes([op])) for op in ops) + b"]" +
+        (_SHORT_LENGTH if width == _LEN1 else b"." * width)
+        for width, ops in sorted(by_width.items(), reverse=True)) + b")*",
+        re.DOTALL) if by_width else None
 
 
 _SKIM_STRINGS = 16               # four-byte-length strings a skim steps over, in Python
@@ -506,7 +509,7 @@ def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
     try:
         while True:
             op = body[pos]
-            if cheap[op]:        # (earn > _CHEAP_COST: a run only adds to the budget)
+            if cheap[op]:        # (earn >= _CHEAP_COST: a run never takes from the budget)
                 end = cheap_steps.match(body, pos, pos + _SKIM_SPAN).end()
                 if end > pos:    # (not when the opcode's argument runs past the span)
                     budget += (end - pos) * (earn - _CHEAP_COST)
@@ -569,6 +572,15 @@ _SCALARS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "ST
             "NONE", "NEWTRUE", "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
             "BINUNICODE8", "FLOAT", "BINFLOAT")
 _MEMO = ("GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+# What can make a dict key or set member whose hash a peer chooses: ints past
+# 2**61 (hash(n) is n mod 2**61-1), tuples and frozensets (their hash mixes
+# their items' by a known rule), and instances of allowed classes (Decimal,
+# Fraction, UUID hash as numbers). str and bytes hash with a per-process secret;
+# ints below 2**61 hash to themselves, all different; floats share a hash only
+# in classes of a few dozen (m * 2**e with e alike modulo 61), a bounded cost.
+_PRONE = ("INT", "LONG", "LONG1", "LONG4", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET",
+          "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD",
+          "EXT1", "EXT2", "EXT4")
 _PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
 
 # A message (PROTOCOL.md 3.1): one flat dict of scalars, at most MAX_FIELDS keys.
@@ -615,8 +627,163 @@ def _check_message(body) -> None:
 
 
 def _check_payload(payload, opcodes: _Opcodes = _VALUE_OPCODES) -> None:
+    """Refuse a payload whose decoding could cost more than its size allows
+    (``ProtocolError``)."""
     if not _skim(payload, opcodes, 0, DECODE_COST_BASE):
         _check_pickle(payload, opcodes, DECODE_COST_BASE)
+
+
+# Hash collisions. A dict or set whose keys share one hash costs time
+# quadratic in their number to build: 63 KB of crafted keys took 7.5 s to
+# decode. C's decoder cannot be watched while it builds, so C decodes a
+# payload only when no dict or set in it can get more than COLLIDABLE_KEYS
+# keys of a prone kind (64 keys sharing a hash cost ~2,000 comparisons): when
+# it holds no prone opcode at all (the skim of _INERT_OPCODES, at C speed: most
+# payloads), or else when a simulation on a stack of what each value could
+# be (a prone key, a dict or set with its count of prone keys, anything
+# else) says so. Otherwise, and for every payload that
+# names a class, the pure-Python decoder builds it, counting the keys of each
+# dict and set by hash as they come, and refuses more than COLLIDABLE_KEYS
+# alike: linear in the payload either way.
+
+COLLIDABLE_KEYS = 64             # keys of one dict or set that may share a hash: a few dozen
+                                 # floats do by nature (2.0**61 == 1.0 as hashes), more only
+                                 # by design
+
+_PUSH, _PUSH_PRONE, _PUSH_LONG1, _PUSH_COUNTER, _MARK_OP, _TUPLE_N, _TUPLE_MARK, _LIST_MARK, \
+    _APPEND, _APPENDS, _DICT_MARK, _SETITEM, _SETITEMS, _ADDITEMS, _FROZENSET, _POP, \
+    _POP_MARK, _DUP, _PUT, _MEMOIZE_OP, _GET, _SKIP, _STOP_SIM = range(23)
+_SIMULATED = {"TUPLE1": (_TUPLE_N, 1), "TUPLE2": (_TUPLE_N, 2), "TUPLE3": (_TUPLE_N, 3)}
+_SIMULATED.update((name, (_PUSH, 0)) for name in (
+    "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "BINFLOAT", "FLOAT",
+    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+    "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "EMPTY_TUPLE",
+    "EMPTY_LIST"))
+_SIMULATED.update((name, (action, 0)) for action, names in (
+    (_PUSH_PRONE, ("INT", "LONG", "LONG4")), (_PUSH_LONG1, ("LONG1",)),
+    (_PUSH_COUNTER, ("EMPTY_DICT", "EMPTY_SET")), (_MARK_OP, ("MARK",)),
+    (_TUPLE_MARK, ("TUPLE",)), (_LIST_MARK, ("LIST",)), (_APPEND, ("APPEND",)),
+    (_APPENDS, ("APPENDS",)), (_DICT_MARK, ("DICT",)), (_SETITEM, ("SETITEM",)),
+    (_SETITEMS, ("SETITEMS",)), (_ADDITEMS, ("ADDITEMS",)), (_FROZENSET, ("FROZENSET",)),
+    (_POP, ("POP",)), (_POP_MARK, ("POP_MARK",)), (_DUP, ("DUP",)),
+    (_PUT, ("PUT", "BINPUT", "LONG_BINPUT")), (_MEMOIZE_OP, ("MEMOIZE",)),
+    (_GET, ("GET", "BINGET", "LONG_BINGET")), (_SKIP, ("PROTO", "FRAME")),
+    (_STOP_SIM, ("STOP",))) for name in names)
+_SIMULATION = [_SIMULATED[_OPCODE_NAMES[op]] + (_VALUE_OPCODES[op][0],)
+               if _OPCODE_NAMES.get(op) in _SIMULATED and _VALUE_OPCODES[op] is not None
+               else None for op in range(256)]
+
+
+_INERT_OPCODES = _opcode_table(None, not_plain=_PRONE)
+
+
+def _check_value(payload) -> bool:
+    """_check_payload for a value a Client decodes: True when it holds no
+    prone opcode, so that no keys of it can collide."""
+    if _skim(payload, _INERT_OPCODES, 0, DECODE_COST_BASE):
+        return True
+    _check_pickle(payload, _VALUE_OPCODES, DECODE_COST_BASE)     # (a second skim fails alike)
+    return False
+
+
+def _keys_may_collide(body) -> bool:
+    """False when decoding ``body`` in C gives no dict or set more than
+    COLLIDABLE_KEYS keys whose hash a peer could choose; True when it might,
+    or when ``body`` names a class. ``body`` passed _check_payload."""
+    if len(body) <= COLLIDABLE_KEYS:
+        return False                   # it has not the bytes for more prone keys
+    stack: list = []
+    marks: list = []
+    memo: dict = {}
+    pos = 0
+    try:
+        while True:
+            op = body[pos]
+            action, arg, width = _SIMULATION[op]
+            pos += 1
+            argument = pos
+            if width >= 0:
+                pos += width
+            elif width == _LEN1:
+                pos += 1 + body[pos]
+            elif width == _LEN4 or width == _LEN4S or width == _LEN8:
+                count = 8 if width == _LEN8 else 4
+                pos += count + int.from_bytes(body[pos:pos + count], "little")
+            elif width == _MEMO4:
+                pos += 4
+            elif width != _STOP:            # an argument that ends at a newline
+                pos = body.index(b"\n", pos) + 1
+            if action == _PUSH:
+                stack.append(0)
+            elif action == _MEMOIZE_OP:
+                memo[len(memo)] = stack[-1]
+            elif action == _SETITEMS or action == _ADDITEMS or action == _FROZENSET:
+                mark = marks.pop()
+                items = stack[mark:]
+                del stack[mark:]
+                keys = items[::2] if action == _SETITEMS else items
+                prone = keys.count(1)
+                if action == _FROZENSET:
+                    if prone > COLLIDABLE_KEYS:
+                        return True
+                    stack.append(1)
+                elif prone:
+                    counter = stack[-1]
+                    counter[0] += prone
+                    if counter[0] > COLLIDABLE_KEYS:
+                        return True
+            elif action == _MARK_OP:
+                marks.append(len(stack))
+            elif action == _APPENDS or action == _LIST_MARK or action == _TUPLE_MARK:
+                mark = marks.pop()
+                del stack[mark:]
+                if action != _APPENDS:
+                    stack.append(0 if action == _LIST_MARK else 1)
+            elif action == _TUPLE_N:
+                del stack[-arg:]
+                stack.append(1)
+            elif action == _APPEND:
+                stack.pop()
+            elif action == _PUSH_COUNTER:
+                stack.append([0])
+            elif action == _PUSH_PRONE:
+                stack.append(1)
+            elif action == _PUSH_LONG1:
+                stack.append(1 if body[argument] > 7 else 0)     # 7 bytes: below 2**55
+            elif action == _SETITEM:
+                key = stack[-2]
+                del stack[-2:]
+                if key == 1:
+                    counter = stack[-1]
+                    counter[0] += 1
+                    if counter[0] > COLLIDABLE_KEYS:
+                        return True
+            elif action == _DICT_MARK:
+                mark = marks.pop()
+                prone = stack[mark::2].count(1)
+                del stack[mark:]
+                if prone > COLLIDABLE_KEYS:
+                    return True
+                stack.append([prone])
+            elif action == _PUT:
+                memo[int(body[argument:pos].strip() or b"0") if width == _MEMO_LINE
+                     else int.from_bytes(body[argument:pos], "little")] = stack[-1]
+            elif action == _GET:
+                stack.append(memo[int(body[argument:pos].strip()) if width == _LINE
+                                  else int.from_bytes(body[argument:pos], "little")])
+            elif action == _POP:
+                if stack and (not marks or marks[-1] < len(stack)):
+                    stack.pop()
+                else:
+                    marks.pop()
+            elif action == _POP_MARK:
+                del stack[marks.pop():]
+            elif action == _DUP:
+                stack.append(stack[-1])
+            elif action == _STOP_SIM:
+                return False
+    except (TypeError, IndexError, KeyError, ValueError):
+        return True        # a class named (no simulation), or a shape C would refuse
 
 
 # (module, name) pairs a client rebuilds from a payload (PROTOCOL.md 3).
@@ -635,17 +802,18 @@ SAFE_CLASSES = frozenset([
 
 
 class _AllowListUnpickler(pickle._Unpickler):
-    """Decodes a payload that names classes; each Client makes a subclass with
-    its own ``allowed`` set of (module, name).
+    """Decodes a payload that names classes or may hold colliding keys; each
+    Client makes a subclass with its own ``allowed`` set of (module, name).
 
     It admits values, not power. pickle's BUILD sets attributes on whatever is
     on the stack, a class included (57 bytes once broke ``Fraction(1, 2) + 1``
     for a whole process), and an allowed constructor can be made to compute
     or allocate far beyond the payload (``Fraction('1e10000000')``,
     ``bytearray(2**30)``). So BUILD only sets the state of an instance of an
-    allowed class, and constructor arguments are checked first. This is the
-    pure-Python unpickler, whose dispatch table can be extended; it runs only
-    for payloads that name a class (the C decoder takes the rest)."""
+    allowed class, and constructor arguments are checked first. And each dict
+    and set counts its keys by hash as they come (hash collisions). This is
+    the pure-Python unpickler, whose dispatch table can be extended; it runs
+    only for the payloads C's decoder is not given."""
 
     allowed: frozenset = SAFE_CLASSES
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -685,16 +853,67 @@ class _AllowListUnpickler(pickle._Unpickler):
         if cls is bytearray and args and isinstance(args[0], int):
             raise pickle.UnpicklingError("bytearray(int) is refused: it allocates what it is told")
         if getattr(cls, "__module__", None) == "fractions":
+            # only what Fraction pickles as: ints, or a str n or n/d. Built
+            # from a Decimal, 60 bytes made it compute for seconds
             for arg in args:
-                if isinstance(arg, str) and not _PLAIN_RATIONAL.match(arg) or \
-                        isinstance(arg, int) and arg.bit_length() > 65536:
+                if not (type(arg) is str and _PLAIN_RATIONAL.match(arg) or
+                        type(arg) is int and arg.bit_length() <= 65536):
                     raise pickle.UnpicklingError("Fraction(%s) is refused: only n or n/d "
                                                  "of bounded size" % _show(arg, 40))
+        if (cls is set or cls is frozenset) and args:
+            self._count_keys(None, args[0])
 
     def load_build(self):
         self._check_instance(self.stack[-2])
         pickle._Unpickler.load_build(self)
     dispatch[pickle.BUILD[0]] = load_build
+
+    def _count_keys(self, target: Any, keys) -> None:
+        """Count ``keys``, about to go into ``target`` (None: a new one), by
+        hash; refuse more than COLLIDABLE_KEYS alike in one dict or set."""
+        if target is None:
+            counts: dict = {}
+        else:
+            hashes = self.__dict__.setdefault("_hashes", {})
+            kept = hashes.get(id(target))
+            if kept is None:               # (the target is kept too: its id stays its own)
+                kept = hashes[id(target)] = (target, {})
+            counts = kept[1]
+        for key in keys:
+            key_hash = hash(key)
+            alike = counts.get(key_hash, 0) + 1
+            if alike > COLLIDABLE_KEYS:
+                raise pickle.UnpicklingError(
+                    "more than %d keys of one dict or set share a hash: a crafted collision, "
+                    "whose decoding would take time quadratic in its size" % COLLIDABLE_KEYS)
+            counts[key_hash] = alike
+
+    # with a mark, self.stack holds the items, and the target is below the mark
+
+    def load_setitem(self):
+        self._count_keys(self.stack[-3], self.stack[-2:-1])
+        pickle._Unpickler.load_setitem(self)
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self):
+        self._count_keys(self.metastack[-1][-1], self.stack[::2])
+        pickle._Unpickler.load_setitems(self)
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_additems(self):
+        self._count_keys(self.metastack[-1][-1], self.stack)
+        pickle._Unpickler.load_additems(self)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    def load_frozenset(self):
+        self._count_keys(None, self.stack)
+        pickle._Unpickler.load_frozenset(self)
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    def load_dict(self):
+        self._count_keys(None, self.stack[::2])
+        pickle._Unpickler.load_dict(self)
+    dispatch[pickle.DICT[0]] = load_dict
 
     def load_reduce(self):
         self._check_call(self.stack[-2], self.stack[-1])
@@ -3173,11 +3392,13 @@ class Client:
     def _loads(self, data: bytes) -> Any:
         if self._unsafe:
             return pickle.loads(data)
-        _check_payload(data)                 # what decoding it may cost (serializers)
-        try:
-            return _loads_plain(data)        # most payloads are plain values: the fast way
-        except _GlobalRefused:
-            return self._unpickler(io.BytesIO(data)).load()
+        # what decoding it may cost, and whether C may build it (serializers)
+        if _check_value(data) or not _keys_may_collide(data):
+            try:
+                return _loads_plain(data)
+            except _GlobalRefused:          # it names a class: only the allow-list builds it
+                pass
+        return self._unpickler(io.BytesIO(data)).load()
 
     # connections
 

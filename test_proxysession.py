@@ -4113,3 +4113,164 @@ def test_a_reconnection_step_that_fails_closes_that_try_and_the_link_tries_again
         assert flaky.accepted == 3
     finally:
         flaky.close()
+
+
+P61 = 2 ** 61 - 1                  # hash(n) == hash(n + k * P61) for every int n
+
+
+def colliding_int(k):
+    """LONG1 of an int whose hash is 7, whatever k."""
+    return b"\x8a\x10" + (k * P61 + 7).to_bytes(16, "little", signed=True)
+
+
+def colliding_pickles(size):
+    """Pickles of about ``size`` bytes whose keys all share one hash, written
+    opcode by opcode (building them here would take the quadratic time)."""
+    n = size // 22
+    ints = [colliding_int(k) for k in range(1, n)]
+    return [
+        ("a set of ints", b"\x80\x04\x8f(" + b"".join(ints) + b"\x90."),
+        ("a frozenset of ints", b"\x80\x04(" + b"".join(ints) + b"\x91."),
+        ("a dict of int keys", b"\x80\x04}(" + b"".join(i + b"N" for i in ints) + b"u."),
+        ("a dict of tuple keys", b"\x80\x04}(" + b"".join(i + b"\x85N" for i in ints) + b"u."),
+        ("a dict of int keys, one SETITEM at a time",
+         b"\x80\x04}" + b"".join(i + b"Ns" for i in ints) + b"."),
+        ("a set of Decimals", b"\x80\x04\x8f(" + b"".join(
+            b"\x8c\x07decimal\x8c\x07Decimal\x93\x8c" + bytes([len(str(k * P61 + 7))]) +
+            str(k * P61 + 7).encode() + b"\x85R" for k in range(1, n // 2)) + b"\x90."),
+        ("a list of sets given to set()", b"\x80\x02c__builtin__\nset\n](" +
+         b"".join(ints) + b"e\x85R."),
+    ]
+
+
+@pytest.mark.parametrize("size", [4096, 65536])
+def test_keys_crafted_to_share_a_hash_are_refused_not_decoded_in_quadratic_time(size):
+    # what is tried: sets, frozensets, dicts (by SETITEMS and SETITEM) whose
+    # keys are ints, tuples or Decimals that all hash alike, as a Client
+    # decodes a payload; each must be refused, naming the collision (64 KB of
+    # them took 0.2 s to decode, 1 MiB about 47 s, before)
+    client = proxysession.Client(reactor=proxysession.Reactor())
+    for what, body in colliding_pickles(size):
+        with pytest.raises(pickle.UnpicklingError, match="share a hash|not on the allow-list"):
+            client._loads(body)
+
+
+def test_values_whose_hashes_cannot_be_chosen_still_decode_in_c_or_python():
+    # what is tried: values of every prone kind that are not crafted must
+    # come out equal: many tuple keys (the pure-Python decoder, counting),
+    # few big-int keys (C), UUID, Decimal and Fraction keys, and the floats
+    # that share a hash by nature (a few dozen at most)
+    import decimal
+    import fractions
+    import uuid
+    floats_hashing_to_1 = {float(2 ** (61 * k)) for k in range(-16, 17)}
+    assert {hash(x) for x in floats_hashing_to_1} == {1} and len(floats_hashing_to_1) == 33
+    client = proxysession.Client(reactor=proxysession.Reactor())
+    for value in [{(i, str(i)): i for i in range(3000)}, {k * P61 + 7: k for k in range(1, 60)},
+                  {uuid.UUID(int=i): i for i in range(200)}, floats_hashing_to_1,
+                  {decimal.Decimal(i) / 7: i for i in range(100)},
+                  {fractions.Fraction(i, 7) for i in range(100)}, [(i, i) for i in range(5000)],
+                  frozenset((i,) for i in range(500)), {frozenset({i}): i for i in range(100)}]:
+        for protocol in (3, 4):
+            assert client._loads(pickle.dumps(value, protocol)) == value
+
+
+def test_a_fraction_is_built_only_from_what_fraction_pickles_as():
+    # what is tried: 60 bytes of Fraction(Decimal('1e100000000')), which
+    # computed for 6-8 s; and Fractions from a float and from a Fraction
+    client = proxysession.Client(reactor=proxysession.Reactor())
+    built_from = [b"\x8c\x07decimal\x8c\x07Decimal\x93\x8c\x0b1e100000000\x85R",
+                  b"G@\x00\x00\x00\x00\x00\x00\x00", b"\x8c\tfractions\x8c\x08Fraction\x93K\x01"
+                  b"K\x03\x86R"]
+    for argument in built_from:
+        body = b"\x80\x04\x8c\tfractions\x8c\x08Fraction\x93" + argument + b"\x85R."
+        with pytest.raises(pickle.UnpicklingError, match="Fraction.*is refused"):
+            client._loads(body)
+
+
+def test_colliding_keys_from_a_peer_fail_that_call_only(server, peers, make_client,
+                                                         loop_threads):
+    # what is tried: a raw caller sends a call whose argument is a set of
+    # 2,900 colliding ints; a raw publisher answers a call with one. The
+    # publisher answers "Malformed call" and serves on; the caller gets a
+    # ProxyError naming the collision
+    publish_on_a_thread(server, make_client, loop_threads, Store(), "Store")
+    caller = peers(server.address)
+    crafted = dict(colliding_pickles(65536))["a set of ints"]
+    payload = (b"\x80\x04}(\x8c\x05event\x8c\x04echo\x8c\x04args]" + crafted[2:-1] +
+               b"a\x8c\x06kwargs}u.")
+    success, answer = caller.result(type="deliver", id=1, to="Store", payload=payload)
+    assert success is False and "Malformed call" in answer and "share a hash" in answer
+    assert caller.result(type="deliver", id=2, to="Store", payload=dumps(
+        {"event": "echo", "args": [1], "kwargs": {}})) == (True, 1)
+    publisher = peers(server.address)
+    assert publish(publisher, "Odd") == (True, "Odd")
+    client = make_client()
+    odd = client.subscribe(client.connect(*server.address), "Odd")
+    future = odd.echo.future(1)
+    call = publisher.recv()
+    publisher.send(type="result", id=call["id"], success=True, payload=crafted)
+    with pytest.raises(proxysession.ProxyError, match="share a hash"):
+        future.result(WAIT)
+
+
+def most_prone_keys(value, seen=None):
+    """The most keys of a prone kind (tuples, frozensets, ints of 2**55 and
+    more) that one dict or set in ``value`` holds."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, (dict, set, frozenset)):
+        prone = sum(1 for key in value if isinstance(key, (tuple, frozenset)) or
+                    type(key) is int and abs(key) >= 2 ** 55)
+        inner = list(value.values()) + list(value) if isinstance(value, dict) else list(value)
+    elif isinstance(value, (list, tuple)):
+        prone, inner = 0, value
+    else:
+        return 0
+    return max([prone] + [most_prone_keys(item, seen) for item in inner])
+
+
+def test_the_collision_simulation_never_lets_c_build_more_prone_keys_than_it_may():
+    # what is tried: 1,500 random nested values of dicts, sets, frozensets,
+    # lists and tuples around the limit (keys of tuples, big and small ints,
+    # str; shared references), pickled with protocols 2 to 5; whenever the
+    # simulation lets C build one, no dict or set of it holds more than
+    # COLLIDABLE_KEYS prone keys, and both verdicts are seen many times
+    import random
+    rng = random.Random(19)
+    limit = proxysession.COLLIDABLE_KEYS
+
+    makers = [lambda: (rng.randrange(9), rng.randrange(10 ** 6)),
+              lambda: rng.randrange(2 ** 70), lambda: rng.randrange(2 ** 40),
+              lambda: "k%d" % rng.randrange(10 ** 6), lambda: frozenset([rng.random()]),
+              lambda: rng.choice(makers)()]          # mixed
+
+    def value(depth):
+        kind = rng.randrange(6 if depth < 3 else 1)
+        count = rng.choice([0, 1, 3, limit - 2, limit, limit + 1, limit + 3, 2 * limit])
+        key = rng.choice(makers)
+        if kind == 0:
+            return rng.choice([1, "s", 2.5, None, (1, 2), 2 ** 64])
+        if kind == 1:
+            return {key(): value(depth + 1) for _ in range(count)}
+        if kind == 2:
+            return {key() for _ in range(count)}
+        if kind == 3:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        if kind == 4:
+            shared = value(depth + 1)
+            return (shared, shared)
+        return frozenset(key() for _ in range(count))
+
+    let_c, refused = 0, 0
+    for _ in range(1500):
+        item = value(0)
+        body = pickle.dumps(item, rng.choice([2, 3, 4, 5]))
+        if proxysession._keys_may_collide(body):
+            refused += 1
+        else:
+            let_c += 1
+            assert most_prone_keys(item) <= limit, body[:200]
+    assert let_c > 300 and refused > 300, (let_c, refused)
