@@ -4274,3 +4274,64 @@ def test_the_collision_simulation_never_lets_c_build_more_prone_keys_than_it_may
             let_c += 1
             assert most_prone_keys(item) <= limit, body[:200]
     assert let_c > 300 and refused > 300, (let_c, refused)
+
+
+QUEUEING_PUBLISHER = textwrap.dedent('''
+    import sys, threading, tracemalloc
+    import proxysession
+
+    gate = threading.Event()
+
+    class Slow:
+        @proxysession.proxy_event
+        def work(self, items):
+            gate.wait(60)
+            return len(items)
+
+    class Probe:
+        @proxysession.proxy_event
+        def memory(self):
+            """Bytes allocated since tracing began (all calls before this one are in)."""
+            return tracemalloc.get_traced_memory()[0]
+
+        @proxysession.proxy_event
+        def open_gate(self):
+            gate.set()
+
+    client = proxysession.Client("publisher", timeout=30)
+    conn = client.connect("127.0.0.1", int(sys.argv[1]))
+    client.publish(conn, "Slow", Slow(), workers=1)
+    client.publish(conn, "Probe", Probe())
+    tracemalloc.start()
+    print("ready", flush=True)
+    proxysession.run()
+''')
+
+
+def test_calls_waiting_for_a_worker_hold_about_the_bytes_that_came(server, make_client):
+    # what is tried: a publication with one worker, blocked; 3,000 calls each
+    # of a list of 100 ints (about 500 bytes on the wire, 3.6 KB decoded)
+    # wait for it. What the publisher holds for them must stay within three
+    # times the bytes that came (the frame, its envelope, the queue's entry):
+    # they wait undecoded (decoded, they held 8 times as much here)
+    proc = subprocess.Popen([sys.executable, "-c", QUEUEING_PUBLISHER, str(server.address[1])],
+                            cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        client = make_client()
+        conn = client.connect(*server.address)
+        slow, probe = client.subscribe(conn, "Slow"), client.subscribe(conn, "Probe")
+        before = probe.memory()
+        items = list(range(100000, 100100))
+        answers = []
+        for _ in range(3000):
+            slow.work.post(items, callback=answers.append)
+        held = probe.memory() - before          # answered after every call came in
+        sent = 3000 * len(pickle.dumps({"event": "work", "args": [items], "kwargs": {}}, 4))
+        assert held < 3 * sent, "%d bytes held for %d bytes of calls" % (held, sent)
+        probe.open_gate()
+        assert client.reactor.run_until(lambda: len(answers) == 3000, WAIT)
+        assert all(answer.success and answer.payload == 100 for answer in answers)
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
