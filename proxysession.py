@@ -117,6 +117,7 @@ MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for a
 HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
 CHALLENGE_PROBE = 1.0             # seconds a keyed Client waits for the server's challenge before
                                   # asking, on a second connection, why none came (connect())
+PROBE_TIMEOUT = 2.0               # ... and each step of that second connection may take
 MAX_HANDSHAKE_FRAME = 256         # a handshake frame is a challenge or a digest: tiny
 MAX_ACCEPTS_PER_WAKEUP = 128      # accept in batches so a connect storm cannot starve the others
 ACCEPT_RETRY_DELAY = 1.0          # seconds to stop accepting after EMFILE/ENFILE
@@ -1235,11 +1236,13 @@ class ReferenceFilter:
         return bodies
 
     def clear(self) -> None:
-        """Let go of everything buffered (the connection is gone)."""
+        """Let go of everything buffered (the connection is gone), and of the
+        error that broke it: its traceback holds the frames of its wheel."""
         self._buffer = bytearray()
         self._parsed = []
         self._body = None
         self._body_filled = self.missing = 0
+        self.broken = None
 
     def _fail(self, reason: str, bodies: list) -> None:
         self.broken = ProtocolError(reason)
@@ -3436,9 +3439,16 @@ class Client:
         if self.authkey is not None and timeout is not None and timeout > CHALLENGE_PROBE and \
                 not reactor.run_until(outcome.__len__, CHALLENGE_PROBE) and wheel.reads == 0:
             # no challenge yet: a keyless server, or a TLS one, says nothing and
-            # waits as we do; a second connection finds out which, at once
-            why = self._why_no_challenge(remote_address, remote_port, sockaddr, family,
-                                         server_hostname or remote_address)
+            # waits as we do; a second connection finds out which, at once. It
+            # blocks, so it runs on a thread of its own while this one runs the loop
+            verdict: list = []
+            threading.Thread(target=lambda: reactor.call_soon_threadsafe(
+                verdict.append, self._why_no_challenge(
+                    remote_address, remote_port, sockaddr, family,
+                    server_hostname or remote_address)),
+                name="proxysession-probe", daemon=True).start()
+            reactor.run_until(lambda: verdict or outcome, None)
+            why = verdict[0] if verdict else None
             if why is not None:
                 reactor.call_in_loop(wheel.close, "connect check failed")
                 return self._connect_failed(remote_address, remote_port, why)
@@ -3481,7 +3491,7 @@ class Client:
         None when the probe learns nothing (a slow server: keep waiting)."""
         peer = "%s:%s" % (address, port)
         probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.settimeout(2.0)
+        probe.settimeout(PROBE_TIMEOUT)
         try:
             probe.connect(sockaddr)
             if self.ssl_context is not None:
@@ -3534,6 +3544,8 @@ class Client:
         if isinstance(wheel.context, list):          # still connecting: connect() reports it
             wheel.context.append(error if isinstance(error, ProxyError) else
                                  ConnectionError(reason))
+            if self._connections.get(connection_id) is wheel:
+                del self._connections[connection_id]
             return
         if self._connections.get(connection_id) is not wheel:
             return

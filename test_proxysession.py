@@ -4335,3 +4335,61 @@ def test_calls_waiting_for_a_worker_hold_about_the_bytes_that_came(server, make_
     finally:
         proc.kill()
         proc.wait(WAIT)
+
+
+DROPPED_BEFORE_AUTHENTICATING = [
+    ("a 4 MB handshake frame", b"4000000\0" + b"x" * 100000),
+    ("a header that is no number", b"zz"),
+    ("a digest that is wrong", b"44\0{sha256}" + b"x" * 36),
+]
+
+
+@pytest.mark.parametrize("what, data", DROPPED_BEFORE_AUTHENTICATING,
+                         ids=[case[0] for case in DROPPED_BEFORE_AUTHENTICATING])
+def test_a_peer_dropped_before_it_authenticates_is_freed_at_once(make_server, what, data):
+    # what is tried: five peers of each kind against a keyed server, with the
+    # garbage collector off; each one's wheel (and its buffers) must be gone
+    # as soon as the server drops it (the error that broke the connection
+    # held its frames, and so the wheel, in a cycle)
+    import gc
+    import weakref
+    server = make_server(authkey=b"key")
+    refs = []
+    gc.disable()
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(server.address, timeout=WAIT)
+            sock.recv(1000)                              # the challenge: the wheel exists
+            assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 1)
+            refs.append(server.call(lambda: weakref.ref(
+                next(iter(server.server.wheels.values())))))
+            sock.sendall(data)
+            assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 0)
+            sock.close()
+        assert wait_for(lambda: server.call(lambda: [ref() for ref in refs]) == [None] * 5), what
+    finally:
+        gc.enable()
+
+
+def test_a_keyed_connect_that_fails_on_its_probe_leaves_nothing_and_runs_the_loop(
+        server, make_client):
+    # what is tried: four keyed connects to a keyless server, each failing
+    # once the probe of a second connection tells why; the probe must run
+    # while the loop does (a timer set for the moment it starts fires before
+    # it ends), and no closed connection may stay in the client
+    client = make_client(authkey=b"sesame", handshake_timeout=WAIT)
+    probe = client._why_no_challenge
+    ran_meanwhile = []
+
+    def probe_while_the_loop_runs(*args):
+        ticked = threading.Event()
+        client.reactor.call_soon_threadsafe(ticked.set)
+        ran_meanwhile.append(ticked.wait(WAIT))         # only a running loop sets it
+        return probe(*args)
+
+    client._why_no_challenge = probe_while_the_loop_runs
+    for _ in range(4):
+        with pytest.raises(proxysession.AuthenticationError, match="has no authkey"):
+            client.connect(*server.address)
+    assert ran_meanwhile == [True] * 4
+    assert "connections=0 pending=0" in repr(client)
