@@ -38,7 +38,9 @@ classes.
 Contents, in the order the data flows:
 
 - errors            ProxyError and its family
-- serializers       pickle, restricted on the way in
+- peer values       the one place a peer's value becomes text or a key
+- serializers       pickle, restricted on the way in: cost bounded per byte,
+                    keys crafted to share a hash refused
 - filter            ReferenceFilter: bytes <-> frames
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
@@ -3175,6 +3177,21 @@ class _Request:
         self.undo = undo               # what to take back if the request fails
 
 
+class _Subscription:
+    """What a Client and the Proxy it made share of one subscription: where
+    its calls go, and why they fail fast, if they do (``gone``). The Client
+    changes it; the Proxy and its methods only read it."""
+
+    __slots__ = ("client", "connection_id", "alias", "gone", "proxy")
+
+    def __init__(self, client: "Client", connection_id: int, alias: str):
+        self.client = client
+        self.connection_id = connection_id
+        self.alias = alias
+        self.gone: Optional[str] = None
+        self.proxy: Optional["Proxy"] = None
+
+
 class _Publication:
     __slots__ = ("connection_id", "alias", "obj", "methods", "workers", "confirmed")
 
@@ -3367,7 +3384,7 @@ class Client:
         self._connections: Dict[int, Wheel] = {}
         self._pending: Dict[int, _Request] = {}
         self._publications: Dict[Tuple[int, str], _Publication] = {}
-        self._proxies: Dict[Tuple[int, str], "Proxy"] = {}
+        self._subscriptions: Dict[Tuple[int, str], _Subscription] = {}
         self._ids = itertools.count(1)
         self._connection_ids = itertools.count(1)
         self._deadlines: List[Tuple[float, int]] = []   # a heap of (deadline, request id)
@@ -3576,8 +3593,8 @@ class Client:
         self._fail_requests(connection_id, failure)
         for key in [key for key in self._publications if key[0] == connection_id]:
             self._drop_publication(key)
-        for key in [key for key in self._proxies if key[0] == connection_id]:
-            self._proxies.pop(key)._Proxy__gone = str(failure)
+        for key in [key for key in self._subscriptions if key[0] == connection_id]:
+            self._subscriptions.pop(key).gone = str(failure)
         if self.socket_error_event is not None and reason != "client closed":
             self._call_user(self.socket_error_event, connection_id, failure)
 
@@ -3734,9 +3751,9 @@ class Client:
                          "it no longer publishes", self.alias, connection_id, alias)
                 self._rejoin_request(link, {"type": "rescind", "payload": _dumps(
                     {"session_alias": alias})}, _no_answer_needed)
-        for key, proxy in list(self._proxies.items()):
+        for key, subscription in list(self._subscriptions.items()):
             if key[0] == connection_id:
-                self._resubscribe(proxy)
+                self._resubscribe(subscription)
         if grace > 0 and link.token is None and self.reconnect:
             def got_token(result):
                 if result.success:
@@ -3769,28 +3786,29 @@ class Client:
         if self.republish_error_event is not None:
             self._call_user(self.republish_error_event, key[1], key[0], error)
 
-    def _resubscribe(self, proxy: "Proxy") -> None:
+    def _resubscribe(self, subscription: _Subscription) -> None:
         """Subscribe again on a new connection; if the session is not back
-        yet, the proxy fails fast, and tries again at its next call (_revive)."""
+        yet, the proxy fails fast, and tries again at its next call (revive)."""
         def subscribed(result):
             # what this server says, not what the last one did
-            proxy._Proxy__gone = None if result.success else str(
+            subscription.gone = None if result.success else str(
                 _error_from_payload(result.payload))
 
-        request = _Request(proxy._Proxy__connection_id, None, subscribed, None, self.timeout)
-        self._send_request(request, {"type": "subscribe", "to": proxy._Proxy__alias}, None)
+        request = _Request(subscription.connection_id, None, subscribed, None, self.timeout)
+        self._send_request(request, {"type": "subscribe", "to": subscription.alias}, None)
 
-    def _revive(self, proxy: "Proxy") -> bool:
-        """A proxy whose session went (rescinded, or not back after a
-        reconnection) works again once its session is back: True if it is."""
-        connection_id, alias = proxy._Proxy__connection_id, proxy._Proxy__alias
-        if not self.reconnect or self._proxies.get((connection_id, alias)) is not proxy:
+    def revive(self, subscription: _Subscription) -> bool:
+        """For a proxy's methods: a subscription whose session went
+        (rescinded, or not back after a reconnection) works again once its
+        session is back; True if it is."""
+        key = (subscription.connection_id, subscription.alias)
+        if not self.reconnect or self._subscriptions.get(key) is not subscription:
             return False               # unsubscribed, or its connection ended for good
         try:
-            self.send_message(connection_id, {"type": "subscribe", "to": alias})
+            self.send_message(key[0], {"type": "subscribe", "to": key[1]})
         except ProxyError:
             return False
-        proxy._Proxy__gone = None
+        subscription.gone = None
         return True
 
     def _beat(self) -> None:
@@ -4029,9 +4047,10 @@ class Client:
             return
         key = (wheel.wheel_id, alias)
         # with reconnection on, the proxy stays, to work again if its session comes back
-        proxy = self._proxies.get(key) if self.reconnect else self._proxies.pop(key, None)
-        if proxy is not None:
-            proxy._Proxy__gone = "Session '%s' was rescinded" % (alias,)
+        subscription = self._subscriptions.get(key) if self.reconnect else \
+            self._subscriptions.pop(key, None)
+        if subscription is not None:
+            subscription.gone = "Session '%s' was rescinded" % (alias,)
         if self.rescinded_event is not None:
             self._call_user(self.rescinded_event, alias, wheel.wheel_id)
 
@@ -4198,9 +4217,10 @@ class Client:
         def on_result(value):
             if not isinstance(value, dict) or not isinstance(value.get("methods"), dict):
                 raise ProtocolError("malformed subscribe answer: %s" % _show(value, 200))
-            proxy = Proxy(self, connection_id, alias, value["methods"])
-            self._proxies[(connection_id, alias)] = proxy
-            return proxy
+            subscription = _Subscription(self, connection_id, alias)
+            subscription.proxy = Proxy(subscription, value["methods"])
+            self._subscriptions[(connection_id, alias)] = subscription
+            return subscription.proxy
 
         return self.send_message(connection_id, {"type": "subscribe", "to": alias},
                                  on_result, callback, tag, timeout)
@@ -4210,14 +4230,13 @@ class Client:
         self.reactor.call_in_loop(self._unsubscribe, alias_or_proxy, connection_id)
 
     def _unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int]) -> None:
-        alias = alias_or_proxy._Proxy__alias if isinstance(alias_or_proxy, Proxy) \
-            else alias_or_proxy
-        keys = [key for key in self._proxies
-                if key[1] == alias and (connection_id is None or key[0] == connection_id)]
+        keys = [key for key, subscription in self._subscriptions.items()
+                if (subscription.proxy is alias_or_proxy or key[1] == alias_or_proxy)
+                and (connection_id is None or key[0] == connection_id)]
         if not keys:
-            raise ProxyError("not subscribed to %r" % (alias,))
+            raise ProxyError("not subscribed to %r" % (alias_or_proxy,))
         for key in keys:
-            self._proxies.pop(key)._Proxy__gone = "unsubscribed from '%s'" % alias
+            self._subscriptions.pop(key).gone = "unsubscribed from '%s'" % key[1]
 
     def deliver(self, connection_id: int, alias: str, event: str, args=(), kwargs=None,
                 callback: Optional[Callable] = None, tag: Any = None,
@@ -4265,12 +4284,12 @@ class _ProxyMethod:
     ``.future(...)`` for a future (which asyncio code may await),
     ``.call(args, kwargs, ...)`` for the explicit form. From any thread."""
 
-    def __init__(self, proxy: "Proxy", name: str, description: dict):
-        self._proxy = proxy
+    def __init__(self, subscription: _Subscription, name: str, description: dict):
+        self._subscription = subscription
         self._name = name
-        self._client = proxy._Proxy__client
-        self._connection_id = proxy._Proxy__connection_id
-        self._alias = proxy._Proxy__alias
+        self._client = subscription.client
+        self._connection_id = subscription.connection_id
+        self._alias = subscription.alias
         self.__doc__ = description.get("doc") if isinstance(description, dict) else None
         self.signature = description.get("signature") if isinstance(description, dict) else None
 
@@ -4298,8 +4317,8 @@ class _ProxyMethod:
         """The explicit form: the method's ``args`` and ``kwargs``, this call's
         own ``timeout`` (seconds, None: none), and ``callback``/``tag`` not to
         block. A proxy that was rescinded subscribes again first (reconnect)."""
-        gone = self._proxy._Proxy__gone
-        if gone is not None and not self._client._revive(self._proxy):
+        gone = self._subscription.gone
+        if gone is not None and not self._client.revive(self._subscription):
             raise ProxyError(gone)
         return self._client.deliver(self._connection_id, self._alias, self._name,
                                     args, kwargs, callback, tag, timeout)
@@ -4319,18 +4338,17 @@ class Proxy:
     POEx::ProxySession::Proxy: one attribute per published method and
     nothing else public, so every published name stays callable."""
 
-    def __init__(self, client: Client, connection_id: int, alias: str, methods: dict):
-        self.__client = client
-        self.__connection_id = connection_id
-        self.__alias = alias
-        self.__gone: Optional[str] = None   # why calls fail fast, if they do
+    def __init__(self, subscription: _Subscription, methods: dict):
+        self.__subscription = subscription
         for name, description in methods.items():
             if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
-                setattr(self, name, _ProxyMethod(self, name, description))
+                setattr(self, name, _ProxyMethod(subscription, name, description))
 
     def __repr__(self):
+        subscription = self.__subscription
         return "<Proxy %s on connection %d%s>" % (
-            self.__alias, self.__connection_id, " (gone)" if self.__gone else "")
+            subscription.alias, subscription.connection_id,
+            " (gone)" if subscription.gone else "")
 
 
 # ---------------------------------------------------------------------------
