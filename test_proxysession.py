@@ -3961,19 +3961,29 @@ def test_calls_held_for_parked_publishers_are_bounded_per_caller_and_in_total(ma
     assert held() <= 2 * 1024 * 1024
 
 
+def relayed_publisher(server_process, make_client, loop_threads, relays, **options):
+    """A server with a grace window, and a publisher of "Tools" on a loop
+    thread of its own, connected through a relay: (server, relay, publisher,
+    its connection id, the list of its events)."""
+    server = server_process("--grace", "5")
+    relay = relays(server.address)
+    events, callbacks = events_recorder()
+    publisher = make_client(reactor=proxysession.Reactor(), **callbacks, **options)
+    conn = publisher.connect("127.0.0.1", relay.port)
+    publisher.publish(conn, "Tools", Tools())
+    loop_threads(publisher.reactor)
+    return server, relay, publisher, conn, events
+
+
 def test_a_lost_answer_to_resume_loses_no_publication(server_process, make_client,
                                                       loop_threads, relays):
     # what is tried: the publisher's link is cut; on its reconnection the
     # server takes its sessions over on the resume, and the answer is lost
     # with the link; the next reconnection must still get them back
-    server = server_process("--grace", "5")
-    relay = relays(server.address)
-    publisher_events, callbacks = events_recorder()
     errors = []
-    publisher = make_client(reactor=proxysession.Reactor(), republish_error_event=lambda *a:
-                            errors.append(a), **callbacks)
-    publisher.publish(publisher.connect("127.0.0.1", relay.port), "Tools", Tools())
-    loop_threads(publisher.reactor)
+    server, relay, publisher, conn, publisher_events = relayed_publisher(
+        server_process, make_client, loop_threads, relays,
+        republish_error_event=lambda *a: errors.append(a))
     relay.lose_answer_to = b"token"            # only the resume of a reconnection holds one
     relay.cut()
     relay.restore()
@@ -3989,13 +3999,8 @@ def test_a_publish_made_while_the_link_is_down_is_published_once_it_is_back(
         server_process, make_client, loop_threads, relays):
     # what is tried: publish() with a callback while the publisher reconnects;
     # the restore and the queued publish must not collide ("already exists")
-    server = server_process("--grace", "5")
-    relay = relays(server.address)
-    publisher_events, callbacks = events_recorder()
-    publisher = make_client(reactor=proxysession.Reactor(), **callbacks)
-    conn = publisher.connect("127.0.0.1", relay.port)
-    publisher.publish(conn, "Tools", Tools())
-    loop_threads(publisher.reactor)
+    server, relay, publisher, conn, publisher_events = relayed_publisher(
+        server_process, make_client, loop_threads, relays)
     relay.cut()
     assert wait_for(lambda: publisher_events)
     published = []
@@ -4015,13 +4020,8 @@ def test_a_publish_whose_answer_is_lost_with_the_link_leaves_no_alias_behind(
     # the link (grace window on: the alias is kept for the resume); the user
     # was told it failed, so the client takes it back after resuming, and a
     # later publish of the alias succeeds
-    server = server_process("--grace", "5")
-    relay = relays(server.address)
-    publisher_events, callbacks = events_recorder()
-    publisher = make_client(reactor=proxysession.Reactor(), **callbacks)
-    conn = publisher.connect("127.0.0.1", relay.port)
-    publisher.publish(conn, "Tools", Tools())
-    loop_threads(publisher.reactor)
+    server, relay, publisher, conn, publisher_events = relayed_publisher(
+        server_process, make_client, loop_threads, relays)
     relay.lose_answer_to = b"Late"
     with pytest.raises(proxysession.ProxyError, match="was lost"):
         publisher.publish(conn, "Late", Tools())
