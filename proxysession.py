@@ -70,6 +70,7 @@ import pickle
 import pickletools
 import queue
 import re
+import reprlib
 import secrets
 import selectors
 import signal
@@ -218,11 +219,24 @@ def _text(value: Any, limit: Optional[int] = MAX_QUOTE) -> str:
 
 
 def _show(value: Any, limit: Optional[int] = MAX_QUOTE) -> str:
-    """``repr(value)``, cut and guarded as _text does it."""
+    """``repr(value)``, cut and guarded as _text does it, and with a limit
+    bounded in what it looks at (reprlib: four levels, ``limit`` characters
+    of a str), since a repr in full of a peer's value can cost far more than
+    its size. None: in full, for a value a user asked to see."""
     try:
-        return _text(repr(value), limit)
+        return _text(repr(value) if limit is None else _SHORT_REPR.repr(value), limit)
     except Exception:
         return _unshowable(value)
+
+
+def _short_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()
+    shown.maxlevel = 4
+    shown.maxstring = shown.maxother = shown.maxlong = MAX_QUOTE
+    return shown
+
+
+_SHORT_REPR = _short_repr()
 
 
 def _unshowable(value: Any) -> str:
@@ -580,10 +594,13 @@ _MEMO = ("GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZ
 # their items' by a known rule), and instances of allowed classes (Decimal,
 # Fraction, UUID hash as numbers). str and bytes hash with a per-process secret;
 # ints below 2**61 hash to themselves, all different; floats share a hash only
-# in classes of a few dozen (m * 2**e with e alike modulo 61), a bounded cost.
+# in classes of at most a few hundred (m * 2**e with e alike modulo 61: 202
+# found for one hash), a bounded cost.
 _PRONE = ("INT", "LONG", "LONG1", "LONG4", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET",
           "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD",
           "EXT1", "EXT2", "EXT4")
+if hash(float("nan")) == hash(float("nan")):    # before 3.10 every NaN hashes to 0
+    _PRONE += ("BINFLOAT", "FLOAT")
 _PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
 
 # A message (PROTOCOL.md 3.1): one flat dict of scalars, at most MAX_FIELDS keys.
@@ -651,19 +668,22 @@ def _check_payload(payload, opcodes: _Opcodes = _VALUE_OPCODES) -> None:
 
 COLLIDABLE_KEYS = 64             # keys of one dict or set that may share a hash: a few dozen
                                  # floats do by nature (2.0**61 == 1.0 as hashes), more only
-                                 # by design
+                                 # by design (or by a choice of floats: hundreds at most)
 
-_PUSH, _PUSH_PRONE, _PUSH_LONG1, _PUSH_COUNTER, _MARK_OP, _TUPLE_N, _TUPLE_MARK, _LIST_MARK, \
-    _APPEND, _APPENDS, _DICT_MARK, _SETITEM, _SETITEMS, _ADDITEMS, _FROZENSET, _POP, \
-    _POP_MARK, _DUP, _PUT, _MEMOIZE_OP, _GET, _SKIP, _STOP_SIM = range(23)
-_SIMULATED = {"TUPLE1": (_TUPLE_N, 1), "TUPLE2": (_TUPLE_N, 2), "TUPLE3": (_TUPLE_N, 3)}
+(_PUSH, _PUSH_PRONE, _PUSH_LONG1, _PUSH_COUNTER, _MARK_OP, _TUPLE_N, _TUPLE_MARK, _LIST_MARK,
+ _APPEND, _APPENDS, _DICT_MARK, _SETITEM, _SETITEMS, _ADDITEMS, _FROZENSET, _POP, _POP_MARK,
+ _DUP, _PUT, _MEMOIZE_OP, _GET, _SKIP, _STOP_SIM, _CLASS, _CALL, _BUILD_OP,
+ _CALL_MARK) = range(27)
+_SIMULATED = {"TUPLE1": (_TUPLE_N, 1), "TUPLE2": (_TUPLE_N, 2), "TUPLE3": (_TUPLE_N, 3),
+              "STACK_GLOBAL": (_CLASS, 2), "REDUCE": (_CALL, 2), "NEWOBJ": (_CALL, 2),
+              "NEWOBJ_EX": (_CALL, 3)}
 _SIMULATED.update((name, (_PUSH, 0)) for name in (
-    "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "BINFLOAT", "FLOAT",
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
-    "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "EMPTY_TUPLE",
-    "EMPTY_LIST"))
+    "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "STRING", "BINSTRING",
+    "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "BINBYTES",
+    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "EMPTY_TUPLE", "EMPTY_LIST"))
 _SIMULATED.update((name, (action, 0)) for action, names in (
     (_PUSH_PRONE, ("INT", "LONG", "LONG4")), (_PUSH_LONG1, ("LONG1",)),
+    (_PUSH if "BINFLOAT" not in _PRONE else _PUSH_PRONE, ("BINFLOAT", "FLOAT")),
     (_PUSH_COUNTER, ("EMPTY_DICT", "EMPTY_SET")), (_MARK_OP, ("MARK",)),
     (_TUPLE_MARK, ("TUPLE",)), (_LIST_MARK, ("LIST",)), (_APPEND, ("APPEND",)),
     (_APPENDS, ("APPENDS",)), (_DICT_MARK, ("DICT",)), (_SETITEM, ("SETITEM",)),
@@ -671,10 +691,30 @@ _SIMULATED.update((name, (action, 0)) for action, names in (
     (_POP, ("POP",)), (_POP_MARK, ("POP_MARK",)), (_DUP, ("DUP",)),
     (_PUT, ("PUT", "BINPUT", "LONG_BINPUT")), (_MEMOIZE_OP, ("MEMOIZE",)),
     (_GET, ("GET", "BINGET", "LONG_BINGET")), (_SKIP, ("PROTO", "FRAME")),
-    (_STOP_SIM, ("STOP",))) for name in names)
+    (_STOP_SIM, ("STOP",)), (_CLASS, ("GLOBAL", "EXT1", "EXT2", "EXT4")),
+    (_BUILD_OP, ("BUILD",)), (_CALL_MARK, ("INST", "OBJ"))) for name in names)
 _SIMULATION = [_SIMULATED[_OPCODE_NAMES[op]] + (_VALUE_OPCODES[op][0],)
                if _OPCODE_NAMES.get(op) in _SIMULATED and _VALUE_OPCODES[op] is not None
                else None for op in range(256)]
+MAX_TUPLE_DEPTH = 1000           # tuples in tuples: hashing one recurses in C, and 150,000
+                                 # levels (a 150 KB payload) overflow its stack
+
+
+def _tuple_of(items: list, budget: int) -> tuple:
+    """The (size, depth) of a tuple or frozenset of ``items``: its size
+    counts a shared item each time (what hashing or printing it costs)."""
+    size = depth = 1
+    for item in items:
+        if type(item) is tuple:
+            size += item[0]
+            depth = max(depth, item[1] + 1)
+        else:
+            size += 1
+    if depth > MAX_TUPLE_DEPTH or size > budget:
+        raise _Refused("a tuple nested %d deep, or of %d items counting shared ones, is "
+                       "refused: hashing or showing it could cost far more than its payload's "
+                       "size allows" % (depth, size))
+    return size, depth
 
 
 _INERT_OPCODES = _opcode_table(None, not_plain=_PRONE)
@@ -692,12 +732,17 @@ def _check_value(payload) -> bool:
 def _keys_may_collide(body) -> bool:
     """False when decoding ``body`` in C gives no dict or set more than
     COLLIDABLE_KEYS keys whose hash a peer could choose; True when it might,
-    or when ``body`` names a class. ``body`` passed _check_payload."""
-    if len(body) <= COLLIDABLE_KEYS:
-        return False                   # it has not the bytes for more prone keys
-    stack: list = []
-    marks: list = []
+    or when ``body`` names a class. Raises ``_Refused`` for a tuple nested
+    past MAX_TUPLE_DEPTH, or whose items, counted each time they are shared,
+    outnumber what the payload's size allows (a 128-byte tuple of tuples that
+    share their items took 2**30 steps to hash), or keys whose hashing adds up
+    to that. ``body`` passed _check_payload."""
+    budget = DECODE_COST_FACTOR * len(body) + DECODE_COST_BASE
+    stack: list = []     # 0: no prone key; 1: a prone scalar or an object; (size, depth): a
+    marks: list = []     # tuple or frozenset; [count]: a dict or set and its prone keys
     memo: dict = {}
+    names_class = False
+    hashing = 0                        # what hashing every key costs, as tuple sizes
     pos = 0
     try:
         while True:
@@ -714,37 +759,55 @@ def _keys_may_collide(body) -> bool:
                 pos += count + int.from_bytes(body[pos:pos + count], "little")
             elif width == _MEMO4:
                 pos += 4
-            elif width != _STOP:            # an argument that ends at a newline
+            elif width == _PAIR:               # GLOBAL and INST: module, then name
+                pos = body.index(b"\n", body.index(b"\n", pos) + 1) + 1
+            elif width != _STOP:               # an argument that ends at a newline
                 pos = body.index(b"\n", pos) + 1
             if action == _PUSH:
                 stack.append(0)
             elif action == _MEMOIZE_OP:
                 memo[len(memo)] = stack[-1]
-            elif action == _SETITEMS or action == _ADDITEMS or action == _FROZENSET:
-                mark = marks.pop()
-                items = stack[mark:]
-                del stack[mark:]
-                keys = items[::2] if action == _SETITEMS else items
-                prone = keys.count(1)
-                if action == _FROZENSET:
-                    if prone > COLLIDABLE_KEYS:
-                        return True
-                    stack.append(1)
-                elif prone:
+            elif action == _SETITEMS or action == _ADDITEMS or action == _SETITEM or \
+                    action == _FROZENSET or action == _DICT_MARK:
+                if action == _SETITEM:
+                    keys = stack[-2:-1]
+                    del stack[-2:]
+                else:
+                    mark = marks.pop()
+                    keys = stack[mark::2] if action == _SETITEMS or action == _DICT_MARK \
+                        else stack[mark:]
+                    if action == _FROZENSET:
+                        stack.append(_tuple_of(stack[mark:], budget))
+                    elif action == _DICT_MARK:
+                        stack.append([0])
+                    del stack[mark:len(stack) - (action == _FROZENSET or action == _DICT_MARK)]
+                hashing += sum(key[0] if type(key) is tuple else 1 for key in keys)
+                if hashing > budget:
+                    raise _Refused("hashing the keys of this payload would cost far more "
+                                   "than its %d bytes" % len(body))
+                prone = len(keys) - keys.count(0)
+                if prone and action != _FROZENSET:
                     counter = stack[-1]
                     counter[0] += prone
                     if counter[0] > COLLIDABLE_KEYS:
                         return True
+                elif prone > COLLIDABLE_KEYS:
+                    return True
             elif action == _MARK_OP:
                 marks.append(len(stack))
-            elif action == _APPENDS or action == _LIST_MARK or action == _TUPLE_MARK:
+            elif action == _APPENDS or action == _LIST_MARK:
+                del stack[marks.pop():]
+                if action == _LIST_MARK:
+                    stack.append(0)
+            elif action == _TUPLE_MARK:
                 mark = marks.pop()
+                entry = _tuple_of(stack[mark:], budget)
                 del stack[mark:]
-                if action != _APPENDS:
-                    stack.append(0 if action == _LIST_MARK else 1)
+                stack.append(entry)
             elif action == _TUPLE_N:
+                entry = _tuple_of(stack[-arg:], budget)
                 del stack[-arg:]
-                stack.append(1)
+                stack.append(entry)
             elif action == _APPEND:
                 stack.pop()
             elif action == _PUSH_COUNTER:
@@ -753,21 +816,6 @@ def _keys_may_collide(body) -> bool:
                 stack.append(1)
             elif action == _PUSH_LONG1:
                 stack.append(1 if body[argument] > 7 else 0)     # 7 bytes: below 2**55
-            elif action == _SETITEM:
-                key = stack[-2]
-                del stack[-2:]
-                if key == 1:
-                    counter = stack[-1]
-                    counter[0] += 1
-                    if counter[0] > COLLIDABLE_KEYS:
-                        return True
-            elif action == _DICT_MARK:
-                mark = marks.pop()
-                prone = stack[mark::2].count(1)
-                del stack[mark:]
-                if prone > COLLIDABLE_KEYS:
-                    return True
-                stack.append([prone])
             elif action == _PUT:
                 memo[int(body[argument:pos].strip() or b"0") if width == _MEMO_LINE
                      else int.from_bytes(body[argument:pos], "little")] = stack[-1]
@@ -783,10 +831,19 @@ def _keys_may_collide(body) -> bool:
                 del stack[marks.pop():]
             elif action == _DUP:
                 stack.append(stack[-1])
+            elif action == _CLASS or action == _CALL or action == _CALL_MARK:
+                names_class = True             # the pure-Python decoder checks what it builds
+                if action == _CALL_MARK:
+                    del stack[marks.pop():]
+                elif arg:
+                    del stack[-arg:]
+                stack.append(1 if action != _CLASS else 0)
+            elif action == _BUILD_OP:
+                stack.pop()
             elif action == _STOP_SIM:
-                return False
-    except (TypeError, IndexError, KeyError, ValueError):
-        return True        # a class named (no simulation), or a shape C would refuse
+                return names_class
+    except (TypeError, IndexError, KeyError, ValueError, AttributeError):
+        return True        # a shape C would refuse: the pure-Python decoder says why
 
 
 # (module, name) pairs a client rebuilds from a payload (PROTOCOL.md 3).
@@ -865,15 +922,20 @@ class _AllowListUnpickler(pickle._Unpickler):
                                                  "of bounded size" % _show(arg, 40))
         if (cls is set or cls is frozenset) and args:
             self._count_keys(None, args[0])
+        elif isinstance(cls, type) and issubclass(cls, dict) and args and \
+                isinstance(args[0], (list, tuple)):      # OrderedDict([(key, value), ...])
+            self._count_keys(None, [pair[0] for pair in args[0]
+                                    if isinstance(pair, (list, tuple)) and pair])
 
     def load_build(self):
         self._check_instance(self.stack[-2])
         pickle._Unpickler.load_build(self)
     dispatch[pickle.BUILD[0]] = load_build
 
-    def _count_keys(self, target: Any, keys) -> None:
+    def _count_keys(self, target: Any, keys) -> dict:
         """Count ``keys``, about to go into ``target`` (None: a new one), by
-        hash; refuse more than COLLIDABLE_KEYS alike in one dict or set."""
+        hash; refuse more than COLLIDABLE_KEYS alike in one dict or set.
+        Returns the counts, for a new target to keep (_keep_counts)."""
         if target is None:
             counts: dict = {}
         else:
@@ -890,6 +952,7 @@ class _AllowListUnpickler(pickle._Unpickler):
                     "more than %d keys of one dict or set share a hash: a crafted collision, "
                     "whose decoding would take time quadratic in its size" % COLLIDABLE_KEYS)
             counts[key_hash] = alike
+        return counts
 
     # with a mark, self.stack holds the items, and the target is below the mark
 
@@ -914,8 +977,10 @@ class _AllowListUnpickler(pickle._Unpickler):
     dispatch[pickle.FROZENSET[0]] = load_frozenset
 
     def load_dict(self):
-        self._count_keys(None, self.stack[::2])
+        counts = self._count_keys(None, self.stack[::2])
         pickle._Unpickler.load_dict(self)
+        # SETITEMS may add to it: they count on from these
+        self.__dict__.setdefault("_hashes", {})[id(self.stack[-1])] = (self.stack[-1], counts)
     dispatch[pickle.DICT[0]] = load_dict
 
     def load_reduce(self):
