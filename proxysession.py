@@ -361,14 +361,15 @@ class _Opcodes(list):
     """An opcode table: a list indexed by opcode byte, of None (refused) or
     (argument width, cost); and for the skim, ``steps``, a regex stepping over
     its plain opcodes, each of which costs at most ``plain_cost`` per byte, and
-    ``whole``, the same followed by STOP. For the walk, where the cost is
+    ``whole``, the same followed by STOP; ``prone`` marks the ``not_plain``
+    opcodes, which the walk reports (see hash collisions). For the walk, where the cost is
     counted in bytes, ``cheap`` marks the opcodes of a fixed width whose cost
     is at most _CHEAP_COST, and ``cheap_steps`` steps over runs of them. Each
     byte read earns ``earn`` of allowance (DECODE_COST_FACTOR for payloads, 0
     for messages, whose budget is in pushes); an entry's cost is net of what
     its opcode and fixed-width argument earn, and ``plain_cost`` is not."""
 
-    __slots__ = ("steps", "whole", "plain_cost", "cheap", "cheap_steps", "earn")
+    __slots__ = ("steps", "whole", "plain_cost", "cheap", "cheap_steps", "earn", "prone")
 
 
 def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None,
@@ -378,6 +379,7 @@ def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None
     pushes); ``not_plain`` ones are left to the walk."""
     table = _Opcodes([None] * 256)
     table.earn = DECODE_COST_FACTOR if costs is None else 0
+    not_plain = set(not_plain)
     left_to_the_walk = set()
     for opcode in pickletools.opcodes:
         if allowed is not None and opcode.name not in allowed:
@@ -405,6 +407,7 @@ def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None
             left_to_the_walk.add(op)
     _plain_steps(table, left_to_the_walk)
     _cheap_steps(table, left_to_the_walk, costs is None)
+    table.prone = bytes(op in left_to_the_walk for op in range(256))
     for op, entry in enumerate(table):
         if entry is not None:
             table[op] = (entry[0], entry[1] - table.earn * (1 + max(entry[0], 0)))
@@ -514,12 +517,14 @@ def _skim(body, table: _Opcodes, pos: int, budget: int) -> bool:
 
 
 def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
-                  too_costly: str = "") -> None:
+                  too_costly: str = "") -> bool:
     """Walk ``body``'s opcodes from ``start`` to STOP, building nothing;
     raise ``_Refused`` for what ``opcodes`` refuses, or ``too_costly`` when it
-    costs over ``budget``."""
+    costs over ``budget``. True when no opcode was ``prone``."""
     size = len(body)
     pos = start
+    prone = opcodes.prone
+    found = 0
     cheap = opcodes.cheap
     cheap_steps = opcodes.cheap_steps
     earn = opcodes.earn
@@ -537,6 +542,7 @@ def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
                 raise _Refused("opcode %s is forbidden here"
                               % (_OPCODE_NAMES.get(op) or "0x%02x, which is none," % op,))
             width, cost = entry
+            found |= prone[op]
             budget -= cost
             if budget < 0:       # refused at the first opcode past it, not after the rest
                 break
@@ -580,6 +586,7 @@ def _check_pickle(body, opcodes: list, budget: int, start: int = 0,
         raise _Refused(too_costly or "a pickle of %d bytes would build objects of more than "
                        "%d times the %d bytes before its opcode at %d, plus %d"
                        % (size, DECODE_COST_FACTOR, pos, pos, DECODE_COST_BASE))
+    return not found
 
 
 _OPCODE_NAMES = {ord(opcode.code.encode("latin-1")): opcode.name
@@ -599,7 +606,7 @@ _MEMO = ("GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZ
 _PRONE = ("INT", "LONG", "LONG1", "LONG4", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "FROZENSET",
           "GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD",
           "EXT1", "EXT2", "EXT4")
-if hash(float("nan")) == hash(float("nan")):    # before 3.10 every NaN hashes to 0
+if sys.version_info < (3, 10):      # every NaN hashes to 0 there (since, as its object's id)
     _PRONE += ("BINFLOAT", "FLOAT")
 _PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
 
@@ -623,7 +630,8 @@ _TREE_OPCODES = _opcode_table(
     + list(_MEMO) + ["MARK", "SETITEM", "SETITEMS", "EMPTY_DICT", "DICT", "EMPTY_LIST", "LIST",
                      "APPEND", "APPENDS", "POP", "POP_MARK", "DUP", "PROTO", "FRAME", "STOP"])
 # A payload a client decodes: any opcode; the decoder refuses what it must.
-_VALUE_OPCODES = _opcode_table(None)
+# The prone ones are left to the walk, which reports them (hash collisions).
+_VALUE_OPCODES = _opcode_table(None, not_plain=_PRONE)
 
 
 # PROTO, FRAME, then EMPTY_DICT, or MARK DICT as protocols 0 and 1 write it
@@ -648,7 +656,7 @@ def _check_message(body) -> None:
 
 def _check_payload(payload, opcodes: _Opcodes = _VALUE_OPCODES) -> None:
     """Refuse a payload whose decoding could cost more than its size allows
-    (``ProtocolError``)."""
+    (``ProtocolError``); _check_value is the Client's."""
     if not _skim(payload, opcodes, 0, DECODE_COST_BASE):
         _check_pickle(payload, opcodes, DECODE_COST_BASE)
 
@@ -658,8 +666,8 @@ def _check_payload(payload, opcodes: _Opcodes = _VALUE_OPCODES) -> None:
 # decode. C's decoder cannot be watched while it builds, so C decodes a
 # payload only when no dict or set in it can get more than COLLIDABLE_KEYS
 # keys of a prone kind (64 keys sharing a hash cost ~2,000 comparisons): when
-# it holds no prone opcode at all (the skim of _INERT_OPCODES, at C speed: most
-# payloads), or else when a simulation on a stack of what each value could
+# it holds no prone opcode at all (what the skim or the walk of _VALUE_OPCODES
+# tells: most payloads), or else when a simulation on a stack of what each value could
 # be (a prone key, a dict or set with its count of prone keys, anything
 # else) says so. Otherwise, and for every payload that
 # names a class, the pure-Python decoder builds it, counting the keys of each
@@ -717,16 +725,11 @@ def _tuple_of(items: list, budget: int) -> tuple:
     return size, depth
 
 
-_INERT_OPCODES = _opcode_table(None, not_plain=_PRONE)
-
-
 def _check_value(payload) -> bool:
     """_check_payload for a value a Client decodes: True when it holds no
     prone opcode, so that no keys of it can collide."""
-    if _skim(payload, _INERT_OPCODES, 0, DECODE_COST_BASE):
-        return True
-    _check_pickle(payload, _VALUE_OPCODES, DECODE_COST_BASE)     # (a second skim fails alike)
-    return False
+    return _skim(payload, _VALUE_OPCODES, 0, DECODE_COST_BASE) or \
+        _check_pickle(payload, _VALUE_OPCODES, DECODE_COST_BASE)
 
 
 def _keys_may_collide(body) -> bool:
