@@ -1647,11 +1647,6 @@ class Reactor:
             finally:
                 self._let_go(me)
 
-    def run_elsewhere(self) -> bool:
-        """True if another thread runs this reactor now."""
-        driver = self._owner.get("driver")
-        return driver is not None and driver != threading.get_ident()
-
     def depth(self) -> int:
         """How many passes this thread is inside (nested calls); 0 off the loop."""
         return self.in_pass if self._owner.get("driver") == threading.get_ident() else 0
