@@ -206,7 +206,8 @@ class FrameTooLarge(ProxyError):
 # plainest operations raise: str() of an int of more than 4,300 digits
 # (ValueError), hash() of Decimal('sNaN') or of a list, repr() of a list nested
 # past the recursion limit (RecursionError). So a peer's value becomes text only
-# through _text or _quote, and a dict key only through _name: these never raise.
+# through _text, _show or _quote, and a dict key only through _name: these never
+# raise, and _show looks at no more of a value than it shows.
 
 def _text(value: Any, limit: Optional[int] = MAX_QUOTE) -> str:
     """``str(value)``, cut to ``limit`` characters (None: whole), for a message
