@@ -46,6 +46,18 @@ def message_frame(**message):
     return frame(dumps(message))
 
 
+def read_message(sock, filt):
+    """The next message on a blocking socket, through its filter."""
+    while True:
+        got = filt.get_one()
+        if got:
+            return got[0]
+        data = sock.recv(1 << 16)
+        if not data:
+            raise EOFError("the peer closed the connection")
+        filt.get_one_start(data)
+
+
 class RawPeer:
     """A protocol speaker with no client library: a blocking socket and a filter."""
 
@@ -60,14 +72,7 @@ class RawPeer:
         self.sock.sendall(data)
 
     def recv(self):
-        while True:
-            got = self.filter.get_one()
-            if got:
-                return got[0]
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError("server closed the connection")
-            self.filter.get_one_start(data)
+        return read_message(self.sock, self.filter)
 
     def request(self, **message):
         self.send(**message)
@@ -3562,14 +3567,7 @@ class HostileServer:
         self.peer.sendall(message_frame(**message))
 
     def recv(self):
-        while True:
-            got = self.filter.get_one()
-            if got:
-                return got[0]
-            data = self.peer.recv(1 << 16)
-            if not data:
-                raise EOFError("the client closed the connection")
-            self.filter.get_one_start(data)
+        return read_message(self.peer, self.filter)
 
     def close(self):
         if self.peer is not None:
