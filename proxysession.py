@@ -44,7 +44,9 @@ Contents, in the order the data flows:
 - filter            ReferenceFilter: bytes <-> frames
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
+- statistics        what the server counts of calls, per alias and connection
 - server            Server: sessions and call routing; resumption (grace window)
+- monitor           the server's statistics over HTTP: JSON, Prometheus, a page
 - threads           worker pools, futures: calls that run off the loop
 - client            Client: connections, publications, requests;
                     links: reconnection, heartbeats, resuming publishers
@@ -53,17 +55,21 @@ Contents, in the order the data flows:
 """
 
 import argparse
+import bisect
 import collections
 import concurrent.futures
 import copyreg
+import datetime
 import errno
 import hashlib
 import hmac
 import heapq
+import html
 import inspect
 import io
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import pickle
@@ -2273,6 +2279,183 @@ class Wheel:
 
 
 # ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+# The upper bounds, in seconds, of the call-duration histogram (Prometheus'
+# "le" buckets): from a call on loopback to the Client's default timeout.
+# Fixed, so that counting a call is one bisect and a few adds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0)
+_bucket_of = bisect.bisect_left   # the bucket of a duration: the first bound >= it
+SAMPLE_INTERVAL = 5.0             # seconds between the samples that rates are made of,
+SAMPLES_KEPT = 72                 # ... and how many the server keeps: six minutes of history
+MAX_LISTED = 1024                 # aliases, or connections, one answer lists: 10,000 connections
+                                  # would make a megabyte-sized answer on every scrape; the
+                                  # totals still count every one
+
+
+class _Calls:
+    """The counts of one alias's calls, kept by the server where it routes a
+    call and where it settles one: settled (failures included), failed, in
+    flight, their durations as a histogram, the bytes each way, and the rates
+    of the last sample. The server's totals are summed from these when they
+    are read (_ServerStats), so that a routed call counts once, here."""
+
+    __slots__ = ("failures", "in_flight", "buckets", "seconds", "bytes_in",
+                 "bytes_out", "sampled", "calls_per_s", "failures_per_s")
+
+    def __init__(self):
+        self.failures = 0
+        self.in_flight = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)    # the last: slower than every bound
+        self.seconds = 0.0             # the durations' sum
+        self.bytes_in = 0              # of calls routed to the publisher
+        self.bytes_out = 0             # of answers routed back
+        self.sampled = (0, 0)          # calls and failures at the last sample
+        self.calls_per_s = 0.0
+        self.failures_per_s = 0.0
+
+    @property
+    def calls(self) -> int:
+        """Calls settled: each is in one bucket, which is all that settling
+        it need count."""
+        return sum(self.buckets)
+
+    def settle(self, success: bool, seconds: float) -> None:
+        """Count a call that ended (Server.handle_delivered does the same inline)."""
+        self.in_flight -= 1
+        self.buckets[_bucket_of(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+        if not success:
+            self.failures += 1
+
+    def sample(self, interval: float) -> None:
+        calls, failures = self.sampled
+        now_calls = self.calls
+        self.calls_per_s = (now_calls - calls) / interval
+        self.failures_per_s = (self.failures - failures) / interval
+        self.sampled = (now_calls, self.failures)
+
+    def quantile(self, fraction: float) -> Optional[float]:
+        """The duration, in seconds, under which ``fraction`` of the calls
+        settled, interpolated inside its bucket as Prometheus'
+        histogram_quantile does; None before the first call."""
+        total = sum(self.buckets)
+        if not total:
+            return None
+        rank = fraction * total
+        below = 0
+        for index, count in enumerate(self.buckets):
+            if count and below + count >= rank:
+                if index == len(LATENCY_BUCKETS):      # slower than every bound
+                    return LATENCY_BUCKETS[-1]
+                low = LATENCY_BUCKETS[index - 1] if index else 0.0
+                return low + (LATENCY_BUCKETS[index] - low) * (rank - below) / count
+            below += count
+        return LATENCY_BUCKETS[-1]
+
+    def summary(self) -> dict:
+        """What ``/aliasz`` and ``server_stats`` show of these counts."""
+        latency = {}
+        for name, fraction in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            seconds = self.quantile(fraction)
+            latency[name] = None if seconds is None else round(seconds * 1000, 3)
+        cumulative = list(itertools.accumulate(self.buckets))
+        return {"calls": self.calls, "failures": self.failures, "in_flight": self.in_flight,
+                "latency_ms": latency, "calls_per_s": round(self.calls_per_s, 3),
+                "failures_per_s": round(self.failures_per_s, 3), "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "duration_s": {"le": list(LATENCY_BUCKETS), "counts": cumulative[:-1],
+                               "count": cumulative[-1], "sum": self.seconds}}
+
+
+class _ServerStats:
+    """A server's own counts: what it has done since it started, and the
+    history of its call rate (for the monitor's page). Calls are counted by
+    their alias's _Calls; these hold the rest: calls refused for want of an
+    alias, and the counts of aliases that went (``retire``). And what watches
+    them: the sampler's timer, the monitor's address and the monitor.
+"""
+
+    __slots__ = ("started", "started_wall", "messages", "calls", "failures", "retiring",
+                 "history", "sampled", "sampled_at", "sampler", "monitor_at", "monitor")
+
+    def __init__(self, monitor_at: Optional[Tuple[str, int]]):
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.messages = 0              # messages received, of every type
+        self.calls = 0                 # calls settled, failures included, that no live
+        self.failures = 0              # alias counts
+        self.retiring: List[_Calls] = []    # of aliases gone with calls still in flight
+        self.history: collections.deque = collections.deque(maxlen=SAMPLES_KEPT)
+        self.sampled = (0, 0)
+        self.sampled_at = self.started
+        self.sampler: Optional[_Timer] = None
+        self.monitor_at = monitor_at           # (host, port) to serve the monitor on, if any
+        self.monitor: Optional["_Monitor"] = None
+
+    def retire(self, calls: _Calls) -> None:
+        """An alias went: its counts join these, once its last call has settled."""
+        if calls.in_flight:
+            self.retiring.append(calls)
+        else:
+            self.calls += calls.calls
+            self.failures += calls.failures
+
+    def count(self, live: Iterable[_Calls]) -> Tuple[int, int]:
+        """(calls, failures) settled since the start, ``live`` being the
+        counts of the aliases there are."""
+        retiring, self.retiring = self.retiring, []
+        for calls in retiring:
+            self.retire(calls)
+        every = list(live) + self.retiring
+        return (self.calls + sum(calls.calls for calls in every),
+                self.failures + sum(calls.failures for calls in every))
+
+    def sample(self, now: float, counted: Tuple[int, int]) -> float:
+        """Record the rates since the last sample; returns its interval."""
+        interval = max(now - self.sampled_at, 1e-3)
+        (calls, failures), (then_calls, then_failures) = counted, self.sampled
+        self.history.append((round(time.time(), 3), round((calls - then_calls) / interval, 3),
+                             round((failures - then_failures) / interval, 3)))
+        self.sampled = counted
+        self.sampled_at = now
+        return interval
+
+
+def _event_name(payload: Any) -> str:
+    """The method a deliver's payload calls, read off its first opcodes
+    (``{"event": NAME, ...}``) without decoding the rest: for the trace,
+    which must not cost what the call's arguments would."""
+    try:
+        opcodes = pickletools.genops(io.BytesIO(bytes(payload[:2 * MAX_NAME + 64])))
+        after_key = False
+        for _, argument, _ in itertools.islice(opcodes, 12):
+            if type(argument) is str:
+                if after_key:
+                    return _quote(argument)
+                after_key = argument == "event"
+    except Exception:                  # a peer's bytes: whatever they are, the trace goes on
+        pass
+    return "?"
+
+
+def _failure_words(payload: Any) -> str:
+    """The first words of a failure result's payload, for the trace: a
+    server's reason (a str) or a publisher's exception (a dict)."""
+    try:
+        if type(payload) in _PAYLOAD_TYPES:
+            _check_payload(payload, _TREE_OPCODES)
+            payload = _loads_plain(payload)
+        if type(payload) is dict:
+            payload = "%s: %s" % (_text(payload.get("error")), _text(payload.get("message")))
+        return _text(payload, 80).split("\n", 1)[0]
+    except Exception:
+        return "(an undecodable failure)"
+
+
+# ---------------------------------------------------------------------------
 # server
 # ---------------------------------------------------------------------------
 
@@ -2280,7 +2463,7 @@ class _Session:
     """One published session: the alias callers use, the publisher's own name
     for it, its method table, its publisher's wheel and who subscribed."""
 
-    __slots__ = ("alias", "name", "methods", "wheel_id", "subscribers")
+    __slots__ = ("alias", "name", "methods", "wheel_id", "subscribers", "calls")
 
     def __init__(self, alias, name, methods, wheel_id):
         self.alias = alias
@@ -2288,16 +2471,19 @@ class _Session:
         self.methods = methods
         self.wheel_id = wheel_id
         self.subscribers = set()
+        self.calls = _Calls()          # a publisher that resumes or restarts keeps them
 
 
 class _Peer:
     """What the server holds for one connection, indexed so that its end costs
     what it held and nothing more: the aliases it published and subscribed to,
     the fresh ids of its calls still waiting and of the calls waiting on it.
-    Each set is made on first use: most connections never need most of them."""
+    Each set is made on first use: most connections never need most of them.
+    And what the statistics show of it: since when, and how many calls it
+    sent and answered."""
 
     __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token",
-                 "held_bytes")
+                 "held_bytes", "since", "calls_sent", "calls_answered")
 
     def __init__(self):
         self.published: Optional[set] = None
@@ -2306,6 +2492,9 @@ class _Peer:
         self.calls_served: Optional[set] = None
         self.token: Optional[str] = None    # its resume token, if it asked for one
         self.held_bytes = 0            # of its calls held for parked publishers
+        self.since = time.monotonic()
+        self.calls_sent = 0
+        self.calls_answered = 0
 
 
 class _Parked:
@@ -2326,8 +2515,9 @@ class _Parked:
 
 
 # A routed call waiting for its result, stored under the server's fresh id as
-# (caller_wheel_id, caller_id, publisher_wheel_id, alias): a plain tuple, since
-# one is made for every call.
+# (caller_wheel_id, caller_id, publisher_wheel_id, alias, calls, started):
+# ``calls`` the _Calls of its alias, ``started`` when it was routed
+# (time.monotonic()). A plain tuple, since one is made for every call.
 
 
 def _is_name(value: Any) -> bool:
@@ -2421,7 +2611,23 @@ class Server:
     The stores: ``sessions`` (alias -> session) and ``delivered_store``
     (fresh id -> waiting call), with the original's accessors
     (``get_session`` ... ``has_session``, ``get_delivered`` ... ``has_delivered``).
+
+    What it has done: ``statistics()`` (statistics); ``monitor=(host, port)``
+    serves them over HTTP as well (monitor), on the same reactor.
     """
+
+    # Slots, because every handler reads a few of these per message: CPython
+    # specialises attribute reads of an instance whose attributes fit a small
+    # shared table (fewer than 30), and past that each costs a dict lookup
+    # (measured: 5% of a routed call). ``__dict__`` keeps a subclass, or a
+    # user, free to add attributes of their own.
+    __slots__ = ("listen_ip", "listen_port", "alias", "options", "reactor", "authkey",
+                 "ssl_context", "max_frame", "max_write_buffer", "high_water",
+                 "handshake_timeout", "insecure_no_auth", "max_waiting_calls", "grace", "stats",
+                 "_tokens", "_parked", "_parked_wheels", "_held_bytes", "sessions",
+                 "delivered_store", "wheels", "address", "_listener", "_wheel_ids",
+                 "_delivery_ids", "_traced", "_at_file_limit", "_frame_size", "_handlers",
+                 "__dict__", "__weakref__")
 
     def __init__(self, listen_ip: str = DEFAULT_HOST, listen_port: int = DEFAULT_PORT,
                  alias: str = "Server", options: Optional[dict] = None,
@@ -2429,7 +2635,8 @@ class Server:
                  ssl_context: Optional[ssl.SSLContext] = None, max_frame: int = MAX_FRAME,
                  max_write_buffer: int = MAX_WRITE_BUFFER, high_water: int = HIGH_WATER,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, insecure_no_auth: bool = False,
-                 max_waiting_calls: int = MAX_WAITING_CALLS, grace: float = 0.0):
+                 max_waiting_calls: int = MAX_WAITING_CALLS, grace: float = 0.0,
+                 monitor: Optional[Tuple[str, int]] = None):
         authkey = _authkey_bytes(authkey)
         self.listen_ip = listen_ip
         self.listen_port = listen_port
@@ -2448,6 +2655,10 @@ class Server:
                 not 0 <= grace < float("inf"):
             raise ValueError("grace must be a finite number of seconds >= 0, not %r" % (grace,))
         self.grace = float(grace)
+        if monitor is not None and not (isinstance(monitor, tuple) and len(monitor) == 2 and
+                                        type(monitor[0]) is str and type(monitor[1]) is int):
+            raise ValueError("monitor must be a (host, port) tuple, not %r" % (monitor,))
+        self.stats = _ServerStats(monitor)
         self._tokens: Dict[str, int] = {}          # resume token -> its live connection
         self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
         self._parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
@@ -2459,7 +2670,9 @@ class Server:
         self._listener: Optional[socket.socket] = None
         self._wheel_ids = itertools.count(1)
         self._delivery_ids = itertools.count(1)
-        self._trace = bool(self.options.get("trace"))
+        # tracing: a line per settled call (and per message, at debug level),
+        # and meanwhile fresh id -> the method the call is for; None: off
+        self._traced: Optional[Dict[int, str]] = {} if self.options.get("trace") else None
         self._at_file_limit = False
         self._frame_size = 0           # of the message being handled: what _forward may send on
         self._handlers = {
@@ -2471,6 +2684,7 @@ class Server:
             "result": self.handle_delivered,
             "info": self.get_info,
             "ping": self.answer_ping,
+            "stats": self.get_stats,
             "resume": self.resume_session,
             "goodbye": self.say_goodbye,
         }
@@ -2500,16 +2714,15 @@ class Server:
     # listening
 
     def start(self) -> "Server":
-        """Bind and listen now. Raises ``ProxyError`` when protected mode
-        refuses the address, ``OSError`` when the address cannot be bound."""
+        """Bind and listen now, and serve the monitor if asked to. Raises
+        ``ProxyError`` when protected mode refuses an address, ``OSError``
+        (with the address in its text) when one cannot be bound."""
         host = self.listen_ip
-        if not _is_loopback(host) and self.authkey is None and not self.insecure_no_auth:
-            raise ProxyError(
-                "refusing to listen on %s without an authkey (protected mode): anyone who can "
-                "reach the port could publish and call sessions. Set a key with --authkey-file "
-                "PATH or the PROXYSESSION_AUTHKEY variable (authkey= in Python), or listen on "
-                "127.0.0.1; --insecure-no-auth (insecure_no_auth=True) turns this check off."
-                % (host or "every address",))
+        self._check_protected(host, "listen", "anyone who can reach the port could publish "
+                              "and call sessions")
+        if self.stats.monitor_at is not None:
+            self._check_protected(self.stats.monitor_at[0], "serve the monitor", "anyone who can reach "
+                                  "it could read the aliases and the addresses of the peers")
         _raise_file_limit()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
@@ -2524,11 +2737,28 @@ class Server:
         self._listener = listener
         self.address = listener.getsockname()[:2]
         self.listen_port = self.address[1]
+        if self.stats.monitor_at is not None:
+            try:
+                self.stats.monitor = _Monitor(self, *self.stats.monitor_at)
+            except OSError:
+                self._listener = None
+                listener.close()
+                raise
         self.reactor.register(listener, _EVENT_READ, self._on_acceptable)
+        self.stats.sampler = self.reactor.call_later(SAMPLE_INTERVAL, self._sample)
         log.info("%s listening on %s:%d%s%s", self.alias, self.address[0], self.address[1],
                  " with TLS" if self.ssl_context else "",
                  " with authkey" if self.authkey else "")
         return self
+
+    def _check_protected(self, host: str, what: str, why: str) -> None:
+        """Protected mode: no address but loopback without an authkey."""
+        if not _is_loopback(host) and self.authkey is None and not self.insecure_no_auth:
+            raise ProxyError(
+                "refusing to %s on %s without an authkey (protected mode): %s. Set a key with "
+                "--authkey-file PATH or the PROXYSESSION_AUTHKEY variable (authkey= in "
+                "Python), or use 127.0.0.1; --insecure-no-auth (insecure_no_auth=True) turns "
+                "this check off." % (what, host or "every address", why))
 
     def _on_acceptable(self, mask) -> None:
         for _ in range(MAX_ACCEPTS_PER_WAKEUP):
@@ -2576,13 +2806,21 @@ class Server:
             self.reactor.unregister(self._listener)
             self._listener.close()
             self._listener = None
+        stats = self.stats
+        if stats.sampler is not None:
+            stats.sampler.cancel()
+            stats.sampler = None
+        if stats.monitor is not None:
+            stats.monitor.close()
+            stats.monitor = None
         # every answer is written before any connection closes: a write may
         # close its connection, whose cleanup must find no call left to answer
         waiting, self.delivered_store = self.delivered_store, {}
-        for caller_wheel_id, caller_id, _, _ in waiting.values():
-            caller = self.wheels.get(caller_wheel_id)
+        for fresh_id, delivery in waiting.items():
+            self._settled(fresh_id, delivery, False, "Server is shutting down")
+            caller = self.wheels.get(delivery[0])
             if caller is not None:
-                self._answer(caller, caller_id, False, "Server is shutting down")
+                self._answer(caller, delivery[1], False, "Server is shutting down")
         for wheel in list(self.wheels.values()):
             wheel.close("server is shutting down")
         log.info("%s stopped", self.alias)
@@ -2605,13 +2843,14 @@ class Server:
                          "an int 'id' in [-2**63, 2**63)")
             return
         self._frame_size = len(body)
+        self.stats.messages += 1
         self.handle_inbound_data(message, wheel.wheel_id)
         if wheel.out_size > self.high_water and not wheel.closed:
             wheel.wait_for_drain(wheel)    # it is not reading its own answers
 
     def handle_inbound_data(self, data: dict, wheel_id: int) -> None:
         """Dispatch one message by its type."""
-        if self._trace:
+        if self._traced is not None:
             log.debug("connection %d: %s id=%d to=%s", wheel_id, _quote(data["type"]),
                       data["id"], _quote(data.get("to")))
         handler = self._handlers.get(data["type"])
@@ -2717,9 +2956,12 @@ class Server:
         if publisher is not None and publisher.context.published:
             publisher.context.published.discard(session.alias)
         log.info("session '%s' of connection %d %s", session.alias, session.wheel_id, why)
-        self._notify_rescinded(session)
+        self._session_gone(session)
 
-    def _notify_rescinded(self, session: _Session) -> None:
+    def _session_gone(self, session: _Session) -> None:
+        """A session left the store: its counts join the totals, and its
+        subscribers get a ``rescinded`` notice."""
+        self.stats.retire(session.calls)
         notice = _dumps({"type": "rescinded", "id": -1, "to": session.alias})
         for subscriber_id in list(session.subscribers):    # a write may close a subscriber
             subscriber = self.wheels.get(subscriber_id)
@@ -2746,37 +2988,79 @@ class Server:
         payload goes through untouched."""
         alias = data.get("to")
         session = self.sessions.get(alias) if type(alias) is str else None
-        if session is None:
-            return self.send_result(False, data, wheel_id,
-                                    "Session '%s' doesn't exist" % _quote(alias))
-        if type(data.get("payload")) not in _PAYLOAD_TYPES:
-            return self.send_result(False, data, wheel_id,
-                                    "Malformed message: deliver wants a bytes payload")
-        caller = self.wheels[wheel_id]
-        made = caller.context.calls_made
-        if made is None:
-            made = caller.context.calls_made = set()
-        elif len(made) >= self.max_waiting_calls:
-            return self.send_result(False, data, wheel_id, "Too many calls waiting: connection "
-                                    "%d has %d calls waiting for answers (max_waiting_calls)"
-                                    % (wheel_id, self.max_waiting_calls))
         caller_id = data["id"]
+        caller = self.wheels[wheel_id]
+        peer = caller.context
+        peer.calls_sent += 1
+        event = None if self._traced is None else _event_name(data.get("payload"))
+        if session is None:
+            return self._refused(wheel_id, caller_id, alias, None, event,
+                                 "Session '%s' doesn't exist" % _quote(alias))
+        if type(data.get("payload")) not in _PAYLOAD_TYPES:
+            return self._refused(wheel_id, caller_id, alias, session.calls, event,
+                                 "Malformed message: deliver wants a bytes payload")
+        made = peer.calls_made
+        if made is None:
+            made = peer.calls_made = set()
+        elif len(made) >= self.max_waiting_calls:
+            return self._refused(wheel_id, caller_id, alias, session.calls, event,
+                                 "Too many calls waiting: connection %d has %d calls waiting "
+                                 "for answers (max_waiting_calls)"
+                                 % (wheel_id, self.max_waiting_calls))
         fresh_id = next(self._delivery_ids)
         data["to"] = session.name
         data["id"] = fresh_id
         body = self._forward(data, wheel_id, caller_id, alias)
-        if body is None:
-            return
+        if body is None:               # refused, and answered, by _forward
+            return self._refused(wheel_id, caller_id, alias, session.calls, event,
+                                 "too large to forward", answer=False)
+        calls = session.calls
+        delivery = (wheel_id, caller_id, session.wheel_id, alias, calls, time.monotonic())
         publisher = self.wheels.get(session.wheel_id)
         if publisher is None:          # its publisher is away, within its grace window
-            return self._hold(self._parked_wheels[session.wheel_id], wheel_id, caller_id,
-                              fresh_id, alias, body)
-        self.delivered_store[fresh_id] = (wheel_id, caller_id, session.wheel_id, alias)
+            return self._hold(self._parked_wheels[session.wheel_id], fresh_id, delivery, body,
+                              event)
+        calls.in_flight += 1
+        calls.bytes_in += self._frame_size
+        self.delivered_store[fresh_id] = delivery
+        if event is not None:
+            self._traced[fresh_id] = event
         made.add(fresh_id)
         _add(publisher.context, "calls_served", fresh_id)
         publisher.write_frame(body)
         if publisher.out_size > self.high_water:
             publisher.wait_for_drain(caller)    # the caller feeds a publisher that lags: slow it
+
+    def _refused(self, wheel_id: int, caller_id: int, alias: Any, calls: Optional[_Calls],
+                 event: Optional[str], reason: str, answer: bool = True) -> None:
+        """A call that is never routed: counted as settled and failed at once
+        (for its alias too, if it exists), and answered with ``reason``.
+        ``event``: the method it calls, when tracing."""
+        if calls is not None:
+            calls.in_flight += 1
+            calls.settle(False, 0.0)
+        else:                          # no such alias: the server's totals alone
+            self.stats.calls += 1
+            self.stats.failures += 1
+        if self._traced is not None:
+            log.info("call '%s'.%s from connection %d: refused (%s)", _quote(alias),
+                     event or "?", wheel_id, reason)
+        if answer:
+            self._answer(self.wheels[wheel_id], caller_id, False, reason)
+
+    def _settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str) -> None:
+        """Count a routed call that ends, however it ends (answered, failed
+        here, or left by its caller): the one place where calls are settled."""
+        seconds = time.monotonic() - delivery[5]
+        delivery[4].settle(success, seconds)
+        if self._traced is not None:
+            self._trace_settled(fresh_id, delivery, success, failure, seconds)
+
+    def _trace_settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str,
+                       seconds: float) -> None:
+        log.info("call '%s'.%s from connection %d to connection %d: %s in %.3f ms",
+                 _quote(delivery[3]), self._traced.pop(fresh_id, "?"), delivery[0], delivery[2],
+                 "ok" if success else "failed (%s)" % failure, seconds * 1000)
 
     def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str):
         """``data`` encoded to be passed on, or None after answering ``answer_id``
@@ -2800,21 +3084,36 @@ class Server:
                         "someone else's" if delivery else "no waiting", fresh_id)
             return
         del self.delivered_store[fresh_id]
-        self.wheels[wheel_id].context.calls_served.discard(fresh_id)
-        caller_wheel_id, caller_id, _, alias = delivery
+        publisher = self.wheels[wheel_id].context
+        publisher.calls_served.discard(fresh_id)
+        publisher.calls_answered += 1
+        caller_wheel_id, caller_id, _, alias, calls, started = delivery
+        calls.bytes_out += self._frame_size
         caller = self.wheels.get(caller_wheel_id)
-        if caller is None:
-            return                      # the caller left: nobody to tell
+        if caller is None:             # (a caller that leaves takes its calls with it)
+            return self._settled(fresh_id, delivery, False, "its caller left")
         caller.context.calls_made.discard(fresh_id)
-        if type(data.get("success")) is not bool or \
-                type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
+        success = data.get("success")
+        if type(success) is not bool or type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
             log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
-            self._answer(caller, caller_id, False, "Session '%s' sent a malformed result" % alias)
+            failure = "Session '%s' sent a malformed result" % alias
+            self._settled(fresh_id, delivery, False, failure)
+            self._answer(caller, caller_id, False, failure)
             return
         data["id"] = caller_id
         body = self._forward(data, caller_wheel_id, caller_id, alias)
         if body is None:
+            self._settled(fresh_id, delivery, False, "(too large)")
             return
+        seconds = time.monotonic() - started
+        calls.in_flight -= 1           # calls.settle(success, seconds), inline: the hot path
+        calls.buckets[_bucket_of(LATENCY_BUCKETS, seconds)] += 1
+        calls.seconds += seconds
+        if not success:
+            calls.failures += 1
+        if self._traced is not None:
+            self._trace_settled(fresh_id, delivery, success, "" if success else
+                                _failure_words(data.get("payload")), seconds)
         caller.write_frame(body)
         if caller.out_size > self.high_water:
             # a caller that does not read its answers pays for it: it stops being
@@ -2831,6 +3130,78 @@ class Server:
     def answer_ping(self, data: dict, wheel_id: int) -> None:
         """A liveness check (PROTOCOL.md 7.2): success, no payload."""
         self.send_result(True, data, wheel_id)
+
+    def get_stats(self, data: dict, wheel_id: int) -> None:
+        """What this server has done (PROTOCOL.md 7.4): ``statistics()``."""
+        self.send_result(True, data, wheel_id, self.statistics())
+
+    # statistics: counted where calls are routed and settled (above); read here
+
+    @property
+    def monitor_address(self) -> Optional[Tuple[str, int]]:
+        """The (ip, port) the monitor serves on, once started with one."""
+        monitor = self.stats.monitor
+        return None if monitor is None else monitor.address
+
+    def _counted(self) -> Tuple[int, int]:
+        return self.stats.count(session.calls for session in self.sessions.values())
+
+    def statistics(self) -> dict:
+        """What the server has done since it started: the totals (the
+        monitor's ``/varz``), ``aliases`` (``/aliasz``) and
+        ``connection_list`` (``/connz``), each list sorted and at most
+        MAX_LISTED long; ``history``: (time, calls/s, failures/s) samples."""
+        now = time.monotonic()
+        stats = self.stats
+        calls, failures = self._counted()
+        aliases = []
+        for alias in sorted(self.sessions)[:MAX_LISTED]:
+            session = self.sessions[alias]
+            entry = {"alias": alias, "publishers": [session.wheel_id],
+                     "away": session.wheel_id in self._parked_wheels,
+                     "subscribers": len(session.subscribers)}
+            entry.update(session.calls.summary())
+            aliases.append(entry)
+        connections = []
+        for wheel_id in sorted(self.wheels)[:MAX_LISTED]:
+            wheel = self.wheels[wheel_id]
+            peer: _Peer = wheel.context
+            connections.append({
+                "id": wheel_id, "address": wheel.peer, "age_s": round(now - peer.since, 3),
+                "publications": sorted(peer.published or ()),
+                "subscriptions": sorted(peer.subscribed or ()),
+                "calls": peer.calls_sent, "answered": peer.calls_answered,
+                "in_flight": len(peer.calls_made or ()), "queued_bytes": wheel.out_size})
+        return {
+            "server": "proxysession", "version": __version__, "name": self.alias,
+            "address": "%s:%d" % self.address if self.address else None,
+            "started": stats.started_wall, "uptime_s": round(now - stats.started, 3),
+            "connections": len(self.wheels), "sessions": len(self.sessions),
+            "messages": stats.messages, "calls": calls, "failures": failures,
+            "in_flight": len(self.delivered_store),
+            "calls_per_s": stats.history[-1][1] if stats.history else 0.0,
+            "aliases": aliases, "connection_list": connections,
+            "history": [list(sample) for sample in stats.history]}
+
+    def _sample(self) -> None:
+        """Every SAMPLE_INTERVAL: the rates since the last sample."""
+        interval = self.stats.sample(time.monotonic(), self._counted())
+        for session in self.sessions.values():
+            session.calls.sample(interval)
+        self.stats.sampler = self.reactor.call_later(SAMPLE_INTERVAL, self._sample)
+
+    def log_statistics(self) -> None:
+        """Write the totals and one line per alias to the log (SIGUSR1)."""
+        stats = self.statistics()
+        log.info("%s: up %.0f s, %s, %s, %d calls (%d failed), %d in flight, %d messages",
+                 self.alias, stats["uptime_s"], _plural(stats["connections"], "connection"),
+                 _plural(stats["sessions"], "session"), stats["calls"], stats["failures"],
+                 stats["in_flight"], stats["messages"])
+        for entry in stats["aliases"]:
+            log.info("  '%s': %d calls (%d failed), %d in flight, p50 %s ms, p99 %s ms, "
+                     "published by connection %s", _quote(entry["alias"]), entry["calls"],
+                     entry["failures"], entry["in_flight"], entry["latency_ms"]["p50"],
+                     entry["latency_ms"]["p99"], entry["publishers"][0])
 
     # connections ending
 
@@ -2865,6 +3236,7 @@ class Server:
         for fresh_id in peer.calls_made or ():
             delivery = self.delivered_store.pop(fresh_id, None)
             if delivery is not None:
+                self._settled(fresh_id, delivery, False, "its caller left")
                 publisher = self.wheels.get(delivery[2])
                 if publisher is not None:
                     publisher.context.calls_served.discard(fresh_id)
@@ -2875,17 +3247,17 @@ class Server:
         for session in gone:
             log.info("session '%s' of connection %d went away with its connection",
                      session.alias, wheel_id)
-            self._notify_rescinded(session)
+            self._session_gone(session)
 
     def _went_away(self, fresh_id: int, delivery: tuple) -> None:
         """A call its publisher will never answer, taken from the store: its
         caller, if still here, is told."""
-        caller_wheel_id, caller_id, _, alias = delivery
-        caller = self.wheels.get(caller_wheel_id)
+        failure = "Session '%s' went away before answering" % delivery[3]
+        self._settled(fresh_id, delivery, False, failure)
+        caller = self.wheels.get(delivery[0])
         if caller is not None:
             caller.context.calls_made.discard(fresh_id)
-            self._answer(caller, caller_id, False,
-                         "Session '%s' went away before answering" % alias)
+            self._answer(caller, delivery[1], False, failure)
 
     # resumption: a publisher's sessions outlive its connection for the grace
     # window (PROTOCOL.md 7.3); peers that never ask for a token are not affected
@@ -2936,14 +3308,15 @@ class Server:
                 break                  # its cleanup has answered the rest
             wheel.write_frame(body)
 
-    def _hold(self, parked: _Parked, wheel_id: int, caller_id: int, fresh_id: int, alias: str,
-              body) -> None:
+    def _hold(self, parked: _Parked, fresh_id: int, delivery: tuple, body,
+              event: Optional[str]) -> None:
         """Keep a call to a parked session for its publisher's return. What is
         held is bounded three ways (a live publisher's callers are paused; a
         parked one cannot drain, so calls past a bound fail instead): for one
         publisher, by what fits its resuming connection's output at once; for
         one caller, so that it cannot take the room of everyone else; and for
         the whole server."""
+        wheel_id, caller_id, _, alias, calls, _ = delivery
         caller = self.wheels[wheel_id]
         size = len(body) if type(body) is bytes else sum(map(len, body))
         for held, limit, whose in (
@@ -2953,14 +3326,18 @@ class Server:
                 (self._held_bytes, self.max_write_buffer * HELD_IN_TOTAL,
                  "wait for publishers that are away")):
             if held + size > limit:
-                return self._answer(caller, caller_id, False, "Session '%s' is away, and %d "
-                                    "bytes of calls already %s (at most %d)"
-                                    % (alias, held, whose, limit))
+                return self._refused(wheel_id, caller_id, alias, calls, event,
+                                     "Session '%s' is away, and %d bytes of calls already %s "
+                                     "(at most %d)" % (alias, held, whose, limit))
         parked.held_bytes += size
         caller.context.held_bytes += size
         self._held_bytes += size
         parked.held[fresh_id] = body
-        self.delivered_store[fresh_id] = (wheel_id, caller_id, parked.wheel_id, alias)
+        calls.in_flight += 1
+        calls.bytes_in += size
+        self.delivered_store[fresh_id] = delivery
+        if event is not None:
+            self._traced[fresh_id] = event
         _add(caller.context, "calls_made", fresh_id)
 
     def _release_held(self, parked: Optional[_Parked], fresh_id: int,
@@ -3033,7 +3410,348 @@ class Server:
         for session in gone:
             log.info("session '%s' went away: connection %d did not resume within %.3g s",
                      session.alias, parked.wheel_id, self.grace)
-            self._notify_rescinded(session)
+            self._session_gone(session)
+
+
+# ---------------------------------------------------------------------------
+# monitor
+# ---------------------------------------------------------------------------
+
+MONITOR_MAX_REQUEST = 8192        # bytes of request line and headers: a browser's or a
+                                  # scraper's take a few hundred; more is refused (431)
+MONITOR_MAX_CONNECTIONS = 64      # HTTP connections at once; more are closed as they come,
+                                  # so that idle ones cost a bounded few descriptors
+MONITOR_TIMEOUT = 5.0             # seconds one HTTP connection has to send its request and
+                                  # read the answer: a stalled one is closed, costing only itself
+MONITOR_REFRESH = 5               # seconds between the page's reloads
+_REQUEST_LINE = re.compile(rb"([A-Za-z]{1,16}) (\S{1,2048}) HTTP/1\.[01]")
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+_PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Exchange:
+    """One HTTP connection to the monitor: one request in, one answer out."""
+
+    __slots__ = ("sock", "handler", "received", "answer", "timer")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.handler: Optional[Callable[[int], None]] = None
+        self.received = bytearray()
+        self.answer: Optional[memoryview] = None
+        self.timer: Optional[_Timer] = None
+
+
+class _Monitor:
+    """A Server's statistics over HTTP GET, served by the server's reactor:
+    JSON for programs (``/healthz``, ``/varz``, ``/connz``, ``/aliasz``),
+    Prometheus' text format for scrapers (``/metrics``) and a page for people
+    (``/``). Reading what the server counted is all it does: no request can
+    change routing state, and every socket is non-blocking, so a slow or
+    hostile HTTP client costs only its own connection."""
+
+    def __init__(self, server: "Server", host: str, port: int):
+        self.server = server
+        self.reactor = server.reactor
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host.strip("[]"), port))
+            listener.listen(MONITOR_MAX_CONNECTIONS)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            raise OSError(exc.errno, "cannot serve the monitor on %s:%d: %s"
+                          % (host, port, exc.strerror or exc)) from None
+        self._listener = listener
+        self.address = listener.getsockname()[:2]
+        self._exchanges: set = set()
+        self.reactor.register(listener, _EVENT_READ, self._on_acceptable)
+        log.info("%s serves its monitor on http://%s:%d/", server.alias, self.address[0],
+                 self.address[1])
+        self._pages = {"/healthz": self._healthz, "/varz": self._varz, "/connz": self._connz,
+                       "/aliasz": self._aliasz, "/metrics": self._metrics, "/": self._page}
+
+    def close(self) -> None:
+        self.reactor.unregister(self._listener)
+        self._listener.close()
+        for exchange in list(self._exchanges):
+            self._end(exchange)
+
+    def _on_acceptable(self, mask) -> None:
+        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:         # out of descriptors: the broker matters more
+                log.warning("monitor: accept failed: %s", exc)
+                return
+            if len(self._exchanges) >= MONITOR_MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            exchange = _Exchange(sock)
+            exchange.handler = lambda mask, exchange=exchange: self._on_event(exchange)
+            exchange.timer = self.reactor.call_later(MONITOR_TIMEOUT, self._end, exchange)
+            self._exchanges.add(exchange)
+            self.reactor.register(sock, _EVENT_READ, exchange.handler)
+
+    def _on_event(self, exchange: _Exchange) -> None:
+        if exchange.answer is not None:
+            return self._write(exchange)
+        try:
+            data = exchange.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._end(exchange)
+        if not data:
+            return self._end(exchange)
+        exchange.received += data
+        end = exchange.received.find(b"\r\n\r\n")
+        if end < 0:
+            end = exchange.received.find(b"\n\n")
+        if end > MONITOR_MAX_REQUEST or end < 0 and len(exchange.received) > MONITOR_MAX_REQUEST:
+            return self._answer(exchange, 431, "text/plain", b"the request is over %d bytes\n"
+                                % MONITOR_MAX_REQUEST)
+        if end >= 0:
+            self._answer(exchange, *self._respond(bytes(exchange.received[:end])))
+
+    def _respond(self, head: bytes) -> tuple:
+        """(status, content type, body[, head only, extra headers]) for a request head."""
+        line = _REQUEST_LINE.fullmatch(head.split(b"\n", 1)[0].rstrip(b"\r"))
+        if line is None:
+            return 400, "text/plain", b"want a request line: GET PATH HTTP/1.1\n"
+        method, target = line.group(1).decode("ascii"), line.group(2).decode("latin-1")
+        page = self._pages.get(target.split("?", 1)[0])
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"only GET and HEAD\n", False, "Allow: GET, HEAD\r\n"
+        if page is None:
+            return 404, "text/plain", ("no page %s here: try %s\n" % (
+                _quote(target), ", ".join(sorted(self._pages)))).encode("utf-8"), method == "HEAD"
+        content_type, body = page()
+        return 200, content_type, body, method == "HEAD"
+
+    def _answer(self, exchange: _Exchange, status: int, content_type: str, body: bytes,
+                head_only: bool = False, extra: str = "") -> None:
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n%s\r\n"
+                % (status, _REASONS[status], content_type, len(body), extra)).encode("ascii")
+        exchange.answer = memoryview(head if head_only else head + body)
+        self.reactor.modify(exchange.sock, _EVENT_WRITE, exchange.handler)
+        self._write(exchange)
+
+    def _write(self, exchange: _Exchange) -> None:
+        try:
+            sent = exchange.sock.send(exchange.answer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._end(exchange)
+        exchange.answer = exchange.answer[sent:]
+        if not exchange.answer:
+            self._end(exchange)
+
+    def _end(self, exchange: _Exchange) -> None:
+        if exchange in self._exchanges:
+            self._exchanges.discard(exchange)
+            exchange.timer.cancel()
+            self.reactor.unregister(exchange.sock)
+            exchange.sock.close()
+
+    # the pages: each reads the server's statistics() and nothing else
+
+    def _healthz(self):
+        return "application/json", b'{"status": "ok"}\n'
+
+    def _varz(self):
+        stats = self.server.statistics()
+        for listed in ("aliases", "connection_list", "history"):
+            del stats[listed]
+        return "application/json", _json_bytes(stats)
+
+    def _connz(self):
+        stats = self.server.statistics()
+        return "application/json", _json_bytes({"connections": stats["connection_list"],
+                                                "total": stats["connections"]})
+
+    def _aliasz(self):
+        stats = self.server.statistics()
+        return "application/json", _json_bytes({"aliases": stats["aliases"],
+                                                "total": stats["sessions"]})
+
+    def _metrics(self):
+        return _PROMETHEUS_TYPE, _prometheus_text(self.server.statistics()).encode("utf-8")
+
+    def _page(self):
+        return "text/html; charset=utf-8", _monitor_page(self.server.statistics()).encode("utf-8")
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1) + "\n").encode("utf-8")
+
+
+def _label(value: Any) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return _text(value, None).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prometheus_text(stats: dict) -> str:
+    """The statistics in Prometheus' text exposition format 0.0.4: a HELP and a
+    TYPE line before each family's samples, one family after the other."""
+    lines: List[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Iterable[tuple]) -> None:
+        lines.append("# HELP %s %s" % (name, help_text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for suffix, labels, value in samples:
+            labelled = ",".join('%s="%s"' % (key, _label(text)) for key, text in labels)
+            lines.append("%s%s%s %r" % (name, suffix, "{%s}" % labelled if labels else "",
+                                        value))
+
+    aliases = stats["aliases"]
+    family("proxysession_info", "gauge", "The server's version, as a label.",
+           [("", [("version", stats["version"])], 1)])
+    family("proxysession_uptime_seconds", "gauge", "Seconds since the server started.",
+           [("", [], stats["uptime_s"])])
+    family("proxysession_connections", "gauge", "Connections open now.",
+           [("", [], stats["connections"])])
+    family("proxysession_sessions", "gauge", "Aliases published now.",
+           [("", [], stats["sessions"])])
+    family("proxysession_messages_total", "counter", "Messages received, of every type.",
+           [("", [], stats["messages"])])
+    family("proxysession_server_calls_total", "counter",
+           "Calls settled, failures included, to any alias (also those that do not exist).",
+           [("", [], stats["calls"])])
+    family("proxysession_server_call_failures_total", "counter",
+           "Calls that failed, to any alias.", [("", [], stats["failures"])])
+    family("proxysession_calls_total", "counter",
+           "Calls to an alias settled, failures included.",
+           [("", [("alias", entry["alias"])], entry["calls"]) for entry in aliases])
+    family("proxysession_call_failures_total", "counter", "Calls to an alias that failed.",
+           [("", [("alias", entry["alias"])], entry["failures"]) for entry in aliases])
+    family("proxysession_calls_in_flight", "gauge",
+           "Calls to an alias routed and not yet answered.",
+           [("", [("alias", entry["alias"])], entry["in_flight"]) for entry in aliases])
+    family("proxysession_call_bytes_total", "counter",
+           "Bytes of calls routed to an alias's publisher (in) and of answers back (out).",
+           [("", [("alias", entry["alias"]), ("direction", direction)], entry["bytes_" + direction])
+            for entry in aliases for direction in ("in", "out")])
+    durations = []
+    for entry in aliases:
+        histogram = entry["duration_s"]
+        for bound, count in zip(histogram["le"], histogram["counts"]):
+            durations.append(("_bucket", [("alias", entry["alias"]), ("le", repr(bound))], count))
+        durations.append(("_bucket", [("alias", entry["alias"]), ("le", "+Inf")],
+                          histogram["count"]))
+        durations.append(("_sum", [("alias", entry["alias"])], histogram["sum"]))
+        durations.append(("_count", [("alias", entry["alias"])], histogram["count"]))
+    family("proxysession_call_duration_seconds", "histogram",
+           "Seconds from routing a call to settling it.", durations)
+    return "\n".join(lines) + "\n"
+
+
+def _monitor_page(stats: dict) -> str:
+    """One self-contained HTML page (no scripts, no external assets) that
+    reloads itself: the totals, a chart of calls per second, the aliases and
+    the connections."""
+    escape = html.escape
+
+    def table(headings: List[str], rows: List[list], empty: str) -> str:
+        if not rows:
+            return "<p class=none>%s</p>" % escape(empty)
+        return "<table><tr>%s</tr>%s</table>" % (
+            "".join("<th>%s</th>" % escape(heading) for heading in headings),
+            "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % escape(_text(cell, None))
+                                             for cell in row) for row in rows))
+
+    def ms(value):
+        return "-" if value is None else "%.3g" % value
+
+    aliases = table(
+        ["alias", "publisher", "subscribers", "calls", "failures", "calls/s", "failures/s",
+         "p50 ms", "p90 ms", "p99 ms", "in flight"],
+        [[entry["alias"], ", ".join(map(str, entry["publishers"])) +
+          (" (away)" if entry["away"] else ""), entry["subscribers"], entry["calls"],
+          entry["failures"], entry["calls_per_s"], entry["failures_per_s"],
+          ms(entry["latency_ms"]["p50"]), ms(entry["latency_ms"]["p90"]),
+          ms(entry["latency_ms"]["p99"]), entry["in_flight"]] for entry in stats["aliases"]],
+        "Nothing is published.")
+    connections = table(
+        ["id", "address", "age", "publishes", "subscribes to", "calls", "answered",
+         "in flight", "queued bytes"],
+        [[entry["id"], entry["address"], _duration(entry["age_s"]),
+          ", ".join(entry["publications"]), ", ".join(entry["subscriptions"]), entry["calls"],
+          entry["answered"], entry["in_flight"], entry["queued_bytes"]]
+         for entry in stats["connection_list"]],
+        "No connections.")
+    return """<!DOCTYPE html>
+<html lang=en><head><meta charset=utf-8>
+<meta http-equiv=refresh content=%(refresh)d>
+<title>proxysession %(name)s</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
+table{border-collapse:collapse}td,th{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:left}
+th{background:#f4f4f4}.none{color:#777}svg{background:#fafafa;border:1px solid #ddd}
+</style></head><body>
+<h1>proxysession %(name)s at %(address)s</h1>
+<p>version %(version)s, up %(uptime)s &middot; %(connections)d connections &middot;
+%(sessions)d aliases &middot; %(calls)d calls, %(failures)d failed &middot;
+%(in_flight)d in flight &middot; this page reloads every %(refresh)d s</p>
+<h2>Calls per second</h2>
+%(chart)s
+<h2>Aliases</h2>
+%(aliases)s
+<h2>Connections</h2>
+%(connections_table)s
+</body></html>
+""" % {"refresh": MONITOR_REFRESH, "name": escape(_text(stats["name"])),
+       "address": escape(_text(stats["address"])), "version": escape(stats["version"]),
+       "uptime": _duration(stats["uptime_s"]), "connections": stats["connections"],
+       "sessions": stats["sessions"], "calls": stats["calls"], "failures": stats["failures"],
+       "in_flight": stats["in_flight"], "chart": _rate_chart(stats["history"]),
+       "aliases": aliases, "connections_table": connections}
+
+
+def _rate_chart(history: List[list]) -> str:
+    """Calls (and failures) per second over the kept samples, as inline SVG."""
+    if len(history) < 2:
+        return "<p class=none>The chart starts after two samples (one every %g s).</p>" % (
+            SAMPLE_INTERVAL)
+    width, height = 600, 120
+    top = max(max(sample[1] for sample in history), 1.0)
+    step = width / (SAMPLES_KEPT - 1)
+    offset = width - step * (len(history) - 1)
+
+    def points(column: int) -> str:
+        return " ".join("%.1f,%.1f" % (offset + index * step,
+                                       height - sample[column] / top * (height - 10))
+                        for index, sample in enumerate(history))
+
+    return ('<svg width=%d height=%d viewBox="0 0 %d %d" role=img aria-label="calls per second">'
+            '<polyline fill=none stroke="#2a6" stroke-width=2 points="%s"/>'
+            '<polyline fill=none stroke="#c33" stroke-width=2 points="%s"/>'
+            '<text x=4 y=12 font-size=11>%.4g calls/s</text>'
+            '<text x=4 y=%d font-size=11>0</text></svg>'
+            '<p class=none>the last %s; green: calls, red: failures</p>'
+            % (width, height, width, height, points(1), points(2), top, height - 3,
+               _duration(SAMPLE_INTERVAL * (len(history) - 1))))
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 20 s, 5 h 07 min, 2 d 3 h."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    if seconds < 86400:
+        return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+    return "%d d %d h" % (seconds // 86400, seconds % 86400 // 3600)
 
 
 # ---------------------------------------------------------------------------
@@ -4283,6 +5001,20 @@ class Client:
         return self.send_message(connection_id, {"type": "listing"}, None, callback, tag,
                                  timeout)
 
+    def server_stats(self, connection_id: int, callback: Optional[Callable] = None,
+                     tag: Any = None, timeout: Any = CLIENT_TIMEOUT) -> dict:
+        """What the server has done (PROTOCOL.md 7.4): its totals, as the
+        monitor's ``/varz``, with ``aliases`` as in ``/aliasz`` and
+        ``connection_list`` as in ``/connz``. Raises ``ProxyError`` from a
+        server older than this request."""
+        def on_result(value):
+            if type(value) is not dict or type(value.get("aliases")) is not list:
+                raise ProtocolError("malformed stats answer: %s" % _show(value, 200))
+            return value
+
+        return self.send_message(connection_id, {"type": "stats"}, on_result, callback, tag,
+                                 timeout)
+
     def subscribe(self, connection_id: int, alias: str, callback: Optional[Callable] = None,
                   tag: Any = None, timeout: Any = CLIENT_TIMEOUT) -> "Proxy":
         """Subscribe to ``alias``; returns its ``Proxy``."""
@@ -4443,6 +5175,19 @@ def _parse_address(text: str) -> Tuple[str, int]:
     return host, DEFAULT_PORT if port is None else port
 
 
+def _parse_monitor(text: str) -> Tuple[str, int]:
+    """``--monitor``: ``HOST:PORT``, or a ``PORT`` alone on loopback."""
+    if text.isdigit():
+        text = ":" + text
+    try:
+        host, port = _parse_host_port(text)
+    except ValueError as exc:
+        raise _UsageError("--monitor: %s" % exc)
+    if port is None:
+        raise _UsageError("--monitor wants HOST:PORT or a PORT (on 127.0.0.1), not %r" % text)
+    return host, port
+
+
 def _read_authkey(path: Optional[str]) -> Optional[bytes]:
     if path:
         try:
@@ -4464,7 +5209,12 @@ def _make_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  proxysession --listen 127.0.0.1:56789\n"
                "  proxysession list 127.0.0.1:56789\n"
-               "  proxysession call 127.0.0.1:56789 Greeter hello \"'world'\"\n\n"
+               "  proxysession call 127.0.0.1:56789 Greeter hello \"'world'\"\n"
+               "  proxysession stats 127.0.0.1:56789 --watch 2\n"
+               "  proxysession --listen 127.0.0.1:56789 --monitor 127.0.0.1:8222\n\n"
+               "signals: SIGINT and SIGTERM stop the server (every waiting call is answered "
+               "with a\nfailure first); SIGUSR1 writes its statistics to the log; SIGHUP is "
+               "logged and\nignored (there is no configuration file to reload).\n\n"
                "The authkey comes from --authkey-file or the %s variable, never "
                "from a flag that ps would show." % AUTHKEY_VARIABLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4472,8 +5222,16 @@ def _make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", default="%s:%d" % (DEFAULT_HOST, DEFAULT_PORT),
                         metavar="HOST:PORT",
                         help="address to serve on (default %(default)s; port 0 picks one)")
-    parser.add_argument("--trace", action="store_true", help="log every message routed")
+    parser.add_argument("--monitor", metavar="HOST:PORT",
+                        help="also serve statistics over HTTP there: /healthz, /varz, /connz, "
+                             "/aliasz, /metrics (Prometheus) and a page at / (a PORT alone: "
+                             "on 127.0.0.1; port 0 picks one)")
+    parser.add_argument("--trace", action="store_true",
+                        help="log one line per call: alias, method, caller and publisher "
+                             "connections, ok or the failure, milliseconds")
     parser.add_argument("--debug", action="store_true", help="log at debug level")
+    parser.add_argument("--log-json", action="store_true",
+                        help="write each log line as one JSON object (for log shippers)")
     parser.add_argument("--max-frame", type=int, default=MAX_FRAME, metavar="BYTES",
                         help="largest frame body accepted (default %(default)s)")
     parser.add_argument("--grace", type=float, default=0.0, metavar="SECONDS",
@@ -4486,7 +5244,7 @@ def _make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", metavar="PEM", help="server private key")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="UNSAFE: allow a non-loopback --listen without an authkey")
-    commands = parser.add_subparsers(dest="command", metavar="{list,call}")
+    commands = parser.add_subparsers(dest="command", metavar="{list,call,stats}")
     client_options = argparse.ArgumentParser(add_help=False)
     client_options.add_argument("--tls-ca", metavar="PEM",
                                 help="use TLS, trusting this CA file (host name checked)")
@@ -4506,6 +5264,13 @@ def _make_parser() -> argparse.ArgumentParser:
                       help="Python literals (ast.literal_eval), else strings; NAME=VALUE is "
                            "a keyword argument (\"punctuation='?'\"); text that opens with a "
                            "quote or a bracket must parse")
+    stats = commands.add_parser("stats", parents=[client_options],
+                                help="print what the server has done: aliases with their "
+                                     "calls, failures and latency; connections")
+    stats.add_argument("address", metavar="HOST:PORT")
+    stats.add_argument("--json", action="store_true", help="print it as JSON")
+    stats.add_argument("--watch", type=float, metavar="SECONDS",
+                       help="print it again every SECONDS, in place, until Ctrl-C")
     return parser
 
 
@@ -4565,6 +5330,8 @@ def _run_client_command(options) -> int:
             if options.command == "list":
                 for alias in client.server_listing(connection):
                     print(alias)
+            elif options.command == "stats":
+                return _print_stats(client, connection, options)
             else:
                 value = client.deliver(connection, options.alias, options.method, *arguments)
                 print(_show(value, None))
@@ -4582,6 +5349,62 @@ def _run_client_command(options) -> int:
         client.close()
 
 
+def _print_stats(client: "Client", connection: int, options) -> int:
+    """``stats``: once, or every ``--watch`` seconds in place until Ctrl-C."""
+    watch = options.watch
+    if watch is not None and not 0 < watch < float("inf"):
+        raise _UsageError("--watch wants a number of seconds > 0, not %s" % watch)
+    while True:
+        stats = client.server_stats(connection)
+        text = json.dumps(stats, indent=1) if options.json else _stats_text(stats)
+        if watch is None:
+            print(text)
+            return 0
+        # home, clear to the end: the table is redrawn where it was, like top
+        sys.stdout.write("\x1b[H\x1b[J%s\n(every %g s; Ctrl-C ends)\n" % (text, watch))
+        sys.stdout.flush()
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _stats_text(stats: dict) -> str:
+    """The ``stats`` answer as tables a person reads at a terminal."""
+    def columns(headings: List[str], rows: List[list]) -> List[str]:
+        cells = [headings] + [[_text(cell, 60) for cell in row] for row in rows]
+        widths = [max(len(row[index]) for row in cells) for index in range(len(headings))]
+        return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                for row in cells]
+
+    def ms(value):
+        return "-" if value is None else "%.3g" % value
+
+    lines = ["proxysession %s at %s: up %s, %s, %s, %d calls (%d failed), %d in flight" % (
+        stats.get("version"), stats.get("address"), _duration(stats.get("uptime_s") or 0),
+        _plural(stats.get("connections", 0), "connection"),
+        "1 alias" if stats.get("sessions") == 1 else "%d aliases" % stats.get("sessions", 0),
+        stats.get("calls", 0), stats.get("failures", 0), stats.get("in_flight", 0)), ""]
+    aliases = stats.get("aliases") or []
+    if aliases:
+        lines += columns(
+            ["ALIAS", "PUBLISHER", "CALLS", "FAILED", "CALLS/S", "P50 MS", "P99 MS",
+             "IN FLIGHT"],
+            [[entry["alias"], ",".join(map(str, entry["publishers"])) +
+              (" (away)" if entry.get("away") else ""), entry["calls"], entry["failures"],
+              entry["calls_per_s"], ms(entry["latency_ms"]["p50"]),
+              ms(entry["latency_ms"]["p99"]), entry["in_flight"]] for entry in aliases])
+    else:
+        lines.append("Nothing is published.")
+    lines.append("")
+    lines += columns(
+        ["CONN", "ADDRESS", "AGE", "PUBLISHES", "SUBSCRIBES", "CALLS", "ANSWERED"],
+        [[entry["id"], entry["address"], _duration(entry["age_s"]),
+          ",".join(entry["publications"]) or "-", ",".join(entry["subscriptions"]) or "-",
+          entry["calls"], entry["answered"]] for entry in stats.get("connection_list") or []])
+    return "\n".join(lines)
+
+
 def _run_server(options) -> int:
     host, port = _parse_address(options.listen)
     context = None
@@ -4593,12 +5416,14 @@ def _run_server(options) -> int:
             context.load_cert_chain(options.tls_cert, options.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise _UsageError("cannot load the TLS certificate or key: %s" % exc)
+    monitor = _parse_monitor(options.monitor) if options.monitor else None
     reactor = Reactor()
     try:
         server = Server(host, port, options={"trace": options.trace, "debug": options.debug},
                         reactor=reactor, authkey=_read_authkey(options.authkey_file),
                         ssl_context=context, max_frame=options.max_frame,
-                        insecure_no_auth=options.insecure_no_auth, grace=options.grace)
+                        insecure_no_auth=options.insecure_no_auth, grace=options.grace,
+                        monitor=monitor)
     except ValueError as exc:          # an option the Server refuses (--grace)
         raise _UsageError("--%s" % exc)
 
@@ -4606,8 +5431,20 @@ def _run_server(options) -> int:
         log.info("signal %d: stopping", signum)
         reactor.stop()
 
+    def on_status_signal(signum, frame):
+        # the handler runs between two bytecodes of the loop: it only asks the
+        # loop to log, at the end of its pass, where the counts are consistent
+        reactor.call_soon_threadsafe(server.log_statistics)
+
+    def on_hangup(signum, frame):
+        reactor.call_soon_threadsafe(log.info, "SIGHUP: nothing to reload (proxysession has "
+                                     "no configuration file); still serving")
+
     # before start(): whoever waits for "listening" may signal the moment it is logged
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signal.SIGINT: on_signal, signal.SIGTERM: on_signal}
+    if hasattr(signal, "SIGUSR1"):     # not on Windows
+        handlers.update({signal.SIGUSR1: on_status_signal, signal.SIGHUP: on_hangup})
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         try:
             server.start()
@@ -4615,8 +5452,11 @@ def _run_server(options) -> int:
             print("proxysession: %s" % (exc,), file=sys.stderr)
             return 2
         except OSError as exc:
-            print("proxysession: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc),
-                  file=sys.stderr)
+            if exc.strerror and exc.strerror.startswith("cannot serve the monitor"):
+                print("proxysession: %s" % exc.strerror, file=sys.stderr)
+            else:
+                print("proxysession: cannot listen on %s:%d: %s"
+                      % (host, port, exc.strerror or exc), file=sys.stderr)
             return 2
         try:
             reactor.run()
@@ -4628,16 +5468,33 @@ def _run_server(options) -> int:
     return 0
 
 
+class _JsonFormatter(logging.Formatter):
+    """``--log-json``: each record as one line of JSON, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                 .isoformat(timespec="milliseconds"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line; returns the exit status."""
     parser = _make_parser()
     options = parser.parse_args(argv)
     if options.max_frame <= 0:
         parser.error("--max-frame must be positive")
-    level = logging.DEBUG if options.debug or options.trace else logging.INFO
+    level = logging.DEBUG if options.debug else logging.INFO
     if options.command:
         level = logging.DEBUG if options.debug else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(options, "log_json", False):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if options.command:
             return _run_client_command(options)

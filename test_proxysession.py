@@ -5,7 +5,9 @@ Run with:  python -m pytest -q test_proxysession.py
 """
 
 import ast
+import collections
 import concurrent.futures
+import json
 import os
 import pickle
 import pickletools
@@ -19,6 +21,8 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -2543,7 +2547,7 @@ def test_calls_nested_deeper_than_the_interpreter_allows_fail_that_call_only(ser
 PROTOCOL_MD = os.path.join(os.path.dirname(os.path.abspath(proxysession.__file__)),
                            "PROTOCOL.md")
 EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "deliver-forwarded",
-                 "result-from-publisher", "result-forwarded"}
+                 "result-from-publisher", "result-forwarded", "stats-request"}
 
 
 def protocol_md_examples(text):
@@ -2634,6 +2638,11 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
             len(split_frame(examples[received])) + len("Greeter") + 32
     assert pickle.loads(decoded(examples["listing-result"])["payload"]) == ["Greeter"]
     assert pickle.loads(decoded(examples["result-forwarded"])["payload"]) == "hello, world"
+
+    # (7.4) the Client's stats request: send_message adds the id
+    stats = {"type": "stats"}
+    stats["id"] = 1
+    assert examples["stats-request"] == encoded(stats) == framed(stats)
 
     # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
     body = split_frame(examples["listing-request"])
@@ -4443,3 +4452,397 @@ def test_a_set_of_nans_costs_linear_time_on_every_python():
             client._loads(body)
     else:
         assert len(client._loads(body)) == 30000
+
+
+# ---------------------------------------------------------------------------
+# operations: statistics, the monitor, the trace, signals
+# ---------------------------------------------------------------------------
+
+class Counted:
+    @proxysession.proxy_event
+    def echo(self, x):
+        return x
+
+    @proxysession.proxy_event
+    def fail(self, why):
+        raise ValueError(why)
+
+
+def stats_entry(stats, alias):
+    found = [entry for entry in stats["aliases"] if entry["alias"] == alias]
+    assert len(found) == 1, stats["aliases"]
+    return found[0]
+
+
+def test_server_stats_counts_each_aliass_calls_failures_and_durations(server, make_client,
+                                                                      loop_threads):
+    publish_on_a_thread(server, make_client, loop_threads, Counted(), "Counted")
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    counted = caller.subscribe(conn, "Counted")
+    for n in range(20):
+        assert counted.echo(n) == n
+    for n in range(3):
+        with pytest.raises(proxysession.RemoteError, match="no %d" % n):
+            counted.fail("no %d" % n)
+    for _ in range(2):                 # never routed: counted by the server alone
+        with pytest.raises(proxysession.ProxyError, match="doesn't exist"):
+            caller.deliver(conn, "Missing", "echo", (1,))
+    stats = caller.server_stats(conn)
+    assert (stats["calls"], stats["failures"], stats["in_flight"]) == (25, 5, 0)
+    assert (stats["connections"], stats["sessions"]) == (2, 1)
+    entry = stats_entry(stats, "Counted")
+    assert (entry["calls"], entry["failures"], entry["in_flight"]) == (23, 3, 0)
+    assert entry["subscribers"] == 1 and entry["away"] is False
+    latency = entry["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    histogram = entry["duration_s"]
+    assert histogram["count"] == 23 and histogram["counts"] == sorted(histogram["counts"])
+    assert histogram["sum"] > 0 and entry["bytes_in"] > 23 * 20 and entry["bytes_out"] > 23 * 20
+    # the connections: who publishes, who calls and how much
+    by_role = {tuple(c["publications"]): c for c in stats["connection_list"]}
+    serving, calling = by_role[("Counted",)], by_role[()]
+    assert entry["publishers"] == [serving["id"]]
+    assert (serving["answered"], serving["calls"]) == (23, 0)
+    assert (calling["calls"], calling["answered"], calling["subscriptions"]) == \
+        (25, 0, ["Counted"])
+    assert calling["address"].startswith("127.0.0.1:") and calling["age_s"] >= 0
+
+
+def test_a_call_is_in_flight_until_answered_and_a_publisher_that_goes_fails_it(server, peers,
+                                                                             make_client):
+    publisher = peers(server.address)
+    assert publish(publisher, "Raw") == (True, "Raw")
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    results = []
+    caller.deliver(conn, "Raw", "echo", (1,), callback=results.append)
+    call = publisher.recv()
+    assert call["type"] == "deliver"
+    assert stats_entry(caller.server_stats(conn), "Raw")["in_flight"] == 1
+    publisher.send(type="result", id=call["id"], success=True, payload=dumps(1))
+    assert caller.reactor.run_until(lambda: results, WAIT) and results[0].payload == 1
+    caller.deliver(conn, "Raw", "echo", (2,), callback=results.append)
+    assert publisher.recv()["type"] == "deliver"
+    publisher.close()                  # with the second call unanswered
+    assert caller.reactor.run_until(lambda: len(results) == 2, WAIT)
+    assert "went away before answering" in str(results[1].payload)
+    stats = caller.server_stats(conn)
+    assert (stats["calls"], stats["failures"], stats["in_flight"]) == (2, 1, 0)
+    assert stats["aliases"] == []      # it went with its publisher
+
+
+def test_stats_from_a_raw_peer_and_the_protocol_md_example(server, peers):
+    peer = peers(server.address)
+    with open(PROTOCOL_MD, encoding="utf-8") as handle:
+        example = protocol_md_examples(handle.read())[0]["stats-request"]
+    peer.send_raw(example)
+    answer = peer.recv()
+    assert (answer["type"], answer["id"], answer["success"]) == ("result", 1, True)
+    stats = pickle.loads(answer["payload"])
+    for key in ("version", "uptime_s", "connections", "sessions", "calls", "failures",
+                "in_flight", "aliases", "connection_list"):
+        assert key in stats, key
+    assert stats["connections"] == 1 and stats["connection_list"][0]["calls"] == 0
+
+
+def http_get(address, path, method="GET"):
+    """(status, content type, body) of one request to the monitor."""
+    request = urllib.request.Request("http://%s:%d%s" % (address[0], address[1], path),
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+def monitor_address(server):
+    found = re.search(r"monitor on http://([\d.]+):(\d+)/", "".join(server.log))
+    assert found, server.log
+    return found.group(1), int(found.group(2))
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(?:,|\Z)')
+
+
+def parse_prometheus(text):
+    """A strict reader of the text format 0.0.4: every line a HELP, a TYPE or
+    a sample of the family its TYPE line opened; labels well formed and
+    escaped. Returns {family: (type, [(name, {label: value}, float)])}."""
+    assert text.endswith("\n")
+    families, current = {}, None
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in families, "family %s twice" % name
+            families[name], current = (None, []), name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == current and families[name] == (None, []), line
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            families[name] = (kind, [])
+        else:
+            sample = _SAMPLE.match(line)
+            assert sample and current, line
+            kind, samples = families[current]
+            allowed = {current + "_bucket", current + "_sum", current + "_count"} \
+                if kind == "histogram" else {current}
+            assert sample.group(1) in allowed, line
+            labels, rest = {}, sample.group(2) or ""
+            while rest:
+                label = _LABEL.match(rest)
+                assert label, line
+                assert label.group(1) not in labels, line
+                labels[label.group(1)] = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(
+                    m.group(1), m.group(1)), label.group(2))
+                rest = rest[label.end():]
+            samples.append((sample.group(1), labels, float(sample.group(3))))
+    return families
+
+
+def histograms(family):
+    """{alias: ([(le, count)], sum, count)} of a parsed histogram family."""
+    found = collections.defaultdict(lambda: [[], None, None])
+    for name, labels, value in family[1]:
+        entry = found[labels["alias"]]
+        if name.endswith("_bucket"):
+            entry[0].append((float(labels["le"]), value))
+        elif name.endswith("_sum"):
+            entry[1] = value
+        else:
+            entry[2] = value
+    return found
+
+
+@pytest.fixture
+def monitored(server_process, make_client, loop_threads):
+    """A server process with a monitor, a publisher of Counted and a caller
+    that has made 5 calls, 2 of them failing."""
+    server = server_process("--monitor", "127.0.0.1:0")
+    publish_on_a_thread(server, make_client, loop_threads, Counted(), 'Count "ed"\n')
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    counted = caller.subscribe(conn, 'Count "ed"\n')
+    for n in range(3):
+        counted.echo(n)
+    for n in range(2):
+        with pytest.raises(proxysession.RemoteError):
+            counted.fail(n)
+    return server, monitor_address(server), caller, conn
+
+
+def test_the_monitor_serves_health_totals_connections_and_aliases(monitored):
+    server, address, caller, conn = monitored
+    assert http_get(address, "/healthz") == (200, "application/json", b'{"status": "ok"}\n')
+    status, kind, body = http_get(address, "/varz")
+    varz = json.loads(body)
+    assert (status, kind) == (200, "application/json")
+    assert varz["version"] == proxysession.__version__ and varz["uptime_s"] >= 0
+    assert (varz["connections"], varz["sessions"], varz["calls"], varz["failures"],
+            varz["in_flight"]) == (2, 1, 5, 2, 0)
+    connz = json.loads(http_get(address, "/connz")[2])
+    assert connz["total"] == 2 and sorted(c["publications"] for c in connz["connections"]) \
+        == [[], ['Count "ed"\n']]
+    for entry in connz["connections"]:
+        assert set(entry) >= {"id", "address", "publications", "subscriptions", "calls",
+                              "age_s"}
+    aliasz = json.loads(http_get(address, "/aliasz")[2])
+    (entry,) = aliasz["aliases"]
+    assert (entry["alias"], entry["calls"], entry["failures"], entry["in_flight"]) == \
+        ('Count "ed"\n', 5, 2, 0)
+    assert set(entry["latency_ms"]) == {"p50", "p90", "p99"}
+    assert len(entry["publishers"]) == 1
+    # what the server answers a client is what the monitor shows
+    assert stats_entry(caller.server_stats(conn), 'Count "ed"\n')["calls"] == 5
+
+
+def test_metrics_parse_strictly_and_agree_with_aliasz(monitored):
+    server, address, caller, conn = monitored
+    status, kind, body = http_get(address, "/metrics")
+    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+    families = parse_prometheus(body.decode("utf-8"))
+    aliasz = {entry["alias"]: entry for entry in json.loads(http_get(address, "/aliasz")[2])[
+        "aliases"]}
+    alias = 'Count "ed"\n'             # a quote and a newline: escaped in the label
+    assert families["proxysession_connections"] == ("gauge", [
+        ("proxysession_connections", {}, 2.0)])
+    for family, field in (("proxysession_calls_total", "calls"),
+                          ("proxysession_call_failures_total", "failures")):
+        kind, samples = families[family]
+        assert kind == "counter"
+        assert samples == [(family, {"alias": alias}, float(aliasz[alias][field]))]
+    kind, _ = families["proxysession_call_duration_seconds"]
+    assert kind == "histogram"
+    buckets, total, count = histograms(families["proxysession_call_duration_seconds"])[alias]
+    bounds = [bound for bound, _ in buckets]
+    counts = [value for _, value in buckets]
+    assert bounds == sorted(bounds) and bounds[-1] == float("inf")
+    assert counts == sorted(counts)                  # cumulative
+    assert counts[-1] == count == aliasz[alias]["calls"] == 5
+    assert 0 < total < WAIT
+    assert b'alias="Count \\"ed\\"\\n"' in body
+
+
+def test_the_monitor_page_names_the_aliases_and_connections(monitored):
+    server, address, caller, conn = monitored
+    status, kind, body = http_get(address, "/")
+    page = body.decode("utf-8")
+    assert (status, kind) == (200, "text/html; charset=utf-8")
+    assert page.startswith("<!DOCTYPE html>") and 'http-equiv=refresh' in page
+    assert "Count &quot;ed&quot;" in page and "2 connections" in page
+    assert "<script" not in page and "http://" not in page.split("<body>")[1]   # self-contained
+
+
+def test_the_monitor_refuses_what_is_not_a_small_get(monitored):
+    server, address, caller, conn = monitored
+    assert http_get(address, "/nowhere")[0] == 404
+    assert http_get(address, "/varz", method="POST")[0] == 405
+    status, _, body = http_get(address, "/varz", method="HEAD")
+    assert (status, body) == (200, b"")
+    # a request head of 1 MB is cut off after MONITOR_MAX_REQUEST bytes: 431, closed
+    with socket.create_connection(address, timeout=WAIT) as sock:
+        sent = 0
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            for _ in range(1024):
+                sock.sendall(b"X-Filler: " + b"y" * 1010 + b"\r\n")
+                sent += 1024
+        except OSError:                # closed under us: refused, as it should be
+            pass
+        answer = b""
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    assert sent < 1024 * 1024 and (answer == b"" or answer.startswith(b"HTTP/1.1 431"))
+    assert http_get(address, "/healthz")[0] == 200
+
+
+def test_stalled_and_idle_http_clients_cost_only_themselves(monitored):
+    """200 idle connections and one that stops in the middle of its request
+    line: the monitor still answers, and calls are still routed while they
+    hang (the monitor has MONITOR_MAX_CONNECTIONS places; the rest are closed
+    as they come)."""
+    server, address, caller, conn = monitored
+    idle = [socket.create_connection(address, timeout=WAIT) for _ in range(200)]
+    try:
+        idle[0].sendall(b"GET /va")
+        counted = caller.subscribe(conn, 'Count "ed"\n')
+        for n in range(50):
+            assert counted.echo(n) == n
+        closed = 0
+        for sock in idle[proxysession.MONITOR_MAX_CONNECTIONS:]:
+            closed += sock.recv(1) == b""       # closed as they came, not held open
+        assert closed == 200 - proxysession.MONITOR_MAX_CONNECTIONS
+        # the one that stalled is closed once MONITOR_TIMEOUT has passed
+        assert idle[0].recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    # once their places are free the monitor answers again
+    assert wait_for(lambda: http_get(address, "/healthz")[0] == 200)
+
+
+def test_a_monitor_address_in_use_or_open_to_the_network_stops_the_server_with_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, MODULE, "--listen", "127.0.0.1:0", "--monitor",
+                              "127.0.0.1:%d" % port], capture_output=True, text=True,
+                             timeout=WAIT)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == \
+        "proxysession: cannot serve the monitor on 127.0.0.1:%d: Address already in use" % port
+    run = subprocess.run([sys.executable, MODULE, "--listen", "127.0.0.1:0", "--monitor",
+                          "0.0.0.0:0"], capture_output=True, text=True, timeout=WAIT)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "refusing to serve the monitor on 0.0.0.0 without an authkey" in run.stderr
+    run = subprocess.run([sys.executable, MODULE, "--listen", "127.0.0.1:0", "--monitor",
+                          "localhost"], capture_output=True, text=True, timeout=WAIT)
+    assert run.returncode == 2 and "--monitor wants HOST:PORT or a PORT" in run.stderr
+
+
+def test_trace_logs_one_line_per_settled_call_and_log_json_one_object_per_line(
+        server_process, make_client):
+    server = server_process("--trace", "--log-json")
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Counted", Counted())
+    counted = client.subscribe(conn, "Counted")
+    assert counted.echo("x") == "x"
+    with pytest.raises(proxysession.RemoteError):
+        counted.fail("broken glass")
+    with pytest.raises(proxysession.ProxyError):
+        client.deliver(conn, "Missing", "echo", (1,))
+    assert wait_for(lambda: sum('"message": "call ' in line for line in server.log) == 3)
+    entries = [json.loads(line) for line in server.log]      # every line is one JSON object
+    assert all(set(entry) >= {"time", "level", "logger", "message"} for entry in entries)
+    calls = [entry["message"] for entry in entries if entry["message"].startswith("call ")]
+    assert re.fullmatch(r"call 'Counted'\.echo from connection (\d+) to connection \1: ok "
+                        r"in \d+\.\d{3} ms", calls[0]), calls[0]
+    assert re.fullmatch(r"call 'Counted'\.fail from connection (\d+) to connection \1: failed "
+                        r"\(ValueError: broken glass\) in \d+\.\d{3} ms", calls[1]), calls[1]
+    assert re.fullmatch(r"call 'Missing'\.echo from connection \d+: refused \(Session "
+                        r"'Missing' doesn't exist\)", calls[2]), calls[2]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_sigusr1_logs_the_statistics_and_sighup_is_logged_not_fatal(server_process,
+                                                                   make_client):
+    server = server_process()
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Counted", Counted())
+    assert client.subscribe(conn, "Counted").echo(1) == 1
+    server.proc.send_signal(signal.SIGUSR1)
+    assert wait_for(lambda: any("'Counted': 1 calls (0 failed)" in line for line in server.log))
+    assert any("1 calls (0 failed)" in line for line in server.log)
+    server.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: any("SIGHUP" in line for line in server.log))
+    assert server.proc.poll() is None
+    assert client.server_listing(conn) == ["Counted"]       # still serving
+    assert server.stop() == 0
+
+
+def test_stats_command_prints_a_table_json_and_watches(server_process, make_client):
+    server = server_process()
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Counted", Counted())
+    assert client.subscribe(conn, "Counted").echo(1) == 1
+    address = "%s:%d" % server.address
+    table = subprocess.run([sys.executable, MODULE, "stats", address], capture_output=True,
+                           text=True, timeout=WAIT)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "2 connections" in lines[0] and "1 alias," in lines[0] and "1 calls (0 failed)" \
+        in lines[0]
+    assert lines[2].split()[:4] == ["ALIAS", "PUBLISHER", "CALLS", "FAILED"]
+    assert lines[3].split()[0] == "Counted" and lines[3].split()[2:4] == ["1", "0"]
+    as_json = subprocess.run([sys.executable, MODULE, "stats", address, "--json"],
+                             capture_output=True, text=True, timeout=WAIT)
+    stats = json.loads(as_json.stdout)
+    assert stats_entry(stats, "Counted")["calls"] == 1 and stats["connections"] == 2
+    watch = subprocess.Popen([sys.executable, MODULE, "stats", address, "--watch", "0.05"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        screens = 0
+        while screens < 2:             # redrawn in place, twice
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            screens += line.startswith(b"\x1b[H\x1b[J")
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(WAIT) == 0
+    finally:
+        watch.kill()
+        watch.wait(WAIT)
+    bad = subprocess.run([sys.executable, MODULE, "stats", address, "--watch", "-1"],
+                         capture_output=True, text=True, timeout=WAIT)
+    assert bad.returncode == 2 and "--watch wants a number of seconds > 0" in bad.stderr
