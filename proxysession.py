@@ -259,6 +259,18 @@ def _quote(value: Any) -> str:
     return "<%s>" % type(value).__name__
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _printable(value: Any, limit: Optional[int] = MAX_QUOTE) -> str:
+    """A peer's value as a log line or a terminal shows it: as _quote, with
+    control characters, line separators and lone surrogates escaped as repr
+    escapes them, so that a name cannot forge a log line, move a terminal's
+    cursor, or fail to encode."""
+    return _UNPRINTABLE.sub(lambda found: repr(found.group())[1:-1], _quote(value)
+                            if limit == MAX_QUOTE else _text(value, limit))
+
+
 def _name(value: Any) -> Optional[str]:
     """``value`` if it can be looked up as a name (a str: its hash cannot
     fail or be made to collide), else None."""
@@ -2434,7 +2446,7 @@ def _event_name(payload: Any) -> str:
         for _, argument, _ in itertools.islice(opcodes, 12):
             if type(argument) is str:
                 if after_key:
-                    return _quote(argument)
+                    return _printable(argument)
                 after_key = argument == "event"
     except Exception:                  # a peer's bytes: whatever they are, the trace goes on
         pass
@@ -2443,16 +2455,48 @@ def _event_name(payload: Any) -> str:
 
 def _failure_words(payload: Any) -> str:
     """The first words of a failure result's payload, for the trace: a
-    server's reason (a str) or a publisher's exception (a dict)."""
+    server's reason (a str) or a publisher's exception (a dict of str). Only
+    a str is shown whole; anything else by _show, bounded in what it looks
+    at (a list that holds itself twice, 24 deep, would take hours to str())."""
     try:
+        if payload is None:
+            return "no reason given"
         if type(payload) in _PAYLOAD_TYPES:
             _check_payload(payload, _TREE_OPCODES)
             payload = _loads_plain(payload)
         if type(payload) is dict:
-            payload = "%s: %s" % (_text(payload.get("error")), _text(payload.get("message")))
-        return _text(payload, 80).split("\n", 1)[0]
+            error, message = payload.get("error"), payload.get("message")
+            if type(error) is str and type(message) is str:
+                payload = "%s: %s" % (error[:MAX_NAME], message[:200])
+        text = payload if type(payload) is str else _show(payload, 80)
+        return _printable(text.split("\n", 1)[0], 80)
     except Exception:
         return "(an undecodable failure)"
+
+
+def _host_port(host: str, port: int) -> str:
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+def _ms(value: Optional[float]) -> str:
+    """A latency in milliseconds, or "-" before there is one."""
+    return "-" if value is None else "%.3g" % value
+
+
+def _aliases(count: int) -> str:
+    return "1 alias" if count == 1 else "%d aliases" % count
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 20 s, 5 h 07 min, 2 d 3 h."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    if seconds < 86400:
+        return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+    return "%d d %d h" % (seconds // 86400, seconds % 86400 // 3600)
 
 
 # ---------------------------------------------------------------------------
@@ -2721,8 +2765,10 @@ class Server:
         self._check_protected(host, "listen", "anyone who can reach the port could publish "
                               "and call sessions")
         if self.stats.monitor_at is not None:
-            self._check_protected(self.stats.monitor_at[0], "serve the monitor", "anyone who can reach "
-                                  "it could read the aliases and the addresses of the peers")
+            self._check_protected(self.stats.monitor_at[0], "serve the monitor", "anyone who "
+                                  "can reach it could read the aliases and the addresses of the "
+                                  "peers (the monitor asks for no key even when the broker has "
+                                  "one: with a key set, firewall the monitor's port)")
         _raise_file_limit()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
@@ -3043,8 +3089,8 @@ class Server:
             self.stats.calls += 1
             self.stats.failures += 1
         if self._traced is not None:
-            log.info("call '%s'.%s from connection %d: refused (%s)", _quote(alias),
-                     event or "?", wheel_id, reason)
+            log.info("call '%s'.%s from connection %d: refused (%s)", _printable(alias),
+                     event or "?", wheel_id, _printable(reason))
         if answer:
             self._answer(self.wheels[wheel_id], caller_id, False, reason)
 
@@ -3059,7 +3105,7 @@ class Server:
     def _trace_settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str,
                        seconds: float) -> None:
         log.info("call '%s'.%s from connection %d to connection %d: %s in %.3f ms",
-                 _quote(delivery[3]), self._traced.pop(fresh_id, "?"), delivery[0], delivery[2],
+                 _printable(delivery[3]), self._traced.pop(fresh_id, "?"), delivery[0], delivery[2],
                  "ok" if success else "failed (%s)" % failure, seconds * 1000)
 
     def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str):
@@ -3174,7 +3220,7 @@ class Server:
                 "in_flight": len(peer.calls_made or ()), "queued_bytes": wheel.out_size})
         return {
             "server": "proxysession", "version": __version__, "name": self.alias,
-            "address": "%s:%d" % self.address if self.address else None,
+            "address": _host_port(*self.address) if self.address else None,
             "started": stats.started_wall, "uptime_s": round(now - stats.started, 3),
             "connections": len(self.wheels), "sessions": len(self.sessions),
             "messages": stats.messages, "calls": calls, "failures": failures,
@@ -3199,9 +3245,9 @@ class Server:
                  stats["in_flight"], stats["messages"])
         for entry in stats["aliases"]:
             log.info("  '%s': %d calls (%d failed), %d in flight, p50 %s ms, p99 %s ms, "
-                     "published by connection %s", _quote(entry["alias"]), entry["calls"],
-                     entry["failures"], entry["in_flight"], entry["latency_ms"]["p50"],
-                     entry["latency_ms"]["p99"], entry["publishers"][0])
+                     "published by connection %s", _printable(entry["alias"]), entry["calls"],
+                     entry["failures"], entry["in_flight"], _ms(entry["latency_ms"]["p50"]),
+                     _ms(entry["latency_ms"]["p99"]), entry["publishers"][0])
 
     # connections ending
 
@@ -3424,6 +3470,10 @@ MONITOR_MAX_CONNECTIONS = 64      # HTTP connections at once; more are closed as
 MONITOR_TIMEOUT = 5.0             # seconds one HTTP connection has to send its request and
                                   # read the answer: a stalled one is closed, costing only itself
 MONITOR_REFRESH = 5               # seconds between the page's reloads
+MONITOR_COST_SHARE = 20           # the statistics are made again at most once per this many
+                                  # times what making them took: scrapers in a loop get at most
+                                  # 1/20 of the loop (listing 1,024 aliases takes tens of ms),
+                                  # a small server's answers are fresh
 _REQUEST_LINE = re.compile(rb"([A-Za-z]{1,16}) (\S{1,2048}) HTTP/1\.[01]")
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}
@@ -3431,7 +3481,11 @@ _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Exchange:
-    """One HTTP connection to the monitor: one request in, one answer out."""
+    """One HTTP connection to the monitor: one request in, one answer out.
+    ``answer`` is None while the request comes, the rest of the answer while
+    it goes, and empty once it went: then what the client still sends is
+    read and dropped until it closes (a close with unread input would reset
+    the connection, losing the answer; nginx's "lingering close")."""
 
     __slots__ = ("sock", "handler", "received", "answer", "timer")
 
@@ -3467,16 +3521,20 @@ class _Monitor:
                           % (host, port, exc.strerror or exc)) from None
         self._listener = listener
         self.address = listener.getsockname()[:2]
-        self._exchanges: set = set()
+        self._exchanges: Dict[_Exchange, None] = {}     # oldest first
+        self._retry: Optional[_Timer] = None
         self.reactor.register(listener, _EVENT_READ, self._on_acceptable)
-        log.info("%s serves its monitor on http://%s:%d/", server.alias, self.address[0],
-                 self.address[1])
-        self._pages = {"/healthz": self._healthz, "/varz": self._varz, "/connz": self._connz,
-                       "/aliasz": self._aliasz, "/metrics": self._metrics, "/": self._page}
+        log.info("%s serves its monitor on http://%s/", server.alias, _host_port(*self.address))
+        self._pages = {"/healthz": None, "/varz": _varz, "/connz": _connz,
+                       "/aliasz": _aliasz, "/metrics": _metrics, "/": _page}
+        self._rendered: Dict[str, tuple] = {}   # path -> (the statistics, what they made)
+        self._shown: Tuple[float, Optional[dict]] = (0.0, None)   # (fresh until, statistics)
 
     def close(self) -> None:
         self.reactor.unregister(self._listener)
         self._listener.close()
+        if self._retry is not None:
+            self._retry.cancel()
         for exchange in list(self._exchanges):
             self._end(exchange)
 
@@ -3486,22 +3544,44 @@ class _Monitor:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as exc:         # out of descriptors: the broker matters more
-                log.warning("monitor: accept failed: %s", exc)
+            except OSError as exc:
+                # out of descriptors: stop accepting for a while, as the broker
+                # does (the pending connection would wake the loop at once again)
+                log.warning("monitor: accept failed (%s): not accepting for %.1f s", exc,
+                            ACCEPT_RETRY_DELAY)
+                self.reactor.unregister(self._listener)
+                self._retry = self.reactor.call_later(ACCEPT_RETRY_DELAY, self._accept_again)
                 return
-            if len(self._exchanges) >= MONITOR_MAX_CONNECTIONS:
+            if len(self._exchanges) >= MONITOR_MAX_CONNECTIONS and not self._evict():
                 sock.close()
                 continue
             sock.setblocking(False)
             exchange = _Exchange(sock)
             exchange.handler = lambda mask, exchange=exchange: self._on_event(exchange)
             exchange.timer = self.reactor.call_later(MONITOR_TIMEOUT, self._end, exchange)
-            self._exchanges.add(exchange)
+            self._exchanges[exchange] = None
             self.reactor.register(sock, _EVENT_READ, exchange.handler)
+
+    def _accept_again(self) -> None:
+        self._retry = None
+        if self._listener.fileno() >= 0:
+            self.reactor.register(self._listener, _EVENT_READ, self._on_acceptable)
+
+    def _evict(self) -> bool:
+        """Make room: close the oldest connection still sending its request
+        (or done with its answer). A
+        request of ours takes a round trip; one that dawdles gives its place
+        to the newcomer, so that connections that never finish (slowloris)
+        cannot keep a health check out."""
+        for exchange in self._exchanges:
+            if not exchange.answer:        # still sending its request, or done
+                self._end(exchange)
+                return True
+        return False
 
     def _on_event(self, exchange: _Exchange) -> None:
         if exchange.answer is not None:
-            return self._write(exchange)
+            return self._write(exchange) if exchange.answer else self._drain(exchange)
         try:
             data = exchange.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -3525,14 +3605,22 @@ class _Monitor:
         line = _REQUEST_LINE.fullmatch(head.split(b"\n", 1)[0].rstrip(b"\r"))
         if line is None:
             return 400, "text/plain", b"want a request line: GET PATH HTTP/1.1\n"
-        method, target = line.group(1).decode("ascii"), line.group(2).decode("latin-1")
-        page = self._pages.get(target.split("?", 1)[0])
+        method, target = line.group(1).decode("ascii"), line.group(2).decode("utf-8", "replace")
+        path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET and HEAD\n", False, "Allow: GET, HEAD\r\n"
+        if path == "/healthz":         # costs nothing: a health check never waits
+            return 200, "application/json", b'{"status": "ok"}\n', method == "HEAD"
+        page = self._pages.get(path)
         if page is None:
             return 404, "text/plain", ("no page %s here: try %s\n" % (
-                _quote(target), ", ".join(sorted(self._pages)))).encode("utf-8"), method == "HEAD"
-        content_type, body = page()
+                _printable(target), ", ".join(sorted(self._pages)))).encode("utf-8", "replace"), \
+                method == "HEAD"
+        stats = self._statistics()
+        rendered = self._rendered.get(path)
+        if rendered is None or rendered[0] is not stats:
+            rendered = self._rendered[path] = (stats, page(stats))
+        content_type, body = rendered[1]
         return 200, content_type, body, method == "HEAD"
 
     def _answer(self, exchange: _Exchange, status: int, content_type: str, body: bytes,
@@ -3544,6 +3632,16 @@ class _Monitor:
         self.reactor.modify(exchange.sock, _EVENT_WRITE, exchange.handler)
         self._write(exchange)
 
+    def _statistics(self) -> dict:
+        """The server's statistics, the same dict until made again (at most
+        once per MONITOR_COST_SHARE times what making them took)."""
+        now = time.monotonic()
+        fresh_until, stats = self._shown
+        if stats is None or now >= fresh_until:
+            stats = self.server.statistics()
+            self._shown = (now + (time.monotonic() - now) * MONITOR_COST_SHARE, stats)
+        return stats
+
     def _write(self, exchange: _Exchange) -> None:
         try:
             sent = exchange.sock.send(exchange.answer)
@@ -3553,45 +3651,61 @@ class _Monitor:
             return self._end(exchange)
         exchange.answer = exchange.answer[sent:]
         if not exchange.answer:
-            self._end(exchange)
+            try:
+                exchange.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return self._end(exchange)
+            self.reactor.modify(exchange.sock, _EVENT_READ, exchange.handler)
+
+    def _drain(self, exchange: _Exchange) -> None:
+        try:
+            if exchange.sock.recv(65536):
+                return                 # dropped; the timer bounds how long this goes on
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._end(exchange)
 
     def _end(self, exchange: _Exchange) -> None:
         if exchange in self._exchanges:
-            self._exchanges.discard(exchange)
+            del self._exchanges[exchange]
             exchange.timer.cancel()
             self.reactor.unregister(exchange.sock)
             exchange.sock.close()
 
-    # the pages: each reads the server's statistics() and nothing else
 
-    def _healthz(self):
-        return "application/json", b'{"status": "ok"}\n'
+# the pages: each makes (content type, body) of the server's statistics()
 
-    def _varz(self):
-        stats = self.server.statistics()
-        for listed in ("aliases", "connection_list", "history"):
-            del stats[listed]
-        return "application/json", _json_bytes(stats)
+def _varz(stats: dict) -> tuple:
+    return "application/json", _json_bytes({
+        key: value for key, value in stats.items()
+        if key not in ("aliases", "connection_list", "history")})
 
-    def _connz(self):
-        stats = self.server.statistics()
-        return "application/json", _json_bytes({"connections": stats["connection_list"],
-                                                "total": stats["connections"]})
 
-    def _aliasz(self):
-        stats = self.server.statistics()
-        return "application/json", _json_bytes({"aliases": stats["aliases"],
-                                                "total": stats["sessions"]})
+def _connz(stats: dict) -> tuple:
+    return "application/json", _json_bytes({"connections": stats["connection_list"],
+                                            "total": stats["connections"]})
 
-    def _metrics(self):
-        return _PROMETHEUS_TYPE, _prometheus_text(self.server.statistics()).encode("utf-8")
 
-    def _page(self):
-        return "text/html; charset=utf-8", _monitor_page(self.server.statistics()).encode("utf-8")
+def _aliasz(stats: dict) -> tuple:
+    return "application/json", _json_bytes({"aliases": stats["aliases"],
+                                            "total": stats["sessions"]})
+
+
+def _metrics(stats: dict) -> tuple:
+    # a lone surrogate in an alias (a str may hold one) becomes "?"
+    return _PROMETHEUS_TYPE, _prometheus_text(stats).encode("utf-8", "replace")
+
+
+def _page(stats: dict) -> tuple:
+    return "text/html; charset=utf-8", _monitor_page(stats).encode("utf-8", "replace")
 
 
 def _json_bytes(value: Any) -> bytes:
-    return (json.dumps(value, indent=1) + "\n").encode("utf-8")
+    # no indent: json encodes in C only without one (4x faster for /aliasz);
+    # browsers and jq lay it out
+    return (json.dumps(value) + "\n").encode("utf-8")
 
 
 def _label(value: Any) -> str:
@@ -3668,9 +3782,7 @@ def _monitor_page(stats: dict) -> str:
             "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % escape(_text(cell, None))
                                              for cell in row) for row in rows))
 
-    def ms(value):
-        return "-" if value is None else "%.3g" % value
-
+    ms = _ms
     aliases = table(
         ["alias", "publisher", "subscribers", "calls", "failures", "calls/s", "failures/s",
          "p50 ms", "p90 ms", "p99 ms", "in flight"],
@@ -3699,8 +3811,8 @@ table{border-collapse:collapse}td,th{padding:.2em .7em;border-bottom:1px solid #
 th{background:#f4f4f4}.none{color:#777}svg{background:#fafafa;border:1px solid #ddd}
 </style></head><body>
 <h1>proxysession %(name)s at %(address)s</h1>
-<p>version %(version)s, up %(uptime)s &middot; %(connections)d connections &middot;
-%(sessions)d aliases &middot; %(calls)d calls, %(failures)d failed &middot;
+<p>version %(version)s, up %(uptime)s &middot; %(connections)s &middot;
+%(sessions)s &middot; %(calls)d calls, %(failures)d failed &middot;
 %(in_flight)d in flight &middot; this page reloads every %(refresh)d s</p>
 <h2>Calls per second</h2>
 %(chart)s
@@ -3711,8 +3823,9 @@ th{background:#f4f4f4}.none{color:#777}svg{background:#fafafa;border:1px solid #
 </body></html>
 """ % {"refresh": MONITOR_REFRESH, "name": escape(_text(stats["name"])),
        "address": escape(_text(stats["address"])), "version": escape(stats["version"]),
-       "uptime": _duration(stats["uptime_s"]), "connections": stats["connections"],
-       "sessions": stats["sessions"], "calls": stats["calls"], "failures": stats["failures"],
+       "uptime": _duration(stats["uptime_s"]),
+       "connections": _plural(stats["connections"], "connection"),
+       "sessions": _aliases(stats["sessions"]), "calls": stats["calls"], "failures": stats["failures"],
        "in_flight": stats["in_flight"], "chart": _rate_chart(stats["history"]),
        "aliases": aliases, "connections_table": connections}
 
@@ -3740,18 +3853,6 @@ def _rate_chart(history: List[list]) -> str:
             '<p class=none>the last %s; green: calls, red: failures</p>'
             % (width, height, width, height, points(1), points(2), top, height - 3,
                _duration(SAMPLE_INTERVAL * (len(history) - 1))))
-
-
-def _duration(seconds: float) -> str:
-    """Seconds as a person reads them: 42 s, 3 min 20 s, 5 h 07 min, 2 d 3 h."""
-    seconds = int(seconds)
-    if seconds < 60:
-        return "%d s" % seconds
-    if seconds < 3600:
-        return "%d min %02d s" % divmod(seconds, 60)
-    if seconds < 86400:
-        return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
-    return "%d d %d h" % (seconds // 86400, seconds % 86400 // 3600)
 
 
 # ---------------------------------------------------------------------------
@@ -5354,36 +5455,35 @@ def _print_stats(client: "Client", connection: int, options) -> int:
     watch = options.watch
     if watch is not None and not 0 < watch < float("inf"):
         raise _UsageError("--watch wants a number of seconds > 0, not %s" % watch)
-    while True:
+    if watch is None:
         stats = client.server_stats(connection)
-        text = json.dumps(stats, indent=1) if options.json else _stats_text(stats)
-        if watch is None:
-            print(text)
-            return 0
-        # home, clear to the end: the table is redrawn where it was, like top
-        sys.stdout.write("\x1b[H\x1b[J%s\n(every %g s; Ctrl-C ends)\n" % (text, watch))
-        sys.stdout.flush()
-        try:
+        print(json.dumps(stats, indent=1) if options.json else _stats_text(stats))
+        return 0
+    try:
+        while True:
+            stats = client.server_stats(connection)
+            text = json.dumps(stats, indent=1) if options.json else _stats_text(stats)
+            # home, clear to the end: the table is redrawn where it was, like top
+            sys.stdout.write("\x1b[H\x1b[J%s\n(every %g s; Ctrl-C ends)\n" % (text, watch))
+            sys.stdout.flush()
             time.sleep(watch)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:          # how --watch ends, wherever it lands
+        return 0
 
 
 def _stats_text(stats: dict) -> str:
     """The ``stats`` answer as tables a person reads at a terminal."""
     def columns(headings: List[str], rows: List[list]) -> List[str]:
-        cells = [headings] + [[_text(cell, 60) for cell in row] for row in rows]
+        cells = [headings] + [[_printable(cell, 60) for cell in row] for row in rows]
         widths = [max(len(row[index]) for row in cells) for index in range(len(headings))]
         return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                 for row in cells]
 
-    def ms(value):
-        return "-" if value is None else "%.3g" % value
-
+    ms = _ms
     lines = ["proxysession %s at %s: up %s, %s, %s, %d calls (%d failed), %d in flight" % (
-        stats.get("version"), stats.get("address"), _duration(stats.get("uptime_s") or 0),
+        _printable(stats.get("version")), _printable(stats.get("address")), _duration(stats.get("uptime_s") or 0),
         _plural(stats.get("connections", 0), "connection"),
-        "1 alias" if stats.get("sessions") == 1 else "%d aliases" % stats.get("sessions", 0),
+        _aliases(stats.get("sessions", 0)),
         stats.get("calls", 0), stats.get("failures", 0), stats.get("in_flight", 0)), ""]
     aliases = stats.get("aliases") or []
     if aliases:

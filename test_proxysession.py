@@ -4701,34 +4701,32 @@ def test_the_monitor_refuses_what_is_not_a_small_get(monitored):
     assert http_get(address, "/varz", method="POST")[0] == 405
     status, _, body = http_get(address, "/varz", method="HEAD")
     assert (status, body) == (200, b"")
-    # a request head of 1 MB is cut off after MONITOR_MAX_REQUEST bytes: 431, closed
+    # a request head past MONITOR_MAX_REQUEST is answered 431 without waiting
+    # for its end, and closed
     with socket.create_connection(address, timeout=WAIT) as sock:
-        sent = 0
-        try:
-            sock.sendall(b"GET / HTTP/1.1\r\n")
-            for _ in range(1024):
-                sock.sendall(b"X-Filler: " + b"y" * 1010 + b"\r\n")
-                sent += 1024
-        except OSError:                # closed under us: refused, as it should be
-            pass
+        sock.sendall(b"GET / HTTP/1.1\r\n" + b"X-Filler: y\r\n" * 2000)     # 26 KB, no end
         answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    # and one of 1 MB: refused (431, or reset under it), the monitor answers on
+    with socket.create_connection(address, timeout=WAIT) as sock:
         try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
+            sock.sendall(b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"y" * (1 << 20))
+            assert sock.recv(64).startswith(b"HTTP/1.1 431 ")
         except ConnectionResetError:
             pass
-    assert sent < 1024 * 1024 and (answer == b"" or answer.startswith(b"HTTP/1.1 431"))
     assert http_get(address, "/healthz")[0] == 200
 
 
 def test_stalled_and_idle_http_clients_cost_only_themselves(monitored):
-    """200 idle connections and one that stops in the middle of its request
-    line: the monitor still answers, and calls are still routed while they
-    hang (the monitor has MONITOR_MAX_CONNECTIONS places; the rest are closed
-    as they come)."""
+    """200 idle connections, the first of which stops in the middle of its
+    request line: calls are still routed while they hang, and the monitor
+    still answers (it has MONITOR_MAX_CONNECTIONS places; a newcomer takes
+    the place of the oldest connection that has not sent its request)."""
     server, address, caller, conn = monitored
     idle = [socket.create_connection(address, timeout=WAIT) for _ in range(200)]
     try:
@@ -4736,17 +4734,17 @@ def test_stalled_and_idle_http_clients_cost_only_themselves(monitored):
         counted = caller.subscribe(conn, 'Count "ed"\n')
         for n in range(50):
             assert counted.echo(n) == n
-        closed = 0
-        for sock in idle[proxysession.MONITOR_MAX_CONNECTIONS:]:
-            closed += sock.recv(1) == b""       # closed as they came, not held open
-        assert closed == 200 - proxysession.MONITOR_MAX_CONNECTIONS
-        # the one that stalled is closed once MONITOR_TIMEOUT has passed
-        assert idle[0].recv(1) == b""
+        for n in range(3):             # each takes the place of a dawdler
+            assert http_get(address, "/healthz") == (200, "application/json",
+                                                     b'{"status": "ok"}\n')
+        assert json.loads(http_get(address, "/varz")[2])["calls"] == 55
+        assert idle[0].recv(1) == b""  # the oldest dawdler was the first to go
+        # the rest were taken and given up as newer ones came, or once
+        # MONITOR_TIMEOUT passed: none is held open for good
+        assert all(sock.recv(1) == b"" for sock in idle)
     finally:
         for sock in idle:
             sock.close()
-    # once their places are free the monitor answers again
-    assert wait_for(lambda: http_get(address, "/healthz")[0] == 200)
 
 
 def test_a_monitor_address_in_use_or_open_to_the_network_stops_the_server_with_one_line():
@@ -4846,3 +4844,87 @@ def test_stats_command_prints_a_table_json_and_watches(server_process, make_clie
     bad = subprocess.run([sys.executable, MODULE, "stats", address, "--watch", "-1"],
                          capture_output=True, text=True, timeout=WAIT)
     assert bad.returncode == 2 and "--watch wants a number of seconds > 0" in bad.stderr
+
+
+def test_a_hostile_failure_or_method_name_cannot_stall_or_forge_the_trace(server_process,
+                                                                         peers):
+    # what is tried: a method name with a newline (a forged log line), and a
+    # failure payload of 232 bytes that is a list holding itself twice, 30
+    # deep (its str() would take days): the trace shows both, escaped and cut
+    server = server_process("--trace")
+    publisher, caller = peers(server.address), peers(server.address)
+    assert publish(publisher, "Bomb") == (True, "Bomb")
+    caller.send(type="deliver", id=5, to="Bomb", payload=dumps(
+        {"event": "echo\n2026-01-01 00:00:00,000 proxysession INFO forged", "args": [],
+         "kwargs": {}}))
+    call = publisher.recv()
+    bomb = []
+    for _ in range(30):
+        bomb = [bomb, bomb]
+    publisher.send(type="result", id=call["id"], success=False, payload=dumps(bomb))
+    answer = caller.recv()
+    assert (answer["id"], answer["success"]) == (5, False)
+    assert wait_for(lambda: any("call 'Bomb'" in line for line in server.log))
+    (line,) = [line for line in server.log if "call 'Bomb'" in line]
+    assert "'Bomb'.echo\\n2026-01-01 00:00:00,000 proxysession INFO forged from" in line
+    assert "failed ([[[[" in line and len(line) < 400
+    assert not any(line.startswith("2026-01-01") for line in server.log)
+
+
+def test_an_alias_with_a_lone_surrogate_is_shown_everywhere(server_process, peers):
+    # a str may hold a lone surrogate, which UTF-8 cannot encode: the page,
+    # /metrics and the stats command show it replaced or escaped, not fail
+    server = server_process("--monitor", "127.0.0.1:0", "--trace")
+    publisher = peers(server.address)
+    assert publish(publisher, "lone\ud800") == (True, "lone\ud800")
+    address = monitor_address(server)
+    families = parse_prometheus(http_get(address, "/metrics")[2].decode("utf-8"))
+    assert families["proxysession_calls_total"][1] == [
+        ("proxysession_calls_total", {"alias": "lone?"}, 0.0)]
+    assert "lone?" in http_get(address, "/")[2].decode("utf-8")
+    table = subprocess.run([sys.executable, MODULE, "stats", "%s:%d" % server.address],
+                           capture_output=True, text=True, timeout=WAIT)
+    assert table.returncode == 0 and "lone\\ud800" in table.stdout, table.stderr
+    assert "error in" not in "".join(server.log)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE of a child")
+def test_the_monitor_backs_off_at_the_open_file_limit_instead_of_spinning():
+    # what is tried: a server with 40 descriptors, filled with broker
+    # connections, then a GET to its monitor: accept fails with EMFILE, and
+    # the monitor stops accepting for ACCEPT_RETRY_DELAY instead of waking
+    # the loop for the same pending connection over and over
+    import resource
+
+    def forty_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    proc = subprocess.Popen([sys.executable, MODULE, "--listen", "127.0.0.1:0", "--monitor",
+                             "127.0.0.1:0"], stderr=subprocess.PIPE, preexec_fn=forty_descriptors)
+    log = []
+    try:
+        while not any("listening on" in line for line in log):
+            line = proc.stderr.readline().decode()
+            assert line, log
+            log.append(line)
+        reader = threading.Thread(target=lambda: log.extend(
+            line.decode() for line in proc.stderr), daemon=True)
+        reader.start()
+        broker = tuple(int(n) for n in re.search(r"listening on ([\d.]+):(\d+)",
+                                                 "".join(log)).groups()[1:])[0]
+        monitor = re.search(r"monitor on http://([\d.]+):(\d+)/", "".join(log))
+        monitor = (monitor.group(1), int(monitor.group(2)))
+        filling = [socket.create_connection(("127.0.0.1", broker), timeout=WAIT)
+                   for _ in range(40)]
+        assert wait_for(lambda: any("open file limit" in line for line in log))
+        knock = socket.create_connection(monitor, timeout=WAIT)
+        knock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert wait_for(lambda: any("monitor: accept failed" in line for line in log))
+        for sock in filling:
+            sock.close()
+        assert knock.recv(64).startswith(b"HTTP/1.1 200 ")   # once descriptors are back
+        knock.close()
+        assert sum("monitor: accept failed" in line for line in log) <= 3, log[-5:]
+    finally:
+        proc.terminate()
+        proc.wait(WAIT)
