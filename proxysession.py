@@ -4229,6 +4229,17 @@ class Client:
     where every peer is trusted.
     """
 
+    # Slots, as the Server's (there: why): it has more attributes than
+    # CPython specialises the reads of, and its handlers read them per message.
+    __slots__ = ("alias", "reactor", "timeout", "authkey", "ssl_context", "max_frame",
+                 "max_write_buffer", "handshake_timeout", "options", "unknown_message_event",
+                 "socket_error_event", "connect_error_event", "rescinded_event", "reconnect",
+                 "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
+                 "_links", "_heartbeat_timer", "_unpickler", "_unsafe", "_connections",
+                 "_pending", "_publications", "_subscriptions", "_ids", "_connection_ids",
+                 "_deadlines", "_sweep_timer", "_sweep_at", "_trace", "_handlers",
+                 "__dict__", "__weakref__")
+
     def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT, authkey: Optional[bytes] = None,
                  ssl_context: Optional[ssl.SSLContext] = None, max_frame: int = MAX_FRAME,
