@@ -2623,6 +2623,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking socket listening on ``host:port`` (``[v6]`` or v4)."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host.strip("[]"), port))
+        listener.listen(backlog)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 def _raise_file_limit() -> None:
     """Thousands of connections need thousands of descriptors (PROTOCOL.md 8)."""
     try:
@@ -2770,16 +2785,7 @@ class Server:
                                   "peers (the monitor asks for no key even when the broker has "
                                   "one: with a key set, firewall the monitor's port)")
         _raise_file_limit()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host.strip("[]"), self.listen_port))
-            listener.listen(socket.SOMAXCONN)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
+        listener = _listening_socket(host, self.listen_port, socket.SOMAXCONN)
         self._listener = listener
         self.address = listener.getsockname()[:2]
         self.listen_port = self.address[1]
@@ -3508,15 +3514,9 @@ class _Monitor:
     def __init__(self, server: "Server", host: str, port: int):
         self.server = server
         self.reactor = server.reactor
-        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                 socket.SOCK_STREAM)
         try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host.strip("[]"), port))
-            listener.listen(MONITOR_MAX_CONNECTIONS)
-            listener.setblocking(False)
+            listener = _listening_socket(host, port, MONITOR_MAX_CONNECTIONS)
         except OSError as exc:
-            listener.close()
             raise OSError(exc.errno, "cannot serve the monitor on %s:%d: %s"
                           % (host, port, exc.strerror or exc)) from None
         self._listener = listener
