@@ -123,6 +123,11 @@ HELD_PER_CALLER = 2               # ... one caller's held calls, max_write_buffe
 HELD_IN_TOTAL = 2                 # and all of them, max_write_buffer * this (128 MiB)
 MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for answers: bounds
                                   # what a caller can make the server hold (~250 bytes each)
+MAX_SUBSCRIBE_WAIT = 3600.0       # seconds a subscribe may wait for its alias (PROTOCOL.md 7.5):
+                                  # an hour; a longer wait is a mistake, or a peer hoarding timers
+SUBSCRIBE_WAIT_MARGIN = 5.0       # seconds past its wait that a Client gives the answer
+MAX_WAITING_SUBSCRIBES = 256      # subscribes one connection may leave waiting: a client waits
+                                  # for the few aliases it needs, not thousands
 HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
 CHALLENGE_PROBE = 1.0             # seconds a keyed Client waits for the server's challenge before
                                   # asking, on a second connection, why none came (connect())
@@ -2527,7 +2532,7 @@ class _Peer:
     sent and answered."""
 
     __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token",
-                 "held_bytes", "since", "calls_sent", "calls_answered")
+                 "held_bytes", "since", "calls_sent", "calls_answered", "awaiting")
 
     def __init__(self):
         self.published: Optional[set] = None
@@ -2539,6 +2544,7 @@ class _Peer:
         self.since = time.monotonic()
         self.calls_sent = 0
         self.calls_answered = 0
+        self.awaiting: Optional[set] = None    # (alias, request id) of its waiting subscribes
 
 
 class _Parked:
@@ -2686,6 +2692,7 @@ class Server:
                  "_tokens", "_parked", "_parked_wheels", "_held_bytes", "sessions",
                  "delivered_store", "wheels", "address", "_listener", "_wheel_ids",
                  "_delivery_ids", "_traced", "_at_file_limit", "_frame_size", "_handlers",
+                 "_awaited",
                  "__dict__", "__weakref__")
 
     def __init__(self, listen_ip: str = DEFAULT_HOST, listen_port: int = DEFAULT_PORT,
@@ -2718,6 +2725,8 @@ class Server:
                                         type(monitor[0]) is str and type(monitor[1]) is int):
             raise ValueError("monitor must be a (host, port) tuple, not %r" % (monitor,))
         self.stats = _ServerStats(monitor)
+        # alias -> {(connection, request id): its timer}: subscribes waiting for it
+        self._awaited: Dict[str, Dict[Tuple[int, int], _Timer]] = {}
         self._tokens: Dict[str, int] = {}          # resume token -> its live connection
         self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
         self._parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
@@ -2968,11 +2977,13 @@ class Server:
         fault = _method_table_fault(methods)
         if fault:
             return self.send_result(False, data, wheel_id, "Malformed method table: " + fault)
-        self.sessions[alias] = _Session(alias, name, methods, wheel_id)
+        session = self.sessions[alias] = _Session(alias, name, methods, wheel_id)
         _add(self.wheels[wheel_id].context, "published", alias)
         log.info("connection %d published '%s' (%s)", wheel_id, alias,
                  _plural(len(methods), "method"))
         self.send_result(True, data, wheel_id, alias)
+        if alias in self._awaited:
+            self._published_for_waiters(session)
 
     def _published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
         """A publish of a parked session with its name and method table: a
@@ -3025,15 +3036,66 @@ class Server:
         self.send_result(True, data, wheel_id, sorted(self.sessions))
 
     def subscribe_session(self, data: dict, wheel_id: int) -> None:
-        """Subscribe to ``to``; success payload: ``{session, methods}``."""
+        """Subscribe to ``to``; success payload: ``{session, methods}``. With
+        ``wait`` (PROTOCOL.md 7.5), a subscribe to an alias not published yet
+        is answered when it is, or with the usual failure once the wait ends."""
         alias = data.get("to")
+        wait = data.get("wait")
+        if wait is not None and (type(wait) not in (int, float) or
+                                 not 0 <= wait <= MAX_SUBSCRIBE_WAIT):
+            return self.send_result(False, data, wheel_id, "Malformed message: wait must be "
+                                    "a number of seconds from 0 to %g, not %s"
+                                    % (MAX_SUBSCRIBE_WAIT, _show(wait)))
         session = self.sessions.get(alias) if type(alias) is str else None
         if session is None:
+            if wait and _is_name(alias):
+                return self._await_session(alias, data["id"], wheel_id, wait)
             return self.send_result(False, data, wheel_id,
                                     "Session '%s' doesn't exist" % _quote(alias))
+        self._subscribed(session, wheel_id, data["id"])
+
+    def _subscribed(self, session: _Session, wheel_id: int, msg_id: int) -> None:
         session.subscribers.add(wheel_id)
-        _add(self.wheels[wheel_id].context, "subscribed", alias)
-        self.send_result(True, data, wheel_id, {"session": alias, "methods": session.methods})
+        wheel = self.wheels[wheel_id]
+        _add(wheel.context, "subscribed", session.alias)
+        self._answer(wheel, msg_id, True, {"session": session.alias, "methods": session.methods})
+
+    # subscribes that wait for their alias (PROTOCOL.md 7.5)
+
+    def _await_session(self, alias: str, msg_id: int, wheel_id: int, wait: float) -> None:
+        peer: _Peer = self.wheels[wheel_id].context
+        waiting = self._awaited.setdefault(alias, {})
+        key = (wheel_id, msg_id)
+        if peer.awaiting and len(peer.awaiting) >= MAX_WAITING_SUBSCRIBES or key in waiting:
+            if not waiting:
+                del self._awaited[alias]
+            return self._answer(self.wheels[wheel_id], msg_id, False, (
+                "Malformed message: a subscribe with id %d already waits" % msg_id
+                if key in waiting else "Too many subscribes waiting: connection %d has %d "
+                "(MAX_WAITING_SUBSCRIBES)" % (wheel_id, MAX_WAITING_SUBSCRIBES)))
+        waiting[key] = self.reactor.call_later(wait, self._wait_ended, alias, key)
+        _add(peer, "awaiting", (alias, msg_id))
+
+    def _wait_ended(self, alias: str, key: Tuple[int, int]) -> None:
+        """The wait passed with no publish: the answer a subscribe gets at once."""
+        self._stop_waiting(alias, key)
+        self._answer(self.wheels[key[0]], key[1], False, "Session '%s' doesn't exist" % alias)
+
+    def _stop_waiting(self, alias: str, key: Tuple[int, int]) -> None:
+        waiting = self._awaited[alias]
+        waiting.pop(key).cancel()
+        if not waiting:
+            del self._awaited[alias]
+        wheel = self.wheels.get(key[0])
+        if wheel is not None:
+            wheel.context.awaiting.discard((alias, key[1]))
+
+    def _published_for_waiters(self, session: _Session) -> None:
+        """An alias was published: the subscribes waiting for it succeed."""
+        for key in list(self._awaited.get(session.alias, ())):
+            if key in self._awaited.get(session.alias, ()):   # a write may close a waiter,
+                self._stop_waiting(session.alias, key)        # whose cleanup takes its own
+                self._subscribed(session, *key)
 
     def deliver_message(self, data: dict, wheel_id: int) -> None:
         """Route a call to the publisher of ``to`` under a fresh id; its
@@ -3280,6 +3342,8 @@ class Server:
             session = self.sessions.get(alias)
             if session is not None:
                 session.subscribers.discard(wheel_id)
+        for alias, msg_id in peer.awaiting or ():
+            self._stop_waiting(alias, (wheel_id, msg_id))
         unanswered = []
         for fresh_id in peer.calls_served or ():
             delivery = self.delivered_store.pop(fresh_id, None)
@@ -5128,8 +5192,23 @@ class Client:
                                  timeout)
 
     def subscribe(self, connection_id: int, alias: str, callback: Optional[Callable] = None,
-                  tag: Any = None, timeout: Any = CLIENT_TIMEOUT) -> "Proxy":
-        """Subscribe to ``alias``; returns its ``Proxy``."""
+                  tag: Any = None, timeout: Any = CLIENT_TIMEOUT,
+                  wait: Optional[float] = None) -> "Proxy":
+        """Subscribe to ``alias``; returns its ``Proxy``. ``wait=SECONDS``: if
+        nothing is published as ``alias`` yet, wait up to that long for it
+        (the server answers when it is published); the request's timeout
+        grows to cover the wait."""
+        message = {"type": "subscribe", "to": alias}
+        if wait is not None:
+            if not isinstance(wait, (int, float)) or isinstance(wait, bool) or \
+                    not 0 <= wait <= MAX_SUBSCRIBE_WAIT:
+                raise ValueError("wait must be a number of seconds from 0 to %g, not %r"
+                                 % (MAX_SUBSCRIBE_WAIT, wait))
+            message["wait"] = float(wait)
+            timeout = self.timeout if timeout is CLIENT_TIMEOUT else timeout
+            if timeout is not None:
+                timeout = max(timeout, wait + SUBSCRIBE_WAIT_MARGIN)
+
         def on_result(value):
             if not isinstance(value, dict) or not isinstance(value.get("methods"), dict):
                 raise ProtocolError("malformed subscribe answer: %s" % _show(value, 200))
@@ -5138,8 +5217,7 @@ class Client:
             self._subscriptions[(connection_id, alias)] = subscription
             return subscription.proxy
 
-        return self.send_message(connection_id, {"type": "subscribe", "to": alias},
-                                 on_result, callback, tag, timeout)
+        return self.send_message(connection_id, message, on_result, callback, tag, timeout)
 
     def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int] = None) -> None:
         """Forget a subscription; its proxy then fails fast."""

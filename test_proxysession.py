@@ -2547,7 +2547,8 @@ def test_calls_nested_deeper_than_the_interpreter_allows_fail_that_call_only(ser
 PROTOCOL_MD = os.path.join(os.path.dirname(os.path.abspath(proxysession.__file__)),
                            "PROTOCOL.md")
 EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "deliver-forwarded",
-                 "result-from-publisher", "result-forwarded", "stats-request"}
+                 "result-from-publisher", "result-forwarded", "stats-request",
+                 "subscribe-wait-request"}
 
 
 def protocol_md_examples(text):
@@ -2643,6 +2644,11 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     stats = {"type": "stats"}
     stats["id"] = 1
     assert examples["stats-request"] == encoded(stats) == framed(stats)
+
+    # (7.5) Client.subscribe with wait=5: type, to, wait (a float), then the id
+    subscribe = {"type": "subscribe", "to": "Greeter", "wait": 5.0}
+    subscribe["id"] = 2
+    assert examples["subscribe-wait-request"] == encoded(subscribe) == framed(subscribe)
 
     # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
     body = split_frame(examples["listing-request"])
@@ -4928,3 +4934,59 @@ def test_the_monitor_backs_off_at_the_open_file_limit_instead_of_spinning():
     finally:
         proc.terminate()
         proc.wait(WAIT)
+
+
+# ---------------------------------------------------------------------------
+# subscribe with wait (PROTOCOL.md 7.5)
+# ---------------------------------------------------------------------------
+
+def test_subscribe_with_wait_is_answered_when_the_alias_is_published(server, make_client,
+                                                                     loop_threads):
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    answers = []
+    caller.subscribe(conn, "Later", wait=WAIT, callback=answers.append)
+    assert caller.server_listing(conn) == [] and not answers    # it waits, unanswered
+    publish_on_a_thread(server, make_client, loop_threads, Echo(), "Later")
+    assert caller.reactor.run_until(lambda: answers, WAIT)
+    assert answers[0].value().echo("back") == "back"
+
+
+def test_subscribe_with_wait_fails_as_usual_when_the_wait_ends(server, make_client):
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    with pytest.raises(proxysession.ProxyError, match="Session 'Never' doesn't exist"):
+        caller.subscribe(conn, "Never", wait=0.1)
+    assert caller.subscribe(conn, "Never", callback=lambda r: None) is None   # still usable
+    with pytest.raises(ValueError, match="wait must be a number of seconds"):
+        caller.subscribe(conn, "Never", wait=-1)
+
+
+@pytest.mark.parametrize("wait", ["5", -1, float("nan"), float("inf"), 3601, True, 10 ** 400],
+                         ids=["str", "negative", "nan", "inf", "too-long", "bool", "huge-int"])
+def test_a_bad_wait_gets_a_failure_naming_it_and_the_connection_stays(server, peers, wait):
+    peer = peers(server.address)
+    success, reason = peer.result(type="subscribe", id=3, to="X", wait=wait)
+    assert not success and reason.startswith("Malformed message: wait must be a number of "
+                                             "seconds from 0 to 3600, not ")
+    assert len(reason) < 400
+    assert peer.result(type="listing", id=4) == (True, [])
+
+
+def test_waiting_subscribes_are_bounded_and_leave_with_their_connection(server, peers):
+    waiter, other = peers(server.address), peers(server.address)
+    for n in range(proxysession.MAX_WAITING_SUBSCRIBES):
+        waiter.send(type="subscribe", id=n, to="A%d" % n, wait=60)
+    assert waiter.result(type="subscribe", id=-5, to="Z", wait=60) == (
+        False, "Too many subscribes waiting: connection 1 has %d (MAX_WAITING_SUBSCRIBES)"
+        % proxysession.MAX_WAITING_SUBSCRIBES)
+    other.send(type="subscribe", id=7, to="A0", wait=60)
+    assert other.result(type="subscribe", id=7, to="A0", wait=60) == (
+        False, "Malformed message: a subscribe with id 7 already waits")
+    waiter.close()                     # its 256 waits go with it
+    publisher = peers(server.address)
+    assert publish(publisher, "A0") == (True, "A0")
+    answer = other.recv()              # the one still waiting is answered, the rest gone
+    assert (answer["id"], answer["success"]) == (7, True)
+    assert pickle.loads(answer["payload"])["session"] == "A0"
+    assert wait_for(lambda: server.call(lambda: not server.server._awaited))
