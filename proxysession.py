@@ -2510,15 +2510,20 @@ def _duration(seconds: float) -> str:
 
 class _Session:
     """One published session: the alias callers use, the publisher's own name
-    for it, its method table, its publisher's wheel and who subscribed."""
+    for it, its method table, its publisher's wheel and who subscribed. A
+    shared one (PROTOCOL.md 7.6) has ``members``, the wheels that publish it
+    in the order they joined; its ``wheel_id`` is the first of them."""
 
-    __slots__ = ("alias", "name", "methods", "wheel_id", "subscribers", "calls")
+    __slots__ = ("alias", "name", "methods", "wheel_id", "subscribers", "calls", "members",
+                 "turn")
 
-    def __init__(self, alias, name, methods, wheel_id):
+    def __init__(self, alias, name, methods, wheel_id, shared=False):
         self.alias = alias
         self.name = name
         self.methods = methods
         self.wheel_id = wheel_id
+        self.members: Optional[List[int]] = [wheel_id] if shared else None
+        self.turn = 0                  # ties between members go in turn
         self.subscribers = set()
         self.calls = _Calls()          # a publisher that resumes or restarts keeps them
 
@@ -2960,10 +2965,16 @@ class Server:
         alias = payload.get("session_alias")
         name = payload.get("session_name")
         methods = payload.get("methods")
+        shared = payload.get("shared", False)
         fault = _alias_fault(alias, "Session alias must be defined")
         if fault:
             return self.send_result(False, data, wheel_id, fault)
+        if type(shared) is not bool:
+            return self.send_result(False, data, wheel_id, "Malformed payload: shared must be "
+                                    "True or False, not %s" % _show(shared))
         session = self.sessions.get(alias)
+        if session is not None and shared:
+            return self._join_shared(session, name, methods, data, wheel_id)
         if session is not None:
             parked = self._parked_wheels.get(session.wheel_id)
             if parked is None or name != session.name or methods != session.methods:
@@ -2977,13 +2988,41 @@ class Server:
         fault = _method_table_fault(methods)
         if fault:
             return self.send_result(False, data, wheel_id, "Malformed method table: " + fault)
-        session = self.sessions[alias] = _Session(alias, name, methods, wheel_id)
+        session = self.sessions[alias] = _Session(alias, name, methods, wheel_id, shared)
         _add(self.wheels[wheel_id].context, "published", alias)
-        log.info("connection %d published '%s' (%s)", wheel_id, alias,
-                 _plural(len(methods), "method"))
+        log.info("connection %d published '%s' (%s%s)", wheel_id, alias,
+                 _plural(len(methods), "method"), ", shared" if shared else "")
         self.send_result(True, data, wheel_id, alias)
         if alias in self._awaited:
             self._published_for_waiters(session)
+
+    def _join_shared(self, session: _Session, name: Any, methods: Any, data: dict,
+                     wheel_id: int) -> None:
+        """A shared publish of an alias there is: the connection joins it as
+        a member if the session is shared, with the same name and method
+        table, and not its member yet."""
+        members = session.members
+        if members is None or wheel_id in members or name != session.name or \
+                methods != session.methods:
+            return self.send_result(False, data, wheel_id,
+                                    "Session '%s' already exists" % session.alias)
+        members.append(wheel_id)
+        _add(self.wheels[wheel_id].context, "published", session.alias)
+        log.info("connection %d joined '%s' (%s)", wheel_id, session.alias,
+                 _plural(len(members), "member"))
+        self.send_result(True, data, wheel_id, session.alias)
+
+    def _leave_shared(self, session: _Session, wheel_id: int, why: str) -> None:
+        """A member leaves a shared session (rescind or connection gone): no
+        new calls go to it; the calls it has are its own. The last one to
+        leave takes the session with it."""
+        session.members.remove(wheel_id)
+        if session.members:
+            session.wheel_id = session.members[0]
+            log.info("connection %d left '%s' (%s): %s left", wheel_id, session.alias, why,
+                     _plural(len(session.members), "member"))
+        else:
+            self._remove_session(session, why)
 
     def _published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
         """A publish of a parked session with its name and method table: a
@@ -3006,10 +3045,14 @@ class Server:
         session = self.sessions.get(alias)
         if session is None:
             return self.send_result(False, data, wheel_id, "Session '%s' doesn't exist" % alias)
-        if session.wheel_id != wheel_id:
+        if (wheel_id not in session.members) if session.members else session.wheel_id != wheel_id:
             return self.send_result(False, data, wheel_id,
                                     "Session '%s' was published by another connection" % alias)
-        self._remove_session(session, "rescinded")
+        if session.members:            # drains: its calls in flight are still answered
+            self.wheels[wheel_id].context.published.discard(alias)
+            self._leave_shared(session, wheel_id, "rescinded")
+        else:
+            self._remove_session(session, "rescinded")
         self.send_result(True, data, wheel_id)
 
     def _remove_session(self, session: _Session, why: str) -> None:
@@ -3129,8 +3172,10 @@ class Server:
             return self._refused(wheel_id, caller_id, alias, session.calls, event,
                                  "too large to forward", answer=False)
         calls = session.calls
-        delivery = (wheel_id, caller_id, session.wheel_id, alias, calls, time.monotonic())
-        publisher = self.wheels.get(session.wheel_id)
+        publisher_id = session.wheel_id if session.members is None else \
+            self._least_busy(session)
+        delivery = (wheel_id, caller_id, publisher_id, alias, calls, time.monotonic())
+        publisher = self.wheels.get(publisher_id)
         if publisher is None:          # its publisher is away, within its grace window
             return self._hold(self._parked_wheels[session.wheel_id], fresh_id, delivery, body,
                               event)
@@ -3144,6 +3189,16 @@ class Server:
         publisher.write_frame(body)
         if publisher.out_size > self.high_water:
             publisher.wait_for_drain(caller)    # the caller feeds a publisher that lags: slow it
+
+    def _least_busy(self, session: _Session) -> int:
+        """The member of a shared session with the fewest calls in flight (its
+        connection's, to every alias it serves); ties in turn."""
+        wheels = self.wheels
+        loads = [len(wheels[member].context.calls_served or ()) for member in session.members]
+        fewest = min(loads)
+        tied = [member for member, load in zip(session.members, loads) if load == fewest]
+        session.turn += 1
+        return tied[session.turn % len(tied)]
 
     def _refused(self, wheel_id: int, caller_id: int, alias: Any, calls: Optional[_Calls],
                  event: Optional[str], reason: str, answer: bool = True) -> None:
@@ -3271,7 +3326,8 @@ class Server:
         aliases = []
         for alias in sorted(self.sessions)[:MAX_LISTED]:
             session = self.sessions[alias]
-            entry = {"alias": alias, "publishers": [session.wheel_id],
+            entry = {"alias": alias, "publishers": list(session.members or [session.wheel_id]),
+                     "shared": session.members is not None,
                      "away": session.wheel_id in self._parked_wheels,
                      "subscribers": len(session.subscribers)}
             entry.update(session.calls.summary())
@@ -3331,13 +3387,23 @@ class Server:
             else logging.DEBUG
         log.log(level, "connection %d from %s closed: %s", wheel_id, wheel.peer, reason)
         peer: _Peer = wheel.context
+        gone = []
+        for alias in [alias for alias in peer.published or ()
+                      if self.sessions[alias].members is not None]:
+            session = self.sessions[alias]     # shared: its member goes, not parked
+            peer.published.discard(alias)
+            session.members.remove(wheel_id)
+            if session.members:
+                session.wheel_id = session.members[0]
+            else:
+                gone.append(self.sessions.pop(alias))
         if peer.token is not None:
             del self._tokens[peer.token]
             if peer.published:
                 self._park(wheel_id, peer)
                 peer.published = None         # parked: they stay in self.sessions
-        gone = [self.sessions.pop(alias) for alias in peer.published or ()
-                if alias in self.sessions]
+        gone += [self.sessions.pop(alias) for alias in peer.published or ()
+                 if alias in self.sessions]
         for alias in peer.subscribed or ():
             session = self.sessions.get(alias)
             if session is not None:
@@ -4148,15 +4214,25 @@ class _Subscription:
 
 
 class _Publication:
-    __slots__ = ("connection_id", "alias", "obj", "methods", "workers", "confirmed")
+    __slots__ = ("connection_id", "alias", "obj", "methods", "workers", "confirmed", "shared")
 
-    def __init__(self, connection_id, alias, obj, methods, workers):
+    def __init__(self, connection_id, alias, obj, methods, workers, shared):
         self.connection_id = connection_id
         self.alias = alias
         self.obj = obj
         self.methods = methods
         self.workers = workers         # a _Workers, or None: calls run on the reactor's thread
         self.confirmed = False         # the server said yes: a reconnection publishes it again
+        self.shared = shared           # one member of a shared publication (PROTOCOL.md 7.6)
+
+    def message(self) -> dict:
+        """The publish request for it; ``shared`` only when it is, so that an
+        exclusive publish is the seed's bytes."""
+        payload = {"session_alias": self.alias, "session_name": self.alias,
+                   "methods": self.methods}
+        if self.shared:
+            payload["shared"] = True
+        return {"type": "publish", "payload": _dumps(payload)}
 
 
 def _parse_host_port(text: str) -> Tuple[str, Optional[int]]:
@@ -4707,10 +4783,8 @@ class Client:
         for key, publication in list(self._publications.items()):
             if key[0] == connection_id and publication.confirmed and \
                     publication.alias not in resumed:
-                self._rejoin_request(link, {"type": "publish", "payload": _dumps(
-                    {"session_alias": publication.alias, "session_name": publication.alias,
-                     "methods": publication.methods})},
-                    lambda result, key=key: self._republished(key, result))
+                self._rejoin_request(link, publication.message(),
+                                     lambda result, key=key: self._republished(key, result))
         for alias in resumed:
             if (connection_id, alias) not in self._publications:
                 log.info("%s: connection %d rescinds '%s', which the server kept for it but "
@@ -5110,20 +5184,24 @@ class Client:
 
     def publish(self, connection_id: int, alias: str, obj: Any,
                 methods: Optional[Iterable[str]] = None, callback: Optional[Callable] = None,
-                tag: Any = None, timeout: Any = CLIENT_TIMEOUT, workers: int = 0) -> str:
+                tag: Any = None, timeout: Any = CLIENT_TIMEOUT, workers: int = 0,
+                shared: bool = False) -> str:
         """Publish ``obj`` under ``alias``: the methods marked ``@proxy_event``,
         or those named in ``methods``. Returns the alias. With ``workers=N``,
         up to N calls to it run at once on worker threads of its own; with 0,
         on the reactor's thread, one after another. A method may return a
         ``concurrent.futures.Future`` (or an asyncio one): the caller gets its
-        result when it is done."""
+        result when it is done. ``shared=True``: join the publishers of
+        ``alias`` that said the same; each call goes to the one with the
+        fewest calls in flight (PROTOCOL.md 7.6)."""
+        if type(shared) is not bool:
+            raise ValueError("shared must be True or False, not %r" % (shared,))
         table = _method_table(obj, methods)
         workers = _check_workers(workers)
         key = (connection_id, alias)
         publication = _Publication(connection_id, alias, obj, table, _Workers(
-            workers, "%s:%s" % (self.alias, alias)) if workers else None)
-        message = {"type": "publish", "payload": _dumps(
-            {"session_alias": alias, "session_name": alias, "methods": table})}
+            workers, "%s:%s" % (self.alias, alias)) if workers else None, shared)
+        message = publication.message()
 
         def register():
             if key in self._publications:

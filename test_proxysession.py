@@ -2548,7 +2548,7 @@ PROTOCOL_MD = os.path.join(os.path.dirname(os.path.abspath(proxysession.__file__
                            "PROTOCOL.md")
 EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "deliver-forwarded",
                  "result-from-publisher", "result-forwarded", "stats-request",
-                 "subscribe-wait-request"}
+                 "subscribe-wait-request", "shared-publish-payload"}
 
 
 def protocol_md_examples(text):
@@ -2649,6 +2649,15 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     subscribe = {"type": "subscribe", "to": "Greeter", "wait": 5.0}
     subscribe["id"] = 2
     assert examples["subscribe-wait-request"] == encoded(subscribe) == framed(subscribe)
+
+    # (7.6) the payload of Client.publish(..., shared=True), and of an
+    # exclusive publish: the same but for "shared", which it leaves out
+    table = {"run": {"signature": "(job)", "doc": None}}
+    shared = proxysession._Publication(1, "Jobs", None, table, None, True).message()
+    assert shared == {"type": "publish", "payload": examples["shared-publish-payload"]}
+    exclusive = proxysession._Publication(1, "Jobs", None, table, None, False).message()
+    assert pickle.loads(exclusive["payload"]) == {
+        "session_alias": "Jobs", "session_name": "Jobs", "methods": table}
 
     # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
     body = split_frame(examples["listing-request"])
@@ -4990,3 +4999,164 @@ def test_waiting_subscribes_are_bounded_and_leave_with_their_connection(server, 
     assert (answer["id"], answer["success"]) == (7, True)
     assert pickle.loads(answer["payload"])["session"] == "A0"
     assert wait_for(lambda: server.call(lambda: not server.server._awaited))
+
+
+# ---------------------------------------------------------------------------
+# shared publications (PROTOCOL.md 7.6)
+# ---------------------------------------------------------------------------
+
+ECHO_TABLE = {"echo": {"signature": "(x)", "doc": None}}
+
+
+def publish_shared(peer, alias, methods=ECHO_TABLE, msg_id=1, shared=True):
+    return peer.result(type="publish", id=msg_id, payload=dumps(
+        {"session_alias": alias, "session_name": alias, "methods": methods, "shared": shared}))
+
+
+def test_calls_to_a_shared_alias_go_to_the_member_with_fewest_in_flight(server, peers):
+    first, second, caller = (peers(server.address) for _ in range(3))
+    assert publish_shared(first, "Jobs") == (True, "Jobs")
+    assert publish_shared(second, "Jobs") == (True, "Jobs")
+    assert caller.result(type="listing", id=1) == (True, ["Jobs"])     # one alias
+    for n in range(4):
+        caller.send(type="deliver", id=10 + n, to="Jobs", payload=dumps(
+            {"event": "echo", "args": [n], "kwargs": {}}))
+    got = {first: [first.recv(), first.recv()], second: [second.recv(), second.recv()]}
+    # two each: after the first, whoever has fewer in flight gets the next
+    for member, calls in got.items():
+        for call in calls:
+            args = pickle.loads(call["payload"])["args"]
+            member.send(type="result", id=call["id"], success=True, payload=dumps(args[0]))
+    answers = {}
+    for _ in range(4):
+        answer = caller.recv()
+        answers[answer["id"]] = pickle.loads(answer["payload"])
+    assert answers == {10: 0, 11: 1, 12: 2, 13: 3}
+    # fewest in flight: a member still busy gets nothing while the other is idle
+    caller.send(type="deliver", id=20, to="Jobs", payload=dumps(
+        {"event": "echo", "args": [20], "kwargs": {}}))
+    busy = first if first.sock in select.select([first.sock, second.sock], [], [], WAIT)[0] \
+        else second
+    idle = second if busy is first else first
+    held = busy.recv()
+    for n in range(3):
+        caller.send(type="deliver", id=21 + n, to="Jobs", payload=dumps(
+            {"event": "echo", "args": [n], "kwargs": {}}))
+        call = idle.recv()
+        idle.send(type="result", id=call["id"], success=True, payload=dumps(n))
+        assert caller.recv()["id"] == 21 + n
+    busy.send(type="result", id=held["id"], success=True, payload=dumps(20))
+    assert caller.recv()["id"] == 20
+
+
+@pytest.mark.parametrize("first_shared, second_shared, methods", [
+    (False, True, ECHO_TABLE), (True, False, ECHO_TABLE),
+    (True, True, {"other": {"signature": "()", "doc": None}})],
+    ids=["exclusive-then-shared", "shared-then-exclusive", "different-methods"])
+def test_shared_and_exclusive_exclude_each_other_and_so_do_other_tables(
+        server, peers, first_shared, second_shared, methods):
+    first, second = peers(server.address), peers(server.address)
+    assert publish_shared(first, "Jobs", shared=first_shared) == (True, "Jobs")
+    assert publish_shared(second, "Jobs", methods, shared=second_shared) == (
+        False, "Session 'Jobs' already exists")
+    assert publish_shared(first, "Jobs", msg_id=2, shared=first_shared) == (
+        False, "Session 'Jobs' already exists")                  # once per connection
+
+
+def test_a_bad_shared_flag_gets_a_failure_naming_it(server, peers):
+    peer = peers(server.address)
+    assert publish_shared(peer, "Jobs", shared="yes") == (
+        False, "Malformed payload: shared must be True or False, not 'yes'")
+    assert publish_shared(peer, "Jobs", msg_id=2) == (True, "Jobs")   # the connection stays
+
+
+def test_a_member_that_goes_fails_only_its_own_calls_and_the_last_takes_the_alias(server,
+                                                                              peers):
+    first, second, caller = (peers(server.address) for _ in range(3))
+    assert publish_shared(first, "Jobs") == (True, "Jobs")
+    assert publish_shared(second, "Jobs") == (True, "Jobs")
+    assert caller.result(type="subscribe", id=1, to="Jobs")[0]
+    for n in range(2):
+        caller.send(type="deliver", id=10 + n, to="Jobs", payload=dumps(
+            {"event": "echo", "args": [n], "kwargs": {}}))
+    on_first, on_second = first.recv(), second.recv()
+    first.close()                      # with a call in flight
+    failed = caller.recv()
+    assert failed["id"] in (10, 11) and failed["success"] is False
+    assert pickle.loads(failed["payload"]) == "Session 'Jobs' went away before answering"
+    second.send(type="result", id=on_second["id"], success=True, payload=dumps("done"))
+    answer = caller.recv()             # the other member's call is answered, not a notice
+    assert (answer["type"], answer["id"], answer["success"]) == (
+        "result", 21 - failed["id"], True)
+    assert caller.result(type="listing", id=2) == (True, ["Jobs"])
+    second.close()                     # the last member: now the alias goes
+    notice = caller.recv()
+    assert (notice["type"], notice["to"]) == ("rescinded", "Jobs")
+    assert caller.result(type="listing", id=3) == (True, [])
+
+
+def test_a_member_that_rescinds_drains(server, peers):
+    first, second, caller = (peers(server.address) for _ in range(3))
+    assert publish_shared(first, "Jobs") == (True, "Jobs")
+    assert publish_shared(second, "Jobs") == (True, "Jobs")
+    caller.send(type="deliver", id=10, to="Jobs", payload=dumps(
+        {"event": "echo", "args": [0], "kwargs": {}}))
+    busy = first if first.sock in select.select([first.sock, second.sock], [], [], WAIT)[0] \
+        else second
+    other = second if busy is first else first
+    call = busy.recv()
+    assert busy.result(type="rescind", id=5, payload=dumps({"session_alias": "Jobs"})) == (
+        True, None)
+    for n in range(3):                 # new calls: the other member only
+        caller.send(type="deliver", id=20 + n, to="Jobs", payload=dumps(
+            {"event": "echo", "args": [n], "kwargs": {}}))
+        routed = other.recv()
+        other.send(type="result", id=routed["id"], success=True, payload=dumps(n))
+        assert caller.recv()["id"] == 20 + n
+    busy.send(type="result", id=call["id"], success=True, payload=dumps("late"))
+    answer = caller.recv()             # the drained call is still answered
+    assert (answer["id"], pickle.loads(answer["payload"])) == (10, "late")
+
+
+def test_clients_share_an_alias_and_a_caller_sees_one(server, make_client, loop_threads):
+    class Worker:
+        def __init__(self, name):
+            self.name = name
+
+        @proxysession.proxy_event
+        def who(self, job):
+            return self.name, job
+
+    for name in ("a", "b"):
+        publish_on_a_thread(server, make_client, loop_threads, Worker(name), "Jobs",
+                            shared=True, workers=2)
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    jobs = caller.subscribe(conn, "Jobs").who
+    futures = [jobs.future(n) for n in range(40)]
+    done = [future.result(WAIT) for future in futures]
+    assert sorted(job for _, job in done) == list(range(40))
+    assert {name for name, _ in done} == {"a", "b"}
+    with pytest.raises(ValueError, match="shared must be True or False"):
+        caller.publish(conn, "Other", Worker("c"), shared="yes")
+
+
+def test_readme_work_queue_runs_as_written_with_two_workers(server):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Many workers behind one name\n")[1].split("\n## ")[0]
+    worker_code, caller_code = re.findall(r"```python\n(.*?)```", section, re.S)
+    port = str(server.address[1])
+    worker_code = worker_code.replace("56789", port).replace(
+        "proxysession.run()", "print('ready', flush=True); proxysession.run()")
+    workers = [subprocess.Popen([sys.executable, "-c", worker_code], cwd=HERE,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for worker in workers:
+            assert worker.stdout.readline() == "ready\n"
+        done = run_python(caller_code.replace("56789", port))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == re.findall(r"print\(.*# (.*)", caller_code)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(WAIT)
