@@ -125,6 +125,8 @@ MAX_WAITING_CALLS = 10000         # calls one connection may leave waiting for a
                                   # what a caller can make the server hold (~250 bytes each)
 MAX_SUBSCRIBE_WAIT = 3600.0       # seconds a subscribe may wait for its alias (PROTOCOL.md 7.5):
                                   # an hour; a longer wait is a mistake, or a peer hoarding timers
+SERIAL_CALL_NOTICE = 0.5          # seconds a call may hold the reactor's thread (workers=0)
+                                  # before the log says, once, that the others wait for it
 SUBSCRIBE_WAIT_MARGIN = 5.0       # seconds past its wait that a Client gives the answer
 MAX_WAITING_SUBSCRIBES = 256      # subscribes one connection may leave waiting: a client waits
                                   # for the few aliases it needs, not thousands
@@ -2537,7 +2539,8 @@ class _Peer:
     sent and answered."""
 
     __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token",
-                 "held_bytes", "since", "calls_sent", "calls_answered", "awaiting")
+                 "held_bytes", "since", "calls_sent", "calls_answered", "awaiting",
+                 "max_frame")
 
     def __init__(self):
         self.published: Optional[set] = None
@@ -2550,6 +2553,7 @@ class _Peer:
         self.calls_sent = 0
         self.calls_answered = 0
         self.awaiting: Optional[set] = None    # (alias, request id) of its waiting subscribes
+        self.max_frame: Optional[int] = None   # its own frame limit, if it said (info)
 
 
 class _Parked:
@@ -3165,17 +3169,17 @@ class Server:
                                  "for answers (max_waiting_calls)"
                                  % (wheel_id, self.max_waiting_calls))
         fresh_id = next(self._delivery_ids)
-        data["to"] = session.name
-        data["id"] = fresh_id
-        body = self._forward(data, wheel_id, caller_id, alias)
-        if body is None:               # refused, and answered, by _forward
-            return self._refused(wheel_id, caller_id, alias, session.calls, event,
-                                 "too large to forward", answer=False)
         calls = session.calls
         publisher_id = session.wheel_id if session.members is None else \
             self._least_busy(session)
-        delivery = (wheel_id, caller_id, publisher_id, alias, calls, time.monotonic())
         publisher = self.wheels.get(publisher_id)
+        data["to"] = session.name
+        data["id"] = fresh_id
+        body = self._forward(data, wheel_id, caller_id, alias, publisher)
+        if body is None:               # refused, and answered, by _forward
+            return self._refused(wheel_id, caller_id, alias, calls, event,
+                                 "too large to forward", answer=False)
+        delivery = (wheel_id, caller_id, publisher_id, alias, calls, time.monotonic())
         if publisher is None:          # its publisher is away, within its grace window
             return self._hold(self._parked_wheels[session.wheel_id], fresh_id, delivery, body,
                               event)
@@ -3231,16 +3235,27 @@ class Server:
                  _printable(delivery[3]), self._traced.pop(fresh_id, "?"), delivery[0], delivery[2],
                  "ok" if success else "failed (%s)" % failure, seconds * 1000)
 
-    def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str):
-        """``data`` encoded to be passed on, or None after answering ``answer_id``
-        on ``wheel_id``: what the server sends on is never much larger than what
-        it received (a hostile message could otherwise grow on re-encoding,
-        past the frame limit of the connection it goes to)."""
+    def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str,
+                 receiver: Optional[Wheel]):
+        """``data`` encoded to be passed on to ``receiver``, or None after
+        answering ``answer_id`` on ``wheel_id``: what the server sends on is
+        never much larger than what it received (a hostile message could
+        otherwise grow on re-encoding, past the frame limit of the connection
+        it goes to), nor larger than the receiver said it takes (it would
+        close its connection, failing everyone's calls on it)."""
         body = _encode(data)
         size = len(body) if type(body) is bytes else sum(map(len, body))
         if size > self._frame_size + len(data.get("to") or "") + 32:
             self._answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
                          "be forwarded as %d bytes, much more than it came as" % size)
+            return None
+        limit = receiver.context.max_frame if receiver is not None else None
+        if limit is not None and size > limit:
+            self._answer(self.wheels[wheel_id], answer_id, False, "%s of %d bytes exceeds the "
+                         "max_frame of %s (%d bytes)" % (
+                             "Call" if data["type"] == "deliver" else "Result", size,
+                             "the publisher of '%s'" % alias if data["type"] == "deliver"
+                             else "its caller", limit))
             return None
         return body
 
@@ -3270,7 +3285,7 @@ class Server:
             self._answer(caller, caller_id, False, failure)
             return
         data["id"] = caller_id
-        body = self._forward(data, caller_wheel_id, caller_id, alias)
+        body = self._forward(data, caller_wheel_id, caller_id, alias, caller)
         if body is None:
             self._settled(fresh_id, delivery, False, "(too large)")
             return
@@ -3290,7 +3305,15 @@ class Server:
             caller.wait_for_drain(caller)
 
     def get_info(self, data: dict, wheel_id: int) -> None:
-        """What a client needs to know of this server (PROTOCOL.md 7.1)."""
+        """What a client needs to know of this server (PROTOCOL.md 7.1); and,
+        if it says, the client's own frame limit."""
+        max_frame = data.get("max_frame")
+        if max_frame is not None:
+            if type(max_frame) is not int or not MAX_HANDSHAKE_FRAME <= max_frame < ID_RANGE:
+                return self.send_result(False, data, wheel_id, "Malformed message: max_frame "
+                                        "must be an int of bytes from %d to 2**63 - 1, not %s"
+                                        % (MAX_HANDSHAKE_FRAME, _show(max_frame)))
+            self.wheels[wheel_id].context.max_frame = max_frame
         self.send_result(True, data, wheel_id, {
             "server": "proxysession", "version": __version__, "protocol": PROTOCOL_VERSION,
             "max_frame": self.max_frame, "max_waiting_calls": self.max_waiting_calls,
@@ -4214,7 +4237,8 @@ class _Subscription:
 
 
 class _Publication:
-    __slots__ = ("connection_id", "alias", "obj", "methods", "workers", "confirmed", "shared")
+    __slots__ = ("connection_id", "alias", "obj", "methods", "workers", "confirmed", "shared",
+                 "told_serial")
 
     def __init__(self, connection_id, alias, obj, methods, workers, shared):
         self.connection_id = connection_id
@@ -4224,6 +4248,7 @@ class _Publication:
         self.workers = workers         # a _Workers, or None: calls run on the reactor's thread
         self.confirmed = False         # the server said yes: a reconnection publishes it again
         self.shared = shared           # one member of a shared publication (PROTOCOL.md 7.6)
+        self.told_serial = False       # the log said once that its calls wait for each other
 
     def message(self) -> dict:
         """The publish request for it; ``shared`` only when it is, so that an
@@ -4521,7 +4546,7 @@ class Client:
         # only from the next frame), or a peer that does not speak the
         # protocol, is reported; and it tells us the server's limits.
         try:
-            info = self.send_message(connection_id, {"type": "info"}, timeout=timeout)
+            info = self.send_message(connection_id, self._info_request(), timeout=timeout)
         except ProxyError as exc:
             info = exc
         try:
@@ -4770,7 +4795,13 @@ class Client:
             link.token = None
             self._restore(link, wheel, (), grace)
 
-        self._rejoin_request(link, {"type": "info"}, got_info)
+        self._rejoin_request(link, self._info_request(), got_info)
+
+    def _info_request(self) -> dict:
+        """``info``, telling the server this client's own frame limit, so that
+        a call or answer too large for it fails alone at the server instead of
+        closing this connection (PROTOCOL.md 7.1)."""
+        return {"type": "info", "max_frame": self.max_frame}
 
     def _restore(self, link: _Link, wheel: Wheel, resumed: list, grace: float) -> None:
         """Make the server's state this client's again, whatever requests the
@@ -5108,7 +5139,11 @@ class Client:
                     on_worker: bool) -> None:
         """Decode a call, run it and answer it; from a worker's thread, the
         answer is handed to the reactor's thread to send."""
+        started = time.monotonic()
         answer = self._run_call(wheel, message, publication)
+        if not on_worker and publication is not None and not publication.told_serial and \
+                time.monotonic() - started > SERIAL_CALL_NOTICE:
+            self._tell_serial(publication, time.monotonic() - started)
         if answer is None:             # a future answers it later
             return
         if on_worker:
@@ -5116,6 +5151,16 @@ class Client:
                                               *answer)
         else:
             self.return_to_sender(wheel, message.get("id"), *answer)
+
+    def _tell_serial(self, publication: _Publication, seconds: float) -> None:
+        """Once per publication: a call that held the reactor's thread (the
+        default, workers=0) held every other call and answer of this Client."""
+        publication.told_serial = True
+        log.warning("%s: a call to '%s' took %.2f s on the reactor's thread, and every other "
+                    "call and answer of this Client waited for it: with workers=0 (the "
+                    "default) its calls run there one at a time, in order; publish(..., "
+                    "workers=N) runs up to N at once on threads of their own", self.alias,
+                    publication.alias, seconds)
 
     def _run_call(self, wheel: Wheel, message: dict,
                   publication: Optional[_Publication]) -> Optional[Tuple[bool, bytes]]:

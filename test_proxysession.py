@@ -8,6 +8,7 @@ import ast
 import collections
 import concurrent.futures
 import json
+import logging
 import os
 import pickle
 import pickletools
@@ -5160,3 +5161,59 @@ def test_readme_work_queue_runs_as_written_with_two_workers(server):
         for worker in workers:
             worker.kill()
             worker.wait(WAIT)
+
+
+def test_a_value_over_the_receivers_own_frame_limit_fails_alone_at_the_server(
+        server_process, make_client, loop_threads):
+    # what is tried: a server that takes 8 MiB frames, a publisher and a
+    # caller that take 1 MiB (said in their info): a 2 MiB argument and a
+    # 2 MiB result each fail that call alone, the sizes named; before, the
+    # receiver closed its connection on the frame, failing everyone's calls
+    server = server_process("--max-frame", str(8 << 20))
+    publisher = make_client(reactor=proxysession.Reactor(), max_frame=1 << 20)
+    publisher.publish(publisher.connect(*server.address), "Sizes", Sizes())
+    loop_threads(publisher.reactor)
+    caller = make_client(max_frame=1 << 20)
+    sizes = caller.subscribe(caller.connect(*server.address), "Sizes")
+    with pytest.raises(proxysession.ProxyError, match=r"^Call of \d+ bytes exceeds the "
+                       r"max_frame of the publisher of 'Sizes' \(1048576 bytes\)$"):
+        sizes.length(b"x" * (2 << 20))
+    with pytest.raises(proxysession.ProxyError, match=r"^Result of \d+ bytes exceeds the "
+                       r"max_frame of its caller \(1048576 bytes\)$"):
+        sizes.make(2 << 20)
+    assert sizes.length(b"x" * 1000) == 1000        # both connections stayed
+
+
+def test_an_info_with_a_bad_max_frame_gets_a_failure_naming_it(server, peers):
+    peer = peers(server.address)
+    for msg_id, bad in enumerate(["big", 0, -5, 2 ** 70, 1.5, True]):
+        success, reason = peer.result(type="info", id=msg_id, max_frame=bad)
+        assert not success and reason.startswith("Malformed message: max_frame must be an int "
+                                                 "of bytes from 256 to 2**63 - 1, not ")
+    success, info = peer.result(type="info", id=9, max_frame=1 << 20)
+    assert success and info["max_frame"] == proxysession.MAX_FRAME
+
+
+def test_a_slow_call_on_the_reactors_thread_is_told_once(server, make_client, caplog):
+    class Slow:
+        @proxysession.proxy_event
+        def nap(self):
+            time.sleep(proxysession.SERIAL_CALL_NOTICE + 0.05)
+            return "rested"
+
+        @proxysession.proxy_event
+        def quick(self):
+            return "quick"
+
+    client = make_client()
+    conn = client.connect(*server.address)
+    client.publish(conn, "Slow", Slow())           # workers=0, the default
+    slow = client.subscribe(conn, "Slow")
+    with caplog.at_level(logging.WARNING, logger="proxysession"):
+        assert slow.quick() == "quick"
+        assert not caplog.records                   # a quick call says nothing
+        assert slow.nap() == "rested"
+        assert slow.nap() == "rested"
+    (record,) = caplog.records                      # once per publication
+    assert "a call to 'Slow' took" in record.getMessage()
+    assert "publish(..., workers=N) runs up to N at once" in record.getMessage()
