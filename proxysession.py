@@ -130,6 +130,7 @@ SERIAL_CALL_NOTICE = 0.5          # seconds a call may hold the reactor's thread
 SUBSCRIBE_WAIT_MARGIN = 5.0       # seconds past its wait that a Client gives the answer
 MAX_WAITING_SUBSCRIBES = 256      # subscribes one connection may leave waiting: a client waits
                                   # for the few aliases it needs, not thousands
+TIMER_COMPACT_FLOOR = 1024        # timers in a reactor's heap before cancelled ones are dropped
 HANDSHAKE_TIMEOUT = 10.0          # seconds a peer gets to finish TLS and the authkey handshake
 CHALLENGE_PROBE = 1.0             # seconds a keyed Client waits for the server's challenge before
                                   # asking, on a second connection, why none came (connect())
@@ -1406,6 +1407,7 @@ class Reactor:
     def __init__(self):
         self._selector = selectors.DefaultSelector()
         self._timers: list = []
+        self._compact_at = TIMER_COMPACT_FLOOR     # heap size that makes it drop cancelled ones
         self._sequence = itertools.count()   # ties in the heap never compare timers
         self._ready: collections.deque = collections.deque()
         self._flushes: list = []
@@ -1477,8 +1479,21 @@ class Reactor:
 
     def call_later(self, delay: float, callback: Callable, *args) -> _Timer:
         timer = _Timer(time.monotonic() + delay, callback, args)
-        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        timers = self._timers
+        heapq.heappush(timers, (timer.when, next(self._sequence), timer))
+        if len(timers) > self._compact_at:
+            self._compact_timers()
         return timer
+
+    def _compact_timers(self) -> None:
+        """A cancelled timer stays in the heap until its time (an hour, for a
+        subscribe's wait): each time the heap has doubled since the last look,
+        drop the cancelled ones, in place (a pass may be popping from it). The
+        heap stays within twice the live timers, at O(1) amortised per timer."""
+        timers = self._timers
+        timers[:] = [entry for entry in timers if not entry[2].cancelled]
+        heapq.heapify(timers)
+        self._compact_at = max(TIMER_COMPACT_FLOOR, 2 * len(timers))
 
     def _drain_wakeup(self, mask):
         try:
@@ -2552,7 +2567,7 @@ class _Peer:
         self.since = time.monotonic()
         self.calls_sent = 0
         self.calls_answered = 0
-        self.awaiting: Optional[set] = None    # (alias, request id) of its waiting subscribes
+        self.awaiting: Optional[Dict[int, str]] = None   # request id -> alias it waits for
         self.max_frame: Optional[int] = None   # its own frame limit, if it said (info)
 
 
@@ -2937,11 +2952,24 @@ class Server:
         if wheel is not None:
             self._answer(wheel, original["id"], success, payload)
 
-    def _answer(self, wheel: Wheel, msg_id: int, success: bool, payload: Any = None) -> None:
+    def _answer(self, wheel: Wheel, msg_id: int, success: bool, payload: Any = None,
+                pickled: bool = False) -> None:
+        """A result from the server itself (``pickled``: ``payload`` is so
+        already). Never larger than the peer said it takes (PROTOCOL.md 7.1):
+        a method table or a listing too large for it fails that request alone."""
         message = {"type": "result", "id": msg_id, "success": success}
         if payload is not None:
-            message["payload"] = _dumps(payload)
-        wheel.write_frame(_dumps(message))
+            message["payload"] = payload if pickled else _dumps(payload)
+        body = _encode(message)        # a large payload is sent as it lies, not copied
+        limit = wheel.context.max_frame
+        if limit is not None:
+            size = len(body) if type(body) is bytes else sum(map(len, body))
+            if size > limit:
+                body = _encode({"type": "result", "id": msg_id, "success": False,
+                                "payload": _dumps("Answer of %d bytes exceeds this "
+                                                  "connection's max_frame (%d bytes)"
+                                                  % (size, limit))})
+        wheel.write_frame(body)
 
     def _payload(self, data: dict, wheel_id: int) -> Optional[dict]:
         """The decoded dict payload of a publish or rescind, or None after
@@ -3101,27 +3129,32 @@ class Server:
                                     "Session '%s' doesn't exist" % _quote(alias))
         self._subscribed(session, wheel_id, data["id"])
 
-    def _subscribed(self, session: _Session, wheel_id: int, msg_id: int) -> None:
+    def _subscribed(self, session: _Session, wheel_id: int, msg_id: int,
+                    answer: Optional[bytes] = None) -> None:
+        """Make the connection a subscriber and say so; ``answer``: the
+        success payload already pickled (one publish answers many waiters)."""
         session.subscribers.add(wheel_id)
         wheel = self.wheels[wheel_id]
         _add(wheel.context, "subscribed", session.alias)
-        self._answer(wheel, msg_id, True, {"session": session.alias, "methods": session.methods})
+        self._answer(wheel, msg_id, True, answer if answer is not None else _dumps(
+            {"session": session.alias, "methods": session.methods}), pickled=True)
 
     # subscribes that wait for their alias (PROTOCOL.md 7.5)
 
     def _await_session(self, alias: str, msg_id: int, wheel_id: int, wait: float) -> None:
         peer: _Peer = self.wheels[wheel_id].context
-        waiting = self._awaited.setdefault(alias, {})
-        key = (wheel_id, msg_id)
-        if peer.awaiting and len(peer.awaiting) >= MAX_WAITING_SUBSCRIBES or key in waiting:
-            if not waiting:
-                del self._awaited[alias]
+        awaiting = peer.awaiting
+        if awaiting is None:
+            awaiting = peer.awaiting = {}
+        if msg_id in awaiting or len(awaiting) >= MAX_WAITING_SUBSCRIBES:
             return self._answer(self.wheels[wheel_id], msg_id, False, (
                 "Malformed message: a subscribe with id %d already waits" % msg_id
-                if key in waiting else "Too many subscribes waiting: connection %d has %d "
+                if msg_id in awaiting else "Too many subscribes waiting: connection %d has %d "
                 "(MAX_WAITING_SUBSCRIBES)" % (wheel_id, MAX_WAITING_SUBSCRIBES)))
-        waiting[key] = self.reactor.call_later(wait, self._wait_ended, alias, key)
-        _add(peer, "awaiting", (alias, msg_id))
+        key = (wheel_id, msg_id)
+        self._awaited.setdefault(alias, {})[key] = self.reactor.call_later(
+            wait, self._wait_ended, alias, key)
+        awaiting[msg_id] = alias
 
     def _wait_ended(self, alias: str, key: Tuple[int, int]) -> None:
         """The wait passed with no publish: the answer a subscribe gets at once."""
@@ -3135,14 +3168,20 @@ class Server:
             del self._awaited[alias]
         wheel = self.wheels.get(key[0])
         if wheel is not None:
-            wheel.context.awaiting.discard((alias, key[1]))
+            del wheel.context.awaiting[key[1]]
 
     def _published_for_waiters(self, session: _Session) -> None:
         """An alias was published: the subscribes waiting for it succeed."""
-        for key in list(self._awaited.get(session.alias, ())):
-            if key in self._awaited.get(session.alias, ()):   # a write may close a waiter,
-                self._stop_waiting(session.alias, key)        # whose cleanup takes its own
-                self._subscribed(session, *key)
+        alias = session.alias
+        methods = _dumps({"session": alias, "methods": session.methods})   # once for all
+        for key in list(self._awaited.get(alias, ())):
+            # a write may close a waiter (its cleanup takes its own waits), or
+            # the publisher itself, and its session with it
+            if self.sessions.get(alias) is not session:
+                break
+            if key in self._awaited.get(alias, ()):
+                self._stop_waiting(alias, key)
+                self._subscribed(session, *key, methods)
 
     def deliver_message(self, data: dict, wheel_id: int) -> None:
         """Route a call to the publisher of ``to`` under a fresh id; its
@@ -3196,11 +3235,19 @@ class Server:
 
     def _least_busy(self, session: _Session) -> int:
         """The member of a shared session with the fewest calls in flight (its
-        connection's, to every alias it serves); ties in turn."""
+        connection's, to every alias it serves); ties in turn. Only members
+        that take a frame of this call's size count, while there is one: a
+        member with a small max_frame must not draw, and fail, every call
+        that others could take."""
         wheels = self.wheels
-        loads = [len(wheels[member].context.calls_served or ()) for member in session.members]
+        size = self._frame_size + len(session.name) + 32     # the most _forward may send
+        peers = [wheels[member].context for member in session.members]
+        fitting = [(member, peer) for member, peer in zip(session.members, peers)
+                   if peer.max_frame is None or peer.max_frame >= size] or \
+            list(zip(session.members, peers))
+        loads = [len(peer.calls_served or ()) for _, peer in fitting]
         fewest = min(loads)
-        tied = [member for member, load in zip(session.members, loads) if load == fewest]
+        tied = [member for (member, _), load in zip(fitting, loads) if load == fewest]
         session.turn += 1
         return tied[session.turn % len(tied)]
 
@@ -3431,7 +3478,7 @@ class Server:
             session = self.sessions.get(alias)
             if session is not None:
                 session.subscribers.discard(wheel_id)
-        for alias, msg_id in peer.awaiting or ():
+        for msg_id, alias in list((peer.awaiting or {}).items()):
             self._stop_waiting(alias, (wheel_id, msg_id))
         unanswered = []
         for fresh_id in peer.calls_served or ():
@@ -3568,17 +3615,32 @@ class Server:
             self.sessions[alias].wheel_id = wheel_id
             _add(peer, "published", alias)
         frames = []
+        too_large = []
         for fresh_id in list(parked.held):
             delivery = self.delivered_store[fresh_id]   # (a caller that left took its own)
             if delivery[3] in aliases:
                 caller = self.wheels.get(delivery[0])
-                frames.append(self._release_held(parked, fresh_id, caller and caller.context))
+                frame = self._release_held(parked, fresh_id, caller and caller.context)
+                size = len(frame) if type(frame) is bytes else sum(map(len, frame))
+                if peer.max_frame is not None and size > peer.max_frame:
+                    del self.delivered_store[fresh_id]     # too large for the new connection
+                    caller.context.calls_made.discard(fresh_id)
+                    too_large.append((fresh_id, delivery, size))
+                    continue
+                frames.append(frame)
                 self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
                 _add(peer, "calls_served", fresh_id)
         if not parked.published:
             parked.timer.cancel()
             del self._parked_wheels[parked.wheel_id]
             del self._parked[parked.token]
+        for fresh_id, delivery, size in too_large:     # told once the stores agree
+            failure = "Call of %d bytes exceeds the max_frame of the publisher of '%s' " \
+                      "(%d bytes)" % (size, delivery[3], peer.max_frame)
+            self._settled(fresh_id, delivery, False, failure)
+            caller = self.wheels.get(delivery[0])
+            if caller is not None:
+                self._answer(caller, delivery[1], False, failure)
         return frames
 
     def say_goodbye(self, data: dict, wheel_id: int) -> None:

@@ -5217,3 +5217,81 @@ def test_a_slow_call_on_the_reactors_thread_is_told_once(server, make_client, ca
     (record,) = caplog.records                      # once per publication
     assert "a call to 'Slow' took" in record.getMessage()
     assert "publish(..., workers=N) runs up to N at once" in record.getMessage()
+
+
+def test_a_shared_member_with_a_small_frame_limit_does_not_draw_the_calls(server, peers):
+    # what is tried: one member says it takes 256-byte frames; calls of ~400
+    # bytes must all go to the other member, not fail on the small one
+    small, large, caller = (peers(server.address) for _ in range(3))
+    assert small.result(type="info", id=1, max_frame=256)[0]
+    assert publish_shared(small, "Jobs", msg_id=2) == (True, "Jobs")
+    assert publish_shared(large, "Jobs") == (True, "Jobs")
+    for n in range(10):
+        caller.send(type="deliver", id=n, to="Jobs", payload=dumps(
+            {"event": "echo", "args": ["x" * 300], "kwargs": {}}))
+    for n in range(10):
+        call = large.recv()
+        large.send(type="result", id=call["id"], success=True, payload=dumps(n))
+        assert caller.recv()["success"] is True
+    assert caller.result(type="listing", id=99) == (True, ["Jobs"])
+
+
+def test_the_servers_own_answers_respect_the_frame_limit_a_peer_said(server, peers):
+    publisher, small = peers(server.address), peers(server.address)
+    table = {"m%03d" % n: {"signature": "()", "doc": "x" * 100} for n in range(100)}
+    assert publish(publisher, "Big", table) == (True, "Big")
+    assert small.result(type="info", id=1, max_frame=1024)[0]
+    success, reason = small.result(type="subscribe", id=2, to="Big")
+    assert not success and re.fullmatch(r"Answer of \d+ bytes exceeds this connection's "
+                                        r"max_frame \(1024 bytes\)", reason)
+    assert small.result(type="listing", id=3) == (True, ["Big"])      # it stayed open
+
+
+def test_calls_held_for_a_resuming_publisher_respect_its_new_frame_limit(peers):
+    server = ThreadedServer(grace=WAIT)
+    try:
+        first = peers(server.address)
+        assert first.result(type="info", id=1, max_frame=1 << 20)[0]
+        token = first.result(type="resume", id=2)[1]["token"]
+        assert publish(first, "Away", msg_id=3) == (True, "Away")
+        first.close()
+        assert wait_for(lambda: server.call(lambda: bool(server.server._parked)))
+        caller = peers(server.address)
+        caller.send(type="deliver", id=7, to="Away", payload=dumps(
+            {"event": "echo", "args": ["z" * 5000], "kwargs": {}}))     # held
+        caller.send(type="deliver", id=8, to="Away", payload=dumps(
+            {"event": "echo", "args": ["small"], "kwargs": {}}))        # held
+        assert wait_for(lambda: server.call(lambda: len(server.server.delivered_store) == 2))
+        back = peers(server.address)
+        assert back.result(type="info", id=1, max_frame=1024)[0]
+        success, resumed = back.result(type="resume", id=2, token=token)
+        assert success and resumed["resumed"] == ["Away"]
+        failed = caller.recv()         # the large one fails alone, the sizes named
+        assert (failed["id"], failed["success"]) == (7, False)
+        assert re.fullmatch(r"Call of \d+ bytes exceeds the max_frame of the publisher of "
+                            r"'Away' \(1024 bytes\)", pickle.loads(failed["payload"]))
+        call = back.recv()             # the small one goes through
+        assert pickle.loads(call["payload"])["args"] == ["small"]
+    finally:
+        server.stop()
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_reactor(server, peers):
+    # what is tried: 256 waits, answered by a publish, then a rescind, 20
+    # times: each wait's hour-long timer is cancelled, and the heap must not
+    # keep them all (it holds at most twice the live timers, past 1024)
+    waiter, publisher = peers(server.address), peers(server.address)
+    for cycle in range(20):
+        for n in range(proxysession.MAX_WAITING_SUBSCRIBES):
+            waiter.send(type="subscribe", id=n, to="Z", wait=3600)
+        assert waiter.result(type="listing", id=-1) == (True, [])   # all 256 wait now
+        assert publish(publisher, "Z", msg_id=2 * cycle) == (True, "Z")
+        for n in range(proxysession.MAX_WAITING_SUBSCRIBES):
+            assert waiter.recv()["success"] is True
+        assert publisher.result(type="rescind", id=2 * cycle + 1, payload=dumps(
+            {"session_alias": "Z"})) == (True, None)
+        while True:                    # the rescinded notices of this cycle
+            notice = waiter.recv()
+            if notice["type"] == "rescinded":
+                break
+    assert server.call(lambda: len(server.reactor._timers)) <= 2 * 1024
