@@ -45,7 +45,8 @@ Contents, in the order the data flows:
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
 - statistics        what the server counts of calls, per alias and connection
-- server            Server: sessions and call routing; resumption (grace window)
+- server            Server: sessions and call routing (shared ones: to the least
+                    busy member); subscribes that wait; resumption (grace window)
 - monitor           the server's statistics over HTTP: JSON, Prometheus, a page
 - threads           worker pools, futures: calls that run off the loop
 - client            Client: connections, publications, requests;
