@@ -58,6 +58,15 @@ Workloads:
       Each W7 cell is capped by --cell-timeout and shows "timeout" past it.
       Not in --quick unless asked for with --workloads; there it is 3
       restarts and a 3 s window.
+  W8  a work queue (issue 21), for each module whose Client takes shared=:
+      2,000 jobs sleeping 5 to 20 ms (seeded) over 4 worker processes, each
+      publishing the alias Jobs with shared=True and workers=1, the caller
+      keeping 8 in flight; when half are answered one worker is killed with
+      SIGKILL and a fresh one started. Reported in the notes: jobs answered,
+      failed with "went away before answering" (the killed worker's calls in
+      flight), other failures, jobs run twice (from the workers' own logs: must
+      be 0), the time, and its ratio to the ideal (the jobs' total time over
+      the 4 worker slots). Not in --quick unless asked for (then 200 jobs).
 
 Rows:
   proxysession   its own Client and Proxy on both ends, through its server
@@ -89,6 +98,7 @@ Usage:  python bench_proxysession.py [--quick] [--seconds S] [--rounds N] [--onl
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import pickle
@@ -122,13 +132,17 @@ RESTARTS = 5                    # W7: server restarts
 HEARTBEAT_CONNS = 1000          # W7: idle connections with heartbeats
 HEARTBEAT = 1.0                 # W7: their Client's heartbeat, seconds
 HEARTBEAT_WINDOW = 10.0         # W7: seconds of CPU measured
+JOBS = 2000                     # W8: jobs of the work queue,
+JOB_MS = (5, 20)                # ... each sleeping this many ms (uniform, seeded),
+JOB_WORKERS = 4                 # ... over this many worker processes of one slot each,
+JOB_WINDOW = 8                  # ... the caller keeping this many in flight
 CHUNK = 256 * 1024
 ROWS = ["proxysession", "server+raw", "relay floor", "direct", "mp.managers", "Pyro5", "RPyC"]
 MODULE_ROWS = ("proxysession", "server+raw")   # the rows that run the module: --baseline twins
 BASELINE = "baseline "                          # the twins' prefix
 PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller",   # roles that import it
             "ps-features", "ps-cli-server", "ps-restart-callee", "ps-restart-caller",
-            "ps-heartbeat-holder")
+            "ps-heartbeat-holder", "ps-jobs-worker", "ps-jobs-caller")
 
 
 # ---------------------------------------------------------------------------
@@ -711,7 +725,68 @@ def ps_features():
     import proxysession
     parameters = inspect.signature(proxysession.Client).parameters
     return {"module": proxysession.__file__, "reconnect": "reconnect" in parameters,
-            "heartbeat": "heartbeat" in parameters}
+            "heartbeat": "heartbeat" in parameters,
+            "shared": "shared" in inspect.signature(proxysession.Client.publish).parameters}
+
+
+# W8: a work queue over shared publications (issue 21)
+
+def ps_jobs_worker(address, log_path):
+    """One worker process of W8: publishes Jobs shared, one call at a time,
+    and writes down every job it starts (the bench looks for any run twice)."""
+    import proxysession
+    quiet_links(proxysession)
+    ran = open(log_path, "a", buffering=1)
+
+    class Jobs:
+        @proxysession.proxy_event
+        def run(self, job, ms):
+            ran.write("%d\n" % job)
+            time.sleep(ms / 1000.0)
+            return job
+
+    client = proxysession.Client("jobs-worker", timeout=60)
+    client.publish(client.connect(*address), "Jobs", Jobs(), shared=True, workers=1)
+    print("ready", proxysession.__file__, flush=True)
+    proxysession.run()
+
+
+def ps_jobs_caller(address, jobs, window):
+    """W8's caller: keeps ``window`` jobs in flight until all have been tried;
+    says "half" when half are answered (the bench then kills a worker and
+    starts another), and at the end what came back, as JSON."""
+    import random
+    import proxysession
+    quiet_links(proxysession)
+    client = proxysession.Client("jobs-caller", timeout=60)
+    client.reactor.run_in_thread()     # concurrent.futures.wait does not drive the loop
+    run = client.subscribe(client.connect(*address), "Jobs", wait=30).run
+    print("ready", proxysession.__file__, flush=True)
+    rng = random.Random(8)
+    durations = [rng.uniform(*JOB_MS) for _ in range(jobs)]
+    answered, failures, said_half = 0, {}, False
+    in_flight = []
+    started = time.monotonic()
+    next_job = 0
+    while next_job < jobs or in_flight:
+        while next_job < jobs and len(in_flight) < window:
+            in_flight.append(run.future(next_job, durations[next_job]))
+            next_job += 1
+        done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            in_flight.remove(future)
+            try:
+                future.result()
+                answered += 1
+            except proxysession.ProxyError as exc:
+                failures[str(exc)[:80]] = failures.get(str(exc)[:80], 0) + 1
+        if not said_half and answered >= jobs // 2:
+            said_half = True
+            print("half", flush=True)
+    elapsed = time.monotonic() - started
+    client.close()
+    print(json.dumps({"answered": answered, "failures": failures, "elapsed": elapsed,
+                      "job_seconds": sum(durations) / 1000.0}), flush=True)
 
 
 def ps_cli_server(port):
@@ -1351,6 +1426,56 @@ def measure_links(modules, quick, timeout, notes):
     return cells
 
 
+def measure_jobs(module, jobs, timeout):
+    """W8: JOBS jobs over JOB_WORKERS worker processes of one slot each,
+    sharing one alias; when half are answered one worker is killed (SIGKILL)
+    and a fresh one started. Every job must be answered or fail with "went
+    away before answering", none may run twice; the time is compared with the
+    ideal, the jobs' total time over the worker slots."""
+    deadline = time.monotonic() + timeout
+    children = []
+    logs = tempfile.mkdtemp(prefix="bench-jobs-")
+    try:
+        server = Child("ps-cli-server", 0, module=module)
+        children.append(server)
+        _, port = wait_listening(server, deadline)
+        workers = []
+        for n in range(JOB_WORKERS + 1):
+            if n == JOB_WORKERS:
+                caller = Child("ps-jobs-caller", port, jobs, JOB_WINDOW, module=module)
+                children.append(caller)
+                caller.line(deadline)                    # ready
+                if caller.line(deadline) != "half":
+                    raise RuntimeError("the caller did not get half way")
+                workers[0].proc.kill()                   # mid-run, with its calls in flight
+                n = "fresh"
+            worker = Child("ps-jobs-worker", port, os.path.join(logs, "%s.log" % n),
+                           module=module)
+            children.append(worker)
+            worker.line(deadline)                        # ready: it has joined
+            workers.append(worker)
+        result = json.loads(caller.line(deadline))
+    except CellTimeout:
+        return {"timeout": timeout}
+    except (RuntimeError, ValueError, KeyError) as exc:
+        return {"failed": "%s: %s" % (type(exc).__name__, str(exc)[:200])}
+    finally:
+        for child in reversed(children):
+            child.stop()
+    ran = []
+    for name in os.listdir(logs):
+        with open(os.path.join(logs, name)) as handle:
+            ran += handle.read().split()
+    shutil.rmtree(logs, ignore_errors=True)
+    ideal = result["job_seconds"] / JOB_WORKERS
+    went_away = sum(times for text, times in result["failures"].items()
+                    if "went away before answering" in text)
+    return {"jobs": jobs, "answered": result["answered"], "went_away": went_away,
+            "other_failures": sum(result["failures"].values()) - went_away,
+            "run_twice": len(ran) - len(set(ran)), "elapsed_s": result["elapsed"],
+            "ideal_s": ideal, "ratio": result["elapsed"] / ideal}
+
+
 def importable(name):
     try:
         __import__(name)
@@ -1384,6 +1509,10 @@ def run_role(argv):
         return ps_restart_callee(("127.0.0.1", int(args[0])))
     if role == "ps-restart-caller":
         return ps_restart_caller(("127.0.0.1", int(args[0])), float(args[1]))
+    if role == "ps-jobs-worker":
+        return ps_jobs_worker(("127.0.0.1", int(args[0])), args[1])
+    if role == "ps-jobs-caller":
+        return ps_jobs_caller(("127.0.0.1", int(args[0])), int(args[1]), int(args[2]))
     if role == "ps-heartbeat-holder":
         return ps_heartbeat_holder(("127.0.0.1", int(args[0])), int(args[1]),
                                    None if args[2] == "none" else float(args[2]))
@@ -1502,8 +1631,8 @@ def main(argv=None):
     rounds = options.rounds or (1 if options.quick else 3)
     if rounds < 1 or seconds <= 0 or options.cell_timeout <= 0:
         parser.error("--rounds, --seconds and --cell-timeout must be positive")
-    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
-    workloads = set(known) - ({"W6", "W7"} if options.quick else set())
+    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"]
+    workloads = set(known) - ({"W6", "W7", "W8"} if options.quick else set())
     if options.workloads:
         workloads = {w.strip().upper() for w in options.workloads.split(",")}
         if not workloads <= set(known):
@@ -1555,6 +1684,18 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
         if "W6" in workloads else {}
     links = measure_links(modules, options.quick, options.cell_timeout, notes) \
         if "W7" in workloads else {}
+    if "W8" in workloads:
+        for module in modules:
+            if not Child("ps-features", module=module).result(timeout=60).get("shared"):
+                notes.append("W8 (%s): n/a, its Client has no shared=" % module)
+                continue
+            figures = measure_jobs(module, 200 if options.quick else JOBS, options.cell_timeout)
+            notes.append("W8 (%s): work queue of %s over %d worker processes (one SIGKILLed "
+                         "half way, a fresh one started): %s" % (
+                             module, figures.get("jobs"), JOB_WORKERS, ", ".join(
+                                 "%s %s" % (key, round(value, 3) if type(value) is float
+                                            else value) for key, value in figures.items()
+                                 if key != "jobs")))
     for module in modules:
         if module in SEEN_MODULES:
             notes.append("%s rows ran %s" % (module, describe_module(SEEN_MODULES[module],
