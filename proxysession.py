@@ -2595,6 +2595,14 @@ class _Parked:
 # (time.monotonic()). A plain tuple, since one is made for every call.
 
 
+def _drop_member(session: "_Session", wheel_id: int) -> bool:
+    """Take a member out of a shared session; True if it was the last."""
+    session.members.remove(wheel_id)
+    if session.members:
+        session.wheel_id = session.members[0]
+    return not session.members
+
+
 def _is_name(value: Any) -> bool:
     return type(value) is str and 0 < len(value) <= MAX_NAME
 
@@ -2669,6 +2677,28 @@ def _listening_socket(host: str, port: int, backlog: int) -> socket.socket:
     return listener
 
 
+def _accept_some(reactor: Reactor, listener: socket.socket,
+                 on_accept: Callable[[socket.socket, Any], None],
+                 resume: Callable[[], None]) -> Optional[OSError]:
+    """Accept up to MAX_ACCEPTS_PER_WAKEUP connections (in batches, so that a
+    connect storm cannot starve the others), handing each to ``on_accept``.
+    An accept that fails other than by finding none (out of descriptors, most
+    often) stops accepting for ACCEPT_RETRY_DELAY, then ``resume()``: the
+    pending connection would otherwise wake the loop again at once, forever.
+    Returns that failure, for the caller to log."""
+    for _ in range(MAX_ACCEPTS_PER_WAKEUP):
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None
+        except OSError as exc:
+            reactor.unregister(listener)
+            reactor.call_later(ACCEPT_RETRY_DELAY, resume)
+            return exc
+        on_accept(sock, address)
+    return None
+
+
 def _raise_file_limit() -> None:
     """Thousands of connections need thousands of descriptors (PROTOCOL.md 8)."""
     try:
@@ -2695,7 +2725,8 @@ class Server:
     ``handle_inbound_data`` dispatches a decoded message to
     ``publish_session``, ``rescind_session``, ``get_listing``,
     ``subscribe_session``, ``deliver_message`` and ``handle_delivered``,
-    and the extensions ``get_info`` and ``answer_ping`` (PROTOCOL.md 7);
+    and the extensions ``get_info``, ``answer_ping`` and ``get_stats``
+    (PROTOCOL.md 7);
     ``send_result`` answers a request.
 
     The stores: ``sessions`` (alias -> session) and ``delivered_store``
@@ -2847,36 +2878,31 @@ class Server:
                 "this check off." % (what, host or "every address", why))
 
     def _on_acceptable(self, mask) -> None:
-        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
-            try:
-                sock, address = self._listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    if not self._at_file_limit:
-                        log.error("at the open file limit with %d connections (%s): not "
-                                  "accepting for %.1f s", len(self.wheels), exc,
-                                  ACCEPT_RETRY_DELAY)
-                    self._at_file_limit = True
-                    self.reactor.unregister(self._listener)
-                    self.reactor.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
-                    return
-                log.error("accept failed: %s", exc)
-                return
-            self._at_file_limit = False
-            wheel_id = next(self._wheel_ids)
-            peer = "%s:%d" % address[:2]
-            wheel = Wheel(self.reactor, sock, wheel_id, on_frame=self._on_frame,
-                          on_close=self._on_wheel_closed, on_open=self._on_wheel_open,
-                          peer=peer, server_side=True, max_frame=self.max_frame,
-                          max_write_buffer=self.max_write_buffer,
-                          low_water=self.high_water // 2, ssl_context=self.ssl_context,
-                          authkey=self.authkey, handshake_timeout=self.handshake_timeout)
-            if not wheel.closed:
-                wheel.context = _Peer()
-                self.wheels[wheel_id] = wheel
-                log.debug("connection %d from %s", wheel_id, peer)
+        failed = _accept_some(self.reactor, self._listener, self._accepted,
+                              self._resume_accepting)
+        if failed is None:
+            return
+        if failed.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            log.error("accept failed (%s): not accepting for %.1f s", failed, ACCEPT_RETRY_DELAY)
+        elif not self._at_file_limit:
+            log.error("at the open file limit with %d connections (%s): not accepting for "
+                      "%.1f s", len(self.wheels), failed, ACCEPT_RETRY_DELAY)
+            self._at_file_limit = True
+
+    def _accepted(self, sock: socket.socket, address) -> None:
+        self._at_file_limit = False
+        wheel_id = next(self._wheel_ids)
+        peer = "%s:%d" % address[:2]
+        wheel = Wheel(self.reactor, sock, wheel_id, on_frame=self._on_frame,
+                      on_close=self._on_wheel_closed, on_open=self._on_wheel_open,
+                      peer=peer, server_side=True, max_frame=self.max_frame,
+                      max_write_buffer=self.max_write_buffer,
+                      low_water=self.high_water // 2, ssl_context=self.ssl_context,
+                      authkey=self.authkey, handshake_timeout=self.handshake_timeout)
+        if not wheel.closed:
+            wheel.context = _Peer()
+            self.wheels[wheel_id] = wheel
+            log.debug("connection %d from %s", wheel_id, peer)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None:
@@ -3046,16 +3072,15 @@ class Server:
         self.send_result(True, data, wheel_id, session.alias)
 
     def _leave_shared(self, session: _Session, wheel_id: int, why: str) -> None:
-        """A member leaves a shared session (rescind or connection gone): no
-        new calls go to it; the calls it has are its own. The last one to
-        leave takes the session with it."""
-        session.members.remove(wheel_id)
-        if session.members:
-            session.wheel_id = session.members[0]
+        """A member rescinds a shared session: no new calls go to it; the
+        calls it has are its own. The last one to leave takes the session
+        with it. (A member whose connection goes is taken out by
+        _on_wheel_closed, which tells the others only once its stores agree.)"""
+        if _drop_member(session, wheel_id):
+            self._remove_session(session, why)
+        else:
             log.info("connection %d left '%s' (%s): %s left", wheel_id, session.alias, why,
                      _plural(len(session.members), "member"))
-        else:
-            self._remove_session(session, why)
 
     def _published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
         """A publish of a parked session with its name and method table: a
@@ -3463,10 +3488,7 @@ class Server:
                       if self.sessions[alias].members is not None]:
             session = self.sessions[alias]     # shared: its member goes, not parked
             peer.published.discard(alias)
-            session.members.remove(wheel_id)
-            if session.members:
-                session.wheel_id = session.members[0]
-            else:
+            if _drop_member(session, wheel_id):
                 gone.append(self.sessions.pop(alias))
         if peer.token is not None:
             del self._tokens[peer.token]
@@ -3738,7 +3760,6 @@ class _Monitor:
         self._listener = listener
         self.address = listener.getsockname()[:2]
         self._exchanges: Dict[_Exchange, None] = {}     # oldest first
-        self._retry: Optional[_Timer] = None
         self.reactor.register(listener, _EVENT_READ, self._on_acceptable)
         log.info("%s serves its monitor on http://%s/", server.alias, _host_port(*self.address))
         self._pages = {"/healthz": None, "/varz": _varz, "/connz": _connz,
@@ -3749,37 +3770,27 @@ class _Monitor:
     def close(self) -> None:
         self.reactor.unregister(self._listener)
         self._listener.close()
-        if self._retry is not None:
-            self._retry.cancel()
         for exchange in list(self._exchanges):
             self._end(exchange)
 
     def _on_acceptable(self, mask) -> None:
-        for _ in range(MAX_ACCEPTS_PER_WAKEUP):
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                # out of descriptors: stop accepting for a while, as the broker
-                # does (the pending connection would wake the loop at once again)
-                log.warning("monitor: accept failed (%s): not accepting for %.1f s", exc,
-                            ACCEPT_RETRY_DELAY)
-                self.reactor.unregister(self._listener)
-                self._retry = self.reactor.call_later(ACCEPT_RETRY_DELAY, self._accept_again)
-                return
-            if len(self._exchanges) >= MONITOR_MAX_CONNECTIONS and not self._evict():
-                sock.close()
-                continue
-            sock.setblocking(False)
-            exchange = _Exchange(sock)
-            exchange.handler = lambda mask, exchange=exchange: self._on_event(exchange)
-            exchange.timer = self.reactor.call_later(MONITOR_TIMEOUT, self._end, exchange)
-            self._exchanges[exchange] = None
-            self.reactor.register(sock, _EVENT_READ, exchange.handler)
+        failed = _accept_some(self.reactor, self._listener, self._accepted, self._accept_again)
+        if failed is not None:
+            log.warning("monitor: accept failed (%s): not accepting for %.1f s", failed,
+                        ACCEPT_RETRY_DELAY)
+
+    def _accepted(self, sock: socket.socket, address) -> None:
+        if len(self._exchanges) >= MONITOR_MAX_CONNECTIONS and not self._evict():
+            sock.close()
+            return
+        sock.setblocking(False)
+        exchange = _Exchange(sock)
+        exchange.handler = lambda mask, exchange=exchange: self._on_event(exchange)
+        exchange.timer = self.reactor.call_later(MONITOR_TIMEOUT, self._end, exchange)
+        self._exchanges[exchange] = None
+        self.reactor.register(sock, _EVENT_READ, exchange.handler)
 
     def _accept_again(self) -> None:
-        self._retry = None
         if self._listener.fileno() >= 0:
             self.reactor.register(self._listener, _EVENT_READ, self._on_acceptable)
 
