@@ -98,6 +98,7 @@ __all__ = [
     "CallTimeout", "ConnectError", "FrameTooLarge",
     "ReferenceFilter", "Reactor", "Wheel", "Server", "Client", "Proxy",
     "Result", "proxy_event", "get_reactor", "run", "run_in_thread", "main",
+    "CallContext", "current_call",
     "DEFAULT_HOST", "DEFAULT_PORT", "MAX_FRAME",
 ]
 
@@ -129,6 +130,13 @@ MAX_SUBSCRIBE_WAIT = 3600.0       # seconds a subscribe may wait for its alias (
 SERIAL_CALL_NOTICE = 0.5          # seconds a call may hold the reactor's thread (workers=0)
                                   # before the log says, once, that the others wait for it
 SUBSCRIBE_WAIT_MARGIN = 5.0       # seconds past its wait that a Client gives the answer
+MAX_CALL_TIMEOUT = 30 * 86400.0   # seconds: the longest timeout a call carries (PROTOCOL.md 7.7);
+                                  # a Client with a longer one sends none (it keeps its own)
+DEADLINE_SWEEP = 0.25             # seconds between the server's looks for calls past their
+                                  # deadline: how late, at most, it answers one (PROTOCOL.md 7.7)
+SWEEP_RATE = 400000               # ... and calls it looks at per second at most (~2% of a core):
+                                  # with more in flight than SWEEP_RATE * DEADLINE_SWEEP it looks
+                                  # less often, so that the sweep's cost stays a small share
 MAX_WAITING_SUBSCRIBES = 256      # subscribes one connection may leave waiting: a client waits
                                   # for the few aliases it needs, not thousands
 TIMER_COMPACT_FLOOR = 1024        # timers in a reactor's heap before cancelled ones are dropped
@@ -2556,7 +2564,7 @@ class _Peer:
 
     __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token",
                  "held_bytes", "since", "calls_sent", "calls_answered", "awaiting",
-                 "max_frame")
+                 "max_frame", "calls_by_id")
 
     def __init__(self):
         self.published: Optional[set] = None
@@ -2570,6 +2578,9 @@ class _Peer:
         self.calls_answered = 0
         self.awaiting: Optional[Dict[int, str]] = None   # request id -> alias it waits for
         self.max_frame: Optional[int] = None   # its own frame limit, if it said (info)
+        # for a peer that said it speaks deadlines and cancel (info, PROTOCOL.md 7.7):
+        # its request id -> the fresh id, of each of its calls still waiting
+        self.calls_by_id: Optional[Dict[int, int]] = None
 
 
 class _Parked:
@@ -2590,9 +2601,17 @@ class _Parked:
 
 
 # A routed call waiting for its result, stored under the server's fresh id as
-# (caller_wheel_id, caller_id, publisher_wheel_id, alias, calls, started):
-# ``calls`` the _Calls of its alias, ``started`` when it was routed
-# (time.monotonic()). A plain tuple, since one is made for every call.
+# (caller_wheel_id, caller_id, publisher_wheel_id, alias, calls, started,
+# deadline): ``calls`` the _Calls of its alias, ``started`` when it was routed
+# and ``deadline`` when it is failed if still unanswered (time.monotonic();
+# None: never). A plain tuple, since one is made for every call.
+
+
+def _call_over(caller: "_Peer", fresh_id: int, caller_id: int) -> None:
+    """A call of ``caller``'s is no longer waiting for its answer here."""
+    caller.calls_made.discard(fresh_id)
+    if caller.calls_by_id is not None and caller.calls_by_id.get(caller_id) == fresh_id:
+        del caller.calls_by_id[caller_id]
 
 
 def _drop_member(session: "_Session", wheel_id: int) -> bool:
@@ -2748,7 +2767,7 @@ class Server:
                  "_tokens", "_parked", "_parked_wheels", "_held_bytes", "sessions",
                  "delivered_store", "wheels", "address", "_listener", "_wheel_ids",
                  "_delivery_ids", "_traced", "_at_file_limit", "_frame_size", "_handlers",
-                 "_awaited",
+                 "_awaited", "_deadline_timer",
                  "__dict__", "__weakref__")
 
     def __init__(self, listen_ip: str = DEFAULT_HOST, listen_port: int = DEFAULT_PORT,
@@ -2783,6 +2802,7 @@ class Server:
         self.stats = _ServerStats(monitor)
         # alias -> {(connection, request id): its timer}: subscribes waiting for it
         self._awaited: Dict[str, Dict[Tuple[int, int], _Timer]] = {}
+        self._deadline_timer: Optional[_Timer] = None   # the next look for calls past deadline
         self._tokens: Dict[str, int] = {}          # resume token -> its live connection
         self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
         self._parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
@@ -2811,6 +2831,7 @@ class Server:
             "stats": self.get_stats,
             "resume": self.resume_session,
             "goodbye": self.say_goodbye,
+            "cancel": self.cancel_call,
         }
 
     def __repr__(self):
@@ -2925,6 +2946,9 @@ class Server:
         if stats.monitor is not None:
             stats.monitor.close()
             stats.monitor = None
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         # every answer is written before any connection closes: a write may
         # close its connection, whose cleanup must find no call left to answer
         waiting, self.delivered_store = self.delivered_store, {}
@@ -2933,6 +2957,10 @@ class Server:
             caller = self.wheels.get(delivery[0])
             if caller is not None:
                 self._answer(caller, delivery[1], False, "Server is shutting down")
+        for session in self.sessions.values():
+            # nothing was rescinded: its subscribers lose their connection, and
+            # their Clients subscribe again, and wait, once a server is back
+            session.subscribers.clear()
         for wheel in list(self.wheels.values()):
             wheel.close("server is shutting down")
         log.info("%s stopped", self.alias)
@@ -3225,6 +3253,12 @@ class Server:
         if type(data.get("payload")) not in _PAYLOAD_TYPES:
             return self._refused(wheel_id, caller_id, alias, session.calls, event,
                                  "Malformed message: deliver wants a bytes payload")
+        timeout = data.get("timeout")
+        if timeout is not None and (type(timeout) not in (int, float) or
+                                    not 0 < timeout <= MAX_CALL_TIMEOUT):
+            return self._refused(wheel_id, caller_id, alias, session.calls, event,
+                                 "Malformed message: timeout must be a number of seconds above "
+                                 "0 and at most %g, not %s" % (MAX_CALL_TIMEOUT, _show(timeout)))
         made = peer.calls_made
         if made is None:
             made = peer.calls_made = set()
@@ -3240,11 +3274,16 @@ class Server:
         publisher = self.wheels.get(publisher_id)
         data["to"] = session.name
         data["id"] = fresh_id
+        deadline = None
+        if timeout is not None:
+            if publisher is None or publisher.context.calls_by_id is None:
+                del data["timeout"]    # a version-1 publisher sees the seed's deliver
+            deadline = self._deadline(timeout)
         body = self._forward(data, wheel_id, caller_id, alias, publisher)
         if body is None:               # refused, and answered, by _forward
             return self._refused(wheel_id, caller_id, alias, calls, event,
                                  "too large to forward", answer=False)
-        delivery = (wheel_id, caller_id, publisher_id, alias, calls, time.monotonic())
+        delivery = (wheel_id, caller_id, publisher_id, alias, calls, time.monotonic(), deadline)
         if publisher is None:          # its publisher is away, within its grace window
             return self._hold(self._parked_wheels[session.wheel_id], fresh_id, delivery, body,
                               event)
@@ -3254,6 +3293,8 @@ class Server:
         if event is not None:
             self._traced[fresh_id] = event
         made.add(fresh_id)
+        if peer.calls_by_id is not None:
+            peer.calls_by_id[caller_id] = fresh_id
         _add(publisher.context, "calls_served", fresh_id)
         publisher.write_frame(body)
         if publisher.out_size > self.high_water:
@@ -3337,19 +3378,24 @@ class Server:
         fresh_id = data["id"]
         delivery = self.delivered_store.get(fresh_id)
         if delivery is None or delivery[2] != wheel_id:
-            log.warning("connection %d sent a result for %s call %d: dropped", wheel_id,
-                        "someone else's" if delivery else "no waiting", fresh_id)
+            # (one that came after its call's deadline, or its cancel, is no news)
+            log.log(logging.WARNING if delivery else logging.DEBUG,
+                    "connection %d sent a result for %s call %d: dropped", wheel_id,
+                    "someone else's" if delivery else "no waiting", fresh_id)
             return
         del self.delivered_store[fresh_id]
         publisher = self.wheels[wheel_id].context
         publisher.calls_served.discard(fresh_id)
         publisher.calls_answered += 1
-        caller_wheel_id, caller_id, _, alias, calls, started = delivery
+        caller_wheel_id, caller_id, _, alias, calls, started, _ = delivery
         calls.bytes_out += self._frame_size
         caller = self.wheels.get(caller_wheel_id)
         if caller is None:             # (a caller that leaves takes its calls with it)
             return self._settled(fresh_id, delivery, False, "its caller left")
-        caller.context.calls_made.discard(fresh_id)
+        caller_peer = caller.context
+        caller_peer.calls_made.discard(fresh_id)
+        if caller_peer.calls_by_id is not None:
+            caller_peer.calls_by_id.pop(caller_id, None)
         success = data.get("success")
         if type(success) is not bool or type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
             log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
@@ -3377,6 +3423,85 @@ class Server:
             # read; the publisher that answered is never paused on its account
             caller.wait_for_drain(caller)
 
+    # deadlines and cancel (PROTOCOL.md 7.7): a call's timeout travels with it,
+    # and a caller may take a call back. A call's deadline is kept in its
+    # delivery, and a sweep looks for the calls past theirs a few times a
+    # second while any are waiting: a timer per call would cost every call
+    # a heap entry, and a heap of deadlines a push per call and a rebuild
+    # for the answered ones.
+
+    def _deadline(self, timeout: float) -> float:
+        """When a call with ``timeout`` fails here if still unanswered; the
+        sweep is made sure of."""
+        if self._deadline_timer is None:
+            self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP, self._expire_calls)
+        return time.monotonic() + timeout
+
+    def _expire_calls(self) -> None:
+        """Fail every call past its deadline: its caller is answered as its own
+        Client would time it out (a CallTimeout), and a late answer from its
+        publisher is dropped. A call the publisher is still working on keeps
+        its worker busy: the publisher is not told (it knows the deadline,
+        and does not start a call past it)."""
+        now = time.monotonic()
+        store = self.delivered_store
+        expired = [(fresh_id, delivery) for fresh_id, delivery in store.items()
+                   if delivery[6] is not None and delivery[6] <= now]
+        for fresh_id, delivery in expired:
+            if store.get(fresh_id) is not delivery:
+                continue               # answered meanwhile (an answer may close a peer)
+            del store[fresh_id]
+            publisher = self.wheels.get(delivery[2])
+            caller = self.wheels.get(delivery[0])
+            if publisher is not None:
+                publisher.context.calls_served.discard(fresh_id)
+            else:                      # held for a parked publisher
+                self._release_held(self._parked_wheels.get(delivery[2]), fresh_id,
+                                   caller and caller.context)
+            seconds = now - delivery[5]
+            self._settled(fresh_id, delivery, False, "timed out")
+            if caller is not None:
+                _call_over(caller.context, fresh_id, delivery[1])
+                self._answer(caller, delivery[1], False, _dumps({
+                    "error": "CallTimeout", "traceback": "",
+                    "message": "no answer within %.3g s (the call's timeout)" % seconds}),
+                    pickled=True)
+        self._deadline_timer = None
+        if any(delivery[6] is not None for delivery in store.values()):
+            self._deadline_timer = self.reactor.call_later(
+                max(DEADLINE_SWEEP, len(store) / SWEEP_RATE), self._expire_calls)
+
+    def cancel_call(self, data: dict, wheel_id: int) -> None:
+        """A caller takes back its call ``call`` (its own request id). A call
+        held for a parked publisher is failed here; one that its publisher
+        has is forwarded as a ``cancel`` notice, if the publisher takes them,
+        and the publisher answers it (at once, if it had not started it).
+        Success payload: True if the call will not start (as far as this
+        server can know), False if its publisher cannot be told."""
+        peer: _Peer = self.wheels[wheel_id].context
+        call_id = data.get("call")
+        fresh_id = peer.calls_by_id.get(call_id) if peer.calls_by_id is not None and \
+            type(call_id) is int else None
+        delivery = self.delivered_store.get(fresh_id)
+        if delivery is None or delivery[0] != wheel_id:
+            return self.send_result(False, data, wheel_id, "No call %s of this connection is "
+                                    "waiting to be cancelled" % _show(call_id)
+                                    if peer.calls_by_id is not None else
+                                    "Malformed message: cancel needs info with deadlines first")
+        publisher = self.wheels.get(delivery[2])
+        if publisher is None:          # held: it goes now, and is answered as cancelled
+            del self.delivered_store[fresh_id]
+            self._release_held(self._parked_wheels.get(delivery[2]), fresh_id, peer)
+            _call_over(peer, fresh_id, call_id)
+            self._settled(fresh_id, delivery, False, "cancelled")
+            self._answer(self.wheels[wheel_id], call_id, False,
+                         "Call cancelled by its caller before it started")
+            return self.send_result(True, data, wheel_id, True)
+        told = publisher.context.calls_by_id is not None
+        if told:
+            publisher.write_frame(_encode({"type": "cancel", "call": fresh_id}))
+        self.send_result(True, data, wheel_id, told)
+
     def get_info(self, data: dict, wheel_id: int) -> None:
         """What a client needs to know of this server (PROTOCOL.md 7.1); and,
         if it says, the client's own frame limit."""
@@ -3387,10 +3512,14 @@ class Server:
                                         "must be an int of bytes from %d to 2**63 - 1, not %s"
                                         % (MAX_HANDSHAKE_FRAME, _show(max_frame)))
             self.wheels[wheel_id].context.max_frame = max_frame
+        if data.get("deadlines") is True:
+            peer = self.wheels[wheel_id].context
+            if peer.calls_by_id is None:
+                peer.calls_by_id = {}
         self.send_result(True, data, wheel_id, {
             "server": "proxysession", "version": __version__, "protocol": PROTOCOL_VERSION,
             "max_frame": self.max_frame, "max_waiting_calls": self.max_waiting_calls,
-            "max_name": MAX_NAME, "grace": self.grace})
+            "max_name": MAX_NAME, "grace": self.grace, "deadlines": True})
 
     def answer_ping(self, data: dict, wheel_id: int) -> None:
         """A liveness check (PROTOCOL.md 7.2): success, no payload."""
@@ -3531,7 +3660,7 @@ class Server:
         self._settled(fresh_id, delivery, False, failure)
         caller = self.wheels.get(delivery[0])
         if caller is not None:
-            caller.context.calls_made.discard(fresh_id)
+            _call_over(caller.context, fresh_id, delivery[1])
             self._answer(caller, delivery[1], False, failure)
 
     # resumption: a publisher's sessions outlive its connection for the grace
@@ -3591,7 +3720,7 @@ class Server:
         publisher, by what fits its resuming connection's output at once; for
         one caller, so that it cannot take the room of everyone else; and for
         the whole server."""
-        wheel_id, caller_id, _, alias, calls, _ = delivery
+        wheel_id, caller_id, _, alias, calls, _, _ = delivery
         caller = self.wheels[wheel_id]
         size = len(body) if type(body) is bytes else sum(map(len, body))
         for held, limit, whose in (
@@ -3614,6 +3743,8 @@ class Server:
         if event is not None:
             self._traced[fresh_id] = event
         _add(caller.context, "calls_made", fresh_id)
+        if caller.context.calls_by_id is not None:
+            caller.context.calls_by_id[caller_id] = fresh_id
 
     def _release_held(self, parked: Optional[_Parked], fresh_id: int,
                       caller: Optional[_Peer]) -> Any:
@@ -3647,7 +3778,7 @@ class Server:
                 size = len(frame) if type(frame) is bytes else sum(map(len, frame))
                 if peer.max_frame is not None and size > peer.max_frame:
                     del self.delivered_store[fresh_id]     # too large for the new connection
-                    caller.context.calls_made.discard(fresh_id)
+                    _call_over(caller.context, fresh_id, delivery[1])
                     too_large.append((fresh_id, delivery, size))
                     continue
                 frames.append(frame)
@@ -4160,15 +4291,72 @@ def _interrupts(exc: BaseException) -> bool:
         threading.current_thread() is threading.main_thread()
 
 
-def _run_published(method: Callable, args, kwargs) -> Tuple[bool, Any]:
+class CallContext:
+    """What a published method may learn of the call it runs for, from
+    ``proxysession.current_call()``: the ``alias`` it was called through,
+    its ``deadline`` (a ``time.monotonic()`` time, or None) and whether its
+    caller ``cancelled`` it (PROTOCOL.md 7.7). A method that works long may
+    look now and then, and give up: its caller has stopped waiting."""
+
+    __slots__ = ("alias", "deadline", "cancelled")
+
+    def __init__(self, alias: Any, timeout: Any):
+        self.alias = alias
+        # a peer's value: a timeout that is not a sane number is no deadline
+        self.deadline = time.monotonic() + timeout if type(timeout) in (int, float) and \
+            0 < timeout <= MAX_CALL_TIMEOUT else None
+        self.cancelled = False
+
+    def __repr__(self):
+        return "<CallContext %s%s%s>" % (_show(self.alias), " cancelled" if self.cancelled else "",
+                                         "" if self.deadline is None else
+                                         " %.3g s left" % self.remaining())
+
+    def remaining(self) -> Optional[float]:
+        """Seconds until the deadline (negative once past it), or None."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        """The deadline has passed: the caller has had its CallTimeout."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def why_not_start(self) -> Optional[dict]:
+        """The failure to answer instead of starting, if the call was
+        cancelled or is past its deadline; None to start it."""
+        if self.cancelled:
+            return {"error": "CancelledError", "traceback": "",
+                    "message": "Call cancelled by its caller before it started"}
+        if self.expired:
+            return {"error": "CallTimeout", "traceback": "",
+                    "message": "Call's deadline passed before it started"}
+        return None
+
+
+_current = threading.local()           # .call: the CallContext of the call a thread runs
+
+
+def current_call() -> Optional[CallContext]:
+    """The CallContext of the call that the published method running on
+    this thread serves; None outside of one. (A method answered with a future
+    or a coroutine has it only until it returns that.)"""
+    return getattr(_current, "call", None)
+
+
+def _run_published(method: Callable, args, kwargs,
+                   call: Optional[CallContext] = None) -> Tuple[bool, Any]:
     """Run a published method: (True, its value), or (False, the pickled
-    failure its exception makes)."""
+    failure its exception makes). ``current_call()`` is ``call`` meanwhile."""
+    outer = getattr(_current, "call", None)    # (a call nested in a blocking call's wait)
+    _current.call = call
     try:
         return True, method(*args, **kwargs)
     except BaseException as exc:
         if _interrupts(exc):
             raise
         return False, _dumps(_error_answer(exc))
+    finally:
+        _current.call = outer
 
 
 def _error_answer(exc: BaseException, what: str = "") -> dict:
@@ -4197,18 +4385,38 @@ class _CallFuture(concurrent.futures.Future):
     """What ``proxy.method.future(...)`` returns: a concurrent.futures.Future
     whose ``result()`` and ``exception()`` drive the reactor when no thread
     runs it, and which asyncio code may ``await`` (with the reactor running
-    in a thread of its own: ``run_in_thread()``)."""
+    in a thread of its own: ``run_in_thread()``). It is the callback of its
+    call's request; ``cancel()`` takes the call back (PROTOCOL.md 7.7): it
+    returns True until the answer came, and a call its publisher has not
+    started then never runs."""
 
     def __init__(self, reactor: Reactor):
         super().__init__()
         self._reactor = reactor
-        self.set_running_or_notify_cancel()   # sent: it can no longer be cancelled
+        self._client: Optional["Client"] = None
+        self._request: Optional["_Request"] = None
 
-    def settle(self, result: "Result") -> None:
-        if result.success:
-            self.set_result(result.payload)
-        else:
-            self.set_exception(_error_from_payload(result.payload))
+    def sent_as(self, client: "Client", request: "_Request") -> None:
+        self._client = client
+        self._request = request
+
+    def __call__(self, result: "Result") -> None:
+        """The answer (on the reactor's thread); one that comes after a cancel
+        is dropped."""
+        try:
+            if result.success:
+                self.set_result(result.payload)
+            else:
+                self.set_exception(_error_from_payload(result.payload))
+        except concurrent.futures.InvalidStateError:
+            pass                       # cancelled meanwhile
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self._request is not None:
+            self._client.cancel_request(self._request)
+        return True
 
     def result(self, timeout: Optional[float] = None) -> Any:
         self._reactor.run_until(self.done, timeout)
@@ -4260,6 +4468,9 @@ def _error_from_payload(payload: Any) -> ProxyError:
     peer, so it is shown only through _text and _show (peer values)."""
     if isinstance(payload, BaseException):
         return payload if isinstance(payload, ProxyError) else ProxyError(_text(payload, None))
+    if type(payload) is dict and payload.get("error") == "CallTimeout" and \
+            not payload.get("traceback"):      # the server's, or a publisher's (PROTOCOL.md 7.7)
+        return CallTimeout(_text(payload.get("message", ""), None))
     if type(payload) is dict and "error" in payload:
         return RemoteError(_text(payload.get("error")), _text(payload.get("message", ""), None),
                            _text(payload.get("traceback", ""), None))
@@ -4282,9 +4493,10 @@ class _Request:
     """A request waiting for its result."""
 
     __slots__ = ("connection_id", "on_result", "callback", "tag", "timeout", "deadline", "result",
-                 "undo")
+                 "undo", "id")
 
     def __init__(self, connection_id, on_result, callback, tag, timeout, undo=None):
+        self.id: Optional[int] = None  # given when it is sent
         self.connection_id = connection_id
         self.on_result = on_result     # turns the success payload into the return value
         self.callback = callback
@@ -4418,7 +4630,8 @@ class _Link:
     make it again (links): where it goes, and how the last tries went."""
 
     __slots__ = ("connection_id", "address", "port", "server_hostname", "timeout", "state",
-                 "attempt", "timer", "token", "queued", "rejoining", "seen", "pinged")
+                 "attempt", "timer", "token", "queued", "rejoining", "seen", "pinged", "held",
+                 "restoring")
 
     def __init__(self, connection_id, address, port, server_hostname, timeout):
         self.connection_id = connection_id
@@ -4430,7 +4643,13 @@ class _Link:
         self.attempt = 0               # reconnection tries since it went down
         self.timer: Optional[_Timer] = None
         self.token: Optional[str] = None     # the server's resume token, if it has a grace window
-        self.queued: Dict[int, Any] = {}     # request id -> frame, sent while down, in order
+        # request id -> (the alias it calls, or None; its frame): made while down,
+        # sent in order once it is back up ...
+        self.queued: Dict[int, Tuple[Optional[str], Any]] = {}
+        # ... except calls to an alias subscribed again (after a server restart,
+        # say) that waits for its publisher: they go once it is back
+        self.held: Dict[int, Tuple[str, Any]] = {}
+        self.restoring: set = set()    # those aliases
         self.rejoining: set = set()    # ids of the requests that set a new connection up
         self.seen = 0                  # the wheel's reads at the last heartbeat
         self.pinged = False
@@ -4477,6 +4696,7 @@ class Client:
                  "_links", "_heartbeat_timer", "_unpickler", "_unsafe", "_connections",
                  "_pending", "_publications", "_subscriptions", "_ids", "_connection_ids",
                  "_deadlines", "_sweep_timer", "_sweep_at", "_trace", "_handlers",
+                 "_deadline_servers", "_serving",
                  "__dict__", "__weakref__")
 
     def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
@@ -4532,10 +4752,15 @@ class Client:
         self._sweep_timer: Optional[_Timer] = None
         self._sweep_at: Optional[float] = None
         self._trace = bool(self.options.get("trace"))
+        # connections whose server takes deadlines and cancel (PROTOCOL.md 7.7)
+        self._deadline_servers: set = set()
+        # (connection, call id) -> the CallContext of each call this client serves
+        self._serving: Dict[Tuple[int, int], CallContext] = {}
         self._handlers = {
             "result": self.handle_on_result,
             "deliver": self.handle_on_deliver,
             "rescinded": self.handle_on_rescinded,
+            "cancel": self.handle_on_cancel,
         }
 
     def __repr__(self):
@@ -4625,6 +4850,7 @@ class Client:
             info = exc
         try:
             wheel.peer_max_frame, grace = _limits_from_info(info)
+            self.reactor.call_in_loop(self._learn_deadlines, connection_id, info)
             if grace > 0 and self.reconnect:    # a publisher here may resume if its link drops
                 link.token = _resume_answer(self.send_message(
                     connection_id, {"type": "resume"}, timeout=timeout))[0]
@@ -4729,9 +4955,13 @@ class Client:
             self._links.pop(connection_id, None)
             if link.timer is not None:
                 link.timer.cancel()
+            link.held.clear()          # (their requests fail with the rest)
+            link.restoring.clear()
         if failure is None:
             failure = ProxyError("Connection %d was lost: %s" % (connection_id, reason))
         self._fail_requests(connection_id, failure)
+        self._stop_serving(connection_id)
+        self._deadline_servers.discard(connection_id)
         for key in [key for key in self._publications if key[0] == connection_id]:
             self._drop_publication(key)
         for key in [key for key in self._subscriptions if key[0] == connection_id]:
@@ -4770,7 +5000,10 @@ class Client:
         link.state = "down"
         link.attempt = 0
         link.pinged = False
+        link.held.clear()              # (their requests fail with the rest)
+        link.restoring.clear()
         self._fail_requests(connection_id, failure)
+        self._stop_serving(connection_id)
         self._schedule_try(link)
         if self.disconnected_event is not None:
             self._call_user(self.disconnected_event, connection_id, failure)
@@ -4849,6 +5082,7 @@ class Client:
         def got_info(result):
             wheel.peer_max_frame, grace = _limits_from_info(
                 result.payload if result.success else _error_from_payload(result.payload))
+            self._learn_deadlines(link.connection_id, result.payload)
             if link.token is not None and grace > 0:
                 self._rejoin_request(link, {"type": "resume", "token": link.token},
                                      lambda result: resumed(result, grace))
@@ -4874,8 +5108,17 @@ class Client:
     def _info_request(self) -> dict:
         """``info``, telling the server this client's own frame limit, so that
         a call or answer too large for it fails alone at the server instead of
-        closing this connection (PROTOCOL.md 7.1)."""
-        return {"type": "info", "max_frame": self.max_frame}
+        closing this connection (PROTOCOL.md 7.1), and that it takes the
+        deadlines and cancels of PROTOCOL.md 7.7."""
+        return {"type": "info", "max_frame": self.max_frame, "deadlines": True}
+
+    def _learn_deadlines(self, connection_id: int, info: Any) -> None:
+        """Whether the server said (in its answer to info) that it takes a
+        call's timeout and cancels (PROTOCOL.md 7.7): only then are they sent."""
+        if type(info) is dict and info.get("deadlines") is True:
+            self._deadline_servers.add(connection_id)
+        else:
+            self._deadline_servers.discard(connection_id)
 
     def _restore(self, link: _Link, wheel: Wheel, resumed: list, grace: float) -> None:
         """Make the server's state this client's again, whatever requests the
@@ -4898,7 +5141,7 @@ class Client:
                     {"session_alias": alias})}, _no_answer_needed)
         for key, subscription in list(self._subscriptions.items()):
             if key[0] == connection_id:
-                self._resubscribe(subscription)
+                self._resubscribe(link, subscription)
         if grace > 0 and link.token is None and self.reconnect:
             def got_token(result):
                 if result.success:
@@ -4911,8 +5154,11 @@ class Client:
         link.pinged = False
         link.rejoining.clear()
         queued, link.queued = link.queued, {}
-        for body in queued.values():    # (a request that failed meanwhile took its frame out)
-            wheel.write_frame(body)
+        for request_id, (alias, body) in queued.items():    # (a request that failed
+            if alias in link.restoring:                      # meanwhile took its frame out)
+                link.held[request_id] = (alias, body)
+            else:
+                wheel.write_frame(body)
         log.info("%s: connection %d to %s:%s is back", self.alias, connection_id, link.address,
                  link.port)
         if self.reconnected_event is not None:
@@ -4931,16 +5177,50 @@ class Client:
         if self.republish_error_event is not None:
             self._call_user(self.republish_error_event, key[1], key[0], error)
 
-    def _resubscribe(self, subscription: _Subscription) -> None:
-        """Subscribe again on a new connection; if the session is not back
-        yet, the proxy fails fast, and tries again at its next call (revive)."""
+    def _resubscribe(self, link: _Link, subscription: _Subscription) -> None:
+        """Subscribe again on a new connection. A server that takes waits
+        (PROTOCOL.md 7.5, 7.7) answers once the alias is back (its publisher
+        may be reconnecting too, or restarting), within the Client's timeout;
+        calls through the proxy wait meanwhile (link.held), each within its
+        own timeout. If the alias is not back by then, the proxy fails fast,
+        and tries again at its next call (revive)."""
+        alias = subscription.alias
+        message = {"type": "subscribe", "to": alias}
+        timeout = self.timeout
+        if link.connection_id in self._deadline_servers:
+            wait = MAX_SUBSCRIBE_WAIT if timeout is None else min(timeout, MAX_SUBSCRIBE_WAIT)
+            message["wait"] = wait
+            timeout = wait + SUBSCRIBE_WAIT_MARGIN
+            link.restoring.add(alias)
+            subscription.gone = None   # (rescinded before the break?) its calls wait, too
+
         def subscribed(result):
             # what this server says, not what the last one did
             subscription.gone = None if result.success else str(
                 _error_from_payload(result.payload))
+            if alias in link.restoring:
+                self._restored(link, alias, subscription.gone)
 
-        request = _Request(subscription.connection_id, None, subscribed, None, self.timeout)
-        self._send_request(request, {"type": "subscribe", "to": subscription.alias}, None)
+        request = _Request(subscription.connection_id, None, subscribed, None, timeout)
+        self._send_request(request, message, None)
+
+    def _restored(self, link: _Link, alias: str, failure: Optional[str]) -> None:
+        """An alias subscribed again is back (``failure`` None), or is not: the
+        calls that waited for it go, in order, or fail."""
+        link.restoring.discard(alias)
+        waited = [(request_id, body) for request_id, (to, body) in link.held.items()
+                  if to == alias]
+        wheel = self._connections.get(link.connection_id)
+        for request_id, body in waited:
+            del link.held[request_id]
+            if failure is None and wheel is not None:
+                wheel.write_frame(body)
+            else:
+                request = self._pending.pop(request_id, None)
+                if request is not None:
+                    self._finish(request, Result(False, ProxyError(
+                        failure or "Connection %d is closed" % link.connection_id),
+                        link.connection_id, request.tag))
 
     def revive(self, subscription: _Subscription) -> bool:
         """For a proxy's methods: a subscription whose session went
@@ -5010,6 +5290,8 @@ class Client:
                              % (reactor.depth(), MAX_NESTED_CALLS))
         request = _Request(connection_id, on_result, callback, tag,
                            self.timeout if timeout is CLIENT_TIMEOUT else timeout, undo)
+        if type(callback) is _CallFuture:
+            callback.sent_as(self, request)    # so that cancelling it cancels the call
         # The reactor's own pattern for taking the loop (see _claim), held across
         # the send and the wait: call_in_loop then run_until would take it twice,
         # measured at 0.7 us more per call for a pipelining caller (9.3 -> 10.0).
@@ -5065,7 +5347,7 @@ class Client:
             raise ProxyError("no open connection %r" % (request.connection_id,))
         if prepare is not None:
             prepare()
-        request_id = message["id"] = next(self._ids)
+        request_id = message["id"] = request.id = next(self._ids)
         self._pending[request_id] = request
         self._expect(request_id, request)
         body = _encode(message)
@@ -5077,7 +5359,11 @@ class Client:
                 request.undo()
             raise FrameTooLarge("a %s request" % message["type"], size, limit)
         if waiting:
-            link.queued[request_id] = body
+            link.queued[request_id] = (message["to"] if message["type"] == "deliver" else None,
+                                       body)
+        elif link is not None and link.restoring and message["type"] == "deliver" and \
+                message["to"] in link.restoring:
+            link.held[request_id] = (message["to"], body)
         else:
             wheel.write_frame(body)
 
@@ -5118,13 +5404,34 @@ class Client:
             if request is None:
                 continue                # answered meanwhile
             link = self._links.get(request.connection_id)
-            if link is not None:
-                link.queued.pop(request_id, None)   # never sent: its frame goes now
+            if link is not None:                    # never sent: its frame goes now
+                link.queued.pop(request_id, None) or link.held.pop(request_id, None)
             self._finish(request, Result(False, CallTimeout(
                 "no answer within %.3g s" % request.timeout), request.connection_id,
                 request.tag))
         if heap:
             self._arm_sweep(heap[0][0])
+
+    def cancel_request(self, request: _Request) -> None:
+        """Take a call back, from any thread (a future's cancel): it fails no
+        more, and is answered no more; the server is asked to cancel it, if it
+        takes cancels (PROTOCOL.md 7.7), unless it was never sent."""
+        self.reactor.hand_over(self._cancel, request)
+
+    def _cancel(self, request: _Request) -> None:
+        request_id = request.id
+        if request_id is None or self._pending.get(request_id) is not request:
+            return                     # answered, failed or timed out meanwhile
+        del self._pending[request_id]
+        connection_id = request.connection_id
+        link = self._links.get(connection_id)
+        if link is not None and (link.queued.pop(request_id, None) or
+                                 link.held.pop(request_id, None)):
+            return                     # never sent
+        if connection_id in self._deadline_servers and connection_id in self._connections:
+            self._send_request(_Request(connection_id, None, _no_answer_needed, None,
+                                        self.timeout), {"type": "cancel", "call": request_id},
+                               None)
 
     def _finish(self, request: _Request, result: Result) -> None:
         if not result.success and request.undo is not None:
@@ -5204,17 +5511,34 @@ class Client:
         With workers, the call is decoded on the worker's thread as well: the
         calls waiting for a worker hold only the bytes that came (threads)."""
         publication = self._publications.get((wheel.wheel_id, _name(message.get("to"))))
+        call = CallContext(message.get("to"), message.get("timeout"))
+        if type(message.get("id")) is int:     # so that a cancel finds it (PROTOCOL.md 7.7)
+            self._serving[(wheel.wheel_id, message["id"])] = call
         if publication is not None and publication.workers is not None:
             return publication.workers.submit(self._serve_call, wheel, message, publication,
-                                              True)
-        self._serve_call(wheel, message, publication, False)
+                                              True, call)
+        self._serve_call(wheel, message, publication, False, call)
+
+    def handle_on_cancel(self, message: dict, wheel: Wheel) -> None:
+        """The server passes on a caller's cancel of a call served here: if it
+        has not started, it never will; if it runs, current_call() says so."""
+        call_id = message.get("call")
+        call = self._serving.get((wheel.wheel_id, call_id)) if type(call_id) is int else None
+        if call is not None:
+            call.cancelled = True
+
+    def _stop_serving(self, connection_id: int) -> None:
+        """A connection is lost: the calls it brought can no longer be
+        answered (their callers have been told), so they are as cancelled."""
+        for key in [key for key in self._serving if key[0] == connection_id]:
+            self._serving.pop(key).cancelled = True
 
     def _serve_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
-                    on_worker: bool) -> None:
+                    on_worker: bool, call: CallContext) -> None:
         """Decode a call, run it and answer it; from a worker's thread, the
         answer is handed to the reactor's thread to send."""
         started = time.monotonic()
-        answer = self._run_call(wheel, message, publication)
+        answer = self._run_call(wheel, message, publication, call)
         if not on_worker and publication is not None and not publication.told_serial and \
                 time.monotonic() - started > SERIAL_CALL_NOTICE:
             self._tell_serial(publication, time.monotonic() - started)
@@ -5236,15 +5560,16 @@ class Client:
                     "workers=N) runs up to N at once on threads of their own", self.alias,
                     publication.alias, seconds)
 
-    def _run_call(self, wheel: Wheel, message: dict,
-                  publication: Optional[_Publication]) -> Optional[Tuple[bool, bytes]]:
+    def _run_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
+                  call: CallContext) -> Optional[Tuple[bool, bytes]]:
         """The answer to a call, as (success, pickled payload); None when the
-        method returned a future, which answers when it is done."""
+        method returned a future, which answers when it is done. A call
+        cancelled, or past its deadline, before it starts is answered so."""
         try:
-            call = self._loads(message["payload"])
-            event = call["event"]
-            args = call.get("args") or ()
-            kwargs = call.get("kwargs") or {}
+            decoded = self._loads(message["payload"])
+            event = decoded["event"]
+            args = decoded.get("args") or ()
+            kwargs = decoded.get("kwargs") or {}
             if type(event) is not str:
                 raise TypeError("event must be a str, not %s" % type(event).__name__)
             if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
@@ -5254,7 +5579,10 @@ class Client:
         if publication is None or event not in publication.methods:
             return False, _dumps("Unable to post '%s' to '%s'" % (_quote(event),
                                                                   _quote(message.get("to"))))
-        ran, value = _run_published(getattr(publication.obj, event), args, kwargs)
+        stopped = call.why_not_start()
+        if stopped is not None:
+            return False, _dumps(stopped)
+        ran, value = _run_published(getattr(publication.obj, event), args, kwargs, call)
         if not ran:
             return False, value
         if _is_future(value):
@@ -5287,6 +5615,8 @@ class Client:
 
     def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
                          payload: bytes) -> None:
+        if type(message_id) is int:
+            self._serving.pop((wheel.wheel_id, message_id), None)
         body = _encode({"type": "result", "id": message_id, "success": success,
                         "payload": payload})
         size = len(body) if type(body) is bytes else sum(map(len, body))
@@ -5432,10 +5762,18 @@ class Client:
     def deliver(self, connection_id: int, alias: str, event: str, args=(), kwargs=None,
                 callback: Optional[Callable] = None, tag: Any = None,
                 timeout: Any = CLIENT_TIMEOUT) -> Any:
-        """Call ``event`` on the session ``alias``: what a proxy method does."""
+        """Call ``event`` on the session ``alias``: what a proxy method does.
+        Its timeout goes with it to a server that takes it (PROTOCOL.md 7.7):
+        the server fails the call then, and its publisher does not start it
+        after that."""
         payload = _dumps({"event": event, "args": list(args), "kwargs": kwargs or {}})
-        return self.send_message(connection_id, {"type": "deliver", "to": alias,
-                                 "payload": payload}, None, callback, tag, timeout)
+        message = {"type": "deliver", "to": alias, "payload": payload}
+        if timeout is CLIENT_TIMEOUT:
+            timeout = self.timeout
+        if timeout is not None and connection_id in self._deadline_servers and \
+                0 < timeout <= MAX_CALL_TIMEOUT:
+            message["timeout"] = timeout
+        return self.send_message(connection_id, message, None, callback, tag, timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -5500,7 +5838,7 @@ class _ProxyMethod:
         ``future.result()`` runs the reactor if no thread does; ``await
         future`` in asyncio needs ``run_in_thread()``."""
         future = _CallFuture(self._client.reactor)
-        self.call(args, kwargs, callback=future.settle)
+        self.call(args, kwargs, callback=future)
         return future
 
     def call(self, args: Iterable = (), kwargs: Optional[dict] = None,

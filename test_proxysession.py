@@ -5,6 +5,7 @@ Run with:  python -m pytest -q test_proxysession.py
 """
 
 import ast
+import asyncio
 import collections
 import concurrent.futures
 import json
@@ -2549,7 +2550,8 @@ PROTOCOL_MD = os.path.join(os.path.dirname(os.path.abspath(proxysession.__file__
                            "PROTOCOL.md")
 EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "deliver-forwarded",
                  "result-from-publisher", "result-forwarded", "stats-request",
-                 "subscribe-wait-request", "shared-publish-payload"}
+                 "subscribe-wait-request", "shared-publish-payload", "info-request",
+                 "deliver-timeout-request", "cancel-request", "cancel-notice"}
 
 
 def protocol_md_examples(text):
@@ -2660,6 +2662,23 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     assert pickle.loads(exclusive["payload"]) == {
         "session_alias": "Jobs", "session_name": "Jobs", "methods": table}
 
+    # (7.7) the Client's info, a call with its default timeout (the Client's
+    # own 30 s, sent as a float) and the cancel of that call (the fields in
+    # the order Client.deliver and Client._cancel write them, the id last);
+    # and the notice the server sends the publisher
+    client = proxysession.Client()
+    info = client._info_request()
+    info["id"] = 1
+    assert examples["info-request"] == encoded(info) == framed(info)
+    assert client.timeout == 30.0 and type(client.timeout) is float
+    timed = {"type": "deliver", "to": "Greeter", "payload": call, "timeout": 30.0}
+    timed["id"] = 7
+    assert examples["deliver-timeout-request"] == encoded(timed) == framed(timed)
+    cancel = {"type": "cancel", "call": 7}
+    cancel["id"] = 8
+    assert examples["cancel-request"] == encoded(cancel) == framed(cancel)
+    assert examples["cancel-notice"] == encoded({"type": "cancel", "call": 1})
+
     # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
     body = split_frame(examples["listing-request"])
     walked = list(pickletools.genops(body))
@@ -2751,7 +2770,7 @@ def test_info_tells_a_client_the_servers_limits(make_server, peers):
     assert success is True
     assert info == {"server": "proxysession", "version": proxysession.__version__,
                     "protocol": 2, "max_frame": 123456, "max_waiting_calls": 77,
-                    "max_name": 256, "grace": 0.0}
+                    "max_name": 256, "grace": 0.0, "deadlines": True}
     assert peer.result(type="ping", id=2) == (True, None)
 
 
@@ -5295,3 +5314,271 @@ def test_cancelled_timers_do_not_pile_up_in_the_reactor(server, peers):
             if notice["type"] == "rescinded":
                 break
     assert server.call(lambda: len(server.reactor._timers)) <= 2 * 1024
+
+
+# ---------------------------------------------------------------------------
+# deadlines and cancel (PROTOCOL.md 7.7), and calls that wait for their alias
+# across a server restart
+# ---------------------------------------------------------------------------
+
+def deliver(peer, msg_id, alias="Tools", args=(), **fields):
+    peer.send(type="deliver", id=msg_id, to=alias, payload=dumps(
+        {"event": "echo", "args": list(args), "kwargs": {}}), **fields)
+
+
+def test_a_call_past_its_deadline_is_failed_by_the_server_and_its_late_answer_dropped(
+        server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    assert publisher.result(type="info", id=1, deadlines=True)[1]["deadlines"] is True
+    assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
+    deliver(caller, 7, timeout=0.3)
+    forwarded = publisher.recv()       # it said deadlines: the timeout goes with the call
+    assert forwarded["timeout"] == 0.3
+    failed = caller.recv()             # nobody answers: the server fails it at the deadline
+    assert (failed["id"], failed["success"]) == (7, False)
+    payload = pickle.loads(failed["payload"])
+    assert payload["error"] == "CallTimeout" and payload["traceback"] == ""
+    assert re.fullmatch(r"no answer within 0\.\d+ s \(the call's timeout\)", payload["message"])
+    publisher.send(type="result", id=forwarded["id"], success=True, payload=dumps("late"))
+    assert caller.result(type="listing", id=8) == (True, ["Tools"])   # and nothing else came
+    assert server.call(lambda: (server.server.delivered_store,
+                                server.server.wheels[2].context.calls_made)) == ({}, set())
+
+
+def test_a_version_1_publisher_is_sent_the_seeds_deliver_without_the_timeout(server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    assert publish(publisher, "Tools") == (True, "Tools")      # no info: a version-1 peer
+    deliver(caller, 7, args=["x"], timeout=5)
+    forwarded = publisher.recv()
+    assert set(forwarded) == {"type", "to", "payload", "id"}
+    publisher.send(type="result", id=forwarded["id"], success=True, payload=dumps("x"))
+    assert caller.recv() == {"type": "result", "id": 7, "success": True, "payload": dumps("x")}
+
+
+class Gate:
+    """Calls ``hold`` until the test opens the gate; records what ran."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+        self.ran = []
+
+    @proxysession.proxy_event
+    def hold(self, name):
+        self.ran.append(name)
+        assert self.opened.wait(WAIT)
+        return name
+
+    @proxysession.proxy_event
+    def watch(self, name):
+        call = proxysession.current_call()
+        self.ran.append(name)
+        ends = time.monotonic() + WAIT
+        while not (call.cancelled or call.expired) and time.monotonic() < ends:
+            time.sleep(0.005)
+        self.ran.append((name, call.cancelled, call.expired))
+        return name
+
+
+def test_a_call_past_its_deadline_before_a_worker_is_free_never_runs(server, make_client,
+                                                                     loop_threads):
+    gate = Gate()
+    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    proxy = caller.subscribe(conn, "Gate")
+    first = proxy.hold.future("first")                  # takes the only worker
+    assert wait_for(lambda: gate.ran == ["first"])
+    with pytest.raises(proxysession.CallTimeout):
+        proxy.hold.call(("late",), timeout=0.2)          # waits behind it, past its deadline
+    # (the publisher's deadline for it runs from when it came there, a little later)
+    assert wait_for(lambda: any(call.expired for call in list(publisher._serving.values())))
+    gate.opened.set()
+    assert first.result(WAIT) == "first"
+    # the late one came to the worker after its deadline: answered, not run
+    assert wait_for(lambda: server.call(lambda: not server.server.delivered_store)) and \
+        wait_for(lambda: not publisher._serving)
+    assert gate.ran == ["first"]
+
+
+def test_a_cancelled_future_that_had_not_started_never_runs(server, make_client, loop_threads):
+    gate = Gate()
+    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    proxy = caller.subscribe(conn, "Gate")
+    first = proxy.hold.future("first")
+    second = proxy.hold.future("second")                # queued for the worker
+    assert wait_for(lambda: gate.ran == ["first"])
+    assert second.cancel() is True and second.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        second.result(0)
+    # the publisher hears of it before the worker is free, then answers it unrun
+    assert wait_for(lambda: any(call.cancelled for call in list(publisher._serving.values())))
+    gate.opened.set()
+    assert first.result(WAIT) == "first"
+    assert first.cancel() is False                      # answered: nothing to take back
+    assert wait_for(lambda: not publisher._serving)
+    assert caller.server_listing(conn) == ["Gate"] and gate.ran == ["first"]
+    assert server.call(lambda: server.server.delivered_store) == {}
+
+
+def test_a_running_call_sees_its_cancel_and_its_deadline(server, make_client, loop_threads):
+    gate = Gate()
+    publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=2)
+    assert proxysession.current_call() is None          # outside of a call
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    proxy = caller.subscribe(conn, "Gate")
+    watched = proxy.watch.future("cancelled")
+    assert wait_for(lambda: gate.ran == ["cancelled"])
+    assert watched.cancel()
+    assert wait_for(lambda: ("cancelled", True, False) in gate.ran)
+    with pytest.raises(proxysession.CallTimeout):
+        proxy.watch.call(("expired",), timeout=0.3)
+    assert wait_for(lambda: ("expired", False, True) in gate.ran)
+
+
+def test_cancelling_a_task_that_awaits_a_call_cancels_the_call(server, make_client, loop_threads):
+    gate = Gate()
+    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
+    caller = make_client()
+    conn = caller.connect(*server.address)
+    proxy = caller.subscribe(conn, "Gate")
+    loop_threads(caller.reactor)
+    first = proxy.hold.future("first")
+    assert wait_for(lambda: gate.ran == ["first"])
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(proxy.hold.future("second"), 0.2)
+
+    asyncio.run(main())
+    # the publisher hears of it before the worker is free, then answers it unrun
+    assert wait_for(lambda: any(call.cancelled for call in list(publisher._serving.values())))
+    gate.opened.set()
+    assert first.result(WAIT) == "first"
+    assert wait_for(lambda: server.call(lambda: not server.server.delivered_store))
+    assert caller.server_listing(conn) == ["Gate"] and gate.ran == ["first"]
+
+
+@pytest.mark.parametrize("timeout", ["5", 0, -1, float("nan"), float("inf"), 10 ** 400, True,
+                                     30 * 86400 + 1, b"5"],
+                         ids=["str", "zero", "negative", "nan", "inf", "huge-int", "bool",
+                              "too-long", "bytes"])
+def test_a_bad_timeout_gets_a_failure_naming_it_and_the_connection_stays(server, peers,
+                                                                         timeout):
+    publisher, caller = peers(server.address), peers(server.address)
+    assert publish(publisher, "Tools") == (True, "Tools")
+    deliver(caller, 3, timeout=timeout)
+    answer = caller.recv()
+    reason = pickle.loads(answer["payload"])
+    assert (answer["id"], answer["success"]) == (3, False)
+    assert reason.startswith("Malformed message: timeout must be a number of seconds above 0 "
+                             "and at most 2.592e+06, not ") and len(reason) < 400
+    assert caller.result(type="listing", id=4) == (True, ["Tools"])
+    assert server.call(lambda: server.server.delivered_store) == {}    # nothing was routed
+
+
+def test_cancels_that_name_no_call_of_their_own_get_a_failure_naming_it(server, peers):
+    # what is tried: a cancel before info said deadlines; then, after it, a
+    # cancel of an id never used, of another connection's call, of a call
+    # already answered, of ids that are no int; and 20,000 cancels of ids
+    # never used, each answered (each costs a dict lookup), leaving nothing
+    publisher, caller, other = (peers(server.address) for _ in range(3))
+    assert caller.result(type="cancel", id=1, call=5) == (
+        False, "Malformed message: cancel needs info with deadlines first")
+    for peer in (publisher, caller, other):
+        assert peer.result(type="info", id=2, deadlines=True)[0]
+    assert publish(publisher, "Tools", msg_id=3) == (True, "Tools")
+    deliver(other, 7)
+    forwarded = publisher.recv()
+    assert caller.result(type="cancel", id=4, call=7) == (   # other's call, not caller's
+        False, "No call 7 of this connection is waiting to be cancelled")
+    for bad in ("7", b"7", None, 2.5, 10 ** 30):
+        assert caller.result(type="cancel", id=5, call=bad) == (
+            False, "No call %s of this connection is waiting to be cancelled" % repr(bad)[:40])
+    publisher.send(type="result", id=forwarded["id"], success=True, payload=dumps(1))
+    assert other.recv()["id"] == 7
+    assert other.result(type="cancel", id=8, call=7) == (     # answered already
+        False, "No call 7 of this connection is waiting to be cancelled")
+    for n in range(20000):
+        caller.send(type="cancel", id=n, call=n + 100)
+    for n in range(20000):
+        answer = caller.recv()
+        assert (answer["id"], answer["success"]) == (n, False)
+    assert server.call(lambda: [peer.context.calls_by_id for peer in
+                                server.server.wheels.values()]) == [{}, {}, {}]
+
+
+def test_a_cancel_reaches_the_publisher_which_answers_its_call_once(server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    for peer in (publisher, caller):
+        assert peer.result(type="info", id=1, deadlines=True)[0]
+    assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
+    deliver(caller, 7)
+    forwarded = publisher.recv()
+    assert caller.result(type="cancel", id=8, call=7) == (True, True)
+    assert publisher.recv() == {"type": "cancel", "call": forwarded["id"]}
+    publisher.send(type="result", id=forwarded["id"], success=False, payload=dumps("cancelled"))
+    assert caller.recv() == {"type": "result", "id": 7, "success": False,
+                             "payload": dumps("cancelled")}
+    assert server.call(lambda: server.server.delivered_store) == {}
+
+
+def test_a_cancel_of_a_call_held_for_a_parked_publisher_fails_it_and_frees_it(make_server,
+                                                                             peers):
+    server = make_server(grace=30)
+    old, caller = peers(server.address), peers(server.address)
+    assert caller.result(type="info", id=1, deadlines=True)[0]
+    assert old.result(type="resume", id=1)[0]
+    assert publish(old, "Tools", msg_id=2) == (True, "Tools")
+    old.close()
+    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    deliver(caller, 9, args=["x" * 1000])
+    caller.send(type="cancel", id=10, call=9)
+    assert caller.recv() == {"type": "result", "id": 9, "success": False, "payload": dumps(
+        "Call cancelled by its caller before it started")}
+    answer = caller.recv()             # then the cancel's own answer
+    assert (answer["id"], answer["success"], pickle.loads(answer["payload"])) == (10, True, True)
+    assert server.call(lambda: (server.server.delivered_store, server.server._held_bytes)) == (
+        {}, 0)
+
+
+def test_calls_through_a_proxy_wait_for_their_alias_across_a_server_restart(make_client,
+                                                                            loop_threads):
+    # what is tried: the server stops (publisher and caller lose their
+    # connections) and a new one starts on the same port; the caller is back
+    # first, and its calls wait for the alias instead of failing, each within
+    # its own timeout; once a publisher is back, they are answered in order
+    first = ThreadedServer()
+    port = first.address[1]
+    try:
+        publisher = make_client(reactor=proxysession.Reactor())
+        publisher.publish(publisher.connect(*first.address), "Tools", Echo())
+        loop_threads(publisher.reactor)
+        back = threading.Event()
+        caller = make_client(reconnected_event=lambda conn: back.set())
+        conn = caller.connect(*first.address)
+        proxy = caller.subscribe(conn, "Tools")
+        loop_threads(caller.reactor)
+        assert proxy.echo("before") == "before"
+        publisher.close()
+        first.stop()
+        second = ThreadedServer(listen_port=port)
+    except BaseException:
+        first.stop()
+        raise
+    try:
+        assert back.wait(WAIT)
+        waiting = [proxy.echo.future(n) for n in range(5)]
+        with pytest.raises(proxysession.CallTimeout):
+            proxy.echo.call(("short",), timeout=0.2)      # its own timeout still counts
+        assert not any(future.done() for future in waiting)
+        assert wait_for(lambda: second.call(lambda: len(second.server._awaited)) == 1)
+        fresh = make_client(reactor=proxysession.Reactor())
+        fresh.publish(fresh.connect(*second.address), "Tools", Echo())
+        loop_threads(fresh.reactor)
+        assert [future.result(WAIT) for future in waiting] == list(range(5))
+        assert proxy.echo("after") == "after"
+    finally:
+        second.stop()
