@@ -67,6 +67,15 @@ Workloads:
       flight), other failures, jobs run twice (from the workers' own logs: must
       be 0), the time, and its ratio to the ideal (the jobs' total time over
       the 4 worker slots). Not in --quick unless asked for (then 200 jobs).
+  W9  calls across a crash (issue 21), for each module whose Client takes
+      reconnect=: the command-line server, a publisher process (Echo) and 4
+      caller processes, each making blocking calls through its proxy
+      (timeout 10 s) one after another for 6 s; 2 s in, the server is killed
+      (SIGKILL) and 0.5 s later started again on the same port. Reported in
+      the notes: calls made, calls failed (and why), the share failed (the
+      goal: at most 0.5%, only the calls in flight at the crash), and the
+      longest a caller went without an answer (the goal: within 3 s). Not in
+      --quick unless asked for.
 
 Rows:
   proxysession   its own Client and Proxy on both ends, through its server
@@ -136,13 +145,18 @@ JOBS = 2000                     # W8: jobs of the work queue,
 JOB_MS = (5, 20)                # ... each sleeping this many ms (uniform, seeded),
 JOB_WORKERS = 4                 # ... over this many worker processes of one slot each,
 JOB_WINDOW = 8                  # ... the caller keeping this many in flight
+CRASH_CALLERS = 4               # W9: caller processes calling without pause,
+CRASH_RUN = 6.0                 # ... for this many seconds each,
+CRASH_AT = 2.0                  # ... the server killed this long after they start
+CRASH_DOWN = 0.5                # ... and started again this long after
 CHUNK = 256 * 1024
 ROWS = ["proxysession", "server+raw", "relay floor", "direct", "mp.managers", "Pyro5", "RPyC"]
 MODULE_ROWS = ("proxysession", "server+raw")   # the rows that run the module: --baseline twins
 BASELINE = "baseline "                          # the twins' prefix
 PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller",   # roles that import it
             "ps-features", "ps-cli-server", "ps-restart-callee", "ps-restart-caller",
-            "ps-heartbeat-holder", "ps-jobs-worker", "ps-jobs-caller")
+            "ps-heartbeat-holder", "ps-jobs-worker", "ps-jobs-caller",
+            "ps-steady-caller")
 
 
 # ---------------------------------------------------------------------------
@@ -787,6 +801,39 @@ def ps_jobs_caller(address, jobs, window):
     client.close()
     print(json.dumps({"answered": answered, "failures": failures, "elapsed": elapsed,
                       "job_seconds": sum(durations) / 1000.0}), flush=True)
+
+
+# W9: calls across a crash of the server (issue 21)
+
+def ps_steady_caller(address, seconds):
+    """One of W9's callers: says "ready", then on "go" calls echo through its
+    proxy, one blocking call after another, for ``seconds``; then one JSON
+    line: calls made, those that failed (by their words), and the longest
+    time between two answers (or from "go" to the first)."""
+    import proxysession
+    quiet_links(proxysession)
+    client = proxysession.Client("steady-caller", timeout=10)
+    echo = client.subscribe(client.connect(*address), "Echo").echo
+    assert echo(ARG) == ARG
+    print("ready", proxysession.__file__, flush=True)
+    sys.stdin.readline()
+    started = last = time.monotonic()
+    calls, failures, longest = 0, {}, 0.0
+    while last - started < seconds:
+        calls += 1
+        try:
+            echo(ARG)
+            now = time.monotonic()
+            longest = max(longest, now - last)
+            last = now
+        except proxysession.ProxyError as exc:
+            text = "%s: %s" % (type(exc).__name__, str(exc)[:80])
+            failures[text] = failures.get(text, 0) + 1
+            if time.monotonic() - started > seconds + 10:
+                break
+    print(json.dumps({"calls": calls, "failures": failures, "longest_gap": longest}),
+          flush=True)
+    client.close()
 
 
 def ps_cli_server(port):
@@ -1476,6 +1523,52 @@ def measure_jobs(module, jobs, timeout):
             "ideal_s": ideal, "ratio": result["elapsed"] / ideal}
 
 
+def measure_crash(module, timeout):
+    """W9: CRASH_CALLERS callers call without pause while the server is
+    killed and, CRASH_DOWN later, started again on the same port: how many
+    calls fail, and how long the callers go without an answer."""
+    deadline = time.monotonic() + timeout
+    children = []
+    try:
+        server = Child("ps-cli-server", 0, module=module)
+        children.append(server)
+        _, port = wait_listening(server, deadline)
+        callee = Child("ps-restart-callee", port, module=module)
+        children.append(callee)
+        callee.line(deadline)
+        callers = [Child("ps-steady-caller", port, CRASH_RUN, stdin=True, module=module)
+                   for _ in range(CRASH_CALLERS)]
+        children += callers
+        for caller in callers:
+            caller.line(deadline)                        # ready
+        for caller in callers:
+            caller.send("go")
+        time.sleep(CRASH_AT)
+        server.proc.kill()
+        server.proc.wait(max(0.0, deadline - time.monotonic()))
+        time.sleep(CRASH_DOWN)
+        server = Child("ps-cli-server", port, module=module)
+        children.append(server)
+        wait_listening(server, deadline)
+        results = [json.loads(caller.line(deadline)) for caller in callers]
+    except CellTimeout:
+        return {"timeout": timeout}
+    except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        return {"failed": "%s: %s" % (type(exc).__name__, str(exc)[:200])}
+    finally:
+        for child in reversed(children):
+            child.stop()
+    calls = sum(result["calls"] for result in results)
+    failures = {}
+    for result in results:
+        for text, times in result["failures"].items():
+            failures[text] = failures.get(text, 0) + times
+    failed = sum(failures.values())
+    return {"calls": calls, "failed": failed, "failed_pct": 100.0 * failed / max(calls, 1),
+            "longest_gap_s": max(result["longest_gap"] for result in results),
+            "why": failures}
+
+
 def importable(name):
     try:
         __import__(name)
@@ -1511,6 +1604,8 @@ def run_role(argv):
         return ps_restart_caller(("127.0.0.1", int(args[0])), float(args[1]))
     if role == "ps-jobs-worker":
         return ps_jobs_worker(("127.0.0.1", int(args[0])), args[1])
+    if role == "ps-steady-caller":
+        return ps_steady_caller(("127.0.0.1", int(args[0])), float(args[1]))
     if role == "ps-jobs-caller":
         return ps_jobs_caller(("127.0.0.1", int(args[0])), int(args[1]), int(args[2]))
     if role == "ps-heartbeat-holder":
@@ -1631,8 +1726,8 @@ def main(argv=None):
     rounds = options.rounds or (1 if options.quick else 3)
     if rounds < 1 or seconds <= 0 or options.cell_timeout <= 0:
         parser.error("--rounds, --seconds and --cell-timeout must be positive")
-    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"]
-    workloads = set(known) - ({"W6", "W7", "W8"} if options.quick else set())
+    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
+    workloads = set(known) - ({"W6", "W7", "W8", "W9"} if options.quick else set())
     if options.workloads:
         workloads = {w.strip().upper() for w in options.workloads.split(",")}
         if not workloads <= set(known):
@@ -1696,6 +1791,17 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
                                  "%s %s" % (key, round(value, 3) if type(value) is float
                                             else value) for key, value in figures.items()
                                  if key != "jobs")))
+    if "W9" in workloads:
+        for module in modules:
+            if not Child("ps-features", module=module).result(timeout=60).get("reconnect"):
+                notes.append("W9 (%s): n/a, its Client has no reconnect=" % module)
+                continue
+            figures = measure_crash(module, options.cell_timeout)
+            notes.append("W9 (%s): %d callers calling without pause, the server killed and "
+                         "started again %.1f s later: %s" % (
+                             module, CRASH_CALLERS, CRASH_DOWN, ", ".join(
+                                 "%s %s" % (key, round(value, 3) if type(value) is float
+                                            else value) for key, value in figures.items())))
     for module in modules:
         if module in SEEN_MODULES:
             notes.append("%s rows ran %s" % (module, describe_module(SEEN_MODULES[module],
