@@ -5481,6 +5481,12 @@ class Client:
                       _show(request_id))
             return
         del self._pending[request_id]
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            # past its deadline, in the pass that would have timed it out: a
+            # publisher that stops a call at its deadline answers just then,
+            # and the caller gets what its timer says, whichever is read first
+            return self._finish(request, Result(False, CallTimeout(
+                "no answer within %.3g s" % request.timeout), wheel.wheel_id, request.tag))
         success = message.get("success") is True
         payload = message.get("payload")
         try:

@@ -3233,8 +3233,7 @@ def test_a_restarted_server_gets_the_publications_back_and_old_proxies_answer(
     assert caller_events == [("disconnected", conn), ("reconnected", conn)]
     assert wait_for(lambda: len(publisher_events) == 2)
     assert publisher_events == [("disconnected", 1), ("reconnected", 1)]
-    # the old proxy answers again (its session was rescinded as the server
-    # stopped: the proxy subscribes again by itself)
+    # the old proxy answers again: the caller subscribed again by itself
     assert tools.add(2, 3) == 5
     assert caller.server_listing(conn) == ["Tools"]
 
@@ -5582,3 +5581,39 @@ def test_calls_through_a_proxy_wait_for_their_alias_across_a_server_restart(make
         assert proxy.echo("after") == "after"
     finally:
         second.stop()
+
+
+def readme_clock_section():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Deadlines, cancel, and calls through restarts\n")[1]
+    return re.findall(r"```python\n(.*?)```", section.split("\n## ")[0], re.S)
+
+
+def test_readme_deadline_and_cancel_example_runs_as_written(server):
+    service, giving_up, _ = readme_clock_section()
+    run_readme_example(server, service, giving_up, re.findall(r"print\(.*# (.*)", giving_up))
+
+
+def test_readme_restart_example_runs_as_written_across_a_crash(server_process):
+    # what is tried: the README's service and its caller that calls without
+    # pause; once calls flow, the server is killed (SIGKILL) and started again
+    # on the same port: the caller must see at most the call in flight fail
+    service, _, caller_code = readme_clock_section()
+    first = server_process("--trace")
+    port = str(first.address[1])
+    service = service.replace("56789", port)
+    processes = [subprocess.Popen([sys.executable, "-c", code.replace("56789", port)], cwd=HERE,
+                                  stdout=subprocess.PIPE, text=True)
+                 for code in (service, caller_code)]
+    try:
+        assert wait_for(lambda: any("'Clock'.now from" in line for line in first.log))
+        first.proc.kill()
+        first.stop()
+        server_process("--listen", "127.0.0.1:%s" % port)
+        out, _ = processes[1].communicate(timeout=WAIT + 10)
+        assert processes[1].returncode == 0
+        assert out.splitlines() == re.findall(r"print\(.*# (.*)", caller_code)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(WAIT)
