@@ -46,11 +46,14 @@ Contents, in the order the data flows:
 - wheel             Wheel: one connection, its buffers, TLS and authkey
 - statistics        what the server counts of calls, per alias and connection
 - server            Server: sessions and call routing (shared ones: to the least
-                    busy member); subscribes that wait; resumption (grace window)
+                    busy member); subscribes that wait; deadlines and cancel;
+                    resumption (grace window)
 - monitor           the server's statistics over HTTP: JSON, Prometheus, a page
-- threads           worker pools, futures: calls that run off the loop
+- threads           worker pools, futures (cancel() takes a call back), and
+                    current_call(): calls that run off the loop
 - client            Client: connections, publications, requests;
-                    links: reconnection, heartbeats, resuming publishers
+                    links: reconnection, heartbeats, resuming publishers,
+                    calls that wait for their alias after a reconnection
 - proxy             Proxy, proxy_event
 - command line      main()
 """
@@ -72,6 +75,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import pickle
 import pickletools
@@ -130,8 +134,10 @@ MAX_SUBSCRIBE_WAIT = 3600.0       # seconds a subscribe may wait for its alias (
 SERIAL_CALL_NOTICE = 0.5          # seconds a call may hold the reactor's thread (workers=0)
                                   # before the log says, once, that the others wait for it
 SUBSCRIBE_WAIT_MARGIN = 5.0       # seconds past its wait that a Client gives the answer
-MAX_CALL_TIMEOUT = 30 * 86400.0   # seconds: the longest timeout a call carries (PROTOCOL.md 7.7);
-                                  # a Client with a longer one sends none (it keeps its own)
+MAX_CALL_TIMEOUT_MS = 30 * 86400 * 1000   # the longest timeout a call carries, in ms (30 days,
+                                  # PROTOCOL.md 7.7); a Client with a longer one sends none (it
+                                  # keeps its own). An int, not float seconds: a float in a
+                                  # message takes the exact walk of the pickle check (5x slower)
 DEADLINE_SWEEP = 0.25             # seconds between the server's looks for calls past their
                                   # deadline: how late, at most, it answers one (PROTOCOL.md 7.7)
 SWEEP_RATE = 400000               # ... and calls it looks at per second at most (~2% of a core):
@@ -2744,8 +2750,8 @@ class Server:
     ``handle_inbound_data`` dispatches a decoded message to
     ``publish_session``, ``rescind_session``, ``get_listing``,
     ``subscribe_session``, ``deliver_message`` and ``handle_delivered``,
-    and the extensions ``get_info``, ``answer_ping`` and ``get_stats``
-    (PROTOCOL.md 7);
+    and the extensions ``get_info``, ``answer_ping``, ``get_stats`` and
+    ``cancel_call`` (PROTOCOL.md 7);
     ``send_result`` answers a request.
 
     The stores: ``sessions`` (alias -> session) and ``delivered_store``
@@ -3253,12 +3259,12 @@ class Server:
         if type(data.get("payload")) not in _PAYLOAD_TYPES:
             return self._refused(wheel_id, caller_id, alias, session.calls, event,
                                  "Malformed message: deliver wants a bytes payload")
-        timeout = data.get("timeout")
-        if timeout is not None and (type(timeout) not in (int, float) or
-                                    not 0 < timeout <= MAX_CALL_TIMEOUT):
+        timeout = data.get("timeout_ms")
+        if timeout is not None and (type(timeout) is not int or
+                                    not 0 < timeout <= MAX_CALL_TIMEOUT_MS):
             return self._refused(wheel_id, caller_id, alias, session.calls, event,
-                                 "Malformed message: timeout must be a number of seconds above "
-                                 "0 and at most %g, not %s" % (MAX_CALL_TIMEOUT, _show(timeout)))
+                                 "Malformed message: timeout_ms must be an int of milliseconds "
+                                 "from 1 to %d, not %s" % (MAX_CALL_TIMEOUT_MS, _show(timeout)))
         made = peer.calls_made
         if made is None:
             made = peer.calls_made = set()
@@ -3274,16 +3280,17 @@ class Server:
         publisher = self.wheels.get(publisher_id)
         data["to"] = session.name
         data["id"] = fresh_id
-        deadline = None
-        if timeout is not None:
-            if publisher is None or publisher.context.calls_by_id is None:
-                del data["timeout"]    # a version-1 publisher sees the seed's deliver
-            deadline = self._deadline(timeout)
+        if timeout is not None and (publisher is None or publisher.context.calls_by_id is None):
+            del data["timeout_ms"]     # a version-1 publisher sees the seed's deliver
         body = self._forward(data, wheel_id, caller_id, alias, publisher)
         if body is None:               # refused, and answered, by _forward
             return self._refused(wheel_id, caller_id, alias, calls, event,
                                  "too large to forward", answer=False)
-        delivery = (wheel_id, caller_id, publisher_id, alias, calls, time.monotonic(), deadline)
+        now = time.monotonic()
+        delivery = (wheel_id, caller_id, publisher_id, alias, calls, now,
+                    None if timeout is None else now + timeout / 1000)
+        if timeout is not None and self._deadline_timer is None:
+            self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP, self._expire_calls)
         if publisher is None:          # its publisher is away, within its grace window
             return self._hold(self._parked_wheels[session.wheel_id], fresh_id, delivery, body,
                               event)
@@ -3429,13 +3436,6 @@ class Server:
     # second while any are waiting: a timer per call would cost every call
     # a heap entry, and a heap of deadlines a push per call and a rebuild
     # for the answered ones.
-
-    def _deadline(self, timeout: float) -> float:
-        """When a call with ``timeout`` fails here if still unanswered; the
-        sweep is made sure of."""
-        if self._deadline_timer is None:
-            self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP, self._expire_calls)
-        return time.monotonic() + timeout
 
     def _expire_calls(self) -> None:
         """Fail every call past its deadline: its caller is answered as its own
@@ -4300,11 +4300,9 @@ class CallContext:
 
     __slots__ = ("alias", "deadline", "cancelled")
 
-    def __init__(self, alias: Any, timeout: Any):
+    def __init__(self, alias: Any, deadline: Optional[float]):
         self.alias = alias
-        # a peer's value: a timeout that is not a sane number is no deadline
-        self.deadline = time.monotonic() + timeout if type(timeout) in (int, float) and \
-            0 < timeout <= MAX_CALL_TIMEOUT else None
+        self.deadline = deadline
         self.cancelled = False
 
     def __repr__(self):
@@ -5517,7 +5515,11 @@ class Client:
         With workers, the call is decoded on the worker's thread as well: the
         calls waiting for a worker hold only the bytes that came (threads)."""
         publication = self._publications.get((wheel.wheel_id, _name(message.get("to"))))
-        call = CallContext(message.get("to"), message.get("timeout"))
+        timeout_ms = message.get("timeout_ms")
+        # (a peer's value: a timeout that is not a sane number is no deadline)
+        call = CallContext(message.get("to"), None if type(timeout_ms) is not int or not
+                           0 < timeout_ms <= MAX_CALL_TIMEOUT_MS
+                           else time.monotonic() + timeout_ms / 1000)
         if type(message.get("id")) is int:     # so that a cancel finds it (PROTOCOL.md 7.7)
             self._serving[(wheel.wheel_id, message["id"])] = call
         if publication is not None and publication.workers is not None:
@@ -5585,9 +5587,8 @@ class Client:
         if publication is None or event not in publication.methods:
             return False, _dumps("Unable to post '%s' to '%s'" % (_quote(event),
                                                                   _quote(message.get("to"))))
-        stopped = call.why_not_start()
-        if stopped is not None:
-            return False, _dumps(stopped)
+        if call.cancelled or call.deadline is not None and time.monotonic() >= call.deadline:
+            return False, _dumps(call.why_not_start())
         ran, value = _run_published(getattr(publication.obj, event), args, kwargs, call)
         if not ran:
             return False, value
@@ -5777,8 +5778,8 @@ class Client:
         if timeout is CLIENT_TIMEOUT:
             timeout = self.timeout
         if timeout is not None and connection_id in self._deadline_servers and \
-                0 < timeout <= MAX_CALL_TIMEOUT:
-            message["timeout"] = timeout
+                0 < timeout <= MAX_CALL_TIMEOUT_MS / 1000:
+            message["timeout_ms"] = math.ceil(timeout * 1000)   # (so never before the caller's)
         return self.send_message(connection_id, message, None, callback, tag, timeout)
 
 

@@ -2671,7 +2671,7 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     info["id"] = 1
     assert examples["info-request"] == encoded(info) == framed(info)
     assert client.timeout == 30.0 and type(client.timeout) is float
-    timed = {"type": "deliver", "to": "Greeter", "payload": call, "timeout": 30.0}
+    timed = {"type": "deliver", "to": "Greeter", "payload": call, "timeout_ms": 30000}
     timed["id"] = 7
     assert examples["deliver-timeout-request"] == encoded(timed) == framed(timed)
     cancel = {"type": "cancel", "call": 7}
@@ -5330,9 +5330,9 @@ def test_a_call_past_its_deadline_is_failed_by_the_server_and_its_late_answer_dr
     publisher, caller = peers(server.address), peers(server.address)
     assert publisher.result(type="info", id=1, deadlines=True)[1]["deadlines"] is True
     assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
-    deliver(caller, 7, timeout=0.3)
+    deliver(caller, 7, timeout_ms=300)
     forwarded = publisher.recv()       # it said deadlines: the timeout goes with the call
-    assert forwarded["timeout"] == 0.3
+    assert forwarded["timeout_ms"] == 300
     failed = caller.recv()             # nobody answers: the server fails it at the deadline
     assert (failed["id"], failed["success"]) == (7, False)
     payload = pickle.loads(failed["payload"])
@@ -5347,7 +5347,7 @@ def test_a_call_past_its_deadline_is_failed_by_the_server_and_its_late_answer_dr
 def test_a_version_1_publisher_is_sent_the_seeds_deliver_without_the_timeout(server, peers):
     publisher, caller = peers(server.address), peers(server.address)
     assert publish(publisher, "Tools") == (True, "Tools")      # no info: a version-1 peer
-    deliver(caller, 7, args=["x"], timeout=5)
+    deliver(caller, 7, args=["x"], timeout_ms=5000)
     forwarded = publisher.recv()
     assert set(forwarded) == {"type", "to", "payload", "id"}
     publisher.send(type="result", id=forwarded["id"], success=True, payload=dumps("x"))
@@ -5460,20 +5460,20 @@ def test_cancelling_a_task_that_awaits_a_call_cancels_the_call(server, make_clie
     assert caller.server_listing(conn) == ["Gate"] and gate.ran == ["first"]
 
 
-@pytest.mark.parametrize("timeout", ["5", 0, -1, float("nan"), float("inf"), 10 ** 400, True,
-                                     30 * 86400 + 1, b"5"],
-                         ids=["str", "zero", "negative", "nan", "inf", "huge-int", "bool",
-                              "too-long", "bytes"])
+@pytest.mark.parametrize("timeout", ["5", 0, -1, 2.5, float("nan"), float("inf"), 10 ** 400,
+                                     True, 30 * 86400 * 1000 + 1, b"5"],
+                         ids=["str", "zero", "negative", "float", "nan", "inf", "huge-int",
+                              "bool", "too-long", "bytes"])
 def test_a_bad_timeout_gets_a_failure_naming_it_and_the_connection_stays(server, peers,
                                                                          timeout):
     publisher, caller = peers(server.address), peers(server.address)
     assert publish(publisher, "Tools") == (True, "Tools")
-    deliver(caller, 3, timeout=timeout)
+    deliver(caller, 3, timeout_ms=timeout)
     answer = caller.recv()
     reason = pickle.loads(answer["payload"])
     assert (answer["id"], answer["success"]) == (3, False)
-    assert reason.startswith("Malformed message: timeout must be a number of seconds above 0 "
-                             "and at most 2.592e+06, not ") and len(reason) < 400
+    assert reason.startswith("Malformed message: timeout_ms must be an int of milliseconds "
+                             "from 1 to 2592000000, not ") and len(reason) < 400
     assert caller.result(type="listing", id=4) == (True, ["Tools"])
     assert server.call(lambda: server.server.delivered_store) == {}    # nothing was routed
 
