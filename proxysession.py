@@ -1428,6 +1428,10 @@ class Reactor:
         self._flushes: list = []
         self._stopping = False
         self.in_pass = 0               # how many run_once calls are handling events now
+        # when the pass under way woke (time.monotonic()): when what it reads
+        # arrived, as far as its handlers can tell (a call's deadline counts
+        # from then, not from when its turn came behind others of the batch)
+        self.woke = time.monotonic()
         self._scratch = memoryview(bytearray(READ_CHUNK))
         self._wakeup_recv, self._wakeup_send = socket.socketpair()
         self._wakeup_recv.setblocking(False)
@@ -1544,6 +1548,7 @@ class Reactor:
             delay = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = delay if timeout is None else min(timeout, delay)
         events = self._selector.select(timeout)
+        outer_woke, self.woke = self.woke, time.monotonic()
         self.in_pass += 1
         try:
             for key, mask in events:
@@ -1572,6 +1577,7 @@ class Reactor:
                     self._handler_failed(callback)
         finally:
             self.in_pass -= 1
+            self.woke = outer_woke     # (a nested pass: the outer one's frames came then)
         if self._flushes:
             self._flush_all()
         if self._waiters:
@@ -2610,7 +2616,15 @@ class _Parked:
 # (caller_wheel_id, caller_id, publisher_wheel_id, alias, calls, started,
 # deadline): ``calls`` the _Calls of its alias, ``started`` when it was routed
 # and ``deadline`` when it is failed if still unanswered (time.monotonic();
-# None: never). A plain tuple, since one is made for every call.
+# None: never; TIMED_OUT: it was, and its publisher's answer is still to
+# come). A plain tuple, since one is made for every call.
+
+# A call failed at its deadline stays in the store, and on its caller's and
+# its publisher's books, until its publisher answers (the answer is then
+# dropped): the publisher still has it, so it must still count against the
+# caller's max_waiting_calls and as the publisher's load, or a caller whose
+# calls time out could pile up calls at a stuck publisher without bound.
+TIMED_OUT = float("inf")
 
 
 def _call_over(caller: "_Peer", fresh_id: int, caller_id: int) -> None:
@@ -2961,7 +2975,7 @@ class Server:
         for fresh_id, delivery in waiting.items():
             self._settled(fresh_id, delivery, False, "Server is shutting down")
             caller = self.wheels.get(delivery[0])
-            if caller is not None:
+            if caller is not None and delivery[6] is not TIMED_OUT:
                 self._answer(caller, delivery[1], False, "Server is shutting down")
         for session in self.sessions.values():
             # nothing was rescinded: its subscribers lose their connection, and
@@ -3344,7 +3358,11 @@ class Server:
 
     def _settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str) -> None:
         """Count a routed call that ends, however it ends (answered, failed
-        here, or left by its caller): the one place where calls are settled."""
+        here, or left by its caller): the one place where calls are settled.
+        One that timed out was counted then (TIMED_OUT)."""
+        if delivery[6] is TIMED_OUT:
+            delivery[4].in_flight -= 1  # (it stayed in flight: its publisher had it)
+            return
         seconds = time.monotonic() - delivery[5]
         delivery[4].settle(success, seconds)
         if self._traced is not None:
@@ -3394,15 +3412,19 @@ class Server:
         publisher = self.wheels[wheel_id].context
         publisher.calls_served.discard(fresh_id)
         publisher.calls_answered += 1
-        caller_wheel_id, caller_id, _, alias, calls, started, _ = delivery
+        caller_wheel_id, caller_id, _, alias, calls, started, deadline = delivery
         calls.bytes_out += self._frame_size
         caller = self.wheels.get(caller_wheel_id)
         if caller is None:             # (a caller that leaves takes its calls with it)
             return self._settled(fresh_id, delivery, False, "its caller left")
         caller_peer = caller.context
         caller_peer.calls_made.discard(fresh_id)
-        if caller_peer.calls_by_id is not None:
-            caller_peer.calls_by_id.pop(caller_id, None)
+        ids = caller_peer.calls_by_id
+        if ids is not None and ids.get(caller_id) == fresh_id:
+            del ids[caller_id]
+        if deadline is TIMED_OUT:      # its caller has had its answer: this one is late
+            calls.in_flight -= 1
+            return
         success = data.get("success")
         if type(success) is not bool or type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
             log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
@@ -3446,28 +3468,33 @@ class Server:
         now = time.monotonic()
         store = self.delivered_store
         expired = [(fresh_id, delivery) for fresh_id, delivery in store.items()
-                   if delivery[6] is not None and delivery[6] <= now]
+                   if delivery[6] is not None and delivery[6] <= now]   # (TIMED_OUT never is)
         for fresh_id, delivery in expired:
             if store.get(fresh_id) is not delivery:
                 continue               # answered meanwhile (an answer may close a peer)
-            del store[fresh_id]
-            publisher = self.wheels.get(delivery[2])
             caller = self.wheels.get(delivery[0])
-            if publisher is not None:
-                publisher.context.calls_served.discard(fresh_id)
-            else:                      # held for a parked publisher
+            if self.wheels.get(delivery[2]) is not None:    # see TIMED_OUT
+                store[fresh_id] = delivery[:6] + (TIMED_OUT,)
+                if caller is not None and caller.context.calls_by_id is not None and \
+                        caller.context.calls_by_id.get(delivery[1]) == fresh_id:
+                    del caller.context.calls_by_id[delivery[1]]   # nothing left to cancel
+            else:                      # held for a parked publisher: it goes now
+                del store[fresh_id]
                 self._release_held(self._parked_wheels.get(delivery[2]), fresh_id,
                                    caller and caller.context)
-            seconds = now - delivery[5]
+                if caller is not None:
+                    _call_over(caller.context, fresh_id, delivery[1])
             self._settled(fresh_id, delivery, False, "timed out")
+            if store.get(fresh_id) is not delivery:
+                delivery[4].in_flight += 1   # settled, yet still in flight (TIMED_OUT)
             if caller is not None:
-                _call_over(caller.context, fresh_id, delivery[1])
                 self._answer(caller, delivery[1], False, _dumps({
                     "error": "CallTimeout", "traceback": "",
-                    "message": "no answer within %.3g s (the call's timeout)" % seconds}),
-                    pickled=True)
+                    "message": "no answer within %.3g s (the call's timeout)"
+                               % (delivery[6] - delivery[5])}), pickled=True)
         self._deadline_timer = None
-        if any(delivery[6] is not None for delivery in store.values()):
+        if any(delivery[6] is not None and delivery[6] is not TIMED_OUT
+               for delivery in store.values()):
             self._deadline_timer = self.reactor.call_later(
                 max(DEADLINE_SWEEP, len(store) / SWEEP_RATE), self._expire_calls)
 
@@ -3483,7 +3510,7 @@ class Server:
         fresh_id = peer.calls_by_id.get(call_id) if peer.calls_by_id is not None and \
             type(call_id) is int else None
         delivery = self.delivered_store.get(fresh_id)
-        if delivery is None or delivery[0] != wheel_id:
+        if delivery is None or delivery[0] != wheel_id or delivery[1] != call_id:
             return self.send_result(False, data, wheel_id, "No call %s of this connection is "
                                     "waiting to be cancelled" % _show(call_id)
                                     if peer.calls_by_id is not None else
@@ -3497,6 +3524,9 @@ class Server:
             self._answer(self.wheels[wheel_id], call_id, False,
                          "Call cancelled by its caller before it started")
             return self.send_result(True, data, wheel_id, True)
+        # one notice per call: the call is no longer the caller's to cancel (a
+        # flood of cancels of one call would otherwise flood its publisher)
+        del peer.calls_by_id[call_id]
         told = publisher.context.calls_by_id is not None
         if told:
             publisher.write_frame(_encode({"type": "cancel", "call": fresh_id}))
@@ -3661,7 +3691,8 @@ class Server:
         caller = self.wheels.get(delivery[0])
         if caller is not None:
             _call_over(caller.context, fresh_id, delivery[1])
-            self._answer(caller, delivery[1], False, failure)
+            if delivery[6] is not TIMED_OUT:    # (answered at its deadline)
+                self._answer(caller, delivery[1], False, failure)
 
     # resumption: a publisher's sessions outlive its connection for the grace
     # window (PROTOCOL.md 7.3); peers that never ask for a token are not affected
@@ -4641,12 +4672,13 @@ class _Link:
         self.attempt = 0               # reconnection tries since it went down
         self.timer: Optional[_Timer] = None
         self.token: Optional[str] = None     # the server's resume token, if it has a grace window
-        # request id -> (the alias it calls, or None; its frame): made while down,
-        # sent in order once it is back up ...
-        self.queued: Dict[int, Tuple[Optional[str], Any]] = {}
+        # request id -> (the alias it calls, or None; the message, if a deliver
+        # with a timeout; its frame): made while down, sent in order once it is
+        # back up ...
+        self.queued: Dict[int, Tuple[Optional[str], Optional[dict], Any]] = {}
         # ... except calls to an alias subscribed again (after a server restart,
         # say) that waits for its publisher: they go once it is back
-        self.held: Dict[int, Tuple[str, Any]] = {}
+        self.held: Dict[int, Tuple[str, Optional[dict], Any]] = {}
         self.restoring: set = set()    # those aliases
         self.rejoining: set = set()    # ids of the requests that set a new connection up
         self.seen = 0                  # the wheel's reads at the last heartbeat
@@ -4752,8 +4784,9 @@ class Client:
         self._trace = bool(self.options.get("trace"))
         # connections whose server takes deadlines and cancel (PROTOCOL.md 7.7)
         self._deadline_servers: set = set()
-        # (connection, call id) -> the CallContext of each call this client serves
-        self._serving: Dict[Tuple[int, int], CallContext] = {}
+        # (wheel, call id) -> the CallContext of each call this client serves: by
+        # wheel, since a connection made again (its id kept) numbers calls anew
+        self._serving: Dict[Tuple[Wheel, int], CallContext] = {}
         self._handlers = {
             "result": self.handle_on_result,
             "deliver": self.handle_on_deliver,
@@ -4967,9 +5000,10 @@ class Client:
         if self.socket_error_event is not None and reason != "client closed":
             self._call_user(self.socket_error_event, connection_id, failure)
 
-    def _fail_requests(self, connection_id: int, failure: ProxyError) -> None:
+    def _fail_requests(self, connection_id: int, failure: ProxyError, spare=()) -> None:
+        """Fail the requests sent on a connection (but those in ``spare``)."""
         for request_id, request in list(self._pending.items()):
-            if request.connection_id == connection_id:
+            if request.connection_id == connection_id and request_id not in spare:
                 del self._pending[request_id]
                 self._finish(request, Result(False, failure, connection_id, request.tag))
 
@@ -4998,9 +5032,10 @@ class Client:
         link.state = "down"
         link.attempt = 0
         link.pinged = False
-        link.held.clear()              # (their requests fail with the rest)
+        link.queued.update(link.held)  # never sent: they wait for the next connection
+        link.held.clear()
         link.restoring.clear()
-        self._fail_requests(connection_id, failure)
+        self._fail_requests(connection_id, failure, spare=link.queued)
         self._stop_serving(connection_id)
         self._schedule_try(link)
         if self.disconnected_event is not None:
@@ -5137,9 +5172,11 @@ class Client:
                          "it no longer publishes", self.alias, connection_id, alias)
                 self._rejoin_request(link, {"type": "rescind", "payload": _dumps(
                     {"session_alias": alias})}, _no_answer_needed)
+        waits = MAX_WAITING_SUBSCRIBES     # what the server lets one connection leave waiting
         for key, subscription in list(self._subscriptions.items()):
             if key[0] == connection_id:
-                self._resubscribe(link, subscription)
+                self._resubscribe(link, subscription, waits > 0)
+                waits -= 1
         if grace > 0 and link.token is None and self.reconnect:
             def got_token(result):
                 if result.success:
@@ -5152,11 +5189,11 @@ class Client:
         link.pinged = False
         link.rejoining.clear()
         queued, link.queued = link.queued, {}
-        for request_id, (alias, body) in queued.items():    # (a request that failed
-            if alias in link.restoring:                      # meanwhile took its frame out)
-                link.held[request_id] = (alias, body)
+        for request_id, item in queued.items():    # (a request that failed meanwhile
+            if item[0] in link.restoring:           # took its frame out)
+                link.held[request_id] = item
             else:
-                wheel.write_frame(body)
+                self._sent_late(wheel, request_id, *item[1:])
         log.info("%s: connection %d to %s:%s is back", self.alias, connection_id, link.address,
                  link.port)
         if self.reconnected_event is not None:
@@ -5175,17 +5212,18 @@ class Client:
         if self.republish_error_event is not None:
             self._call_user(self.republish_error_event, key[1], key[0], error)
 
-    def _resubscribe(self, link: _Link, subscription: _Subscription) -> None:
+    def _resubscribe(self, link: _Link, subscription: _Subscription, wait: bool) -> None:
         """Subscribe again on a new connection. A server that takes waits
         (PROTOCOL.md 7.5, 7.7) answers once the alias is back (its publisher
         may be reconnecting too, or restarting), within the Client's timeout;
         calls through the proxy wait meanwhile (link.held), each within its
         own timeout. If the alias is not back by then, the proxy fails fast,
-        and tries again at its next call (revive)."""
+        and tries again at its next call (revive). (Past the server's limit of
+        subscribes waiting, ``wait`` is False: those do not wait.)"""
         alias = subscription.alias
         message = {"type": "subscribe", "to": alias}
         timeout = self.timeout
-        if link.connection_id in self._deadline_servers:
+        if wait and link.connection_id in self._deadline_servers:
             wait = MAX_SUBSCRIBE_WAIT if timeout is None else min(timeout, MAX_SUBSCRIBE_WAIT)
             message["wait"] = wait
             timeout = wait + SUBSCRIBE_WAIT_MARGIN
@@ -5206,13 +5244,13 @@ class Client:
         """An alias subscribed again is back (``failure`` None), or is not: the
         calls that waited for it go, in order, or fail."""
         link.restoring.discard(alias)
-        waited = [(request_id, body) for request_id, (to, body) in link.held.items()
-                  if to == alias]
+        waited = [(request_id, item) for request_id, item in link.held.items()
+                  if item[0] == alias]
         wheel = self._connections.get(link.connection_id)
-        for request_id, body in waited:
+        for request_id, item in waited:
             del link.held[request_id]
             if failure is None and wheel is not None:
-                wheel.write_frame(body)
+                self._sent_late(wheel, request_id, *item[1:])
             else:
                 request = self._pending.pop(request_id, None)
                 if request is not None:
@@ -5357,13 +5395,28 @@ class Client:
                 request.undo()
             raise FrameTooLarge("a %s request" % message["type"], size, limit)
         if waiting:
-            link.queued[request_id] = (message["to"] if message["type"] == "deliver" else None,
-                                       body)
+            link.queued[request_id] = (message["to"], message, body) \
+                if message["type"] == "deliver" else (None, None, body)
         elif link is not None and link.restoring and message["type"] == "deliver" and \
                 message["to"] in link.restoring:
-            link.held[request_id] = (message["to"], body)
+            link.held[request_id] = (message["to"], message, body)
         else:
             wheel.write_frame(body)
+
+    def _sent_late(self, wheel: Wheel, request_id: int, message: Optional[dict], body) -> None:
+        """Send a request that waited here (link.queued, link.held): a call's
+        timeout_ms is what is left of it now, and goes only to a server that
+        takes it (this one may not be the one it was made for)."""
+        if message is not None and "timeout_ms" in message:
+            request = self._pending.get(request_id)
+            if wheel.wheel_id not in self._deadline_servers or request is None or \
+                    request.deadline is None:
+                del message["timeout_ms"]
+            else:
+                message["timeout_ms"] = max(1, math.ceil(
+                    (request.deadline - time.monotonic()) * 1000))
+            body = _encode(message)
+        wheel.write_frame(body)
 
     # Timeouts: a heap of (deadline, request id) and one timer, for its
     # earliest deadline. A request's own timer would be cancelled by its answer
@@ -5519,9 +5572,9 @@ class Client:
         # (a peer's value: a timeout that is not a sane number is no deadline)
         call = CallContext(message.get("to"), None if type(timeout_ms) is not int or not
                            0 < timeout_ms <= MAX_CALL_TIMEOUT_MS
-                           else time.monotonic() + timeout_ms / 1000)
+                           else self.reactor.woke + timeout_ms / 1000)
         if type(message.get("id")) is int:     # so that a cancel finds it (PROTOCOL.md 7.7)
-            self._serving[(wheel.wheel_id, message["id"])] = call
+            self._serving[(wheel, message["id"])] = call
         if publication is not None and publication.workers is not None:
             return publication.workers.submit(self._serve_call, wheel, message, publication,
                                               True, call)
@@ -5531,14 +5584,14 @@ class Client:
         """The server passes on a caller's cancel of a call served here: if it
         has not started, it never will; if it runs, current_call() says so."""
         call_id = message.get("call")
-        call = self._serving.get((wheel.wheel_id, call_id)) if type(call_id) is int else None
+        call = self._serving.get((wheel, call_id)) if type(call_id) is int else None
         if call is not None:
             call.cancelled = True
 
     def _stop_serving(self, connection_id: int) -> None:
         """A connection is lost: the calls it brought can no longer be
         answered (their callers have been told), so they are as cancelled."""
-        for key in [key for key in self._serving if key[0] == connection_id]:
+        for key in [key for key in self._serving if key[0].wheel_id == connection_id]:
             self._serving.pop(key).cancelled = True
 
     def _serve_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
@@ -5623,7 +5676,7 @@ class Client:
     def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
                          payload: bytes) -> None:
         if type(message_id) is int:
-            self._serving.pop((wheel.wheel_id, message_id), None)
+            self._serving.pop((wheel, message_id), None)
         body = _encode({"type": "result", "id": message_id, "success": success,
                         "payload": payload})
         size = len(body) if type(body) is bytes else sum(map(len, body))

@@ -5337,7 +5337,7 @@ def test_a_call_past_its_deadline_is_failed_by_the_server_and_its_late_answer_dr
     assert (failed["id"], failed["success"]) == (7, False)
     payload = pickle.loads(failed["payload"])
     assert payload["error"] == "CallTimeout" and payload["traceback"] == ""
-    assert re.fullmatch(r"no answer within 0\.\d+ s \(the call's timeout\)", payload["message"])
+    assert payload["message"] == "no answer within 0.3 s (the call's timeout)"
     publisher.send(type="result", id=forwarded["id"], success=True, payload=dumps("late"))
     assert caller.result(type="listing", id=8) == (True, ["Tools"])   # and nothing else came
     assert server.call(lambda: (server.server.delivered_store,
@@ -5517,7 +5517,14 @@ def test_a_cancel_reaches_the_publisher_which_answers_its_call_once(server, peer
     deliver(caller, 7)
     forwarded = publisher.recv()
     assert caller.result(type="cancel", id=8, call=7) == (True, True)
+    for n in range(1000):              # one notice per call, however many cancels
+        caller.send(type="cancel", id=100 + n, call=7)
+    for n in range(1000):
+        assert caller.recv() == {"type": "result", "id": 100 + n, "success": False,
+                                 "payload": dumps("No call 7 of this connection is waiting "
+                                                  "to be cancelled")}
     assert publisher.recv() == {"type": "cancel", "call": forwarded["id"]}
+    assert publisher.result(type="ping", id=9) == (True, None)    # and nothing more came
     publisher.send(type="result", id=forwarded["id"], success=False, payload=dumps("cancelled"))
     assert caller.recv() == {"type": "result", "id": 7, "success": False,
                              "payload": dumps("cancelled")}
@@ -5617,3 +5624,107 @@ def test_readme_restart_example_runs_as_written_across_a_crash(server_process):
         for process in processes:
             process.kill()
             process.wait(WAIT)
+
+
+def test_calls_that_time_out_still_count_until_their_publisher_answers(make_server, peers):
+    # what is tried: a publisher that does not answer, and a caller whose
+    # calls time out one after another: they must still count against the
+    # caller's max_waiting_calls (the publisher still has them), or the caller
+    # could pile up calls there without bound; once the publisher answers
+    # one late, that answer is dropped and the caller may call again
+    server = make_server(max_waiting_calls=3)
+    publisher, caller = peers(server.address), peers(server.address)
+    for peer in (publisher, caller):
+        assert peer.result(type="info", id=1, deadlines=True)[0]
+    assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
+    for n in range(3):
+        deliver(caller, 10 + n, timeout_ms=50)
+    forwarded = [publisher.recv() for _ in range(3)]
+    timed_out = [caller.recv() for _ in range(3)]
+    assert sorted(answer["id"] for answer in timed_out) == [10, 11, 12]
+    assert all(pickle.loads(answer["payload"])["error"] == "CallTimeout" for answer in timed_out)
+    deliver(caller, 13, timeout_ms=50)
+    assert caller.recv() == {"type": "result", "id": 13, "success": False, "payload": dumps(
+        "Too many calls waiting: connection 2 has 3 calls waiting for answers "
+        "(max_waiting_calls)")}
+    publisher.send(type="result", id=forwarded[0]["id"], success=True, payload=dumps("late"))
+    assert publisher.result(type="ping", id=3) == (True, None)
+    deliver(caller, 14, args=["x"])
+    call = publisher.recv()
+    publisher.send(type="result", id=call["id"], success=True, payload=dumps("x"))
+    assert caller.recv() == {"type": "result", "id": 14, "success": True, "payload": dumps("x")}
+    stats = server.call(server.server.statistics)   # the publisher still has two
+    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (2, 5, 4)
+    assert stats["aliases"][0]["in_flight"] == 2
+    publisher.close()                  # it goes: nothing is answered twice, or counted
+    assert caller.result(type="listing", id=15) == (True, [])
+    stats = server.call(server.server.statistics)
+    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (0, 5, 4)
+
+
+def test_a_shared_member_that_stops_answering_is_not_fed_the_next_calls(server, peers):
+    # what is tried: of two members, the one that got a call does not answer
+    # it; the call times out; the next call must go to the other member, since
+    # the first still has the call that timed out
+    first, second, caller = (peers(server.address) for _ in range(3))
+    for peer in (first, second, caller):
+        assert peer.result(type="info", id=1, deadlines=True)[0]
+    assert publish_shared(first, "Jobs", msg_id=2) == (True, "Jobs")
+    assert publish_shared(second, "Jobs", msg_id=2) == (True, "Jobs")
+    for n in range(4):
+        deliver(caller, 10 + n, alias="Jobs", timeout_ms=50)
+        stuck = first if first.sock in select.select([first.sock, second.sock], [], [], WAIT)[0] \
+            else second
+        stuck.recv()                   # the call; never answered
+        assert caller.recv()["id"] == 10 + n
+    # two calls each, whatever each held: the load counts the calls that timed out
+    assert server.call(lambda: sorted(len(server.server.wheels[n].context.calls_served)
+                                      for n in (1, 2))) == [2, 2]
+
+
+def test_calls_read_together_count_their_deadline_from_when_they_were_read(server,
+                                                                          make_client):
+    # what is tried: a publisher with workers=0 (calls run one after another,
+    # as read) reads three calls at once; the first takes longer than their
+    # timeout: the other two must not start after it, their deadline passed
+    ran = []
+
+    class Slow:
+        @proxysession.proxy_event
+        def nap(self, n):
+            ran.append(n)
+            time.sleep(0.4)
+            return n
+
+    publisher = make_client(reactor=proxysession.Reactor())
+    publisher.publish(publisher.connect(*server.address), "Slow", Slow())
+    caller = make_client(reactor=proxysession.Reactor())
+    slow = caller.subscribe(caller.connect(*server.address), "Slow")
+    answers = []
+    for n in range(3):
+        slow.nap.call((n,), timeout=0.3, callback=answers.append)
+    assert caller.reactor.run_until(lambda: server.call(   # routed, and written to its socket
+        lambda: (len(server.server.delivered_store), server.server.wheels[1].out_size)) == (
+            3, 0), WAIT)
+    probe = proxysession.Reactor()     # the three are at the publisher's socket: read them
+    assert run_until_readable(probe, publisher._connections[1].sock)
+    probe.close()
+    assert publisher.reactor.run_until(lambda: server.call(
+        lambda: not server.server.delivered_store), WAIT)
+    assert ran == [0]
+    assert caller.reactor.run_until(lambda: len(answers) == 3, WAIT)
+    assert all(isinstance(answer.payload, proxysession.CallTimeout) for answer in answers)
+
+
+def test_a_cancel_names_the_call_waiting_under_an_id_used_twice(server, peers):
+    publisher, caller = peers(server.address), peers(server.address)
+    for peer in (publisher, caller):
+        assert peer.result(type="info", id=1, deadlines=True)[0]
+    assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
+    deliver(caller, 5, args=["first"])
+    deliver(caller, 5, args=["second"])
+    first, second = publisher.recv(), publisher.recv()
+    publisher.send(type="result", id=first["id"], success=True, payload=dumps("first"))
+    assert caller.recv()["payload"] == dumps("first")
+    assert caller.result(type="cancel", id=6, call=5) == (True, True)   # the second one
+    assert publisher.recv() == {"type": "cancel", "call": second["id"]}
