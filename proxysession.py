@@ -1577,7 +1577,8 @@ class Reactor:
                     self._handler_failed(callback)
         finally:
             self.in_pass -= 1
-            self.woke = outer_woke     # (a nested pass: the outer one's frames came then)
+            if self.in_pass:           # a nested pass: the outer one's frames came then
+                self.woke = outer_woke
         if self._flushes:
             self._flush_all()
         if self._waiters:
@@ -2576,7 +2577,7 @@ class _Peer:
 
     __slots__ = ("published", "subscribed", "calls_made", "calls_served", "token",
                  "held_bytes", "since", "calls_sent", "calls_answered", "awaiting",
-                 "max_frame", "calls_by_id")
+                 "max_frame", "calls_by_id", "timed_out")
 
     def __init__(self):
         self.published: Optional[set] = None
@@ -2593,6 +2594,7 @@ class _Peer:
         # for a peer that said it speaks deadlines and cancel (info, PROTOCOL.md 7.7):
         # its request id -> the fresh id, of each of its calls still waiting
         self.calls_by_id: Optional[Dict[int, int]] = None
+        self.timed_out = 0             # calls it has that timed out, unanswered (TIMED_OUT)
 
 
 class _Parked:
@@ -2619,11 +2621,13 @@ class _Parked:
 # None: never; TIMED_OUT: it was, and its publisher's answer is still to
 # come). A plain tuple, since one is made for every call.
 
-# A call failed at its deadline stays in the store, and on its caller's and
-# its publisher's books, until its publisher answers (the answer is then
-# dropped): the publisher still has it, so it must still count against the
-# caller's max_waiting_calls and as the publisher's load, or a caller whose
-# calls time out could pile up calls at a stuck publisher without bound.
+# A call failed at its deadline stays in the store, and on its publisher's
+# books (its load, its ``timed_out``), until the publisher answers (the
+# answer is then dropped) or goes: the publisher still has it. A publisher
+# with max_waiting_calls of them is refused new calls, or callers whose calls
+# time out could pile up calls at a stuck publisher without bound; the
+# callers' own max_waiting_calls no longer counts them, so one stuck
+# publisher does not cut its callers off from every other alias.
 TIMED_OUT = float("inf")
 
 
@@ -3292,6 +3296,11 @@ class Server:
         publisher_id = session.wheel_id if session.members is None else \
             self._least_busy(session)
         publisher = self.wheels.get(publisher_id)
+        if publisher is not None and publisher.context.timed_out >= self.max_waiting_calls:
+            return self._refused(wheel_id, caller_id, alias, calls, event,
+                                 "Session '%s' is not answering: %d of its calls timed out and "
+                                 "still wait for its answers (max_waiting_calls)"
+                                 % (alias, publisher.context.timed_out))
         data["to"] = session.name
         data["id"] = fresh_id
         if timeout is not None and (publisher is None or publisher.context.calls_by_id is None):
@@ -3414,6 +3423,10 @@ class Server:
         publisher.calls_answered += 1
         caller_wheel_id, caller_id, _, alias, calls, started, deadline = delivery
         calls.bytes_out += self._frame_size
+        if deadline is TIMED_OUT:      # its caller has had its answer: this one is late
+            publisher.timed_out -= 1
+            calls.in_flight -= 1
+            return
         caller = self.wheels.get(caller_wheel_id)
         if caller is None:             # (a caller that leaves takes its calls with it)
             return self._settled(fresh_id, delivery, False, "its caller left")
@@ -3422,9 +3435,6 @@ class Server:
         ids = caller_peer.calls_by_id
         if ids is not None and ids.get(caller_id) == fresh_id:
             del ids[caller_id]
-        if deadline is TIMED_OUT:      # its caller has had its answer: this one is late
-            calls.in_flight -= 1
-            return
         success = data.get("success")
         if type(success) is not bool or type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
             log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
@@ -3473,20 +3483,19 @@ class Server:
             if store.get(fresh_id) is not delivery:
                 continue               # answered meanwhile (an answer may close a peer)
             caller = self.wheels.get(delivery[0])
-            if self.wheels.get(delivery[2]) is not None:    # see TIMED_OUT
+            publisher = self.wheels.get(delivery[2])
+            if publisher is not None:  # it stays, its publisher's (see TIMED_OUT)
                 store[fresh_id] = delivery[:6] + (TIMED_OUT,)
-                if caller is not None and caller.context.calls_by_id is not None and \
-                        caller.context.calls_by_id.get(delivery[1]) == fresh_id:
-                    del caller.context.calls_by_id[delivery[1]]   # nothing left to cancel
+                publisher.context.timed_out += 1
             else:                      # held for a parked publisher: it goes now
                 del store[fresh_id]
                 self._release_held(self._parked_wheels.get(delivery[2]), fresh_id,
                                    caller and caller.context)
-                if caller is not None:
-                    _call_over(caller.context, fresh_id, delivery[1])
+            if caller is not None:
+                _call_over(caller.context, fresh_id, delivery[1])
             self._settled(fresh_id, delivery, False, "timed out")
-            if store.get(fresh_id) is not delivery:
-                delivery[4].in_flight += 1   # settled, yet still in flight (TIMED_OUT)
+            if publisher is not None:
+                delivery[4].in_flight += 1   # settled, yet still at its publisher
             if caller is not None:
                 self._answer(caller, delivery[1], False, _dumps({
                     "error": "CallTimeout", "traceback": "",
@@ -4660,7 +4669,7 @@ class _Link:
 
     __slots__ = ("connection_id", "address", "port", "server_hostname", "timeout", "state",
                  "attempt", "timer", "token", "queued", "rejoining", "seen", "pinged", "held",
-                 "restoring")
+                 "restoring", "max_frame")
 
     def __init__(self, connection_id, address, port, server_hostname, timeout):
         self.connection_id = connection_id
@@ -4680,6 +4689,7 @@ class _Link:
         # say) that waits for its publisher: they go once it is back
         self.held: Dict[int, Tuple[str, Optional[dict], Any]] = {}
         self.restoring: set = set()    # those aliases
+        self.max_frame = MAX_FRAME     # the server's, as its last connection said
         self.rejoining: set = set()    # ids of the requests that set a new connection up
         self.seen = 0                  # the wheel's reads at the last heartbeat
         self.pinged = False
@@ -5032,6 +5042,7 @@ class Client:
         link.state = "down"
         link.attempt = 0
         link.pinged = False
+        link.max_frame = wheel.peer_max_frame      # what requests made meanwhile must fit
         link.queued.update(link.held)  # never sent: they wait for the next connection
         link.held.clear()
         link.restoring.clear()
@@ -5188,9 +5199,13 @@ class Client:
         link.seen = wheel.reads
         link.pinged = False
         link.rejoining.clear()
-        queued, link.queued = link.queued, {}
-        for request_id, item in queued.items():    # (a request that failed meanwhile
-            if item[0] in link.restoring:           # took its frame out)
+        for request_id in list(link.queued):
+            if wheel.closed:           # lost again: the rest wait for the next one
+                break
+            item = link.queued.pop(request_id, None)
+            if item is None:           # failed meanwhile
+                continue
+            if item[0] in link.restoring:
                 link.held[request_id] = item
             else:
                 self._sent_late(wheel, request_id, *item[1:])
@@ -5248,7 +5263,8 @@ class Client:
                   if item[0] == alias]
         wheel = self._connections.get(link.connection_id)
         for request_id, item in waited:
-            del link.held[request_id]
+            if link.held.pop(request_id, None) is None or wheel is not None and wheel.closed:
+                continue               # (lost again meanwhile: it waits in link.queued)
             if failure is None and wheel is not None:
                 self._sent_late(wheel, request_id, *item[1:])
             else:
@@ -5388,7 +5404,7 @@ class Client:
         self._expect(request_id, request)
         body = _encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
-        limit = wheel.peer_max_frame if wheel is not None else MAX_FRAME
+        limit = wheel.peer_max_frame if wheel is not None else link.max_frame
         if size > limit:
             del self._pending[request_id]
             if request.undo is not None:
@@ -5406,16 +5422,28 @@ class Client:
     def _sent_late(self, wheel: Wheel, request_id: int, message: Optional[dict], body) -> None:
         """Send a request that waited here (link.queued, link.held): a call's
         timeout_ms is what is left of it now, and goes only to a server that
-        takes it (this one may not be the one it was made for)."""
+        takes it (this one may not be the one it was made for); one past its
+        deadline, or too large for this server, fails here instead."""
+        request = self._pending.get(request_id)
+        if request is None:
+            return                     # failed meanwhile
+        failure = None
         if message is not None and "timeout_ms" in message:
-            request = self._pending.get(request_id)
-            if wheel.wheel_id not in self._deadline_servers or request is None or \
-                    request.deadline is None:
+            left = None if request.deadline is None else request.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                failure = CallTimeout("no answer within %.3g s" % request.timeout)
+            elif left is None or wheel.wheel_id not in self._deadline_servers:
                 del message["timeout_ms"]
             else:
-                message["timeout_ms"] = max(1, math.ceil(
-                    (request.deadline - time.monotonic()) * 1000))
+                message["timeout_ms"] = max(1, math.ceil(left * 1000))
             body = _encode(message)
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if failure is None and size > wheel.peer_max_frame:
+            failure = FrameTooLarge("a %s request" % (message or {}).get("type", "queued"),
+                                    size, wheel.peer_max_frame)
+        if failure is not None:
+            del self._pending[request_id]
+            return self._finish(request, Result(False, failure, wheel.wheel_id, request.tag))
         wheel.write_frame(body)
 
     # Timeouts: a heap of (deadline, request id) and one timer, for its

@@ -5626,17 +5626,19 @@ def test_readme_restart_example_runs_as_written_across_a_crash(server_process):
             process.wait(WAIT)
 
 
-def test_calls_that_time_out_still_count_until_their_publisher_answers(make_server, peers):
+def test_calls_that_time_out_at_a_stuck_publisher_are_bounded_there(make_server, peers):
     # what is tried: a publisher that does not answer, and a caller whose
-    # calls time out one after another: they must still count against the
-    # caller's max_waiting_calls (the publisher still has them), or the caller
-    # could pile up calls there without bound; once the publisher answers
-    # one late, that answer is dropped and the caller may call again
+    # calls to it time out one after another: the publisher still has them,
+    # so past max_waiting_calls of them it is refused new calls (or callers
+    # could pile up calls there without bound), while the caller's calls to
+    # another alias go on; once the publisher answers one late, that answer
+    # is dropped and it may take a call again
     server = make_server(max_waiting_calls=3)
-    publisher, caller = peers(server.address), peers(server.address)
-    for peer in (publisher, caller):
+    publisher, other, caller = (peers(server.address) for _ in range(3))
+    for peer in (publisher, other, caller):
         assert peer.result(type="info", id=1, deadlines=True)[0]
     assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
+    assert publish(other, "Other", msg_id=2) == (True, "Other")
     for n in range(3):
         deliver(caller, 10 + n, timeout_ms=50)
     forwarded = [publisher.recv() for _ in range(3)]
@@ -5645,21 +5647,44 @@ def test_calls_that_time_out_still_count_until_their_publisher_answers(make_serv
     assert all(pickle.loads(answer["payload"])["error"] == "CallTimeout" for answer in timed_out)
     deliver(caller, 13, timeout_ms=50)
     assert caller.recv() == {"type": "result", "id": 13, "success": False, "payload": dumps(
-        "Too many calls waiting: connection 2 has 3 calls waiting for answers "
-        "(max_waiting_calls)")}
+        "Session 'Tools' is not answering: 3 of its calls timed out and still wait for its "
+        "answers (max_waiting_calls)")}
+    deliver(caller, 14, alias="Other", args=["y"])       # another alias: not held up
+    call = other.recv()
+    other.send(type="result", id=call["id"], success=True, payload=dumps("y"))
+    assert caller.recv()["id"] == 14
     publisher.send(type="result", id=forwarded[0]["id"], success=True, payload=dumps("late"))
     assert publisher.result(type="ping", id=3) == (True, None)
-    deliver(caller, 14, args=["x"])
+    deliver(caller, 15, args=["x"])
     call = publisher.recv()
     publisher.send(type="result", id=call["id"], success=True, payload=dumps("x"))
-    assert caller.recv() == {"type": "result", "id": 14, "success": True, "payload": dumps("x")}
+    assert caller.recv() == {"type": "result", "id": 15, "success": True, "payload": dumps("x")}
     stats = server.call(server.server.statistics)   # the publisher still has two
-    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (2, 5, 4)
-    assert stats["aliases"][0]["in_flight"] == 2
+    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (2, 6, 4)
+    assert [entry["in_flight"] for entry in stats["aliases"]] == [0, 2]   # Other, Tools
     publisher.close()                  # it goes: nothing is answered twice, or counted
-    assert caller.result(type="listing", id=15) == (True, [])
+    assert caller.result(type="listing", id=16) == (True, ["Other"])
     stats = server.call(server.server.statistics)
-    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (0, 5, 4)
+    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (0, 6, 4)
+
+
+def test_a_call_held_for_a_parked_publisher_fails_at_its_deadline_and_leaves_nothing(
+        make_server, peers):
+    server = make_server(grace=30)
+    old, caller = peers(server.address), peers(server.address)
+    assert caller.result(type="info", id=1, deadlines=True)[0]
+    assert old.result(type="resume", id=1)[0]
+    assert publish(old, "Tools", msg_id=2) == (True, "Tools")
+    old.close()
+    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    deliver(caller, 9, args=["x" * 1000], timeout_ms=50)
+    answer = caller.recv()
+    assert (answer["id"], pickle.loads(answer["payload"])["error"]) == (9, "CallTimeout")
+    stats = server.call(server.server.statistics)
+    assert (stats["in_flight"], stats["calls"], stats["failures"]) == (0, 1, 1)
+    assert stats["aliases"][0]["in_flight"] == 0
+    assert server.call(lambda: (server.server.delivered_store, server.server._held_bytes)) == (
+        {}, 0)
 
 
 def test_a_shared_member_that_stops_answering_is_not_fed_the_next_calls(server, peers):
@@ -5728,3 +5753,24 @@ def test_a_cancel_names_the_call_waiting_under_an_id_used_twice(server, peers):
     assert caller.recv()["payload"] == dumps("first")
     assert caller.result(type="cancel", id=6, call=5) == (True, True)   # the second one
     assert publisher.recv() == {"type": "cancel", "call": second["id"]}
+
+
+def test_a_call_made_while_the_link_is_down_is_held_to_the_servers_frame_limit(
+        server_process, make_client):
+    # what is tried: a server that takes frames of 64 KiB goes away; a call of
+    # 100 KB made meanwhile must fail at once, as it would while connected,
+    # not be queued and then make the new server close the whole connection
+    first = server_process("--max-frame", "65536")
+    port = first.address[1]
+    events = []
+    caller = make_client(reconnected_event=lambda conn: events.append("back"))
+    conn = caller.connect(*first.address)
+    assert first.stop() == 0
+    assert caller.reactor.run_until(lambda: caller._links[conn].state == "down", WAIT)
+    with pytest.raises(proxysession.FrameTooLarge, match="65536"):
+        caller.deliver(conn, "Tools", "echo", [b"x" * 100000], callback=lambda result: None)
+    answers = []
+    caller.server_listing(conn, callback=answers.append)       # queued: goes when back
+    server_process("--listen", "127.0.0.1:%d" % port, "--max-frame", "65536")
+    assert caller.reactor.run_until(lambda: answers, WAIT)
+    assert answers[0].success and events == ["back"]
