@@ -55,6 +55,8 @@ Contents, in the order the data flows:
                     links: reconnection, heartbeats, resuming publishers,
                     calls that wait for their alias after a reconnection
 - proxy             Proxy, proxy_event
+- asyncio           AsyncClient: the Client on the running asyncio loop, its
+                    requests and calls awaited, async def methods published
 - command line      main()
 """
 
@@ -62,6 +64,7 @@ import argparse
 import bisect
 import collections
 import concurrent.futures
+import contextvars
 import copyreg
 import datetime
 import errno
@@ -102,7 +105,7 @@ __all__ = [
     "CallTimeout", "ConnectError", "FrameTooLarge",
     "ReferenceFilter", "Reactor", "Wheel", "Server", "Client", "Proxy",
     "Result", "proxy_event", "get_reactor", "run", "run_in_thread", "main",
-    "CallContext", "current_call",
+    "CallContext", "current_call", "AsyncClient",
     "DEFAULT_HOST", "DEFAULT_PORT", "MAX_FRAME",
 ]
 
@@ -4338,12 +4341,13 @@ class CallContext:
     caller ``cancelled`` it (PROTOCOL.md 7.7). A method that works long may
     look now and then, and give up: its caller has stopped waiting."""
 
-    __slots__ = ("alias", "deadline", "cancelled")
+    __slots__ = ("alias", "deadline", "cancelled", "task")
 
     def __init__(self, alias: Any, deadline: Optional[float]):
         self.alias = alias
         self.deadline = deadline
         self.cancelled = False
+        self.task = None               # the task of an async def method's call (AsyncClient)
 
     def __repr__(self):
         return "<CallContext %s%s%s>" % (_show(self.alias), " cancelled" if self.cancelled else "",
@@ -4371,22 +4375,26 @@ class CallContext:
         return None
 
 
-_current = threading.local()           # .call: the CallContext of the call a thread runs
+# the CallContext of the call being served: a context variable, so that each
+# thread has its own, and so does each task of an async method (AsyncClient)
+_current = contextvars.ContextVar("proxysession_current_call", default=None)
 
 
 def current_call() -> Optional[CallContext]:
-    """The CallContext of the call that the published method running on
-    this thread serves; None outside of one. (A method answered with a future
-    or a coroutine has it only until it returns that.)"""
-    return getattr(_current, "call", None)
+    """The CallContext of the call that the published method running here
+    (on this thread, or in this task for an ``async def`` method of an
+    AsyncClient) serves; None outside of one. (A method that answers with a
+    future has it only until it returns that.)"""
+    return _current.get()
 
 
 def _run_published(method: Callable, args, kwargs,
                    call: Optional[CallContext] = None) -> Tuple[bool, Any]:
     """Run a published method: (True, its value), or (False, the pickled
-    failure its exception makes). ``current_call()`` is ``call`` meanwhile."""
-    outer = getattr(_current, "call", None)    # (a call nested in a blocking call's wait)
-    _current.call = call
+    failure its exception makes). ``current_call()`` is ``call`` meanwhile
+    (and the outer call's again after it: a call may run nested in another's
+    blocking wait)."""
+    token = _current.set(call)
     try:
         return True, method(*args, **kwargs)
     except BaseException as exc:
@@ -4394,7 +4402,7 @@ def _run_published(method: Callable, args, kwargs,
             raise
         return False, _dumps(_error_answer(exc))
     finally:
-        _current.call = outer
+        _current.reset(token)
 
 
 def _error_answer(exc: BaseException, what: str = "") -> dict:
@@ -4726,6 +4734,9 @@ class Client:
     turns it off, which lets any peer run code here: only for a network
     where every peer is trusted.
     """
+
+    _method_class: type = None         # what a Proxy's methods are: _ProxyMethod (set below)
+    _runs_coroutines = False           # whether async def methods may be published
 
     # Slots, as the Server's (there: why): it has more attributes than
     # CPython specialises the reads of, and its handlers read them per message.
@@ -5342,7 +5353,7 @@ class Client:
                              % (reactor.depth(), MAX_NESTED_CALLS))
         request = _Request(connection_id, on_result, callback, tag,
                            self.timeout if timeout is CLIENT_TIMEOUT else timeout, undo)
-        if type(callback) is _CallFuture:
+        if type(callback) in _TAKES_BACK:
             callback.sent_as(self, request)    # so that cancelling it cancels the call
         # The reactor's own pattern for taking the loop (see _claim), held across
         # the send and the wait: call_in_loop then run_until would take it twice,
@@ -5491,13 +5502,14 @@ class Client:
         if heap:
             self._arm_sweep(heap[0][0])
 
-    def cancel_request(self, request: _Request) -> None:
-        """Take a call back, from any thread (a future's cancel): it fails no
-        more, and is answered no more; the server is asked to cancel it, if it
-        takes cancels (PROTOCOL.md 7.7), unless it was never sent."""
-        self.reactor.hand_over(self._cancel, request)
+    def cancel_request(self, request: _Request, tell_server: bool = True) -> None:
+        """Take a request back, from any thread (a future's cancel): it fails
+        no more, and is answered no more. For a call (``tell_server``), the
+        server is asked to cancel it, if it takes cancels (PROTOCOL.md 7.7),
+        unless it was never sent."""
+        self.reactor.hand_over(self._cancel, request, tell_server)
 
-    def _cancel(self, request: _Request) -> None:
+    def _cancel(self, request: _Request, tell_server: bool) -> None:
         request_id = request.id
         if request_id is None or self._pending.get(request_id) is not request:
             return                     # answered, failed or timed out meanwhile
@@ -5507,7 +5519,8 @@ class Client:
         if link is not None and (link.queued.pop(request_id, None) or
                                  link.held.pop(request_id, None)):
             return                     # never sent
-        if connection_id in self._deadline_servers and connection_id in self._connections:
+        if tell_server and connection_id in self._deadline_servers and \
+                connection_id in self._connections:
             self._send_request(_Request(connection_id, None, _no_answer_needed, None,
                                         self.timeout), {"type": "cancel", "call": request_id},
                                None)
@@ -5615,6 +5628,8 @@ class Client:
         call = self._serving.get((wheel, call_id)) if type(call_id) is int else None
         if call is not None:
             call.cancelled = True
+            if call.task is not None:  # an async def method's: asyncio's own way
+                call.task.cancel()
 
     def _stop_serving(self, connection_id: int) -> None:
         """A connection is lost: the calls it brought can no longer be
@@ -5673,10 +5688,22 @@ class Client:
         ran, value = _run_published(getattr(publication.obj, event), args, kwargs, call)
         if not ran:
             return False, value
-        if _is_future(value):
-            self._answer_when_done(wheel, message.get("id"), value)
+        if _is_future(value) or type(value) is types.CoroutineType:
+            self._answer_when_done(wheel, message.get("id"), self._awaitable(value, call))
             return None
         return _answer_body(value)
+
+    def _awaitable(self, value: Any, call: CallContext) -> Any:
+        """A future to answer a call with, for what its method returned: a
+        future as it is; a coroutine needs an AsyncClient (there it becomes a
+        task), and here is a failure."""
+        if type(value) is not types.CoroutineType:
+            return value
+        value.close()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_exception(TypeError("the method returned a coroutine: only an AsyncClient "
+                                       "runs them"))
+        return future
 
     def _answer_when_done(self, wheel: Wheel, message_id: int, future: Any) -> None:
         """A method answered with a future: the result goes when it is done
@@ -5734,6 +5761,12 @@ class Client:
         if type(shared) is not bool:
             raise ValueError("shared must be True or False, not %r" % (shared,))
         table = _method_table(obj, methods)
+        if not self._runs_coroutines:
+            for name in table:
+                if inspect.iscoroutinefunction(getattr(obj, name)):
+                    raise ValueError("cannot publish %r: it is an async def method, and only "
+                                     "an AsyncClient (on a running asyncio loop) runs those"
+                                     % (name,))
         workers = _check_workers(workers)
         key = (connection_id, alias)
         publication = _Publication(connection_id, alias, obj, table, _Workers(
@@ -5941,6 +5974,9 @@ class _ProxyMethod:
                                     args, kwargs, callback, tag, timeout)
 
 
+Client._method_class = _ProxyMethod
+
+
 def _no_answer_needed(result: Result) -> None:
     """A ping's answer: that it came is all a heartbeat needs."""
 
@@ -5957,15 +5993,394 @@ class Proxy:
 
     def __init__(self, subscription: _Subscription, methods: dict):
         self.__subscription = subscription
+        method_class = subscription.client._method_class   # awaited, for an AsyncClient
         for name, description in methods.items():
             if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
-                setattr(self, name, _ProxyMethod(subscription, name, description))
+                setattr(self, name, method_class(subscription, name, description))
 
     def __repr__(self):
         subscription = self.__subscription
         return "<Proxy %s on connection %d%s>" % (
             subscription.alias, subscription.connection_id,
             " (gone)" if subscription.gone else "")
+
+
+# ---------------------------------------------------------------------------
+# asyncio
+# ---------------------------------------------------------------------------
+# AsyncClient: the Client for asyncio programs, on the running event loop
+# itself. Its reactor is a facade over that loop (its add_reader and
+# add_writer, call_soon and call_later), so the wheels, timers and links of
+# the Client run unchanged, with no thread of their own; every request is
+# sent with a callback that settles what the coroutine awaits. Nothing here
+# may block: a request that would wait in run_until raises instead, naming
+# the coroutine to await.
+
+def _running_loop(what: str):
+    import asyncio                     # only for programs that use it
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("%s needs a running asyncio event loop: make it, and await its "
+                           "methods, inside a coroutine (asyncio.run(main()))" % what) from None
+
+
+class _LoopReactor(Reactor):
+    """A Reactor whose sockets, timers and callbacks an asyncio event loop
+    serves. Each ready socket is a pass of its own: its handler runs, then
+    the flushes it asked for, so what one read produced for a socket still
+    leaves in one send."""
+
+    def __init__(self, loop):
+        # none of Reactor's own loop: no selector, no wakeup pipe, no timer heap
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self._owner = {"driver": self.thread}     # the loop's thread drives, always
+        self._runner = self.thread
+        self._flushes: list = []
+        self._fds: Dict[Any, int] = {}            # socket -> (fd, events) registered
+        self.in_pass = 0
+        self.woke = time.monotonic()
+        self._scratch = memoryview(bytearray(READ_CHUNK))
+
+    def __repr__(self):
+        return "<_LoopReactor on %r>" % (self.loop,)
+
+    def _event(self, handler: Callable[[int], None], mask: int) -> None:
+        self.woke = time.monotonic()
+        self._run(handler, (mask,))
+
+    def _run(self, callback: Callable, args) -> None:
+        self.in_pass += 1
+        try:
+            callback(*args)
+        except Exception:
+            self._handler_failed(callback)
+        finally:
+            self.in_pass -= 1
+        if self._flushes and not self.in_pass:
+            self._flush_all()
+
+    def register(self, sock, events: int, handler: Callable[[int], None]) -> None:
+        fd = sock.fileno()
+        self._fds[sock] = (fd, 0)
+        self.modify(sock, events, handler)
+
+    def modify(self, sock, events: int, handler: Callable[[int], None]) -> None:
+        fd, had = self._fds[sock]
+        loop = self.loop
+        if events & selectors.EVENT_READ:
+            loop.add_reader(fd, self._event, handler, selectors.EVENT_READ)
+        elif had & selectors.EVENT_READ:
+            loop.remove_reader(fd)
+        if events & selectors.EVENT_WRITE:
+            loop.add_writer(fd, self._event, handler, selectors.EVENT_WRITE)
+        elif had & selectors.EVENT_WRITE:
+            loop.remove_writer(fd)
+        self._fds[sock] = (fd, events)
+
+    def unregister(self, sock) -> None:
+        fd, had = self._fds.pop(sock, (None, 0))
+        if had & selectors.EVENT_READ:
+            self.loop.remove_reader(fd)
+        if had & selectors.EVENT_WRITE:
+            self.loop.remove_writer(fd)
+
+    def call_soon(self, callback: Callable, *args) -> None:
+        self.loop.call_soon(self._run, callback, args)
+
+    def call_soon_threadsafe(self, callback: Callable, *args) -> None:
+        self.loop.call_soon_threadsafe(self._run, callback, args)
+
+    def call_later(self, delay: float, callback: Callable, *args):
+        return self.loop.call_later(delay, self._run, callback, args)   # has cancel()
+
+    def hand_over(self, fn: Callable, *args) -> None:
+        if threading.get_ident() == self.thread:
+            self.call_soon(fn, *args)
+        else:
+            self.call_soon_threadsafe(fn, *args)
+
+    def call_in_loop(self, fn: Callable, *args, timeout: Optional[float] = None) -> Any:
+        if threading.get_ident() == self.thread:
+            return fn(*args)
+        box: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run_and_keep():
+            if box.set_running_or_notify_cancel():
+                try:
+                    box.set_result(fn(*args))
+                except BaseException as exc:
+                    box.set_exception(exc)
+
+        self.call_soon_threadsafe(run_and_keep)
+        try:
+            return box.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if box.cancel():
+                raise TimeoutError("the event loop did not run it within %.3g s" % timeout)
+            return box.result()
+
+    def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+        if done():
+            return True
+        raise RuntimeError("this would block the asyncio event loop: an AsyncClient's "
+                           "requests and calls are awaited (await client.subscribe(...), "
+                           "await proxy.method(...))")
+
+    def depth(self) -> int:
+        return 0
+
+    def _claim(self, me: int) -> bool:
+        return me == self.thread
+
+    def _let_go(self, me: int) -> None:
+        pass
+
+    def run(self) -> None:
+        raise RuntimeError("an AsyncClient's reactor is its asyncio event loop: run that")
+
+    run_once = run_in_thread = run
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Answer:
+    """What a coroutine of an AsyncClient awaits: the callback of its
+    request, settling an asyncio future with the Result. Cancelling the
+    awaiting task takes the request back (a call, with a cancel to the
+    server: PROTOCOL.md 7.7)."""
+
+    __slots__ = ("future", "client", "request", "is_call")
+
+    def __init__(self, client: "AsyncClient", is_call: bool = False):
+        self.future = client.reactor.loop.create_future()
+        self.client = client
+        self.request: Optional[_Request] = None
+        self.is_call = is_call
+
+    def sent_as(self, client: "Client", request: "_Request") -> None:
+        self.request = request
+
+    def __call__(self, result: "Result") -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def __await__(self):
+        try:
+            result = yield from self.future.__await__()
+        except BaseException:          # cancelled: nobody waits for the answer
+            if self.request is not None:
+                self.client.cancel_request(self.request, tell_server=self.is_call)
+            raise
+        return result.value()
+
+
+class _AsyncProxyMethod(_ProxyMethod):
+    """A method of an AsyncClient's proxy: ``await proxy.method(...)``, and
+    ``await proxy.method.call(args, kwargs, timeout=...)`` for a timeout of
+    the call's own. The call is sent when the method is called; awaiting
+    gets its answer, and cancelling what awaits it takes the call back."""
+
+    def __call__(self, *args, **kwargs):
+        return self.call(args, kwargs)
+
+    def call(self, args: Iterable = (), kwargs: Optional[dict] = None,
+             timeout: Any = CLIENT_TIMEOUT, callback: Optional[Callable] = None, tag: Any = None):
+        if callback is not None:       # post(): nothing to await
+            return super().call(args, kwargs, timeout, callback, tag)
+        client = self._client
+        if self._subscription.gone is not None:
+            return client.revive_then_call(self._subscription, self._name, args, kwargs, timeout)
+        answer = _Answer(client, is_call=True)
+        client.deliver(self._connection_id, self._alias, self._name, args, kwargs, answer, None,
+                       timeout)
+        return answer
+
+    def future(self, *args, **kwargs):
+        """An asyncio future of the call (a task that awaits it)."""
+        import asyncio
+        return asyncio.ensure_future(self.call(args, kwargs))
+
+
+class AsyncClient(Client):
+    """The Client for asyncio programs, driven by the running event loop
+    itself: no thread of its own, and nothing that blocks the loop.
+
+    Made inside a coroutine; its requests are coroutines with the Client's
+    names and arguments (``await client.connect(...)``, ``publish``,
+    ``rescind``, ``subscribe``, ``unsubscribe``, ``server_listing``,
+    ``server_stats``, ``close``; ``async with``), and its proxies' methods
+    are awaited (``await calc.add(1, 2)``; ``calc.add.call(args, kwargs,
+    timeout=2)`` for a call's own timeout). ``async def`` methods may be
+    published: each call is a task of its own, so calls overlap; plain
+    methods run on the loop as with ``workers=0`` (give a slow one
+    ``workers=N``). Cancelling a task that awaits a call (``task.cancel()``,
+    ``asyncio.wait_for``) takes the call back (PROTOCOL.md 7.7), and a call
+    its publisher has not started never runs; a cancel that reaches a
+    running ``async def`` call cancels its task. Reconnection, heartbeats
+    and resumption are the Client's. Use it on the loop it was made on.
+    """
+
+    _method_class = _AsyncProxyMethod
+    _runs_coroutines = True
+
+    def __init__(self, alias: str = "AsyncClient", **options):
+        if "reactor" in options:
+            raise TypeError("an AsyncClient runs on the running asyncio event loop: it takes "
+                            "no reactor")
+        super().__init__(alias, reactor=_LoopReactor(_running_loop("AsyncClient()")), **options)
+
+    def _here(self, what: str) -> None:
+        loop = _running_loop(what)
+        if loop is not self.reactor.loop:
+            raise RuntimeError("%s: this AsyncClient belongs to another event loop; make one "
+                               "AsyncClient per loop" % what)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def _asked(self, send: Callable[[_Answer], Any], is_call: bool = False) -> Any:
+        answer = _Answer(self, is_call)
+        send(answer)
+        return await answer
+
+    async def connect(self, remote_address: str = DEFAULT_HOST,
+                      remote_port: Optional[int] = None, timeout: Optional[float] = None,
+                      server_hostname: Optional[str] = None) -> int:
+        """``Client.connect``, awaited: the name is resolved by the loop, and
+        every step waits without blocking it."""
+        self._here("connect()")
+        timeout = self.handshake_timeout if timeout is None else timeout
+        remote_address, remote_port = _address_and_port(remote_address, remote_port)
+        connection_id = next(self._connection_ids)
+        link = _Link(connection_id, remote_address, remote_port, server_hostname, timeout)
+        loop = self.reactor.loop
+        try:
+            found = await loop.getaddrinfo(remote_address, remote_port, type=socket.SOCK_STREAM)
+            sock = _dial(found[0][4][0], remote_port)[0]    # numeric now: no lookup
+        except OSError as exc:
+            return self._connect_failed(remote_address, remote_port, exc)
+        opened = loop.create_future()
+
+        def settle(*_):
+            if not opened.done():
+                opened.set_result(None)
+
+        wheel = self._new_wheel(link, sock, settle)
+        wheel.context = _Outcome(settle)   # _on_wheel_closed puts the error here
+        await opened
+        if not wheel.is_open:
+            self._connections.pop(connection_id, None)
+            errors = [error for error in wheel.context if error is not None]
+            return self._connect_failed(remote_address, remote_port, errors[0] if errors else
+                                        ConnectionError("connection closed during the handshake"))
+        wheel.context = None
+        try:
+            try:
+                info = await self._asked(lambda answer: self.send_message(
+                    connection_id, self._info_request(), callback=answer, timeout=timeout))
+            except ProxyError as exc:
+                info = exc
+            wheel.peer_max_frame, grace = _limits_from_info(info)
+            self._learn_deadlines(connection_id, info)
+            if grace > 0 and self.reconnect:
+                link.token = _resume_answer(await self._asked(lambda answer: self.send_message(
+                    connection_id, {"type": "resume"}, callback=answer, timeout=timeout)))[0]
+        except ProxyError as exc:
+            wheel.close("connect check failed")
+            return self._connect_failed(remote_address, remote_port, exc)
+        self._add_link(link)
+        return connection_id
+
+    async def publish(self, connection_id: int, alias: str, obj: Any,
+                      methods: Optional[Iterable[str]] = None, timeout: Any = CLIENT_TIMEOUT,
+                      workers: int = 0, shared: bool = False) -> str:
+        self._here("publish()")
+        return await self._asked(lambda answer: Client.publish(
+            self, connection_id, alias, obj, methods, answer, None, timeout, workers, shared))
+
+    async def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
+                      timeout: Any = CLIENT_TIMEOUT) -> None:
+        self._here("rescind()")
+        return await self._asked(lambda answer: Client.rescind(
+            self, obj_or_alias, connection_id, answer, None, timeout))
+
+    async def subscribe(self, connection_id: int, alias: str, timeout: Any = CLIENT_TIMEOUT,
+                        wait: Optional[float] = None) -> Proxy:
+        self._here("subscribe()")
+        return await self._asked(lambda answer: Client.subscribe(
+            self, connection_id, alias, answer, None, timeout, wait))
+
+    async def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int] = None) -> None:
+        self._here("unsubscribe()")
+        Client.unsubscribe(self, alias_or_proxy, connection_id)
+
+    async def server_listing(self, connection_id: int,
+                             timeout: Any = CLIENT_TIMEOUT) -> List[str]:
+        self._here("server_listing()")
+        return await self._asked(lambda answer: Client.server_listing(
+            self, connection_id, answer, None, timeout))
+
+    async def server_stats(self, connection_id: int, timeout: Any = CLIENT_TIMEOUT) -> dict:
+        self._here("server_stats()")
+        return await self._asked(lambda answer: Client.server_stats(
+            self, connection_id, answer, None, timeout))
+
+    async def close(self) -> None:
+        Client.close(self)
+
+    async def revive_then_call(self, subscription: _Subscription, name: str, args, kwargs,
+                               timeout: Any) -> Any:
+        """A proxy whose session went (rescinded, or not back after a
+        reconnection) subscribes again, then calls (as Client.revive)."""
+        key = (subscription.connection_id, subscription.alias)
+        if not self.reconnect or self._subscriptions.get(key) is not subscription:
+            raise ProxyError(subscription.gone)
+        try:
+            await self._asked(lambda answer: self.send_message(
+                key[0], {"type": "subscribe", "to": key[1]}, callback=answer))
+        except ProxyError:
+            raise ProxyError(subscription.gone) from None
+        subscription.gone = None
+        return await self._asked(lambda answer: self.deliver(
+            key[0], key[1], name, args, kwargs, answer, None, timeout), is_call=True)
+
+    def _awaitable(self, value: Any, call: CallContext) -> Any:
+        """An async def method's call is a task of its own, which sees its
+        call as current_call(); a cancel of the call cancels the task."""
+        if type(value) is not types.CoroutineType:
+            return value
+        call.task = self.reactor.loop.create_task(_serving_call(value, call))
+        return call.task
+
+
+async def _serving_call(coroutine, call: CallContext) -> Any:
+    _current.set(call)                 # in this task's own context
+    return await coroutine
+
+
+class _Outcome(list):
+    """How a connect() in progress learns that its wheel opened or closed:
+    what _on_wheel_closed appends to it (see Client.connect), told at once."""
+
+    def __init__(self, told: Callable[[], None]):
+        super().__init__()
+        self.told = told
+
+    def append(self, item) -> None:
+        super().append(item)
+        self.told()
+
+
+_TAKES_BACK = (_CallFuture, _Answer)   # callbacks that a cancel takes their request back by
 
 
 # ---------------------------------------------------------------------------

@@ -5774,3 +5774,206 @@ def test_a_call_made_while_the_link_is_down_is_held_to_the_servers_frame_limit(
     server_process("--listen", "127.0.0.1:%d" % port, "--max-frame", "65536")
     assert caller.reactor.run_until(lambda: answers, WAIT)
     assert answers[0].success and events == ["back"]
+
+
+# ---------------------------------------------------------------------------
+# AsyncClient: the Client on the running asyncio loop
+# ---------------------------------------------------------------------------
+
+class Aio:
+    """Published from an AsyncClient: a plain method, and async ones that
+    record how many of their calls run at once, and how each ended."""
+
+    def __init__(self):
+        self.running = 0
+        self.most = 0
+        self.ended = []
+
+    @proxysession.proxy_event
+    def add(self, a, b):
+        return a + b
+
+    @proxysession.proxy_event
+    async def slow(self, x, seconds):
+        call = proxysession.current_call()
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.ended.append((x, "cancelled", call.cancelled))
+            raise
+        finally:
+            self.running -= 1
+        self.ended.append((x, "done", call.alias))
+        return x
+
+
+def run_async(coroutine, timeout=WAIT):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def test_an_async_client_publishes_async_methods_whose_calls_overlap(server):
+    async def main():
+        aio = Aio()
+        async with proxysession.AsyncClient() as publisher, \
+                proxysession.AsyncClient() as caller:
+            await publisher.publish(await publisher.connect(*server.address), "Aio", aio)
+            conn = await caller.connect(*server.address)
+            assert await caller.server_listing(conn) == ["Aio"]
+            proxy = await caller.subscribe(conn, "Aio")
+            assert await proxy.add(1, 2) == 3
+            assert await asyncio.gather(*(proxy.slow(n, 0.2) for n in range(5))) == \
+                [0, 1, 2, 3, 4]
+            assert aio.most == 5            # each call a task of its own
+            assert sorted(aio.ended) == [(n, "done", "Aio") for n in range(5)]
+            with pytest.raises(proxysession.CallTimeout):
+                await proxy.slow.call((9, WAIT), timeout=0.2)  # not a kwarg of slow
+            with pytest.raises(proxysession.RemoteError, match="TypeError"):
+                await proxy.add(1)
+            stats = await caller.server_stats(conn)
+            assert stats["sessions"] == 1
+            await publisher.rescind("Aio")
+            assert await caller.server_listing(conn) == []
+
+    run_async(main())
+
+
+def test_a_sync_and_an_async_client_share_a_process(server, make_client, loop_threads):
+    publish_on_a_thread(server, make_client, loop_threads, Tools())
+
+    async def main():
+        async with proxysession.AsyncClient() as caller:
+            tools = await caller.subscribe(await caller.connect(*server.address), "Tools")
+            return await tools.add(2, 3)
+
+    assert run_async(main()) == 5
+
+
+def test_cancelling_a_task_that_awaits_an_async_clients_call_cancels_it_end_to_end(
+        server, make_client, loop_threads):
+    # what is tried: a call that waits for a busy worker, awaited through
+    # asyncio.wait_for, never runs; an async def call that runs has its task
+    # cancelled at the publisher
+    gate = Gate()
+    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
+    aio = Aio()
+
+    async def main():
+        async with proxysession.AsyncClient() as host, proxysession.AsyncClient() as caller:
+            await host.publish(await host.connect(*server.address), "Aio", aio)
+            conn = await caller.connect(*server.address)
+            gated, slow = await caller.subscribe(conn, "Gate"), await caller.subscribe(conn,
+                                                                                        "Aio")
+            first = asyncio.ensure_future(gated.hold("first"))
+            while gate.ran != ["first"]:
+                await asyncio.sleep(0.01)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(gated.hold("second"), 0.2)
+            while not any(call.cancelled for call in list(publisher._serving.values())):
+                await asyncio.sleep(0.01)
+            gate.opened.set()
+            assert await first == "first"
+            running = asyncio.ensure_future(slow.slow("long", WAIT))
+            while aio.running == 0:
+                await asyncio.sleep(0.01)
+            running.cancel()
+            while not aio.ended:
+                await asyncio.sleep(0.01)
+            assert aio.ended == [("long", "cancelled", True)]
+            assert await caller.server_listing(conn) == ["Aio", "Gate"]
+
+    run_async(main())
+    assert gate.ran == ["first"]
+
+
+def test_an_async_client_never_blocks_the_loop_while_it_waits(server_process):
+    # what is tried: a ticker task counts the loop's turns while connect()
+    # waits for a server that is stopped (SIGSTOP) and while subscribe()
+    # waits for an alias not published yet: both wait without holding the loop
+    server = server_process()
+    ticks = []
+
+    async def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.005)
+
+    async def main():
+        counting = asyncio.ensure_future(ticker())
+        async with proxysession.AsyncClient() as client:
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                connecting = asyncio.ensure_future(client.connect(*server.address))
+                while len(ticks) < 20:
+                    await asyncio.sleep(0.005)
+                assert not connecting.done()
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            conn = await connecting
+            before = len(ticks)
+            subscribing = asyncio.ensure_future(client.subscribe(conn, "Later", wait=WAIT))
+            while len(ticks) < before + 20:
+                await asyncio.sleep(0.005)
+            assert not subscribing.done()
+            async with proxysession.AsyncClient() as publisher:
+                await publisher.publish(await publisher.connect(*server.address), "Later",
+                                        Aio())
+                later = await subscribing
+                assert await later.add(1, 1) == 2
+        counting.cancel()
+
+    run_async(main())
+    assert len(ticks) >= 40
+
+
+def test_an_async_client_is_refused_where_it_cannot_work(server, make_client):
+    with pytest.raises(RuntimeError, match="needs a running asyncio event loop"):
+        proxysession.AsyncClient()
+    holder = {}
+
+    async def make():
+        holder["client"] = proxysession.AsyncClient()
+
+    asyncio.run(make())
+
+    async def elsewhere():
+        await holder["client"].connect(*server.address)
+
+    with pytest.raises(RuntimeError, match="belongs to another event loop"):
+        asyncio.run(elsewhere())
+    client = make_client()
+    conn = client.connect(*server.address)
+    with pytest.raises(ValueError, match="async def method.*AsyncClient"):
+        client.publish(conn, "Aio", Aio())
+
+    async def blocking():
+        async with proxysession.AsyncClient() as aclient:
+            aconn = await aclient.connect(*server.address)
+            await aclient.publish(aconn, "Aio", Aio())
+            proxy = await aclient.subscribe(aconn, "Aio")
+            assert await proxy.add(1, 2) == 3
+            with pytest.raises(RuntimeError, match="would block the asyncio event loop"):
+                proxysession.Client.server_listing(aclient, aconn)   # the blocking form
+
+    run_async(blocking())
+
+
+def test_an_async_clients_proxy_answers_again_after_a_server_restart(server_process):
+    first = server_process()
+    port = first.address[1]
+
+    async def main():
+        lost = asyncio.Event()
+        async with proxysession.AsyncClient() as publisher, proxysession.AsyncClient(
+                disconnected_event=lambda conn, error: lost.set()) as caller:
+            await publisher.publish(await publisher.connect("127.0.0.1", port), "Aio", Aio())
+            proxy = await caller.subscribe(await caller.connect("127.0.0.1", port), "Aio")
+            assert await proxy.add(1, 2) == 3
+            assert first.stop() == 0
+            await lost.wait()
+            calling = asyncio.ensure_future(proxy.add(3, 4))      # waits for the server
+            server_process("--listen", "127.0.0.1:%d" % port)
+            assert await calling == 7
+
+    run_async(main())
