@@ -14,6 +14,10 @@ Workloads:
       Client (one connection), its reactor in Reactor.run_in_thread(), each
       making blocking calls: calls/s, "n/a" where the module has no
       run_in_thread (the note says why), bounded by a timeout
+  W1 asyncio, W2 asyncio (issue 23; columns W1aio, W2aio): the proxysession
+      rows only, an AsyncClient caller on the running asyncio loop, awaiting
+      one call at a time (calls/s and p50), or 64 tasks each awaiting call
+      after call (calls/s); "n/a" for a module with no AsyncClient
   W4  payloads of 64 KiB and 1 MiB: MB/s of payload echoed
   W5  10,000 idle connections: server RSS per connection, and the round trip
       of one listing among them against the same with one connection
@@ -424,6 +428,11 @@ def ps_caller(address, workload, seconds, size):
     import proxysession
     if workload == "threaded" and not hasattr(proxysession.Reactor, "run_in_thread"):
         return {"na": "no thread support"}
+    if workload.startswith("async"):
+        if not hasattr(proxysession, "AsyncClient"):
+            return {"na": "no AsyncClient"}
+        import asyncio
+        return asyncio.run(async_caller(proxysession, address, workload, seconds, size))
     client = ps_client(proxysession, "caller", 60)
     echo = client.subscribe(client.connect(*address), "Echo").echo
     if workload == "threaded":
@@ -447,6 +456,40 @@ def ps_caller(address, workload, seconds, size):
         echo.post(arg, callback=on_result)
     client.reactor.run_until(lambda: not state["in_flight"])
     return state["calls"], time.perf_counter() - start, []
+
+
+async def async_caller(proxysession, address, workload, seconds, size):
+    """W1 asyncio, W2 asyncio (issue 23): an AsyncClient on the running loop,
+    awaiting each call in turn, or keeping PIPELINE calls in flight, each
+    awaited by a task of its own that makes the next."""
+    import asyncio
+    arg = ARG if size is None else b"x" * size
+    async with proxysession.AsyncClient("caller", timeout=60) as client:
+        echo = (await client.subscribe(await client.connect(*address), "Echo")).echo
+        latencies = []
+        calls = 0
+        start = time.perf_counter()
+        end = start + seconds
+        if workload == "async-sequential":
+            while True:
+                began = time.perf_counter()
+                assert await echo(arg) == arg
+                now = time.perf_counter()
+                latencies.append(now - began)
+                calls += 1
+                if now >= end:
+                    break
+            return calls, now - start, latencies
+
+        async def lane():
+            made = 0
+            while time.perf_counter() < end:
+                assert await echo(arg) == arg
+                made += 1
+            return made
+
+        calls = sum(await asyncio.gather(*(lane() for _ in range(PIPELINE))))
+        return calls, time.perf_counter() - start, []
 
 
 def threaded(client, echo, seconds):
@@ -1753,7 +1796,8 @@ def main(argv=None):
 def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
     file_limit()
     cells = [("W1", "sequential", {}), ("W2", "pipelined", {}),
-             ("W3", "sequential", {"callers": FAN_IN}), ("W3 threads", "threaded", {})]
+             ("W3", "sequential", {"callers": FAN_IN}), ("W3 threads", "threaded", {}),
+             ("W1 asyncio", "async-sequential", {}), ("W2 asyncio", "async-pipelined", {})]
     cells += [("W4 %d KiB" % (size // 1024), "sequential", {"size": size}) for size in SIZES]
     cells = [cell for cell in cells if cell[0].split()[0] in workloads]
     samples = {row: {} for row in rows}
@@ -1764,8 +1808,8 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
                 base = row[len(BASELINE):] if row.startswith(BASELINE) else row
                 if cell == "W2" and base in ("mp.managers", "Pyro5", "RPyC"):
                     continue        # their clients have no pipelined call
-                if cell == "W3 threads" and base != "proxysession":
-                    continue        # a Client shared by threads: only the library has one
+                if cell in ("W3 threads", "W1 asyncio", "W2 asyncio") and base != "proxysession":
+                    continue        # a Client shared by threads, an AsyncClient: the library's
                 figures = measure(row, workload, seconds, **extra)
                 samples[row].setdefault(cell, []).append(figures)
         print("  round %d of %d measured" % (number + 1, rounds), file=sys.stderr, flush=True)
@@ -1826,6 +1870,8 @@ COLUMNS = [("W1 calls/s", "W1", "calls_per_s"), ("W1 p50 us", "W1", "p50_us"),
            ("W1 p99 us", "W1", "p99_us"), ("W2 calls/s", "W2", "calls_per_s"),
            ("W2 broker us", "W2", "broker_cpu_us"), ("W3 calls/s", "W3", "calls_per_s"),
            ("W3thr calls/s", "W3 threads", "calls_per_s"),
+           ("W1aio calls/s", "W1 asyncio", "calls_per_s"), ("W1aio p50 us", "W1 asyncio", "p50_us"),
+           ("W2aio calls/s", "W2 asyncio", "calls_per_s"),
            ("W4 64K MB/s", "W4 64 KiB", "mb_per_s"), ("W4 1M MB/s", "W4 1024 KiB", "mb_per_s")]
 WIDTH = 23                      # the row names' column: 'baseline proxysession'
 

@@ -5977,3 +5977,22 @@ def test_an_async_clients_proxy_answers_again_after_a_server_restart(server_proc
             assert await calling == 7
 
     run_async(main())
+
+
+def test_readme_asyncio_examples_run_as_written(server):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## asyncio: AsyncClient\n")[1].split("\n## ")[0]
+    publisher_code, caller_code = re.findall(r"```python\n(.*?)```", section, re.S)
+    port = str(server.address[1])
+    publisher_code = publisher_code.replace("56789", port).replace(
+        "await asyncio.Event().wait()", "print('ready', flush=True); await asyncio.Event().wait()")
+    publisher = subprocess.Popen([sys.executable, "-c", publisher_code], cwd=HERE,
+                                 stdout=subprocess.PIPE, text=True)
+    try:
+        assert publisher.stdout.readline() == "ready\n"
+        done = run_python(caller_code.replace("56789", port))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == re.findall(r"print\(.*# (.*)", caller_code)
+    finally:
+        publisher.kill()
+        publisher.wait(WAIT)
