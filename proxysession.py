@@ -119,6 +119,10 @@ MAX_FRAME = 16 * 1024 * 1024      # a body larger than this closes the connectio
 MAX_HEADER = 20                   # a NUL must arrive within this many header bytes (PROTOCOL.md 1)
 READ_CHUNK = 256 * 1024           # one recv per connection per pass: large enough to carry many
                                   # frames, small enough that one busy peer cannot starve the rest
+LOOP_READ_CHUNK = 64 * 1024       # ... and per turn of an asyncio loop (AsyncClient): what one
+                                  # read brings is handled in that turn, which must stay short
+                                  # (about 600 answers of 100 bytes: a few ms) for the loop's
+                                  # other tasks
 SEND_COALESCE = 64 * 1024         # small queued pieces are joined up to this size into one send;
                                   # larger pieces go out as they are, never copied
 DIRECT_READ = 64 * 1024           # a frame this large, once a quarter of it is in, gets a buffer
@@ -2126,7 +2130,7 @@ class Wheel:
                 received = self.sock.recv_into(body_space)
             else:
                 scratch = self.reactor.read_buffer()
-                received = self.sock.recv_into(scratch, READ_CHUNK)
+                received = self.sock.recv_into(scratch)     # (its size: the reactor's chunk)
         except _WOULD_BLOCK:
             return
         except OSError as exc:
@@ -6041,7 +6045,7 @@ class _LoopReactor(Reactor):
         self._fds: Dict[Any, int] = {}            # socket -> (fd, events) registered
         self.in_pass = 0
         self.woke = time.monotonic()
-        self._scratch = memoryview(bytearray(READ_CHUNK))
+        self._scratch = memoryview(bytearray(LOOP_READ_CHUNK))
 
     def __repr__(self):
         return "<_LoopReactor on %r>" % (self.loop,)

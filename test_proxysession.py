@@ -5996,3 +5996,33 @@ def test_readme_asyncio_examples_run_as_written(server):
     finally:
         publisher.kill()
         publisher.wait(WAIT)
+
+
+def test_nothing_a_server_sends_leaves_an_async_clients_task_waiting(hostile_server):
+    # what is tried: a server that answers info, then nothing (a request
+    # times out), then garbage and a result for no request (ignored), then
+    # closes (a request in flight fails at once); each failure a ProxyError
+    server = hostile_server()
+
+    async def main():
+        async with proxysession.AsyncClient(reconnect=False) as client:
+            conn = await client.connect(*server.address)
+            with pytest.raises(proxysession.CallTimeout):
+                await client.server_listing(conn, timeout=0.2)
+            loop = asyncio.get_running_loop()
+            listing = asyncio.ensure_future(client.server_listing(conn))
+            request = await loop.run_in_executor(None, server.recv)      # the timed out one
+            request = await loop.run_in_executor(None, server.recv)
+            assert request["type"] == "listing"
+            server.peer.sendall(frame(b"garbage") + message_frame(
+                type="result", id=10 ** 6, success=True, payload=dumps(["bogus"])) +
+                message_frame(type="result", id=request["id"], success=True,
+                              payload=dumps(["X"])))
+            assert await listing == ["X"]
+            listing = asyncio.ensure_future(client.server_listing(conn))
+            assert (await loop.run_in_executor(None, server.recv))["type"] == "listing"
+            server.peer.close()
+            with pytest.raises(proxysession.ProxyError, match="was lost"):
+                await listing
+
+    run_async(main())
