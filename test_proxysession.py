@@ -6026,3 +6026,52 @@ def test_nothing_a_server_sends_leaves_an_async_clients_task_waiting(hostile_ser
                 await listing
 
     run_async(main())
+
+
+async def until(condition):
+    """Turns of the loop until condition() holds (run_async bounds the wait)."""
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def test_an_async_publisher_resumes_its_session_through_a_cut_link(server_process, relays):
+    server = server_process("--grace", "5")
+    relay = relays(server.address)
+
+    async def main():
+        events = []
+        async with proxysession.AsyncClient(
+                disconnected_event=lambda conn, error: events.append("lost"),
+                reconnected_event=lambda conn: events.append("back")) as publisher, \
+                proxysession.AsyncClient() as caller:
+            await publisher.publish(await publisher.connect("127.0.0.1", relay.port), "Aio",
+                                    Aio())
+            conn = await caller.connect(*server.address)
+            proxy = await caller.subscribe(conn, "Aio")
+            relay.cut()
+            await until(lambda: events == ["lost"] and any(
+                "left without a goodbye" in line for line in server.log))
+            held = asyncio.ensure_future(proxy.add(20, 22))      # held by the server
+            assert await caller.server_listing(conn) == ["Aio"]  # the alias is kept
+            relay.restore()
+            assert await held == 42
+            await until(lambda: events == ["lost", "back"])
+
+    run_async(main())
+    assert "resumed 1 session" in "".join(server.log)
+
+
+def test_an_async_clients_heartbeat_notices_a_frozen_server(server_process):
+    server = server_process()
+
+    async def main():
+        async with proxysession.AsyncClient(heartbeat=0.3, reconnect=False) as client:
+            conn = await client.connect(*server.address)
+            server.proc.send_signal(signal.SIGSTOP)
+            try:   # its own timeout is 5 s: only the heartbeat can fail it sooner
+                with pytest.raises(proxysession.ProxyError, match="heartbeat"):
+                    await asyncio.wait_for(client.server_listing(conn, timeout=5.0), 3.0)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+
+    run_async(main())
