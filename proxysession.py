@@ -3523,14 +3523,20 @@ class Server:
         server can know), False if its publisher cannot be told."""
         peer: _Peer = self.wheels[wheel_id].context
         call_id = data.get("call")
-        fresh_id = peer.calls_by_id.get(call_id) if peer.calls_by_id is not None and \
-            type(call_id) is int else None
+        if peer.calls_by_id is None:
+            return self.send_result(False, data, wheel_id, "Malformed message: cancel needs "
+                                    "info with deadlines first")
+        if type(call_id) is int and peer.awaiting and call_id in peer.awaiting:
+            # a subscribe that waits for its alias (PROTOCOL.md 7.5): it stops
+            self._stop_waiting(peer.awaiting[call_id], (wheel_id, call_id))
+            self._answer(self.wheels[wheel_id], call_id, False,
+                         "Subscribe cancelled by its caller")
+            return self.send_result(True, data, wheel_id, True)
+        fresh_id = peer.calls_by_id.get(call_id) if type(call_id) is int else None
         delivery = self.delivered_store.get(fresh_id)
         if delivery is None or delivery[0] != wheel_id or delivery[1] != call_id:
             return self.send_result(False, data, wheel_id, "No call %s of this connection is "
-                                    "waiting to be cancelled" % _show(call_id)
-                                    if peer.calls_by_id is not None else
-                                    "Malformed message: cancel needs info with deadlines first")
+                                    "waiting to be cancelled" % _show(call_id))
         publisher = self.wheels.get(delivery[2])
         if publisher is None:          # held: it goes now, and is answered as cancelled
             del self.delivered_store[fresh_id]
@@ -4412,6 +4418,8 @@ def _run_published(method: Callable, args, kwargs,
 def _error_answer(exc: BaseException, what: str = "") -> dict:
     """A published method's exception as the payload of a failure result. Its
     text may hold a caller's value, whose str() can raise (peer values)."""
+    if type(exc) is _MethodExit:
+        exc = exc.original
     try:
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception:
@@ -4912,16 +4920,21 @@ class Client:
                     connection_id, {"type": "resume"}, timeout=timeout))[0]
         except ProxyError as exc:
             reactor.call_in_loop(wheel.close, "connect check failed")
-            if self.ssl_context is None and " was lost: " in str(exc):
-                # a TLS server drops a peer whose first bytes are not TLS
-                exc = ConnectError("the server at %s:%s closed the connection at its first "
-                                   "request: it probably expects TLS (Client(ssl_context=...), "
-                                   "--tls-ca); %s" % (remote_address, remote_port, exc))
-            return self._connect_failed(remote_address, remote_port, exc)
+            return self._connect_failed(remote_address, remote_port,
+                                        self._why_first_request_failed(exc, link))
         reactor.call_in_loop(self._add_link, link)
         log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
                   remote_port, connection_id)
         return connection_id
+
+    def _why_first_request_failed(self, exc: ProxyError, link: _Link) -> ProxyError:
+        """What to tell connect()'s caller when the first request failed."""
+        if self.ssl_context is None and " was lost: " in str(exc):
+            # a TLS server drops a peer whose first bytes are not TLS
+            return ConnectError("the server at %s:%s closed the connection at its first "
+                                "request: it probably expects TLS (Client(ssl_context=...), "
+                                "--tls-ca); %s" % (link.address, link.port, exc))
+        return exc
 
     def _why_no_challenge(self, address, port, sockaddr, family,
                           server_hostname: str) -> Optional[ProxyError]:
@@ -5639,7 +5652,10 @@ class Client:
         """A connection is lost: the calls it brought can no longer be
         answered (their callers have been told), so they are as cancelled."""
         for key in [key for key in self._serving if key[0].wheel_id == connection_id]:
-            self._serving.pop(key).cancelled = True
+            call = self._serving.pop(key)
+            call.cancelled = True
+            if call.task is not None:
+                call.task.cancel()
 
     def _serve_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
                     on_worker: bool, call: CallContext) -> None:
@@ -5765,13 +5781,17 @@ class Client:
         if type(shared) is not bool:
             raise ValueError("shared must be True or False, not %r" % (shared,))
         table = _method_table(obj, methods)
-        if not self._runs_coroutines:
-            for name in table:
-                if inspect.iscoroutinefunction(getattr(obj, name)):
+        workers = _check_workers(workers)
+        for name in table:
+            if inspect.iscoroutinefunction(getattr(obj, name)):
+                if not self._runs_coroutines:
                     raise ValueError("cannot publish %r: it is an async def method, and only "
                                      "an AsyncClient (on a running asyncio loop) runs those"
                                      % (name,))
-        workers = _check_workers(workers)
+                if workers:
+                    raise ValueError("cannot publish %r with workers=%r: an async def "
+                                     "method's calls are tasks on the loop (they overlap "
+                                     "already); publish it with workers=0" % (name, workers))
         key = (connection_id, alias)
         publication = _Publication(connection_id, alias, obj, table, _Workers(
             workers, "%s:%s" % (self.alias, alias)) if workers else None, shared)
@@ -5891,7 +5911,11 @@ class Client:
         Its timeout goes with it to a server that takes it (PROTOCOL.md 7.7):
         the server fails the call then, and its publisher does not start it
         after that."""
-        payload = _dumps({"event": event, "args": list(args), "kwargs": kwargs or {}})
+        try:
+            payload = _dumps({"event": event, "args": list(args), "kwargs": kwargs or {}})
+        except Exception as exc:       # (pickle's own errors are AttributeError, TypeError, ...)
+            raise ProxyError("cannot send the arguments of '%s': %s: %s" % (
+                event, type(exc).__name__, _text(exc, None))) from exc
         message = {"type": "deliver", "to": alias, "payload": payload}
         if timeout is CLIENT_TIMEOUT:
             timeout = self.timeout
@@ -6042,7 +6066,9 @@ class _LoopReactor(Reactor):
         self._owner = {"driver": self.thread}     # the loop's thread drives, always
         self._runner = self.thread
         self._flushes: list = []
-        self._fds: Dict[Any, int] = {}            # socket -> (fd, events) registered
+        # fd -> the events registered for it: by number, since a wheel swaps its
+        # socket for its TLS wrapper (same fd) between register and unregister
+        self._fds: Dict[int, int] = {}
         self.in_pass = 0
         self.woke = time.monotonic()
         self._scratch = memoryview(bytearray(LOOP_READ_CHUNK))
@@ -6066,12 +6092,12 @@ class _LoopReactor(Reactor):
             self._flush_all()
 
     def register(self, sock, events: int, handler: Callable[[int], None]) -> None:
-        fd = sock.fileno()
-        self._fds[sock] = (fd, 0)
+        self._fds[sock.fileno()] = 0
         self.modify(sock, events, handler)
 
     def modify(self, sock, events: int, handler: Callable[[int], None]) -> None:
-        fd, had = self._fds[sock]
+        fd = sock.fileno()
+        had = self._fds[fd]
         loop = self.loop
         if events & selectors.EVENT_READ:
             loop.add_reader(fd, self._event, handler, selectors.EVENT_READ)
@@ -6081,10 +6107,11 @@ class _LoopReactor(Reactor):
             loop.add_writer(fd, self._event, handler, selectors.EVENT_WRITE)
         elif had & selectors.EVENT_WRITE:
             loop.remove_writer(fd)
-        self._fds[sock] = (fd, events)
+        self._fds[fd] = events
 
     def unregister(self, sock) -> None:
-        fd, had = self._fds.pop(sock, (None, 0))
+        fd = sock.fileno()             # (-1 once closed: a wheel unregisters first)
+        had = self._fds.pop(fd, 0)
         if had & selectors.EVENT_READ:
             self.loop.remove_reader(fd)
         if had & selectors.EVENT_WRITE:
@@ -6156,16 +6183,18 @@ class _LoopReactor(Reactor):
 class _Answer:
     """What a coroutine of an AsyncClient awaits: the callback of its
     request, settling an asyncio future with the Result. Cancelling the
-    awaiting task takes the request back (a call, with a cancel to the
-    server: PROTOCOL.md 7.7)."""
+    awaiting task takes back a request that ``takes_back`` (a call, or a
+    subscribe that waits: a cancel goes to the server, PROTOCOL.md 7.7);
+    any other (a publish, say) goes on, answered to nobody, so that this
+    Client and the server still agree on what it did."""
 
-    __slots__ = ("future", "client", "request", "is_call")
+    __slots__ = ("future", "client", "request", "takes_back")
 
-    def __init__(self, client: "AsyncClient", is_call: bool = False):
+    def __init__(self, client: "AsyncClient", takes_back: bool = False):
         self.future = client.reactor.loop.create_future()
         self.client = client
         self.request: Optional[_Request] = None
-        self.is_call = is_call
+        self.takes_back = takes_back
 
     def sent_as(self, client: "Client", request: "_Request") -> None:
         self.request = request
@@ -6178,8 +6207,8 @@ class _Answer:
         try:
             result = yield from self.future.__await__()
         except BaseException:          # cancelled: nobody waits for the answer
-            if self.request is not None:
-                self.client.cancel_request(self.request, tell_server=self.is_call)
+            if self.request is not None and self.takes_back:
+                self.client.cancel_request(self.request)
             raise
         return result.value()
 
@@ -6200,7 +6229,8 @@ class _AsyncProxyMethod(_ProxyMethod):
         client = self._client
         if self._subscription.gone is not None:
             return client.revive_then_call(self._subscription, self._name, args, kwargs, timeout)
-        answer = _Answer(client, is_call=True)
+        client.here("a call")
+        answer = _Answer(client, takes_back=True)
         client.deliver(self._connection_id, self._alias, self._name, args, kwargs, answer, None,
                        timeout)
         return answer
@@ -6208,6 +6238,7 @@ class _AsyncProxyMethod(_ProxyMethod):
     def future(self, *args, **kwargs):
         """An asyncio future of the call (a task that awaits it)."""
         import asyncio
+        self._client.here("future()")
         return asyncio.ensure_future(self.call(args, kwargs))
 
 
@@ -6239,11 +6270,15 @@ class AsyncClient(Client):
                             "no reactor")
         super().__init__(alias, reactor=_LoopReactor(_running_loop("AsyncClient()")), **options)
 
-    def _here(self, what: str) -> None:
+    def here(self, what: str) -> None:
+        """Raise unless on the loop this AsyncClient was made on."""
         loop = _running_loop(what)
         if loop is not self.reactor.loop:
             raise RuntimeError("%s: this AsyncClient belongs to another event loop; make one "
                                "AsyncClient per loop" % what)
+
+    def __enter__(self):
+        raise TypeError("an AsyncClient is closed by awaiting: use 'async with'")
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -6251,8 +6286,16 @@ class AsyncClient(Client):
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
-    async def _asked(self, send: Callable[[_Answer], Any], is_call: bool = False) -> Any:
-        answer = _Answer(self, is_call)
+    def send_message(self, connection_id: int, message: dict, on_result=None, callback=None,
+                     *args, **kwargs) -> Any:
+        if callback is None:           # refused before anything is sent
+            raise RuntimeError("this would block the asyncio event loop: an AsyncClient's "
+                               "requests and calls are awaited (await client.subscribe(...), "
+                               "await proxy.method(...))")
+        return super().send_message(connection_id, message, on_result, callback, *args, **kwargs)
+
+    async def _asked(self, send: Callable[[_Answer], Any], takes_back: bool = False) -> Any:
+        answer = _Answer(self, takes_back)
         send(answer)
         return await answer
 
@@ -6260,18 +6303,44 @@ class AsyncClient(Client):
                       remote_port: Optional[int] = None, timeout: Optional[float] = None,
                       server_hostname: Optional[str] = None) -> int:
         """``Client.connect``, awaited: the name is resolved by the loop, and
-        every step waits without blocking it."""
-        self._here("connect()")
+        every step waits without blocking it. Cancelled, it leaves nothing."""
+        self.here("connect()")
         timeout = self.handshake_timeout if timeout is None else timeout
         remote_address, remote_port = _address_and_port(remote_address, remote_port)
         connection_id = next(self._connection_ids)
         link = _Link(connection_id, remote_address, remote_port, server_hostname, timeout)
-        loop = self.reactor.loop
         try:
-            found = await loop.getaddrinfo(remote_address, remote_port, type=socket.SOCK_STREAM)
-            sock = _dial(found[0][4][0], remote_port)[0]    # numeric now: no lookup
+            sock, family, sockaddr = await self._dial(remote_address, remote_port)
         except OSError as exc:
             return self._connect_failed(remote_address, remote_port, exc)
+        wheel = None
+        try:
+            wheel, failure = await self._open(link, sock, family, sockaddr)
+            if failure is None:
+                failure = await self._set_up(link, wheel)
+        except BaseException:          # cancelled: the connection goes, with what it holds
+            if wheel is not None:
+                wheel.close("connect() was cancelled")
+            self._connections.pop(connection_id, None)
+            raise
+        if failure is not None:
+            wheel.close("connect check failed")
+            self._connections.pop(connection_id, None)
+            return self._connect_failed(remote_address, remote_port, failure)
+        self._add_link(link)
+        return connection_id
+
+    async def _dial(self, address: str, port: int) -> Tuple[socket.socket, int, Any]:
+        """_dial, with the name resolved by the loop (a lookup may take seconds)."""
+        found = await self.reactor.loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        return _dial(found[0][4][0], port)    # a numeric address now: no lookup
+
+    async def _open(self, link: _Link, sock: socket.socket, family: int,
+                    sockaddr: Any) -> Tuple[Wheel, Optional[BaseException]]:
+        """The new wheel once open (TLS, authkey), or why it is not. A keyed
+        client that hears no challenge asks, on a second connection made off
+        the loop, why (Client.connect does the same)."""
+        loop = self.reactor.loop
         opened = loop.create_future()
 
         def settle(*_):
@@ -6280,13 +6349,28 @@ class AsyncClient(Client):
 
         wheel = self._new_wheel(link, sock, settle)
         wheel.context = _Outcome(settle)   # _on_wheel_closed puts the error here
+        if self.authkey is not None and link.timeout is not None and \
+                link.timeout > CHALLENGE_PROBE:
+            import asyncio
+            await asyncio.wait({opened}, timeout=CHALLENGE_PROBE)
+            if not opened.done() and wheel.reads == 0:
+                why = await loop.run_in_executor(None, self._why_no_challenge, link.address,
+                                                 link.port, sockaddr, family,
+                                                 link.server_hostname or link.address)
+                if why is not None:
+                    return wheel, why
         await opened
-        if not wheel.is_open:
-            self._connections.pop(connection_id, None)
-            errors = [error for error in wheel.context if error is not None]
-            return self._connect_failed(remote_address, remote_port, errors[0] if errors else
-                                        ConnectionError("connection closed during the handshake"))
-        wheel.context = None
+        if wheel.is_open:
+            wheel.context = None
+            return wheel, None
+        errors = [error for error in wheel.context if error is not None]
+        return wheel, errors[0] if errors else ConnectionError(
+            "connection closed during the handshake")
+
+    async def _set_up(self, link: _Link, wheel: Wheel) -> Optional[ProxyError]:
+        """The first round trips on a new connection (Client.connect's):
+        the server's limits, and a resume token if it has a grace window."""
+        connection_id, timeout = link.connection_id, link.timeout
         try:
             try:
                 info = await self._asked(lambda answer: self.send_message(
@@ -6299,46 +6383,66 @@ class AsyncClient(Client):
                 link.token = _resume_answer(await self._asked(lambda answer: self.send_message(
                     connection_id, {"type": "resume"}, callback=answer, timeout=timeout)))[0]
         except ProxyError as exc:
-            wheel.close("connect check failed")
-            return self._connect_failed(remote_address, remote_port, exc)
-        self._add_link(link)
-        return connection_id
+            return self._why_first_request_failed(exc, link)
+        return None
+
+    def _try_again(self, link: _Link) -> None:
+        """A reconnection try (Client's), its name resolved by the loop."""
+        link.timer = None
+        if link.state == "down":
+            self.reactor.loop.create_task(self._redial(link))
+
+    async def _redial(self, link: _Link) -> None:
+        try:
+            sock = (await self._dial(link.address, link.port))[0]
+        except OSError as exc:
+            if link.state == "down":
+                self._try_failed(link, str(exc))
+            return
+        if link.state != "down" or self._connections.get(link.connection_id) is not None:
+            sock.close()               # closed, or back, meanwhile
+            return
+        self._new_wheel(link, sock, self._rejoin)
 
     async def publish(self, connection_id: int, alias: str, obj: Any,
                       methods: Optional[Iterable[str]] = None, timeout: Any = CLIENT_TIMEOUT,
                       workers: int = 0, shared: bool = False) -> str:
-        self._here("publish()")
+        self.here("publish()")
         return await self._asked(lambda answer: Client.publish(
             self, connection_id, alias, obj, methods, answer, None, timeout, workers, shared))
 
     async def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
                       timeout: Any = CLIENT_TIMEOUT) -> None:
-        self._here("rescind()")
+        self.here("rescind()")
         return await self._asked(lambda answer: Client.rescind(
             self, obj_or_alias, connection_id, answer, None, timeout))
 
     async def subscribe(self, connection_id: int, alias: str, timeout: Any = CLIENT_TIMEOUT,
                         wait: Optional[float] = None) -> Proxy:
-        self._here("subscribe()")
+        self.here("subscribe()")
         return await self._asked(lambda answer: Client.subscribe(
-            self, connection_id, alias, answer, None, timeout, wait))
+            self, connection_id, alias, answer, None, timeout, wait), takes_back=bool(wait))
 
     async def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int] = None) -> None:
-        self._here("unsubscribe()")
+        self.here("unsubscribe()")
         Client.unsubscribe(self, alias_or_proxy, connection_id)
 
     async def server_listing(self, connection_id: int,
                              timeout: Any = CLIENT_TIMEOUT) -> List[str]:
-        self._here("server_listing()")
+        self.here("server_listing()")
         return await self._asked(lambda answer: Client.server_listing(
             self, connection_id, answer, None, timeout))
 
     async def server_stats(self, connection_id: int, timeout: Any = CLIENT_TIMEOUT) -> dict:
-        self._here("server_stats()")
+        self.here("server_stats()")
         return await self._asked(lambda answer: Client.server_stats(
             self, connection_id, answer, None, timeout))
 
     async def close(self) -> None:
+        self.here("close()")
+        for call in list(self._serving.values()):     # its async calls end with it
+            if call.task is not None:
+                call.task.cancel()
         Client.close(self)
 
     async def revive_then_call(self, subscription: _Subscription, name: str, args, kwargs,
@@ -6355,20 +6459,46 @@ class AsyncClient(Client):
             raise ProxyError(subscription.gone) from None
         subscription.gone = None
         return await self._asked(lambda answer: self.deliver(
-            key[0], key[1], name, args, kwargs, answer, None, timeout), is_call=True)
+            key[0], key[1], name, args, kwargs, answer, None, timeout), takes_back=True)
 
     def _awaitable(self, value: Any, call: CallContext) -> Any:
         """An async def method's call is a task of its own, which sees its
         call as current_call(); a cancel of the call cancels the task."""
         if type(value) is not types.CoroutineType:
             return value
-        call.task = self.reactor.loop.create_task(_serving_call(value, call))
-        return call.task
+        loop = self.reactor.loop
+        call.task = task = loop.create_task(_serving_call(value, call))
+        if call.deadline is not None:  # its caller stops waiting then: so does it
+            timer = loop.call_at(loop.time() + call.deadline - time.monotonic(), task.cancel)
+            task.add_done_callback(lambda _: timer.cancel())
+        return task
 
 
 async def _serving_call(coroutine, call: CallContext) -> Any:
     _current.set(call)                 # in this task's own context
-    return await coroutine
+    try:
+        return await coroutine
+    except (Exception, _CancelledError()):
+        raise
+    except BaseException as exc:       # SystemExit and the like: asyncio would end the
+        if _interrupts(exc):           # loop with them; here they fail that call alone
+            raise
+        raise _MethodExit(exc) from exc
+
+
+def _CancelledError() -> type:
+    import asyncio
+    return asyncio.CancelledError
+
+
+class _MethodExit(Exception):
+    """A BaseException an async def method raised, carried as an Exception so
+    that its task ends with it instead of the event loop; its caller is told
+    of the original (_error_answer)."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(original)
+        self.original = original
 
 
 class _Outcome(list):

@@ -6075,3 +6075,71 @@ def test_an_async_clients_heartbeat_notices_a_frozen_server(server_process):
                 server.proc.send_signal(signal.SIGCONT)
 
     run_async(main())
+
+
+def test_an_async_client_speaks_tls_and_authkeys_and_is_told_what_is_wrong(make_server, tls):
+    # what is tried: TLS with an authkey, round trip; then a keyed client at
+    # a keyless server (told by the probe after about 1 s, not at the 10 s
+    # handshake timeout), and a client without TLS at a TLS server
+    server_context, client_context, _, _ = tls
+    secure = make_server(ssl_context=server_context, authkey=b"sesame")
+    plain = make_server()
+
+    async def main():
+        async with proxysession.AsyncClient(ssl_context=client_context,
+                                            authkey=b"sesame") as client:
+            conn = await client.connect(*secure.address)
+            await client.publish(conn, "Aio", Aio())
+            proxy = await client.subscribe(conn, "Aio")
+            assert await proxy.add(b"x" * 100000, b"y") == b"x" * 100000 + b"y"
+        async with proxysession.AsyncClient(authkey=b"sesame") as client:
+            with pytest.raises(proxysession.AuthenticationError, match="no authkey"):
+                await asyncio.wait_for(client.connect(*plain.address), 5.0)
+        async with proxysession.AsyncClient() as client:
+            with pytest.raises(proxysession.ConnectError, match="probably expects TLS"):
+                await client.connect(*secure.address)
+            assert client._connections == {}
+
+    run_async(main())
+
+
+def test_an_async_client_contains_what_its_users_and_methods_do_wrong(server):
+    # what is tried: an async def method that raises SystemExit (its call
+    # fails, the loop serves on); a connect and a waiting subscribe cancelled
+    # (nothing is left behind, at the client or at the server); async def
+    # with workers; the sync forms (refused before anything is sent); 'with'
+    # instead of 'async with'; an argument that cannot be pickled
+    class Exits:
+        @proxysession.proxy_event
+        async def leave(self):
+            raise SystemExit(3)
+
+    async def main():
+        async with proxysession.AsyncClient() as client:
+            conn = await client.connect(*server.address)
+            await client.publish(conn, "Exits", Exits())
+            exits = await client.subscribe(conn, "Exits")
+            with pytest.raises(proxysession.RemoteError, match="SystemExit"):
+                await exits.leave()
+            assert await client.server_listing(conn) == ["Exits"]
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.subscribe(conn, "Later", wait=WAIT), 0.1)
+            assert await client.server_listing(conn) == ["Exits"]
+            assert server.call(lambda: server.server._awaited) == {}   # the wait was taken back
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.connect(*server.address), 0)
+            assert list(client._connections) == [conn]
+            with pytest.raises(ValueError, match="workers=0"):
+                await client.publish(conn, "More", Exits(), workers=2)
+            with pytest.raises(RuntimeError, match="would block"):
+                proxysession.Client.publish(client, conn, "Sync", Aio())
+            with pytest.raises(RuntimeError, match="would block"):
+                client.deliver(conn, "Exits", "leave")
+            assert await client.server_listing(conn) == ["Exits"]          # nothing was sent
+            with pytest.raises(TypeError, match="async with"):
+                with client:
+                    pass
+            with pytest.raises(proxysession.ProxyError, match="cannot send the arguments"):
+                await exits.leave(lambda: None)
+
+    run_async(main())
