@@ -4819,7 +4819,9 @@ class Client:
         self._deadline_servers: set = set()
         # (wheel, call id) -> the CallContext of each call this client serves: by
         # wheel, since a connection made again (its id kept) numbers calls anew
-        self._serving: Dict[Tuple[Wheel, int], CallContext] = {}
+        # (a dict per wheel, not one keyed by pairs: a call waiting for a worker
+        # should hold little more than the bytes that came)
+        self._serving: Dict[Wheel, Dict[int, CallContext]] = {}
         self._handlers = {
             "result": self.handle_on_result,
             "deliver": self.handle_on_deliver,
@@ -5632,7 +5634,10 @@ class Client:
                            0 < timeout_ms <= MAX_CALL_TIMEOUT_MS
                            else self.reactor.woke + timeout_ms / 1000)
         if type(message.get("id")) is int:     # so that a cancel finds it (PROTOCOL.md 7.7)
-            self._serving[(wheel, message["id"])] = call
+            serving = self._serving.get(wheel)
+            if serving is None:
+                serving = self._serving[wheel] = {}
+            serving[message["id"]] = call
         if publication is not None and publication.workers is not None:
             return publication.workers.submit(self._serve_call, wheel, message, publication,
                                               True, call)
@@ -5642,7 +5647,7 @@ class Client:
         """The server passes on a caller's cancel of a call served here: if it
         has not started, it never will; if it runs, current_call() says so."""
         call_id = message.get("call")
-        call = self._serving.get((wheel, call_id)) if type(call_id) is int else None
+        call = self._serving.get(wheel, {}).get(call_id) if type(call_id) is int else None
         if call is not None:
             call.cancelled = True
             if call.task is not None:  # an async def method's: asyncio's own way
@@ -5651,11 +5656,11 @@ class Client:
     def _stop_serving(self, connection_id: int) -> None:
         """A connection is lost: the calls it brought can no longer be
         answered (their callers have been told), so they are as cancelled."""
-        for key in [key for key in self._serving if key[0].wheel_id == connection_id]:
-            call = self._serving.pop(key)
-            call.cancelled = True
-            if call.task is not None:
-                call.task.cancel()
+        for wheel in [wheel for wheel in self._serving if wheel.wheel_id == connection_id]:
+            for call in self._serving.pop(wheel).values():
+                call.cancelled = True
+                if call.task is not None:
+                    call.task.cancel()
 
     def _serve_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
                     on_worker: bool, call: CallContext) -> None:
@@ -5751,7 +5756,9 @@ class Client:
     def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
                          payload: bytes) -> None:
         if type(message_id) is int:
-            self._serving.pop((wheel, message_id), None)
+            serving = self._serving.get(wheel)
+            if serving is not None:
+                serving.pop(message_id, None)
         body = _encode({"type": "result", "id": message_id, "success": success,
                         "payload": payload})
         size = len(body) if type(body) is bytes else sum(map(len, body))
@@ -6226,14 +6233,7 @@ class _AsyncProxyMethod(_ProxyMethod):
              timeout: Any = CLIENT_TIMEOUT, callback: Optional[Callable] = None, tag: Any = None):
         if callback is not None:       # post(): nothing to await
             return super().call(args, kwargs, timeout, callback, tag)
-        client = self._client
-        if self._subscription.gone is not None:
-            return client.revive_then_call(self._subscription, self._name, args, kwargs, timeout)
-        client.here("a call")
-        answer = _Answer(client, takes_back=True)
-        client.deliver(self._connection_id, self._alias, self._name, args, kwargs, answer, None,
-                       timeout)
-        return answer
+        return self._client.call_method(self._subscription, self._name, args, kwargs, timeout)
 
     def future(self, *args, **kwargs):
         """An asyncio future of the call (a task that awaits it)."""
@@ -6440,10 +6440,37 @@ class AsyncClient(Client):
 
     async def close(self) -> None:
         self.here("close()")
-        for call in list(self._serving.values()):     # its async calls end with it
-            if call.task is not None:
-                call.task.cancel()
+        for serving in list(self._serving.values()):   # its async calls end with it
+            for call in list(serving.values()):
+                if call.task is not None:
+                    call.task.cancel()
         Client.close(self)
+
+    def call_method(self, subscription: _Subscription, name: str, args, kwargs,
+                    timeout: Any) -> Any:
+        """A proxy method's call, sent now; what it returns is awaited for the
+        answer. A call waits to be sent while its connection has more than
+        HIGH_WATER of output queued (awaited calls are written in one task
+        step each: without this, a gather of large calls would pile up past
+        max_write_buffer, which closes the connection)."""
+        self.here("a call")
+        if subscription.gone is not None:
+            return self.revive_then_call(subscription, name, args, kwargs, timeout)
+        wheel = self._connections.get(subscription.connection_id)
+        if wheel is not None and wheel.out_size > HIGH_WATER:
+            return self._call_when_drained(wheel, subscription, name, args, kwargs, timeout)
+        answer = _Answer(self, takes_back=True)
+        self.deliver(subscription.connection_id, subscription.alias, name, args, kwargs, answer,
+                     None, timeout)
+        return answer
+
+    async def _call_when_drained(self, wheel: Wheel, subscription: _Subscription, name: str,
+                                 args, kwargs, timeout: Any) -> Any:
+        while wheel.out_size > HIGH_WATER and not wheel.closed:
+            drained = _Drained(self.reactor.loop)
+            wheel.wait_for_drain(drained)
+            await drained.future
+        return await self.call_method(subscription, name, args, kwargs, timeout)
 
     async def revive_then_call(self, subscription: _Subscription, name: str, args, kwargs,
                                timeout: Any) -> Any:
@@ -6499,6 +6526,23 @@ class _MethodExit(Exception):
     def __init__(self, original: BaseException):
         super().__init__(original)
         self.original = original
+
+
+class _Drained:
+    """What a call waiting for its connection's output to drain gives
+    Wheel.wait_for_drain, which pauses and resumes it as it would a wheel."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop):
+        self.future = loop.create_future()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 class _Outcome(list):

@@ -5320,6 +5320,11 @@ def test_cancelled_timers_do_not_pile_up_in_the_reactor(server, peers):
 # across a server restart
 # ---------------------------------------------------------------------------
 
+def serving(client):
+    """The CallContexts of the calls a Client publisher has not answered yet."""
+    return [call for calls in list(client._serving.values()) for call in list(calls.values())]
+
+
 def deliver(peer, msg_id, alias="Tools", args=(), **fields):
     peer.send(type="deliver", id=msg_id, to=alias, payload=dumps(
         {"event": "echo", "args": list(args), "kwargs": {}}), **fields)
@@ -5390,12 +5395,12 @@ def test_a_call_past_its_deadline_before_a_worker_is_free_never_runs(server, mak
     with pytest.raises(proxysession.CallTimeout):
         proxy.hold.call(("late",), timeout=0.2)          # waits behind it, past its deadline
     # (the publisher's deadline for it runs from when it came there, a little later)
-    assert wait_for(lambda: any(call.expired for call in list(publisher._serving.values())))
+    assert wait_for(lambda: any(call.expired for call in serving(publisher)))
     gate.opened.set()
     assert first.result(WAIT) == "first"
     # the late one came to the worker after its deadline: answered, not run
     assert wait_for(lambda: server.call(lambda: not server.server.delivered_store)) and \
-        wait_for(lambda: not publisher._serving)
+        wait_for(lambda: not serving(publisher))
     assert gate.ran == ["first"]
 
 
@@ -5412,11 +5417,11 @@ def test_a_cancelled_future_that_had_not_started_never_runs(server, make_client,
     with pytest.raises(concurrent.futures.CancelledError):
         second.result(0)
     # the publisher hears of it before the worker is free, then answers it unrun
-    assert wait_for(lambda: any(call.cancelled for call in list(publisher._serving.values())))
+    assert wait_for(lambda: any(call.cancelled for call in serving(publisher)))
     gate.opened.set()
     assert first.result(WAIT) == "first"
     assert first.cancel() is False                      # answered: nothing to take back
-    assert wait_for(lambda: not publisher._serving)
+    assert wait_for(lambda: not serving(publisher))
     assert caller.server_listing(conn) == ["Gate"] and gate.ran == ["first"]
     assert server.call(lambda: server.server.delivered_store) == {}
 
@@ -5453,7 +5458,7 @@ def test_cancelling_a_task_that_awaits_a_call_cancels_the_call(server, make_clie
 
     asyncio.run(main())
     # the publisher hears of it before the worker is free, then answers it unrun
-    assert wait_for(lambda: any(call.cancelled for call in list(publisher._serving.values())))
+    assert wait_for(lambda: any(call.cancelled for call in serving(publisher)))
     gate.opened.set()
     assert first.result(WAIT) == "first"
     assert wait_for(lambda: server.call(lambda: not server.server.delivered_store))
@@ -5870,7 +5875,7 @@ def test_cancelling_a_task_that_awaits_an_async_clients_call_cancels_it_end_to_e
                 await asyncio.sleep(0.01)
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(gated.hold("second"), 0.2)
-            while not any(call.cancelled for call in list(publisher._serving.values())):
+            while not any(call.cancelled for call in serving(publisher)):
                 await asyncio.sleep(0.01)
             gate.opened.set()
             assert await first == "first"
@@ -6141,5 +6146,20 @@ def test_an_async_client_contains_what_its_users_and_methods_do_wrong(server):
                     pass
             with pytest.raises(proxysession.ProxyError, match="cannot send the arguments"):
                 await exits.leave(lambda: None)
+
+    run_async(main())
+
+
+def test_awaited_large_calls_wait_for_their_connection_to_drain(server):
+    # what is tried: 6 calls of 4 MiB made at once through a client whose
+    # max_write_buffer is 8 MiB: written in one go they would exceed it and
+    # close the connection; each waits until the output has drained instead
+    async def main():
+        async with proxysession.AsyncClient() as publisher, \
+                proxysession.AsyncClient(max_write_buffer=8 << 20) as caller:
+            await publisher.publish(await publisher.connect(*server.address), "Sizes", Sizes())
+            sizes = await caller.subscribe(await caller.connect(*server.address), "Sizes")
+            lengths = await asyncio.gather(*(sizes.length(b"x" * (4 << 20)) for _ in range(6)))
+            assert lengths == [4 << 20] * 6
 
     run_async(main())
