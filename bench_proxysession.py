@@ -1348,12 +1348,7 @@ def measure_restart(count, module, timeout):
     children = []
     runs = []
     try:
-        server = Child("ps-cli-server", 0, module=module)
-        children.append(server)
-        _, port = wait_listening(server, deadline)
-        callee = Child("ps-restart-callee", port, module=module)
-        children.append(callee)
-        callee.line(deadline)
+        server, port = start_echo(module, deadline, children)
         caller = Child("ps-restart-caller", port, timeout, stdin=True, module=module)
         children.append(caller)
         caller.line(deadline)
@@ -1407,6 +1402,18 @@ def measure_restart(count, module, timeout):
             errors[text] = errors.get(text, 0) + times
     figures["errors"] = errors
     return figures
+
+
+def start_echo(module, deadline, children):
+    """The command-line server and a publisher of Echo that reconnects (W7,
+    W9), added to ``children``: (the server, its port)."""
+    server = Child("ps-cli-server", 0, module=module)
+    children.append(server)
+    _, port = wait_listening(server, deadline)
+    callee = Child("ps-restart-callee", port, module=module)
+    children.append(callee)
+    callee.line(deadline)
+    return server, port
 
 
 def wait_listening(server, deadline):
@@ -1573,12 +1580,7 @@ def measure_crash(module, timeout):
     deadline = time.monotonic() + timeout
     children = []
     try:
-        server = Child("ps-cli-server", 0, module=module)
-        children.append(server)
-        _, port = wait_listening(server, deadline)
-        callee = Child("ps-restart-callee", port, module=module)
-        children.append(callee)
-        callee.line(deadline)
+        server, port = start_echo(module, deadline, children)
         callers = [Child("ps-steady-caller", port, CRASH_RUN, stdin=True, module=module)
                    for _ in range(CRASH_CALLERS)]
         children += callers

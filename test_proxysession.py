@@ -1235,12 +1235,14 @@ def test_allowed_value_classes_round_trip(server, make_client):
         assert echo.echo(value) == value
 
 
-def run_readme_example(server, publisher_code, caller_code, expected):
+def run_readme_example(server, publisher_code, caller_code, expected,
+                       serving="proxysession.run()"):
     """A README publisher in a process of its own, then its caller: what the
-    caller prints must be what the README's comments say."""
+    caller prints must be what the README's comments say. ``serving``: the
+    publisher's line that serves until stopped (it says 'ready' first)."""
     port = str(server.address[1])
     publisher_code = publisher_code.replace("56789", port).replace(
-        "proxysession.run()", "print('ready', flush=True); proxysession.run()")
+        serving, "print('ready', flush=True); " + serving)
     publisher = subprocess.Popen([sys.executable, "-c", publisher_code], cwd=HERE,
                                  stdout=subprocess.PIPE, text=True)
     try:
@@ -5383,13 +5385,20 @@ class Gate:
         return name
 
 
-def test_a_call_past_its_deadline_before_a_worker_is_free_never_runs(server, make_client,
-                                                                     loop_threads):
+def gated(server, make_client, loop_threads, workers=1):
+    """A Gate published with workers on a thread of its own, and a caller's
+    proxy of it: (gate, publisher, caller, connection, proxy)."""
     gate = Gate()
-    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
+    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate",
+                                    workers=workers)
     caller = make_client()
     conn = caller.connect(*server.address)
-    proxy = caller.subscribe(conn, "Gate")
+    return gate, publisher, caller, conn, caller.subscribe(conn, "Gate")
+
+
+def test_a_call_past_its_deadline_before_a_worker_is_free_never_runs(server, make_client,
+                                                                     loop_threads):
+    gate, publisher, caller, conn, proxy = gated(server, make_client, loop_threads)
     first = proxy.hold.future("first")                  # takes the only worker
     assert wait_for(lambda: gate.ran == ["first"])
     with pytest.raises(proxysession.CallTimeout):
@@ -5405,11 +5414,7 @@ def test_a_call_past_its_deadline_before_a_worker_is_free_never_runs(server, mak
 
 
 def test_a_cancelled_future_that_had_not_started_never_runs(server, make_client, loop_threads):
-    gate = Gate()
-    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
-    caller = make_client()
-    conn = caller.connect(*server.address)
-    proxy = caller.subscribe(conn, "Gate")
+    gate, publisher, caller, conn, proxy = gated(server, make_client, loop_threads)
     first = proxy.hold.future("first")
     second = proxy.hold.future("second")                # queued for the worker
     assert wait_for(lambda: gate.ran == ["first"])
@@ -5427,12 +5432,8 @@ def test_a_cancelled_future_that_had_not_started_never_runs(server, make_client,
 
 
 def test_a_running_call_sees_its_cancel_and_its_deadline(server, make_client, loop_threads):
-    gate = Gate()
-    publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=2)
     assert proxysession.current_call() is None          # outside of a call
-    caller = make_client()
-    conn = caller.connect(*server.address)
-    proxy = caller.subscribe(conn, "Gate")
+    gate, _, caller, conn, proxy = gated(server, make_client, loop_threads, workers=2)
     watched = proxy.watch.future("cancelled")
     assert wait_for(lambda: gate.ran == ["cancelled"])
     assert watched.cancel()
@@ -5443,11 +5444,7 @@ def test_a_running_call_sees_its_cancel_and_its_deadline(server, make_client, lo
 
 
 def test_cancelling_a_task_that_awaits_a_call_cancels_the_call(server, make_client, loop_threads):
-    gate = Gate()
-    publisher = publish_on_a_thread(server, make_client, loop_threads, gate, "Gate", workers=1)
-    caller = make_client()
-    conn = caller.connect(*server.address)
-    proxy = caller.subscribe(conn, "Gate")
+    gate, publisher, caller, conn, proxy = gated(server, make_client, loop_threads)
     loop_threads(caller.reactor)
     first = proxy.hold.future("first")
     assert wait_for(lambda: gate.ran == ["first"])
@@ -5536,8 +5533,9 @@ def test_a_cancel_reaches_the_publisher_which_answers_its_call_once(server, peer
     assert server.call(lambda: server.server.delivered_store) == {}
 
 
-def test_a_cancel_of_a_call_held_for_a_parked_publisher_fails_it_and_frees_it(make_server,
-                                                                             peers):
+def parked_tools(make_server, peers):
+    """A server with a grace window whose publisher of Tools left without a
+    goodbye (so calls to it are held), and a caller that speaks deadlines."""
     server = make_server(grace=30)
     old, caller = peers(server.address), peers(server.address)
     assert caller.result(type="info", id=1, deadlines=True)[0]
@@ -5545,6 +5543,12 @@ def test_a_cancel_of_a_call_held_for_a_parked_publisher_fails_it_and_frees_it(ma
     assert publish(old, "Tools", msg_id=2) == (True, "Tools")
     old.close()
     assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    return server, caller
+
+
+def test_a_cancel_of_a_call_held_for_a_parked_publisher_fails_it_and_frees_it(make_server,
+                                                                             peers):
+    server, caller = parked_tools(make_server, peers)
     deliver(caller, 9, args=["x" * 1000])
     caller.send(type="cancel", id=10, call=9)
     assert caller.recv() == {"type": "result", "id": 9, "success": False, "payload": dumps(
@@ -5675,13 +5679,7 @@ def test_calls_that_time_out_at_a_stuck_publisher_are_bounded_there(make_server,
 
 def test_a_call_held_for_a_parked_publisher_fails_at_its_deadline_and_leaves_nothing(
         make_server, peers):
-    server = make_server(grace=30)
-    old, caller = peers(server.address), peers(server.address)
-    assert caller.result(type="info", id=1, deadlines=True)[0]
-    assert old.result(type="resume", id=1)[0]
-    assert publish(old, "Tools", msg_id=2) == (True, "Tools")
-    old.close()
-    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    server, caller = parked_tools(make_server, peers)
     deliver(caller, 9, args=["x" * 1000], timeout_ms=50)
     answer = caller.recv()
     assert (answer["id"], pickle.loads(answer["payload"])["error"]) == (9, "CallTimeout")
@@ -5988,19 +5986,9 @@ def test_readme_asyncio_examples_run_as_written(server):
     readme = open(os.path.join(HERE, "README.md")).read()
     section = readme.split("## asyncio: AsyncClient\n")[1].split("\n## ")[0]
     publisher_code, caller_code = re.findall(r"```python\n(.*?)```", section, re.S)
-    port = str(server.address[1])
-    publisher_code = publisher_code.replace("56789", port).replace(
-        "await asyncio.Event().wait()", "print('ready', flush=True); await asyncio.Event().wait()")
-    publisher = subprocess.Popen([sys.executable, "-c", publisher_code], cwd=HERE,
-                                 stdout=subprocess.PIPE, text=True)
-    try:
-        assert publisher.stdout.readline() == "ready\n"
-        done = run_python(caller_code.replace("56789", port))
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines() == re.findall(r"print\(.*# (.*)", caller_code)
-    finally:
-        publisher.kill()
-        publisher.wait(WAIT)
+    run_readme_example(server, publisher_code, caller_code,
+                       re.findall(r"print\(.*# (.*)", caller_code),
+                       serving="await asyncio.Event().wait()")
 
 
 def test_nothing_a_server_sends_leaves_an_async_clients_task_waiting(hostile_server):
