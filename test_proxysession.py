@@ -4360,9 +4360,10 @@ QUEUEING_PUBLISHER = textwrap.dedent('''
 def test_calls_waiting_for_a_worker_hold_about_the_bytes_that_came(server, make_client):
     # what is tried: a publication with one worker, blocked; 3,000 calls each
     # of a list of 100 ints (about 500 bytes on the wire, 3.6 KB decoded)
-    # wait for it. What the publisher holds for them must stay within three
-    # times the bytes that came (the frame, its envelope, the queue's entry):
-    # they wait undecoded (decoded, they held 8 times as much here)
+    # wait for it. What the publisher holds for them must stay within 3.5
+    # times the bytes that came (the frame, its envelope, the queue's entry,
+    # and what a cancel needs to find it: 2.85 times, measured on 3.8 and
+    # 3.11): they wait undecoded (decoded, they held 8 times as much here)
     proc = subprocess.Popen([sys.executable, "-c", QUEUEING_PUBLISHER, str(server.address[1])],
                             cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -4377,7 +4378,7 @@ def test_calls_waiting_for_a_worker_hold_about_the_bytes_that_came(server, make_
             slow.work.post(items, callback=answers.append)
         held = probe.memory() - before          # answered after every call came in
         sent = 3000 * len(pickle.dumps({"event": "work", "args": [items], "kwargs": {}}, 4))
-        assert held < 3 * sent, "%d bytes held for %d bytes of calls" % (held, sent)
+        assert held < 3.5 * sent, "%d bytes held for %d bytes of calls" % (held, sent)
         probe.open_gate()
         assert client.reactor.run_until(lambda: len(answers) == 3000, WAIT)
         assert all(answer.success and answer.payload == 100 for answer in answers)
