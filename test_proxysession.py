@@ -5101,12 +5101,13 @@ def test_a_member_that_goes_fails_only_its_own_calls_and_the_last_takes_the_alia
     for n in range(2):
         caller.send(type="deliver", id=10 + n, to="Jobs", payload=dumps(
             {"event": "echo", "args": [n], "kwargs": {}}))
-    on_first, on_second = first.recv(), second.recv()
+    first_call, second_call = first.recv(), second.recv()              # one call each
+    assert first_call["type"] == second_call["type"] == "deliver"
     first.close()                      # with a call in flight
     failed = caller.recv()
     assert failed["id"] in (10, 11) and failed["success"] is False
     assert pickle.loads(failed["payload"]) == "Session 'Jobs' went away before answering"
-    second.send(type="result", id=on_second["id"], success=True, payload=dumps("done"))
+    second.send(type="result", id=second_call["id"], success=True, payload=dumps("done"))
     answer = caller.recv()             # the other member's call is answered, not a notice
     assert (answer["type"], answer["id"], answer["success"]) == (
         "result", 21 - failed["id"], True)
