@@ -71,6 +71,11 @@ Workloads:
       flight), other failures, jobs run twice (from the workers' own logs: must
       be 0), the time, and its ratio to the ideal (the jobs' total time over
       the 4 worker slots). Not in --quick unless asked for (then 200 jobs).
+  SZ  W1, W2 and W3 at the argument sizes users send (issue 20): bytes of
+      100 B, 1 KiB, 16 KiB and 256 KiB (W2 keeps 64 in flight, or as many
+      as fit in 1 MiB: 4 at 256 KiB), each cell beside the relay floor at
+      the same size, in the same rounds; a table of calls/s and of the ratio
+      to the relay floor follows the main one. Not run unless asked for.
   W9  calls across a crash (issue 21), for each module whose Client takes
       reconnect=: the command-line server, a publisher process (Echo) and 4
       caller processes, each making blocking calls through its proxy
@@ -133,7 +138,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 ARG = "x" * 100                 # W1-W3: a 100-byte str
-PIPELINE = 64                   # W2: calls in flight
+PIPELINE = 64                   # W2: calls in flight,
+PIPELINE_BYTES = 1024 * 1024    # ... or fewer, so that their arguments stay within this (SZ
+                                # at 256 KiB: 4): a raw caller writes them all before it
+                                # reads, and a broker with flow control stops reading a
+                                # caller that does not read its answers
+
+
+def pipeline(size):
+    """How many calls W2 keeps in flight with arguments of ``size`` bytes."""
+    return PIPELINE if size is None else max(1, min(PIPELINE, PIPELINE_BYTES // size))
 FAN_IN = 4                      # W3: caller processes
 SIZES = [64 * 1024, 1024 * 1024]  # W4
 IDLE = 10000                    # W5: idle connections
@@ -149,6 +163,7 @@ JOBS = 2000                     # W8: jobs of the work queue,
 JOB_MS = (5, 20)                # ... each sleeping this many ms (uniform, seeded),
 JOB_WORKERS = 4                 # ... over this many worker processes of one slot each,
 JOB_WINDOW = 8                  # ... the caller keeping this many in flight
+SWEEP_SIZES = [100, 1024, 16 * 1024, 256 * 1024]   # SZ: argument sizes, bytes
 CRASH_CALLERS = 4               # W9: caller processes calling without pause,
 CRASH_RUN = 6.0                 # ... for this many seconds each,
 CRASH_AT = 2.0                  # ... the server killed this long after they start
@@ -278,9 +293,9 @@ def raw_caller(address, workload, seconds, size):
     calls = 0
     start = time.perf_counter()
     end = start + seconds
-    for n in range(PIPELINE):
+    for n in range(pipeline(size)):
         sock.sendall(call_message(n, arg))
-    in_flight = PIPELINE
+    in_flight = pipeline(size)
     while in_flight:
         out = []
         for message in recv_messages(sock, frames):
@@ -442,7 +457,7 @@ def ps_caller(address, workload, seconds, size):
     arg = ARG if size is None else b"x" * size
     start = time.perf_counter()
     end = start + seconds
-    state = {"calls": 0, "in_flight": PIPELINE}
+    state = {"calls": 0, "in_flight": pipeline(size)}
 
     def on_result(result):
         assert result.success and result.payload == arg
@@ -452,7 +467,7 @@ def ps_caller(address, workload, seconds, size):
         else:
             state["in_flight"] -= 1
 
-    for _ in range(PIPELINE):
+    for _ in range(pipeline(size)):
         echo.post(arg, callback=on_result)
     client.reactor.run_until(lambda: not state["in_flight"])
     return state["calls"], time.perf_counter() - start, []
@@ -488,7 +503,7 @@ async def async_caller(proxysession, address, workload, seconds, size):
                 made += 1
             return made
 
-        calls = sum(await asyncio.gather(*(lane() for _ in range(PIPELINE))))
+        calls = sum(await asyncio.gather(*(lane() for _ in range(pipeline(size)))))
         return calls, time.perf_counter() - start, []
 
 
@@ -1771,8 +1786,8 @@ def main(argv=None):
     rounds = options.rounds or (1 if options.quick else 3)
     if rounds < 1 or seconds <= 0 or options.cell_timeout <= 0:
         parser.error("--rounds, --seconds and --cell-timeout must be positive")
-    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
-    workloads = set(known) - ({"W6", "W7", "W8", "W9"} if options.quick else set())
+    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "SZ"]
+    workloads = set(known) - ({"W6", "W7", "W8", "W9"} if options.quick else set()) - {"SZ"}
     if options.workloads:
         workloads = {w.strip().upper() for w in options.workloads.split(",")}
         if not workloads <= set(known):
@@ -1802,13 +1817,19 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
              ("W1 asyncio", "async-sequential", {}), ("W2 asyncio", "async-pipelined", {})]
     cells += [("W4 %d KiB" % (size // 1024), "sequential", {"size": size}) for size in SIZES]
     cells = [cell for cell in cells if cell[0].split()[0] in workloads]
+    if "SZ" in workloads:
+        for size in SWEEP_SIZES:
+            cells += [("%s at %s" % (name, _bytes(size)), workload, dict(extra, size=size))
+                      for name, workload, extra in (("W1", "sequential", {}),
+                                                    ("W2", "pipelined", {}),
+                                                    ("W3", "sequential", {"callers": FAN_IN}))]
     samples = {row: {} for row in rows}
     for number in range(rounds if cells else 0):
         order = rows[number % len(rows):] + rows[:number % len(rows)]
         for cell, workload, extra in cells:
             for row in order:
                 base = row[len(BASELINE):] if row.startswith(BASELINE) else row
-                if cell == "W2" and base in ("mp.managers", "Pyro5", "RPyC"):
+                if cell.startswith("W2") and base in ("mp.managers", "Pyro5", "RPyC"):
                     continue        # their clients have no pipelined call
                 if cell in ("W3 threads", "W1 asyncio", "W2 asyncio") and base != "proxysession":
                     continue        # a Client shared by threads, an AsyncClient: the library's
@@ -1927,12 +1948,35 @@ def print_table(results, idle, scale, links, seconds, rounds, notes):
                   "" if module == "current" else " (%s)" % module,
                   figures["connections"], figures["rss_per_conn_bytes"], figures["rtt_among_us"],
                   figures["rtt_alone_us"], figures["rtt_ratio"]))
+    if any(" at " in cell for cells in results.values() for cell in cells):
+        print_sizes(results)
     if scale:
         print_scale(scale)
     if links:
         print_links(links)
     for note in notes:
         print("note: " + note)
+
+
+def _bytes(size):
+    return "%d KiB" % (size // 1024) if size >= 1024 else "%d B" % size
+
+
+def print_sizes(results):
+    """SZ: calls/s of each row at each argument size, and its ratio to the
+    relay floor at that size (the same rounds)."""
+    floor = results.get("relay floor", {})
+    cells = [cell for cell in next(iter(results.values())) if " at " in cell]
+    print("SZ: calls/s by argument size (ratio to the relay floor at that size)")
+    print("%-*s" % (WIDTH, "row") + "".join("%19s" % cell for cell in cells))
+    for row, figures in results.items():
+        line = "%-*s" % (WIDTH, row)
+        for cell in cells:
+            value = figures.get(cell, {}).get("calls_per_s")
+            base = floor.get(cell, {}).get("calls_per_s")
+            line += "%19s" % ("-" if value is None else "%.0f (%.2f)" % (value, value / base)
+                              if base else "%.0f" % value)
+        print(line)
 
 
 def print_links(links):
