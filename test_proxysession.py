@@ -5035,6 +5035,13 @@ def publish_shared(peer, alias, methods=ECHO_TABLE, msg_id=1, shared=True):
         {"session_alias": alias, "session_name": alias, "methods": methods, "shared": shared}))
 
 
+def the_one_called(first, second):
+    """(the member a call was routed to, the other one): whichever can read."""
+    ready = select.select([first.sock, second.sock], [], [], WAIT)[0]
+    assert ready, "no member got the call"
+    return (first, second) if first.sock in ready else (second, first)
+
+
 def test_calls_to_a_shared_alias_go_to_the_member_with_fewest_in_flight(server, peers):
     first, second, caller = (peers(server.address) for _ in range(3))
     assert publish_shared(first, "Jobs") == (True, "Jobs")
@@ -5057,9 +5064,7 @@ def test_calls_to_a_shared_alias_go_to_the_member_with_fewest_in_flight(server, 
     # fewest in flight: a member still busy gets nothing while the other is idle
     caller.send(type="deliver", id=20, to="Jobs", payload=dumps(
         {"event": "echo", "args": [20], "kwargs": {}}))
-    busy = first if first.sock in select.select([first.sock, second.sock], [], [], WAIT)[0] \
-        else second
-    idle = second if busy is first else first
+    busy, idle = the_one_called(first, second)
     held = busy.recv()
     for n in range(3):
         caller.send(type="deliver", id=21 + n, to="Jobs", payload=dumps(
@@ -5124,9 +5129,7 @@ def test_a_member_that_rescinds_drains(server, peers):
     assert publish_shared(second, "Jobs") == (True, "Jobs")
     caller.send(type="deliver", id=10, to="Jobs", payload=dumps(
         {"event": "echo", "args": [0], "kwargs": {}}))
-    busy = first if first.sock in select.select([first.sock, second.sock], [], [], WAIT)[0] \
-        else second
-    other = second if busy is first else first
+    busy, other = the_one_called(first, second)
     call = busy.recv()
     assert busy.result(type="rescind", id=5, payload=dumps({"session_alias": "Jobs"})) == (
         True, None)
@@ -5703,8 +5706,7 @@ def test_a_shared_member_that_stops_answering_is_not_fed_the_next_calls(server, 
     assert publish_shared(second, "Jobs", msg_id=2) == (True, "Jobs")
     for n in range(4):
         deliver(caller, 10 + n, alias="Jobs", timeout_ms=50)
-        stuck = first if first.sock in select.select([first.sock, second.sock], [], [], WAIT)[0] \
-            else second
+        stuck, _ = the_one_called(first, second)
         stuck.recv()                   # the call; never answered
         assert caller.recv()["id"] == 10 + n
     # two calls each, whatever each held: the load counts the calls that timed out
