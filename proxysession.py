@@ -90,6 +90,7 @@ import selectors
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -177,6 +178,9 @@ MAX_NAME = 256                    # characters in an alias, a session name or a 
 MAX_METHODS = 4096                # entries in a published method table
 MAX_DESCRIPTION = 65536           # characters in one method's signature or doc
 ID_RANGE = 2 ** 63                # an id is an int in [-ID_RANGE, ID_RANGE)
+REENCODED_GROWTH = 128            # bytes a routed message may grow by when the server encodes
+                                  # it again (and its name, in UTF-8): a compact envelope that
+                                  # goes on pickled grows by ~90; more means a crafted pickle
 DECODE_COST_FACTOR = 64           # a pickle may build objects of at most this many times its size
 DECODE_COST_BASE = 1024 * 1024    # ... plus this: CPython objects are 50-230 bytes each, so
                                   # small containers of small values legitimately cost ~40x
@@ -409,8 +413,8 @@ _SLOT_COST = 16
 class _Opcodes(list):
     """An opcode table: a list indexed by opcode byte, of None (refused) or
     (argument width, cost); and for the skim, ``steps``, a regex stepping over
-    its plain opcodes, each of which costs at most ``plain_cost`` per byte, and
-    ``whole``, the same followed by STOP; ``prone`` marks the ``not_plain``
+    its plain opcodes, each of which costs at most ``plain_cost`` per byte;
+    ``prone`` marks the ``not_plain``
     opcodes, which the walk reports (see hash collisions). For the walk, where the cost is
     counted in bytes, ``cheap`` marks the opcodes of a fixed width whose cost
     is at most _CHEAP_COST, and ``cheap_steps`` steps over runs of them. Each
@@ -418,7 +422,7 @@ class _Opcodes(list):
     for messages, whose budget is in pushes); an entry's cost is net of what
     its opcode and fixed-width argument earn, and ``plain_cost`` is not."""
 
-    __slots__ = ("steps", "whole", "plain_cost", "cheap", "cheap_steps", "earn", "prone")
+    __slots__ = ("steps", "plain_cost", "cheap", "cheap_steps", "earn", "prone")
 
 
 def _opcode_table(allowed: Optional[Iterable[str]], costs: Optional[dict] = None,
@@ -503,7 +507,6 @@ def _plain_steps(table: _Opcodes, not_plain: set) -> None:
     steps += [ops(width) + b"." * width for width in (1, 4, 2, 8) if by_width[width]]
     table.steps = re.compile(singles + b"(?:(?:" + b"|".join(steps) + b")" + singles + b")*",
                              re.DOTALL)
-    table.whole = re.compile(table.steps.pattern + b"\\.", re.DOTALL)
 
 
 # Cheap runs. Where the budget is counted in bytes (payloads), an opcode of a
@@ -547,28 +550,30 @@ def _skim(body, table: _Opcodes, pos: int, budget: int) -> bool:
     opcodes cost 1.4 GiB of sre's state to skim)."""
     net = table.plain_cost - table.earn
     earn = table.earn
+    steps = table.steps
+    size = len(body)
     budget -= table[_STOP_OP][1]
-    span = min(budget // net, _SKIM_SPAN) if net > 0 else _SKIM_SPAN
-    # the usual case, all plain: one call into C, about 0.5 us less per payload
-    # than the loop below alone (side by side in one process, 5 runs of 6)
-    if span >= 0 and table.whole.match(body, pos, pos + span + 1):
-        return True
     for _ in range(_SKIM_STRINGS + 1):
-        span = min(budget // net, _SKIM_SPAN) if net > 0 else _SKIM_SPAN
-        if span < 0:
-            return False
-        end = table.steps.match(body, pos, pos + span).end()
+        span = _SKIM_SPAN
+        if net > 0:
+            span = budget // net
+            if span < 0:
+                return False
+            if span > _SKIM_SPAN:
+                span = _SKIM_SPAN
+        # (not one regex with STOP at its end: where that fails, at a long
+        # string, sre first backtracks through every opcode before it)
+        end = steps.match(body, pos, pos + span).end()
         budget -= (end - pos) * net          # a match ends only between opcodes
-        if end >= len(body):
+        if end >= size:
             return False                     # truncated: the walk says so
         op = body[end]
         if op == _STOP_OP:
             return True                      # within budget, as every span was
-        entry = table[op]
-        if op != _BINBYTES and op != _BINUNICODE or entry is None:
+        if op != _BINBYTES and op != _BINUNICODE or table[op] is None:
             return False
         length = int.from_bytes(body[end + 1:end + 5], "little")
-        budget -= entry[1] - earn * length
+        budget -= table[op][1] - earn * length
         pos = end + 5 + length
     return False
 
@@ -693,21 +698,29 @@ _VALUE_OPCODES = _opcode_table(None, not_plain=_PRONE)
 
 # PROTO, FRAME, then EMPTY_DICT, or MARK DICT as protocols 0 and 1 write it
 _MESSAGE_START = re.compile(b"(?:\x80.)?(?:\x95.{8})?(?:}|\\(d)", re.DOTALL)
-# ... and the skim of a plain message to its STOP, in the same call: most
-# messages, about 1 us less per message than _MESSAGE_START then the skim's
-# loop (side by side in one process, 6 runs)
-_PLAIN_MESSAGE = re.compile(_MESSAGE_START.pattern + _MESSAGE_OPCODES.whole.pattern, re.DOTALL)
+# ... and the skim of a message's plain opcodes, in the same call: for most
+# messages, all of them to STOP, about 1 us less per message than
+# _MESSAGE_START then the skim's loop (side by side in one process, 6 runs)
+_PLAIN_MESSAGE = re.compile(_MESSAGE_START.pattern + _MESSAGE_OPCODES.steps.pattern, re.DOTALL)
 
 
 def _check_message(body) -> None:
     """Refuse a message body that is not a flat dict of scalars (PROTOCOL.md 3.1)."""
-    if _PLAIN_MESSAGE.match(body, 0, _PLAIN_MESSAGE_PUSHES) is not None:
-        return
-    start = _MESSAGE_START.match(body)
-    if start is None:
+    plain = _PLAIN_MESSAGE.match(body, 0, _PLAIN_MESSAGE_PUSHES)
+    if plain is None:
         raise _Refused("a message must be a pickled dict")
-    if not _skim(body, _MESSAGE_OPCODES, start.end(), _PLAIN_MESSAGE_PUSHES):
-        _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, start.end(),
+    end = plain.end()
+    op = body[end:end + 1]
+    if op == b".":
+        return                   # plain to its STOP: most messages
+    # a long payload (a four-byte length) stopped the match: on from past it,
+    # with what is left of the budget (a message's cost in pushes is at most
+    # its plain bytes, and the match and the payload used ``end + 1``)
+    if op != b"B" and op != b"X" or not _skim(body, _MESSAGE_OPCODES,
+                               end + 5 + int.from_bytes(body[end + 1:end + 5], "little"),
+                               _PLAIN_MESSAGE_PUSHES - end - 1):
+        start = _MESSAGE_START.match(body).end()
+        _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, start,
                       "a message has at most %d fields" % MAX_FIELDS)
 
 
@@ -1222,6 +1235,93 @@ def _decode_message(body) -> Any:
     if type(message) is dict and len(message) > MAX_FIELDS:
         # the walk bounds what decoding costs, with some slack; this is the rule
         raise _Refused("a message has at most %d fields" % MAX_FIELDS)
+    return message
+
+
+# Compact envelopes (PROTOCOL.md 7.8). A call and its answer are most of the
+# traffic, and the server only routes them: in a compact envelope their few
+# fields are a fixed binary header, read with one struct call, and the
+# payload follows as it lies, so the server neither checks nor unpickles an
+# envelope nor pickles one again. Used only between peers that both offered
+# it in info; the wheel holds which encoder its peer takes (Wheel.encode).
+
+COMPACT_VERSION = 1               # what info offers ("compact": 1) and this module speaks
+_COMPACT = 0xFF                   # a compact body's first byte: no pickle starts with it
+_COMPACT_HEAD = struct.Struct("<BBBHqI")   # magic, kind, flags, name bytes, id, timeout_ms
+_COMPACT_DELIVER, _COMPACT_RESULT = 1, 2
+_SUCCESS, _HAS_PAYLOAD, _HAS_TIMEOUT = 1, 2, 4       # the flag bits
+_MAX_NAME_BYTES = 4 * MAX_NAME    # a name of MAX_NAME characters, in UTF-8
+_DELIVER_FIELDS = frozenset(("type", "id", "to", "payload", "timeout_ms"))
+_RESULT_FIELDS = frozenset(("type", "id", "success", "payload"))
+
+
+def _encode_compact(message: dict):
+    """A deliver or result in a compact envelope (bytes, or for a large
+    payload [head, payload], never joined); any other message, or one with
+    fields the envelope has no place for, as _encode writes it."""
+    kind = message["type"]
+    payload = message.get("payload")
+    if payload is not None and type(payload) not in _PAYLOAD_TYPES:
+        return _encode(message)
+    if kind == "result" and message.keys() <= _RESULT_FIELDS and \
+            type(message.get("success")) is bool:
+        head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, message["success"] |
+                                  (payload is not None) << 1, 0, message["id"], 0)
+    elif kind == "deliver" and message.keys() <= _DELIVER_FIELDS and \
+            type(message.get("to")) is str:
+        name = message["to"].encode("utf-8", "surrogatepass")
+        timeout = message.get("timeout_ms")
+        if len(name) > _MAX_NAME_BYTES or \
+                timeout is not None and not (type(timeout) is int and 0 < timeout < 1 << 32):
+            return _encode(message)
+        head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, (payload is not None) << 1 |
+                                  (timeout is not None) << 2, len(name), message["id"],
+                                  timeout or 0) + name
+    else:
+        return _encode(message)
+    if payload is None:
+        return head
+    return head + payload if len(payload) < LARGE_PAYLOAD else [head, payload]
+
+
+def _decode_envelope(body) -> Any:
+    """A message from a peer that may send compact envelopes: compact or
+    pickled. Raises ``ProtocolError`` for a header out of its bounds."""
+    if body[:1] != b"\xff":
+        return _decode_message(body)
+    if len(body) < _COMPACT_HEAD.size:
+        raise _Refused("a compact envelope has a header of %d bytes, not %d"
+                       % (_COMPACT_HEAD.size, len(body)))
+    _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
+    start = _COMPACT_HEAD.size + name_size
+    if kind == _COMPACT_DELIVER:
+        if flags & ~(_HAS_PAYLOAD | _HAS_TIMEOUT) or not 0 < name_size <= _MAX_NAME_BYTES or \
+                start > len(body) or not flags & _HAS_TIMEOUT and timeout:
+            raise _Refused("a compact deliver with flags 0x%02x, a name of %d bytes (1 to %d, "
+                           "within its %d bytes) and timeout_ms %d (0 without flag 0x04)"
+                           % (flags, name_size, _MAX_NAME_BYTES, len(body), timeout))
+        try:
+            name = str(body[_COMPACT_HEAD.size:start], "utf-8")
+        except UnicodeDecodeError:
+            raise _Refused("a compact deliver's name is not UTF-8") from None
+        message = {"type": "deliver", "id": msg_id, "to": name}
+        if flags & _HAS_TIMEOUT:
+            message["timeout_ms"] = timeout
+    elif kind == _COMPACT_RESULT:
+        if flags & ~(_SUCCESS | _HAS_PAYLOAD) or name_size or timeout:
+            raise _Refused("a compact result with flags 0x%02x, a name of %d bytes and "
+                           "timeout_ms %d (it has no name or timeout)"
+                           % (flags, name_size, timeout))
+        message = {"type": "result", "id": msg_id, "success": bool(flags & _SUCCESS)}
+    else:
+        raise _Refused("a compact envelope of kind %d: 1 (deliver) and 2 (result) are known"
+                       % kind)
+    if flags & _HAS_PAYLOAD:       # (a large payload stays in the frame's buffer, uncopied)
+        message["payload"] = body[start:] if len(body) - start < LARGE_PAYLOAD and \
+            type(body) is bytes else memoryview(body)[start:]
+    elif len(body) > start:
+        raise _Refused("a compact %s without flag 0x02 has %d bytes of payload"
+                       % (message["type"], len(body) - start))
     return message
 
 
@@ -1942,7 +2042,8 @@ class Wheel:
     to resume ``other`` once it drains below half of it.
     """
 
-    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "reads",
+    __slots__ = ("reactor", "sock", "wheel_id", "peer", "filter", "peer_max_frame", "encode",
+                 "decode", "reads",
                  "phase", "paused", "out_size", "max_write_buffer", "low_water", "on_frame",
                  "on_open", "on_close", "context", "_out", "_batch", "_batch_size", "_events",
                  "_tls", "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context",
@@ -1961,6 +2062,10 @@ class Wheel:
         self.peer = peer
         self.filter = ReferenceFilter(max_frame)
         self.peer_max_frame = MAX_FRAME     # the largest frame the peer takes, once it says
+        # the envelopes the peer takes and may send: pickled (version 1) until
+        # both ends have offered compact ones in info (PROTOCOL.md 7.8)
+        self.encode: Callable[[dict], Any] = _encode
+        self.decode: Callable[[Any], Any] = _decode_message
         self.reads = 0                 # recvs that got bytes: what a heartbeat looks at
         self.paused = False
         self.out_size = 0
@@ -3000,7 +3105,7 @@ class Server:
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
         try:
-            message = _decode_message(body)
+            message = wheel.decode(body)
         except Exception as exc:       # whatever a hostile body raises: answer, stay open
             log.warning("connection %d from %s sent an undecodable message: %s",
                         wheel.wheel_id, wheel.peer, exc)
@@ -3046,13 +3151,13 @@ class Server:
         message = {"type": "result", "id": msg_id, "success": success}
         if payload is not None:
             message["payload"] = payload if pickled else _dumps(payload)
-        body = _encode(message)        # a large payload is sent as it lies, not copied
+        body = wheel.encode(message)   # a large payload is sent as it lies, not copied
         limit = wheel.context.max_frame
         if limit is not None:
             size = len(body) if type(body) is bytes else sum(map(len, body))
             if size > limit:
-                body = _encode({"type": "result", "id": msg_id, "success": False,
-                                "payload": _dumps("Answer of %d bytes exceeds this "
+                body = wheel.encode({"type": "result", "id": msg_id, "success": False,
+                                     "payload": _dumps("Answer of %d bytes exceeds this "
                                                   "connection's max_frame (%d bytes)"
                                                   % (size, limit))})
         wheel.write_frame(body)
@@ -3344,7 +3449,7 @@ class Server:
         member with a small max_frame must not draw, and fail, every call
         that others could take."""
         wheels = self.wheels
-        size = self._frame_size + len(session.name) + 32     # the most _forward may send
+        size = self._frame_size + 4 * len(session.name) + REENCODED_GROWTH  # _forward's most
         peers = [wheels[member].context for member in session.members]
         fitting = [(member, peer) for member, peer in zip(session.members, peers)
                    if peer.max_frame is None or peer.max_frame >= size] or \
@@ -3397,10 +3502,12 @@ class Server:
         never much larger than what it received (a hostile message could
         otherwise grow on re-encoding, past the frame limit of the connection
         it goes to), nor larger than the receiver said it takes (it would
-        close its connection, failing everyone's calls on it)."""
-        body = _encode(data)
+        close its connection, failing everyone's calls on it). It goes in the
+        envelope the receiver takes; a call held for a publisher away, pickled
+        (whatever connection it comes back on takes that)."""
+        body = _encode(data) if receiver is None else receiver.encode(data)
         size = len(body) if type(body) is bytes else sum(map(len, body))
-        if size > self._frame_size + len(data.get("to") or "") + 32:
+        if size > self._frame_size + 4 * len(data.get("to") or "") + REENCODED_GROWTH:
             self._answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
                          "be forwarded as %d bytes, much more than it came as" % size)
             return None
@@ -3568,10 +3675,14 @@ class Server:
             peer = self.wheels[wheel_id].context
             if peer.calls_by_id is None:
                 peer.calls_by_id = {}
+        if data.get("compact") == COMPACT_VERSION:    # both offered: from this answer on
+            wheel = self.wheels[wheel_id]
+            wheel.encode, wheel.decode = _encode_compact, _decode_envelope
         self.send_result(True, data, wheel_id, {
             "server": "proxysession", "version": __version__, "protocol": PROTOCOL_VERSION,
             "max_frame": self.max_frame, "max_waiting_calls": self.max_waiting_calls,
-            "max_name": MAX_NAME, "grace": self.grace, "deadlines": True})
+            "max_name": MAX_NAME, "grace": self.grace, "deadlines": True,
+            "compact": COMPACT_VERSION})
 
     def answer_ping(self, data: dict, wheel_id: int) -> None:
         """A liveness check (PROTOCOL.md 7.2): success, no payload."""
@@ -4916,7 +5027,7 @@ class Client:
             info = exc
         try:
             wheel.peer_max_frame, grace = _limits_from_info(info)
-            self.reactor.call_in_loop(self._learn_deadlines, connection_id, info)
+            self.reactor.call_in_loop(self._learn_info, wheel, info)
             if grace > 0 and self.reconnect:    # a publisher here may resume if its link drops
                 link.token = _resume_answer(self.send_message(
                     connection_id, {"type": "resume"}, timeout=timeout))[0]
@@ -5121,6 +5232,7 @@ class Client:
                       max_write_buffer=self.max_write_buffer, ssl_context=self.ssl_context,
                       server_hostname=link.server_hostname or link.address,
                       authkey=self.authkey, handshake_timeout=link.timeout)
+        wheel.decode = _decode_envelope     # (this client offers compact envelopes in info)
         self._connections[link.connection_id] = wheel
         return wheel
 
@@ -5156,7 +5268,7 @@ class Client:
         def got_info(result):
             wheel.peer_max_frame, grace = _limits_from_info(
                 result.payload if result.success else _error_from_payload(result.payload))
-            self._learn_deadlines(link.connection_id, result.payload)
+            self._learn_info(wheel, result.payload)
             if link.token is not None and grace > 0:
                 self._rejoin_request(link, {"type": "resume", "token": link.token},
                                      lambda result: resumed(result, grace))
@@ -5184,15 +5296,20 @@ class Client:
         a call or answer too large for it fails alone at the server instead of
         closing this connection (PROTOCOL.md 7.1), and that it takes the
         deadlines and cancels of PROTOCOL.md 7.7."""
-        return {"type": "info", "max_frame": self.max_frame, "deadlines": True}
+        return {"type": "info", "max_frame": self.max_frame, "deadlines": True,
+                "compact": COMPACT_VERSION}
 
-    def _learn_deadlines(self, connection_id: int, info: Any) -> None:
-        """Whether the server said (in its answer to info) that it takes a
-        call's timeout and cancels (PROTOCOL.md 7.7): only then are they sent."""
-        if type(info) is dict and info.get("deadlines") is True:
-            self._deadline_servers.add(connection_id)
+    def _learn_info(self, wheel: Wheel, info: Any) -> None:
+        """What the server said in its answer to info beyond its limits:
+        whether it takes a call's timeout and cancels (PROTOCOL.md 7.7), only
+        then sent, and compact envelopes (7.8), only then used."""
+        if type(info) is not dict:
+            info = {}
+        if info.get("deadlines") is True:
+            self._deadline_servers.add(wheel.wheel_id)
         else:
-            self._deadline_servers.discard(connection_id)
+            self._deadline_servers.discard(wheel.wheel_id)
+        wheel.encode = _encode_compact if info.get("compact") == COMPACT_VERSION else _encode
 
     def _restore(self, link: _Link, wheel: Wheel, resumed: list, grace: float) -> None:
         """Make the server's state this client's again, whatever requests the
@@ -5432,7 +5549,7 @@ class Client:
         request_id = message["id"] = request.id = next(self._ids)
         self._pending[request_id] = request
         self._expect(request_id, request)
-        body = _encode(message)
+        body = _encode(message) if wheel is None else wheel.encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
         limit = wheel.peer_max_frame if wheel is not None else link.max_frame
         if size > limit:
@@ -5466,7 +5583,7 @@ class Client:
                 del message["timeout_ms"]
             else:
                 message["timeout_ms"] = max(1, math.ceil(left * 1000))
-            body = _encode(message)
+            body = wheel.encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
         if failure is None and size > wheel.peer_max_frame:
             failure = FrameTooLarge("a %s request" % (message or {}).get("type", "queued"),
@@ -5556,7 +5673,7 @@ class Client:
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
         try:
-            message = _decode_message(body)
+            message = wheel.decode(body)
         except Exception as exc:
             if body.startswith(CHALLENGE):
                 error = AuthenticationError(
@@ -5759,16 +5876,16 @@ class Client:
             serving = self._serving.get(wheel)
             if serving is not None:
                 serving.pop(message_id, None)
-        body = _encode({"type": "result", "id": message_id, "success": success,
-                        "payload": payload})
+        body = wheel.encode({"type": "result", "id": message_id, "success": success,
+                             "payload": payload})
         size = len(body) if type(body) is bytes else sum(map(len, body))
         if size > wheel.peer_max_frame:
             # the server would close this connection, taking every session on it
             # down for one caller's large answer: that caller gets a failure instead
             error = FrameTooLarge("Result", size, wheel.peer_max_frame)
             log.warning("%s: %s", self.alias, error)
-            body = _encode({"type": "result", "id": message_id, "success": False,
-                            "payload": _dumps(str(error))})
+            body = wheel.encode({"type": "result", "id": message_id, "success": False,
+                                 "payload": _dumps(str(error))})
         wheel.write_frame(body)
 
     # the requests
@@ -6378,7 +6495,7 @@ class AsyncClient(Client):
             except ProxyError as exc:
                 info = exc
             wheel.peer_max_frame, grace = _limits_from_info(info)
-            self._learn_deadlines(connection_id, info)
+            self._learn_info(wheel, info)
             if grace > 0 and self.reconnect:
                 link.token = _resume_answer(await self._asked(lambda answer: self.send_message(
                     connection_id, {"type": "resume"}, callback=answer, timeout=timeout)))[0]

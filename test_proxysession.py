@@ -18,6 +18,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -1763,6 +1764,12 @@ def skim_samples(rng, count):
         yield bytes(body) or b"."
 
 
+def plain_to_stop(body) -> bool:
+    """Whether _check_message's first match clears ``body`` to its STOP."""
+    plain = proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES)
+    return plain is not None and body[plain.end():plain.end() + 1] == b"."
+
+
 def test_the_skim_clears_only_what_the_walk_accepts():
     """What is tried: 6,000 pickles from skim_samples against each opcode table
     (a message's, the server's tree, a client's values) and budget (a
@@ -1776,7 +1783,7 @@ def test_the_skim_clears_only_what_the_walk_accepts():
               proxysession._VALUE_OPCODES)
     cleared = walked = 0
     for body in skim_samples(rng, 6000):
-        if proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES):
+        if plain_to_stop(body):
             cleared += 1
             proxysession._check_pickle(body, proxysession._MESSAGE_OPCODES,
                                        proxysession._PLAIN_MESSAGE_PUSHES,
@@ -1807,8 +1814,7 @@ def test_skimming_a_huge_plain_frame_costs_little_memory_and_the_stop_is_counted
         try:
             assert not proxysession._skim(body, table, start,
                                           proxysession.DECODE_COST_BASE)
-            assert proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES) \
-                is None
+            assert not plain_to_stop(body)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -1834,8 +1840,7 @@ def test_the_skim_clears_what_proxysession_writes_and_leaves_memo_puts_to_the_wa
         assert proxysession._skim(body, proxysession._MESSAGE_OPCODES, pos,
                                   proxysession._PLAIN_MESSAGE_PUSHES)
         # _check_message's one match takes every message but the long-payload one
-        plain = proxysession._PLAIN_MESSAGE.match(body, 0, proxysession._PLAIN_MESSAGE_PUSHES)
-        assert (plain is not None) is (len(message["payload"]) < 256), message["type"]
+        assert plain_to_stop(body) is (len(message["payload"]) < 256), message["type"]
     assert proxysession._skim(payload, proxysession._VALUE_OPCODES, 0,
                               proxysession.DECODE_COST_BASE)
     for bomb in (MEMO_BOMB, TEXT_MEMO_BOMB):
@@ -2553,7 +2558,8 @@ PROTOCOL_MD = os.path.join(os.path.dirname(os.path.abspath(proxysession.__file__
 EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "deliver-forwarded",
                  "result-from-publisher", "result-forwarded", "stats-request",
                  "subscribe-wait-request", "shared-publish-payload", "info-request",
-                 "deliver-timeout-request", "cancel-request", "cancel-notice"}
+                 "deliver-timeout-request", "cancel-request", "cancel-notice",
+                 "compact-deliver", "compact-result"}
 
 
 def protocol_md_examples(text):
@@ -2635,13 +2641,13 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     assert examples["result-forwarded"] == encoded(back)
 
     # routing leaves every payload's bytes as they came, and grows nothing past
-    # the bound of section 3.1 (received + len(session name) + 32)
+    # the bound of section 3.1 (received + 4 * len(session name) + 128)
     for received, sent in (("deliver-request", "deliver-forwarded"),
                            ("result-from-publisher", "result-forwarded")):
         assert bytes(decoded(examples[sent])["payload"]) == \
             bytes(decoded(examples[received])["payload"])
         assert len(split_frame(examples[sent])) <= \
-            len(split_frame(examples[received])) + len("Greeter") + 32
+            len(split_frame(examples[received])) + 4 * len("Greeter") + 128
     assert pickle.loads(decoded(examples["listing-result"])["payload"]) == ["Greeter"]
     assert pickle.loads(decoded(examples["result-forwarded"])["payload"]) == "hello, world"
 
@@ -2680,6 +2686,24 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     cancel["id"] = 8
     assert examples["cancel-request"] == encoded(cancel) == framed(cancel)
     assert examples["cancel-notice"] == encoded({"type": "cancel", "call": 1})
+
+    # (7.8) that call and its answer in compact envelopes: as the module writes
+    # them, as the table of 7.8 builds them, and read back as the same messages
+    def compact(message):
+        body = proxysession._encode_compact(message)
+        assert type(body) is bytes and proxysession._decode_envelope(body) == message
+        return b"%d\0%s" % (len(body), body)
+
+    assert examples["compact-deliver"] == compact(timed) == frame(
+        compact_body(1, 7, call, b"Greeter", flags=4, timeout=30000))
+    answered = {"type": "result", "id": 7, "success": True,
+                "payload": pickle.dumps("hello, world", 4)}
+    assert examples["compact-result"] == compact(answered) == frame(
+        compact_body(2, 7, answered["payload"], flags=1))
+    assert len(split_frame(examples["compact-deliver"])) == 85 and \
+        len(split_frame(encoded(timed))) == 145
+    assert len(split_frame(examples["compact-result"])) == 44 and \
+        len(split_frame(encoded(answered))) == 90
 
     # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
     body = split_frame(examples["listing-request"])
@@ -2772,8 +2796,219 @@ def test_info_tells_a_client_the_servers_limits(make_server, peers):
     assert success is True
     assert info == {"server": "proxysession", "version": proxysession.__version__,
                     "protocol": 2, "max_frame": 123456, "max_waiting_calls": 77,
-                    "max_name": 256, "grace": 0.0, "deadlines": True}
+                    "max_name": 256, "grace": 0.0, "deadlines": True, "compact": 1}
     assert peer.result(type="ping", id=2) == (True, None)
+
+
+# ---------------------------------------------------------------------------
+# compact envelopes (PROTOCOL.md 7.8): the header is built and read here by
+# hand, from the table in PROTOCOL.md, not with the module's own code
+# ---------------------------------------------------------------------------
+
+COMPACT_HEAD = struct.Struct("<BBBHqI")     # magic, kind, flags, name size, id, timeout_ms
+
+
+def compact_body(kind, msg_id, payload=None, name=b"", flags=0, timeout=0):
+    return COMPACT_HEAD.pack(0xFF, kind, flags | (payload is not None) << 1, len(name), msg_id,
+                             timeout) + name + (payload or b"")
+
+
+def from_compact(body):
+    """The message a compact body means (PROTOCOL.md 7.8), or the pickled one."""
+    if body[:1] != b"\xff":
+        return pickle.loads(body)
+    magic, kind, flags, size, msg_id, timeout = COMPACT_HEAD.unpack_from(body)
+    name, payload = body[17:17 + size], body[17 + size:]
+    if kind == 1:
+        message = {"type": "deliver", "id": msg_id, "to": name.decode()}
+        if flags & 4:
+            message["timeout_ms"] = timeout
+    else:
+        assert kind == 2 and not size and not timeout, body[:17]
+        message = {"type": "result", "id": msg_id, "success": bool(flags & 1)}
+    if flags & 2:
+        message["payload"] = payload
+    return message
+
+
+class BodyPeer(RawPeer):
+    """A raw peer that reads frame bodies as bytes; with ``compact``, it
+    offers compact envelopes in info first."""
+
+    def __init__(self, address, compact=False):
+        super().__init__(address)
+        self.filter = ReferenceFilter(loads=bytes)
+        if compact:
+            self.send(type="info", id=0, compact=1)
+            answer = from_compact(self.recv())
+            assert answer["id"] == 0 and pickle.loads(answer["payload"])["compact"] == 1
+
+    def result(self, **message):
+        self.send(**message)
+        answer = from_compact(self.recv())
+        assert answer["type"] == "result" and answer["id"] == message["id"], answer
+        payload = answer.get("payload")
+        return answer["success"], None if payload is None else pickle.loads(payload)
+
+
+def test_compact_envelopes_go_between_peers_that_offered_them_and_pickled_to_the_others(server):
+    """What is tried: a compact publisher called by a version-1 caller, and a
+    version-1 publisher called by a compact caller, each with raw peers. The
+    server passes each call and answer on in the envelope its receiver
+    offered, its payload's bytes untouched; the version-1 peers get, byte for
+    byte, what a version-1 peer would have sent them."""
+    call = dumps({"event": "echo", "args": ["x" * 300], "kwargs": {}})   # a long one too
+    answer = dumps("x" * 300)
+    compact_publisher = BodyPeer(server.address, compact=True)
+    plain_publisher = BodyPeer(server.address)
+    compact_caller = BodyPeer(server.address, compact=True)
+    plain_caller = BodyPeer(server.address)
+    try:
+        assert compact_publisher.result(type="publish", id=1, payload=dumps(
+            {"session_alias": "Fast", "session_name": "Fast",
+             "methods": {"echo": {"signature": "(x)", "doc": None}}})) == (True, "Fast")
+        assert publish(plain_publisher, "Plain") == (True, "Plain")
+
+        # version 1 -> compact: the deliver arrives compact, under a fresh id
+        plain_caller.send(type="deliver", id=7, to="Fast", payload=call)
+        body = compact_publisher.recv()
+        fresh = COMPACT_HEAD.unpack_from(body)[4]
+        assert body == compact_body(1, fresh, call, b"Fast")
+        compact_publisher.send_raw(frame(compact_body(2, fresh, answer, flags=1)))
+        assert plain_caller.recv() == dumps(
+            {"type": "result", "id": 7, "success": True, "payload": answer})
+
+        # compact -> version 1, with a timeout the version-1 publisher never sees
+        compact_caller.send_raw(frame(compact_body(1, 8, call, "Plain".encode(), flags=4,
+                                                   timeout=5000)))
+        delivered = pickle.loads(plain_publisher.recv())
+        assert plain_publisher.filter.buffered() == 0
+        fresh = delivered["id"]
+        assert dumps(delivered) == dumps({"type": "deliver", "id": fresh, "to": "Plain",
+                                          "payload": call})
+        plain_publisher.send(type="result", id=fresh, success=False, payload=dumps("no"))
+        assert compact_caller.recv() == compact_body(2, 8, dumps("no"))
+
+        # compact -> compact, and a pickled call from a compact peer: both fine
+        compact_caller.send_raw(frame(compact_body(1, 9, call, b"Fast")))
+        fresh = COMPACT_HEAD.unpack_from(compact_publisher.recv())[4]
+        compact_publisher.send_raw(frame(compact_body(2, fresh, answer, flags=1)))
+        assert compact_caller.recv() == compact_body(2, 9, answer, flags=1)
+        compact_caller.send(type="deliver", id=10, to="Nope", payload=call)
+        assert from_compact(compact_caller.recv()) == {
+            "type": "result", "id": 10, "success": False,
+            "payload": dumps("Session 'Nope' doesn't exist")}
+    finally:
+        for peer in (compact_publisher, plain_publisher, compact_caller, plain_caller):
+            peer.close()
+
+
+def test_a_compact_envelope_from_a_peer_that_did_not_offer_them_is_refused_as_before(server,
+                                                                                        peers):
+    """A peer that never said compact in info gets a compact body refused as
+    any body that is no pickle: id -1, and its connection stays."""
+    peer = peers(server.address)
+    peer.send_raw(frame(compact_body(1, 7, dumps({"event": "echo"}), b"Echo")))
+    answer = peer.recv()
+    assert (answer["id"], answer["success"]) == (-1, False)
+    assert pickle.loads(answer["payload"]).startswith("Malformed message: ")
+    assert peer.result(type="listing", id=2) == (True, [])
+
+
+def test_bad_compact_headers_are_refused_and_the_server_serves_on(server):
+    """What is tried, from a peer that offered compact envelopes: each header
+    field out of its bounds (PROTOCOL.md 7.8). Each gets a failure that says
+    what is wrong, under id -1 where the header is refused and under the
+    call's id where a field is (as the pickled form's would be); then a good
+    call goes through."""
+    publisher = BodyPeer(server.address)
+    assert publish(publisher, "Echo") == (True, "Echo")
+    peer = BodyPeer(server.address, compact=True)
+    call = dumps({"event": "echo", "args": [1], "kwargs": {}})
+    head = COMPACT_HEAD.pack
+    refused = [
+        (b"\xff\x01\x02", "header of 17 bytes, not 3"),
+        (head(0xFF, 3, 2, 4, 7, 0) + b"Echo" + call, "kind 3"),
+        (head(0xFF, 1, 2 | 8, 4, 7, 0) + b"Echo" + call, "flags 0x0a"),
+        (head(0xFF, 1, 2 | 1, 4, 7, 0) + b"Echo" + call, "flags 0x03"),
+        (head(0xFF, 1, 2, 0, 7, 0) + call, "a name of 0 bytes"),
+        (head(0xFF, 1, 2, 1025, 7, 0) + b"E" * 1025 + call, "a name of 1025 bytes"),
+        (head(0xFF, 1, 2, 60000, 7, 0) + b"Echo", "a name of 60000 bytes"),
+        (head(0xFF, 1, 2, 4, 7, 0) + b"\xff\xfe\xfd\xfc" + call, "not UTF-8"),
+        (head(0xFF, 1, 2, 4, 7, 5000) + b"Echo" + call, "timeout_ms 5000"),
+        (head(0xFF, 1, 0, 4, 7, 0) + b"Echo" + call, "without flag 0x02 has"),
+        (head(0xFF, 2, 1 | 4, 0, 7, 0), "a compact result with flags 0x05"),
+        (head(0xFF, 2, 1, 3, 7, 0) + b"abc", "a name of 3 bytes"),
+        (head(0xFF, 2, 1, 0, 7, 9), "timeout_ms 9"),
+    ]
+    for body, words in refused:
+        peer.send_raw(frame(body))
+        answer = from_compact(peer.recv())
+        text = pickle.loads(answer["payload"])
+        assert (answer["id"], answer["success"]) == (-1, False), body[:20]
+        assert text.startswith("Malformed message: ") and words in text, (body[:20], text)
+    # a header in bounds whose fields the deliver's own rules refuse: under its id
+    peer.send_raw(frame(head(0xFF, 1, 0, 4, 11, 0) + b"Echo"))
+    assert from_compact(peer.recv()) == {"type": "result", "id": 11, "success": False,
+                                         "payload": dumps("Malformed message: deliver wants a "
+                                                          "bytes payload")}
+    peer.send_raw(frame(head(0xFF, 1, 2 | 4, 4, 12, 0) + b"Echo" + call))
+    answer = from_compact(peer.recv())
+    assert answer["id"] == 12 and "timeout_ms must be an int" in pickle.loads(answer["payload"])
+    peer.send_raw(frame(compact_body(1, 13, call, b"Echo")))
+    fresh = pickle.loads(publisher.recv())["id"]
+    publisher.send(type="result", id=fresh, success=True, payload=dumps(1))
+    assert peer.recv() == compact_body(2, 13, dumps(1), flags=1)
+    peer.close()
+    publisher.close()
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_the_client_sends_calls_compact_only_to_a_server_that_offered_them(make_client,
+                                                                           offered):
+    """A stand-in server answers the Client's info with or without compact,
+    then reads its call: compact (PROTOCOL.md 7.8) only where it offered, and
+    its compact answer is read either way (the Client offered)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = {}
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.settimeout(WAIT)
+        bodies = ReferenceFilter(loads=bytes)
+        info = pickle.loads(read_message(conn, bodies))
+        seen["info"] = info
+        limits = {"max_frame": proxysession.MAX_FRAME, "deadlines": True}
+        if offered:
+            limits["compact"] = 1
+        conn.sendall(message_frame(type="result", id=info["id"], success=True,
+                                   payload=dumps(limits)))
+        seen["call"] = body = read_message(conn, bodies)
+        msg_id = COMPACT_HEAD.unpack_from(body)[4] if offered else pickle.loads(body)["id"]
+        conn.sendall(frame(compact_body(2, msg_id, dumps("hi"), flags=1)))
+        conn.recv(1)                   # until the Client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = make_client()
+        conn = client.connect("127.0.0.1", listener.getsockname()[1])
+        assert client.deliver(conn, "Echo", "echo", ["x"], timeout=5.0) == "hi"
+        client.close()
+    finally:
+        thread.join(WAIT)
+        listener.close()
+    assert not thread.is_alive()
+    assert seen["info"]["compact"] == 1
+    payload = dumps({"event": "echo", "args": ["x"], "kwargs": {}})
+    call = from_compact(seen["call"])
+    if offered:
+        assert seen["call"] == compact_body(1, call["id"], payload, b"Echo", flags=4,
+                                            timeout=5000)
+    else:
+        assert seen["call"][:1] == b"\x80" and call == {
+            "type": "deliver", "to": "Echo", "payload": payload, "timeout_ms": 5000,
+            "id": call["id"]}
 
 
 # ---------------------------------------------------------------------------
