@@ -89,6 +89,9 @@ Workloads:
 Rows:
   proxysession   its own Client and Proxy on both ends, through its server
   server+raw     the proxysession server, with minimal raw-socket callers and callee
+  server+compact the same, the raw peers offering compact envelopes in info
+                 (PROTOCOL.md 7.8, built here by hand with struct): the server
+                 alone with compact envelopes, beside server+raw's version-1 ones
   relay floor    a minimal selectors relay written here, same framing, same raw
                  peers: decodes the outer dict, rewrites id/to, re-encodes,
                  forwards; no sessions, checks or flow control. Every ratio is
@@ -128,6 +131,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -169,7 +173,8 @@ CRASH_RUN = 6.0                 # ... for this many seconds each,
 CRASH_AT = 2.0                  # ... the server killed this long after they start
 CRASH_DOWN = 0.5                # ... and started again this long after
 CHUNK = 256 * 1024
-ROWS = ["proxysession", "server+raw", "relay floor", "direct", "mp.managers", "Pyro5", "RPyC"]
+ROWS = ["proxysession", "server+raw", "server+compact", "relay floor", "direct", "mp.managers",
+        "Pyro5", "RPyC"]
 MODULE_ROWS = ("proxysession", "server+raw")   # the rows that run the module: --baseline twins
 BASELINE = "baseline "                          # the twins' prefix
 PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller",   # roles that import it
@@ -239,7 +244,43 @@ def publish_message(msg_id, alias):
          "methods": {"echo": {"signature": "(x)", "doc": None}}}, 4)})
 
 
-def raw_callee(address, listen):
+# compact envelopes (PROTOCOL.md 7.8): a 17-byte header, the name, the payload
+COMPACT_HEAD = struct.Struct("<BBBHqI")     # magic, kind, flags, name size, id, timeout_ms
+
+
+def compact_frame(kind, msg_id, payload, name=b"", success=False):
+    body = COMPACT_HEAD.pack(0xFF, kind, 2 | success, len(name), msg_id, 0) + name + payload
+    return b"%d\0%s" % (len(body), body)
+
+
+def compact_call(msg_id, arg):
+    return compact_frame(1, msg_id, pickle.dumps({"event": "echo", "args": [arg], "kwargs": {}},
+                                                 4), b"Echo")
+
+
+def compact_message(body):
+    """(id, payload) of a compact deliver or result; a pickled body's too."""
+    if body[0] != 0xFF:
+        message = pickle.loads(body)
+        return message["id"], message["payload"]
+    name_size, msg_id = COMPACT_HEAD.unpack_from(body)[3:5]
+    return msg_id, body[17 + name_size:]
+
+
+def offer_compact(sock, frames):
+    """Offer compact envelopes; the server must take them (its answer is one)."""
+    sock.sendall(frame({"type": "info", "id": 0, "compact": 1}))
+    body = b""
+    while not body:
+        data = sock.recv(CHUNK)
+        if not data:
+            raise EOFError("peer closed")
+        body = frames.feed(data)
+    info = pickle.loads(compact_message(body[0])[1])
+    assert info.get("compact") == 1, "the server does not offer compact envelopes"
+
+
+def raw_callee(address, listen, compact=False):
     """Answers every deliver with echo(arg), pickling both ways. Through a broker
     it publishes 'Echo' first; as the direct floor it accepts callers itself."""
     if listen:
@@ -250,8 +291,15 @@ def raw_callee(address, listen):
         sel.register(server, selectors.EVENT_READ, None)
     else:
         sock = connect(address)
-        sock.sendall(publish_message(1, "Echo"))
-        assert recv_messages(sock, Frames())[0]["success"]
+        if compact:
+            frames = Frames()
+            offer_compact(sock, frames)
+            sock.sendall(publish_message(1, "Echo"))
+            while not frames.feed(sock.recv(CHUNK)):
+                pass
+        else:
+            sock.sendall(publish_message(1, "Echo"))
+            assert recv_messages(sock, Frames())[0]["success"]
         print("ready", flush=True)
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ, Frames())
@@ -271,6 +319,11 @@ def raw_callee(address, listen):
                 return
             out = []
             for body in key.data.feed(data):
+                if compact:
+                    msg_id, payload = compact_message(body)
+                    out.append(compact_frame(2, msg_id, pickle.dumps(
+                        pickle.loads(payload)["args"][0], 4), success=True))
+                    continue
                 message = pickle.loads(body)
                 call = pickle.loads(message["payload"])
                 value = call["args"][0]          # echo
@@ -280,30 +333,47 @@ def raw_callee(address, listen):
                 key.fileobj.sendall(b"".join(out))
 
 
-def raw_caller(address, workload, seconds, size):
+def raw_caller(address, workload, seconds, size, compact=False):
     sock = connect(address)
     frames = Frames()
     arg = ARG if size is None else b"x" * size
+    if compact:
+        offer_compact(sock, frames)
+        make_call = compact_call
+
+        def answers():
+            while True:
+                data = sock.recv(CHUNK)
+                if not data:
+                    raise EOFError("peer closed")
+                bodies = frames.feed(data)
+                if bodies:
+                    return [compact_message(body)[1] for body in bodies]
+    else:
+        make_call = call_message
+
+        def answers():
+            return [message["payload"] for message in recv_messages(sock, frames)]
     if workload != "pipelined":
         def echo(value):
-            sock.sendall(call_message(0, value))
-            return pickle.loads(recv_messages(sock, frames)[0]["payload"])
+            sock.sendall(make_call(0, value))
+            return pickle.loads(answers()[0])
 
         return sequential(echo, seconds, size)
     calls = 0
     start = time.perf_counter()
     end = start + seconds
     for n in range(pipeline(size)):
-        sock.sendall(call_message(n, arg))
+        sock.sendall(make_call(n, arg))
     in_flight = pipeline(size)
     while in_flight:
         out = []
-        for message in recv_messages(sock, frames):
-            assert pickle.loads(message["payload"]) == arg
+        for payload in answers():
+            assert pickle.loads(payload) == arg
             calls += 1
             in_flight -= 1
             if time.perf_counter() < end:
-                out.append(call_message(calls, arg))
+                out.append(make_call(calls, arg))
                 in_flight += 1
         if out:
             sock.sendall(b"".join(out))
@@ -1120,6 +1190,7 @@ SYSTEMS = {
     # floor's callee listens itself, and the peers' servers are their callees
     "proxysession": ("ps-server", "ps-callee", "ps-caller"),
     "server+raw": ("ps-server", "raw-callee", "raw-caller"),
+    "server+compact": ("ps-server", "raw-callee-compact", "raw-caller-compact"),
     "relay floor": ("relay", "raw-callee", "raw-caller"),
     "direct": (None, "raw-callee-listen", "raw-caller"),
     "mp.managers": ("mp-server", None, "mp-caller"),
@@ -1679,15 +1750,17 @@ def run_role(argv):
         return rpyc_server()
     if role == "ps-callee":
         return ps_callee(("127.0.0.1", int(args[0])))
-    if role in ("raw-callee", "raw-callee-listen"):
-        return raw_callee(("127.0.0.1", int(args[0])), role == "raw-callee-listen")
+    if role in ("raw-callee", "raw-callee-listen", "raw-callee-compact"):
+        return raw_callee(("127.0.0.1", int(args[0])), role == "raw-callee-listen",
+                          role == "raw-callee-compact")
     if role == "idle":
         return idle_connections(("127.0.0.1", int(args[0])), int(args[1]))
     if role == "listing-rtt":
         print(json.dumps({"rtt": listing_rtt(("127.0.0.1", int(args[0])), int(args[1]))}))
         return None
     callers = {"ps-caller": ps_caller, "raw-caller": raw_caller, "mp-caller": mp_caller,
-               "pyro-caller": pyro_caller, "rpyc-caller": rpyc_caller}
+               "pyro-caller": pyro_caller, "rpyc-caller": rpyc_caller,
+               "raw-caller-compact": lambda *args: raw_caller(*args, compact=True)}
     port, workload, seconds, size = int(args[0]), args[1], float(args[2]), int(args[3]) or None
     outcome = callers[role](("127.0.0.1", port), workload, seconds, size)
     module = sys.modules.get("proxysession")
@@ -1777,7 +1850,8 @@ def main(argv=None):
     if unknown:
         parser.error("unknown rows %s; known: %s" % (unknown, ", ".join(ROWS)))
     if options.quick:
-        rows = [r for r in rows if r in ("proxysession", "server+raw", "relay floor", "direct")]
+        rows = [r for r in rows if r in ("proxysession", "server+raw", "server+compact",
+                                         "relay floor", "direct")]
     notes = []
     for row, module in (("Pyro5", "Pyro5"), ("RPyC", "rpyc")):
         if row in rows and not importable(module):
