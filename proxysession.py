@@ -1247,12 +1247,11 @@ def _decode_message(body) -> Any:
 
 COMPACT_VERSION = 1               # what info offers ("compact": 1) and this module speaks
 _COMPACT = 0xFF                   # a compact body's first byte: no pickle starts with it
-_COMPACT_HEAD = struct.Struct("<BBBHqI")   # magic, kind, flags, name bytes, id, timeout_ms
+_COMPACT_HEAD = struct.Struct("<BBBHqI")   # magic, kind, flags, name bytes, id, timeout_ms:
+                                           # 17 bytes (PROTOCOL.md 7.8)
 _COMPACT_DELIVER, _COMPACT_RESULT = 1, 2
 _SUCCESS, _HAS_PAYLOAD, _HAS_TIMEOUT = 1, 2, 4       # the flag bits
 _MAX_NAME_BYTES = 4 * MAX_NAME    # a name of MAX_NAME characters, in UTF-8
-_DELIVER_FIELDS = frozenset(("type", "id", "to", "payload", "timeout_ms"))
-_RESULT_FIELDS = frozenset(("type", "id", "success", "payload"))
 
 
 def _encode_compact(message: dict):
@@ -1261,18 +1260,27 @@ def _encode_compact(message: dict):
     fields the envelope has no place for, as _encode writes it."""
     kind = message["type"]
     payload = message.get("payload")
-    if payload is not None and type(payload) not in _PAYLOAD_TYPES:
+    fields = len(message) if payload is None else len(message) - 1
+    if payload is not None and type(payload) is not bytes and type(payload) is not memoryview \
+            or "id" not in message:
         return _encode(message)
-    if kind == "result" and message.keys() <= _RESULT_FIELDS and \
-            type(message.get("success")) is bool:
-        head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, message["success"] |
-                                  (payload is not None) << 1, 0, message["id"], 0)
-    elif kind == "deliver" and message.keys() <= _DELIVER_FIELDS and \
-            type(message.get("to")) is str:
-        name = message["to"].encode("utf-8", "surrogatepass")
+    if kind == "result":
+        success = message.get("success")
+        if fields != 3 or type(success) is not bool:
+            return _encode(message)
+        head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, success | (payload is not None) << 1,
+                                  0, message["id"], 0)
+    elif kind == "deliver":
+        name = message.get("to")
         timeout = message.get("timeout_ms")
-        if len(name) > _MAX_NAME_BYTES or \
+        if fields != (3 if timeout is None else 4) or type(name) is not str or \
                 timeout is not None and not (type(timeout) is int and 0 < timeout < 1 << 32):
+            return _encode(message)
+        try:
+            name = name.encode()
+        except UnicodeEncodeError:     # (a lone surrogate: pickled, as the peer sent it)
+            return _encode(message)
+        if len(name) > _MAX_NAME_BYTES:
             return _encode(message)
         head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, (payload is not None) << 1 |
                                   (timeout is not None) << 2, len(name), message["id"],
@@ -1289,39 +1297,39 @@ def _decode_envelope(body) -> Any:
     pickled. Raises ``ProtocolError`` for a header out of its bounds."""
     if body[:1] != b"\xff":
         return _decode_message(body)
-    if len(body) < _COMPACT_HEAD.size:
-        raise _Refused("a compact envelope has a header of %d bytes, not %d"
-                       % (_COMPACT_HEAD.size, len(body)))
+    size = len(body)
+    if size < 17:
+        raise _Refused("a compact envelope has a header of 17 bytes, not %d" % size)
     _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
-    start = _COMPACT_HEAD.size + name_size
+    start = 17 + name_size
     if kind == _COMPACT_DELIVER:
         if flags & ~(_HAS_PAYLOAD | _HAS_TIMEOUT) or not 0 < name_size <= _MAX_NAME_BYTES or \
-                start > len(body) or not flags & _HAS_TIMEOUT and timeout:
+                start > size or timeout and not flags & _HAS_TIMEOUT:
             raise _Refused("a compact deliver with flags 0x%02x, a name of %d bytes (1 to %d, "
                            "within its %d bytes) and timeout_ms %d (0 without flag 0x04)"
-                           % (flags, name_size, _MAX_NAME_BYTES, len(body), timeout))
+                           % (flags, name_size, _MAX_NAME_BYTES, size, timeout))
         try:
-            name = str(body[_COMPACT_HEAD.size:start], "utf-8")
+            name = str(body[17:start], "utf-8")
         except UnicodeDecodeError:
             raise _Refused("a compact deliver's name is not UTF-8") from None
         message = {"type": "deliver", "id": msg_id, "to": name}
         if flags & _HAS_TIMEOUT:
             message["timeout_ms"] = timeout
     elif kind == _COMPACT_RESULT:
-        if flags & ~(_SUCCESS | _HAS_PAYLOAD) or name_size or timeout:
+        if flags > (_SUCCESS | _HAS_PAYLOAD) or name_size or timeout:
             raise _Refused("a compact result with flags 0x%02x, a name of %d bytes and "
                            "timeout_ms %d (it has no name or timeout)"
                            % (flags, name_size, timeout))
-        message = {"type": "result", "id": msg_id, "success": bool(flags & _SUCCESS)}
+        message = {"type": "result", "id": msg_id, "success": flags & _SUCCESS == _SUCCESS}
     else:
         raise _Refused("a compact envelope of kind %d: 1 (deliver) and 2 (result) are known"
                        % kind)
     if flags & _HAS_PAYLOAD:       # (a large payload stays in the frame's buffer, uncopied)
-        message["payload"] = body[start:] if len(body) - start < LARGE_PAYLOAD and \
+        message["payload"] = body[start:] if size - start < LARGE_PAYLOAD and \
             type(body) is bytes else memoryview(body)[start:]
-    elif len(body) > start:
+    elif size > start:
         raise _Refused("a compact %s without flag 0x02 has %d bytes of payload"
-                       % (message["type"], len(body) - start))
+                       % (message["type"], size - start))
     return message
 
 
