@@ -31,16 +31,18 @@ The wire format (PROTOCOL.md, beside this file in the repository, has it
 whole): each frame is ``<decimal length>\\0<body>`` as POE::Filter::Reference
 writes it; a body is one pickled dict ``{type, id, to, success, payload}``
 whose ``payload`` is pickled separately, so the server routes calls without
-ever decoding what callers pass or what methods return. The server unpickles
-with no globals at all; clients unpickle with an allow-list of plain value
-classes.
+ever decoding what callers pass or what methods return. Peers that both offer
+it send calls and answers in a compact envelope instead, a 17-byte binary
+header before the payload, which the server routes without unpickling even
+the envelope. The server unpickles with no globals at all; clients unpickle
+with an allow-list of plain value classes.
 
 Contents, in the order the data flows:
 
 - errors            ProxyError and its family
 - peer values       the one place a peer's value becomes text or a key
 - serializers       pickle, restricted on the way in: cost bounded per byte,
-                    keys crafted to share a hash refused
+                    keys crafted to share a hash refused; compact envelopes
 - filter            ReferenceFilter: bytes <-> frames
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
@@ -1247,8 +1249,8 @@ def _decode_message(body) -> Any:
 
 COMPACT_VERSION = 1               # what info offers ("compact": 1) and this module speaks
 _COMPACT = 0xFF                   # a compact body's first byte: no pickle starts with it
-_COMPACT_HEAD = struct.Struct("<BBBHqI")   # magic, kind, flags, name bytes, id, timeout_ms:
-                                           # 17 bytes (PROTOCOL.md 7.8)
+_COMPACT_HEAD = struct.Struct("<BBBHqI")   # magic, kind, flags, name bytes, id, timeout_ms
+_HEAD_SIZE = _COMPACT_HEAD.size   # 17 bytes, then the name, then the payload
 _COMPACT_DELIVER, _COMPACT_RESULT = 1, 2
 _SUCCESS, _HAS_PAYLOAD, _HAS_TIMEOUT = 1, 2, 4       # the flag bits
 _MAX_NAME_BYTES = 4 * MAX_NAME    # a name of MAX_NAME characters, in UTF-8
@@ -1298,10 +1300,10 @@ def _decode_envelope(body) -> Any:
     if body[:1] != b"\xff":
         return _decode_message(body)
     size = len(body)
-    if size < 17:
-        raise _Refused("a compact envelope has a header of 17 bytes, not %d" % size)
+    if size < _HEAD_SIZE:
+        raise _Refused("a compact envelope has a header of %d bytes, not %d" % (_HEAD_SIZE, size))
     _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
-    start = 17 + name_size
+    start = _HEAD_SIZE + name_size
     if kind == _COMPACT_DELIVER:
         if flags & ~(_HAS_PAYLOAD | _HAS_TIMEOUT) or not 0 < name_size <= _MAX_NAME_BYTES or \
                 start > size or timeout and not flags & _HAS_TIMEOUT:
@@ -1309,7 +1311,7 @@ def _decode_envelope(body) -> Any:
                            "within its %d bytes) and timeout_ms %d (0 without flag 0x04)"
                            % (flags, name_size, _MAX_NAME_BYTES, size, timeout))
         try:
-            name = str(body[17:start], "utf-8")
+            name = str(body[_HEAD_SIZE:start], "utf-8")
         except UnicodeDecodeError:
             raise _Refused("a compact deliver's name is not UTF-8") from None
         message = {"type": "deliver", "id": msg_id, "to": name}
@@ -3166,8 +3168,8 @@ class Server:
             if size > limit:
                 body = wheel.encode({"type": "result", "id": msg_id, "success": False,
                                      "payload": _dumps("Answer of %d bytes exceeds this "
-                                                  "connection's max_frame (%d bytes)"
-                                                  % (size, limit))})
+                                                       "connection's max_frame (%d bytes)"
+                                                       % (size, limit))})
         wheel.write_frame(body)
 
     def _payload(self, data: dict, wheel_id: int) -> Optional[dict]:
@@ -5302,8 +5304,8 @@ class Client:
     def _info_request(self) -> dict:
         """``info``, telling the server this client's own frame limit, so that
         a call or answer too large for it fails alone at the server instead of
-        closing this connection (PROTOCOL.md 7.1), and that it takes the
-        deadlines and cancels of PROTOCOL.md 7.7."""
+        closing this connection (PROTOCOL.md 7.1), that it takes the
+        deadlines and cancels of 7.7, and that it speaks compact envelopes (7.8)."""
         return {"type": "info", "max_frame": self.max_frame, "deadlines": True,
                 "compact": COMPACT_VERSION}
 

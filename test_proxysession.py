@@ -2898,6 +2898,22 @@ def test_compact_envelopes_go_between_peers_that_offered_them_and_pickled_to_the
         assert from_compact(compact_caller.recv()) == {
             "type": "result", "id": 10, "success": False,
             "payload": dumps("Session 'Nope' doesn't exist")}
+
+        # 1 MiB payloads, which go out in pieces and are read in place: the same
+        big = dumps({"event": "echo", "args": [os.urandom(1 << 20)], "kwargs": {}})
+        compact_caller.send_raw(frame(compact_body(1, 11, big, b"Fast")))
+        body = compact_publisher.recv()
+        fresh = COMPACT_HEAD.unpack_from(body)[4]
+        assert body == compact_body(1, fresh, big, b"Fast")
+        compact_publisher.send_raw(frame(compact_body(2, fresh, big, flags=1)))
+        assert compact_caller.recv() == compact_body(2, 11, big, flags=1)
+        plain_caller.send(type="deliver", id=12, to="Fast", payload=big)
+        body = compact_publisher.recv()
+        fresh = COMPACT_HEAD.unpack_from(body)[4]
+        assert body == compact_body(1, fresh, big, b"Fast")
+        compact_publisher.send_raw(frame(compact_body(2, fresh, big, flags=1)))
+        assert pickle.loads(plain_caller.recv()) == {"type": "result", "id": 12,
+                                                     "success": True, "payload": big}
     finally:
         for peer in (compact_publisher, plain_publisher, compact_caller, plain_caller):
             peer.close()
