@@ -223,14 +223,18 @@ def connect(address):
     return sock
 
 
-def recv_messages(sock, frames):
+def recv_bodies(sock, frames):
     while True:
         data = sock.recv(CHUNK)
         if not data:
             raise EOFError("peer closed")
         bodies = frames.feed(data)
         if bodies:
-            return [pickle.loads(body) for body in bodies]
+            return bodies
+
+
+def recv_messages(sock, frames):
+    return [pickle.loads(body) for body in recv_bodies(sock, frames)]
 
 
 def call_message(msg_id, arg, to="Echo"):
@@ -270,13 +274,7 @@ def compact_message(body):
 def offer_compact(sock, frames):
     """Offer compact envelopes; the server must take them (its answer is one)."""
     sock.sendall(frame({"type": "info", "id": 0, "compact": 1}))
-    body = b""
-    while not body:
-        data = sock.recv(CHUNK)
-        if not data:
-            raise EOFError("peer closed")
-        body = frames.feed(data)
-    info = pickle.loads(compact_message(body[0])[1])
+    info = pickle.loads(compact_message(recv_bodies(sock, frames)[0])[1])
     assert info.get("compact") == 1, "the server does not offer compact envelopes"
 
 
@@ -295,8 +293,7 @@ def raw_callee(address, listen, compact=False):
             frames = Frames()
             offer_compact(sock, frames)
             sock.sendall(publish_message(1, "Echo"))
-            while not frames.feed(sock.recv(CHUNK)):
-                pass
+            recv_bodies(sock, frames)
         else:
             sock.sendall(publish_message(1, "Echo"))
             assert recv_messages(sock, Frames())[0]["success"]
@@ -342,13 +339,7 @@ def raw_caller(address, workload, seconds, size, compact=False):
         make_call = compact_call
 
         def answers():
-            while True:
-                data = sock.recv(CHUNK)
-                if not data:
-                    raise EOFError("peer closed")
-                bodies = frames.feed(data)
-                if bodies:
-                    return [compact_message(body)[1] for body in bodies]
+            return [compact_message(body)[1] for body in recv_bodies(sock, frames)]
     else:
         make_call = call_message
 

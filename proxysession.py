@@ -1135,10 +1135,15 @@ def _decode_large(body) -> Any:
     marks: list = []            # where each MARK stands in the stack, so SETITEMS is O(items)
     memo: list = []
     pos = 0
+    frame_end = None            # where the current FRAME ends: no opcode may cross it
     try:
         while True:
             if len(stack) > _MESSAGE_PUSHES or len(memo) > _MESSAGE_PUSHES:
                 return None     # no flat dict of MAX_FIELDS: stop here, not at the end
+            if frame_end is not None and pos >= frame_end:
+                if pos > frame_end:
+                    return None     # (CPython's C decoder lets it pass, Python's refuses)
+                frame_end = None
             op = body[pos]
             pos += 1
             if op in _TEXT_WIDTHS or op in _BYTES_WIDTHS:
@@ -1159,7 +1164,10 @@ def _decode_large(body) -> Any:
                     return None
                 memo.append(stack[-1])
             elif op == _FRAME:          # pickle.loads wants the frame's bytes to be there
-                if pos + 8 + int.from_bytes(body[pos:pos + 8], "little") > len(body):
+                if frame_end is not None:
+                    return None     # a frame within a frame: Python's decoder refuses it
+                frame_end = pos + 8 + int.from_bytes(body[pos:pos + 8], "little")
+                if frame_end > len(body):
                     return None
                 pos += 8
             elif op == 0x80:            # PROTO
@@ -1210,7 +1218,8 @@ def _decode_large(body) -> Any:
                 return None
     except (IndexError, KeyError, TypeError, ValueError):   # ValueError covers bad UTF-8
         return None
-    if pos != len(body) or len(stack) != 1 or type(stack[0]) is not dict:
+    if frame_end is not None and pos > frame_end or \
+            pos != len(body) or len(stack) != 1 or type(stack[0]) is not dict:
         return None
     message = stack[0]
     for key, value in message.items():

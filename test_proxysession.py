@@ -29,6 +29,14 @@ import urllib.request
 
 import pytest
 
+try:
+    import tracemalloc
+except ImportError:    # PyPy: its allocations are not CPython's, and it has no tracer
+    tracemalloc = None
+# what measures allocations: tests of a memory bound measure it where the
+# interpreter can (CPython) and, where not, assert the rest of what they try
+NO_TRACEMALLOC = "this interpreter has no tracemalloc (PyPy): the bound is on CPython's allocations"
+
 import proxysession
 from proxysession import ReferenceFilter, ProtocolError
 
@@ -1626,15 +1634,17 @@ def test_hostile_pickles_in_results_are_refused_by_the_client(server, peers, mak
 
 
 def test_both_plain_decoders_refuse_every_global_and_agree_on_plain_values(tmp_path):
-    """The server's decoder runs pickle.loads under an __import__ that refuses
-    (proved at import); the Unpickler subclass is its fallback. Tried on both:
-    every hostile pickle above, a global by each opcode that names one (GLOBAL,
-    STACK_GLOBAL, INST, and a bare class of an allowed kind), and plain values."""
+    """The server's decoder runs pickle.loads under an __import__ that refuses,
+    where that is proved at import (CPython's C pickle); the Unpickler
+    subclass is its fallback (PyPy, whose pickle is Python). Tried on the one
+    chosen and on the fallback: every hostile pickle above, a global by each
+    opcode that names one (GLOBAL, STACK_GLOBAL, INST, and a bare class of an
+    allowed kind), and plain values."""
     import datetime
     marker = tmp_path / "pwned"
-    decoders = [proxysession._loads_without_imports, proxysession._loads_with_unpickler]
-    # CPython 3.8-3.13 pass the import-time proof, so the server takes the fast one
-    assert proxysession._loads_plain is proxysession._loads_without_imports
+    decoders = [proxysession._loads_plain, proxysession._loads_with_unpickler]
+    assert proxysession._loads_plain in (proxysession._loads_without_imports,
+                                         proxysession._loads_with_unpickler)
     hostile = [make(marker) for make in HOSTILE.values()] + [
         pickle.dumps(os.getcwd, 0), pickle.dumps(os.getcwd, 4), b"(ios\ngetcwd\n.",
         pickle.dumps(datetime.date(2026, 11, 25), 4), pickle.dumps({1, 2}, 2)]
@@ -1805,22 +1815,24 @@ def test_skimming_a_huge_plain_frame_costs_little_memory_and_the_stop_is_counted
     skim of such a frame cost 88 bytes per 2 input bytes (1.4 GiB at 16 MiB);
     each match now ends within the budget and _SKIM_SPAN. Then a payload whose
     cost fits its budget only with STOP left out, and a byte that is no opcode."""
-    import tracemalloc
     pushes = b"K\x00" * (2 << 20)
     for body, table in ((b"}" + pushes + b".", proxysession._MESSAGE_OPCODES),
                         (b"\x80\x04}" + pushes + b".", proxysession._TREE_OPCODES)):
         start = proxysession._MESSAGE_START.match(body).end()
-        tracemalloc.start()
+        if tracemalloc is not None:
+            tracemalloc.start()
         try:
             assert not proxysession._skim(body, table, start,
                                           proxysession.DECODE_COST_BASE)
             assert not plain_to_stop(body)
-            peak = tracemalloc.get_traced_memory()[1]
+            peak = tracemalloc.get_traced_memory()[1] if tracemalloc is not None else None
         finally:
-            tracemalloc.stop()
+            if tracemalloc is not None:
+                tracemalloc.stop()
         # sre's state for one 8 KiB span: ~0.4 MiB on 3.11, ~1.1 MiB on 3.8-3.10;
         # unbounded, this frame took hundreds of MiB
-        assert peak < 4 << 20, "skimming 4 MiB took %d bytes" % peak
+        if peak is not None:
+            assert peak < 4 << 20, "skimming 4 MiB took %d bytes" % peak
     at_budget = b"X\x06\x00\x00\x00" + b"a" * 6 + b"}" * 6246 + b"."
     with pytest.raises(proxysession.ProtocolError, match="would build objects"):
         proxysession._check_payload(at_budget, proxysession._TREE_OPCODES)
@@ -2054,7 +2066,9 @@ def test_fuzzed_frames_and_payloads_leave_a_client_serving(server, make_client, 
     echo = publisher.subscribe(publisher.connect(*server.address), "Echo")
     assert echo.echo("still serving") == "still serving"
     assert not marker.exists()
-    assert hwm_kib() - before < 64 * 1024
+    # a bomb would take gigabytes; PyPy's collector and JIT let the heap grow
+    # further between collections than CPython's reference counts do
+    assert hwm_kib() - before < (64 if sys.implementation.name == "cpython" else 160) * 1024
 
 
 def test_large_frames_arrive_whole_through_the_server(server, make_client):
@@ -2519,7 +2533,10 @@ def test_a_closed_wheel_is_freed_at_once_not_at_the_next_collection(make_server)
     gc.disable()
     try:
         sock.sendall(b"3\0bad")                          # a wrong answer: the server closes
-        assert sock.recv(1000).endswith(b"#FAILURE#") or True
+        sock.recv(1000)
+        if sys.implementation.name != "cpython":
+            assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 0)
+            gc.collect()    # (no reference counts: freed by the collector, or never)
         assert wait_for(lambda: server.call(lambda: ref() is None))
     finally:
         gc.enable()
@@ -4183,9 +4200,8 @@ def test_calls_that_time_out_while_the_link_is_down_leave_nothing_queued(server_
     # what is tried: the server killed; 40 calls of 1 MiB each made while the
     # client reconnects, each timing out after 0.2 s; their frames must go
     # with them (1,500 such calls of 100 KB once kept 150 MB until the link
-    # came back)
+    # came back); measured where the interpreter has tracemalloc
     import gc
-    import tracemalloc
     server = server_process()
     publisher = RawPeer(server.address)
     assert publish(publisher, "Far") == (True, "Far")
@@ -4196,20 +4212,24 @@ def test_calls_that_time_out_while_the_link_is_down_leave_nothing_queued(server_
     server.proc.wait(WAIT)
     assert client.reactor.run_until(lambda: lost, WAIT)
     argument = b"x" * (1 << 20)
-    tracemalloc.start()
+    traced = tracemalloc.get_traced_memory if tracemalloc is not None else None
+    if traced is not None:
+        tracemalloc.start()
     try:
         failed = []
         for n in range(40):
             far.echo.call((argument,), timeout=0.2, callback=failed.append)
-        queued_then = tracemalloc.get_traced_memory()[0]
+        queued_then = traced and traced()[0]
         assert client.reactor.run_until(lambda: len(failed) == 40, WAIT)
         gc.collect()
-        left = tracemalloc.get_traced_memory()[0]
+        left = traced and traced()[0]
     finally:
-        tracemalloc.stop()
+        if traced is not None:
+            tracemalloc.stop()
     assert all(isinstance(result.payload, proxysession.CallTimeout) for result in failed)
-    assert queued_then > 40 << 20                # they were queued, frames and all
-    assert left < 4 << 20, "%d bytes left after the calls timed out" % left
+    if traced is not None:
+        assert queued_then > 40 << 20            # they were queued, frames and all
+        assert left < 4 << 20, "%d bytes left after the calls timed out" % left
     publisher.close()
 
 
@@ -4608,6 +4628,7 @@ QUEUEING_PUBLISHER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.skipif(tracemalloc is None, reason=NO_TRACEMALLOC)
 def test_calls_waiting_for_a_worker_hold_about_the_bytes_that_came(server, make_client):
     # what is tried: a publication with one worker, blocked; 3,000 calls each
     # of a list of 100 ints (about 500 bytes on the wire, 3.6 KB decoded)
@@ -4667,6 +4688,8 @@ def test_a_peer_dropped_before_it_authenticates_is_freed_at_once(make_server, wh
             sock.sendall(data)
             assert wait_for(lambda: server.call(lambda: len(server.server.wheels)) == 0)
             sock.close()
+        if sys.implementation.name != "cpython":
+            gc.collect()    # (no reference counts: freed by the collector, or never)
         assert wait_for(lambda: server.call(lambda: [ref() for ref in refs]) == [None] * 5), what
     finally:
         gc.enable()
