@@ -181,8 +181,8 @@ MAX_METHODS = 4096                # entries in a published method table
 MAX_DESCRIPTION = 65536           # characters in one method's signature or doc
 ID_RANGE = 2 ** 63                # an id is an int in [-ID_RANGE, ID_RANGE)
 REENCODED_GROWTH = 128            # bytes a routed message may grow by when the server encodes
-                                  # it again (and its name, in UTF-8): a compact envelope that
-                                  # goes on pickled grows by ~90; more means a crafted pickle
+                                  # it again (beside its new name): a compact envelope that goes
+                                  # on pickled grows by 80 at most; more means a crafted pickle
 DECODE_COST_FACTOR = 64           # a pickle may build objects of at most this many times its size
 DECODE_COST_BASE = 1024 * 1024    # ... plus this: CPython objects are 50-230 bytes each, so
                                   # small containers of small values legitimately cost ~40x
@@ -1265,22 +1265,29 @@ _SUCCESS, _HAS_PAYLOAD, _HAS_TIMEOUT = 1, 2, 4       # the flag bits
 _MAX_NAME_BYTES = 4 * MAX_NAME    # a name of MAX_NAME characters, in UTF-8
 
 
+def _offers_compact(value: Any) -> bool:
+    """Whether an info's ``compact`` offers this module's version: the int 1
+    (not True, nor 1.0, which a peer may mean otherwise)."""
+    return type(value) is int and value == COMPACT_VERSION
+
+
 def _encode_compact(message: dict):
     """A deliver or result in a compact envelope (bytes, or for a large
     payload [head, payload], never joined); any other message, or one with
     fields the envelope has no place for, as _encode writes it."""
     kind = message["type"]
     payload = message.get("payload")
+    msg_id = message.get("id")
     fields = len(message) if payload is None else len(message) - 1
     if payload is not None and type(payload) is not bytes and type(payload) is not memoryview \
-            or "id" not in message:
+            or type(msg_id) is not int or not -ID_RANGE <= msg_id < ID_RANGE:
         return _encode(message)
     if kind == "result":
         success = message.get("success")
         if fields != 3 or type(success) is not bool:
             return _encode(message)
         head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, success | (payload is not None) << 1,
-                                  0, message["id"], 0)
+                                  0, msg_id, 0)
     elif kind == "deliver":
         name = message.get("to")
         timeout = message.get("timeout_ms")
@@ -1291,10 +1298,10 @@ def _encode_compact(message: dict):
             name = name.encode()
         except UnicodeEncodeError:     # (a lone surrogate: pickled, as the peer sent it)
             return _encode(message)
-        if len(name) > _MAX_NAME_BYTES:
+        if not 0 < len(name) <= _MAX_NAME_BYTES:    # ("": pickled, to be refused by name)
             return _encode(message)
         head = _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, (payload is not None) << 1 |
-                                  (timeout is not None) << 2, len(name), message["id"],
+                                  (timeout is not None) << 2, len(name), msg_id,
                                   timeout or 0) + name
     else:
         return _encode(message)
@@ -1335,9 +1342,12 @@ def _decode_envelope(body) -> Any:
     else:
         raise _Refused("a compact envelope of kind %d: 1 (deliver) and 2 (result) are known"
                        % kind)
-    if flags & _HAS_PAYLOAD:       # (a large payload stays in the frame's buffer, uncopied)
-        message["payload"] = body[start:] if size - start < LARGE_PAYLOAD and \
-            type(body) is bytes else memoryview(body)[start:]
+    if flags & _HAS_PAYLOAD:       # a large payload stays in the frame's buffer, uncopied;
+        if size - start >= LARGE_PAYLOAD:    # a small one is bytes, as _decode_large makes it
+            message["payload"] = memoryview(body)[start:]
+        else:                      # (the body of a frame read in place is a bytearray)
+            message["payload"] = body[start:] if type(body) is bytes else \
+                bytes(memoryview(body)[start:])
     elif size > start:
         raise _Refused("a compact %s without flag 0x02 has %d bytes of payload"
                        % (message["type"], size - start))
@@ -3468,7 +3478,7 @@ class Server:
         member with a small max_frame must not draw, and fail, every call
         that others could take."""
         wheels = self.wheels
-        size = self._frame_size + 4 * len(session.name) + REENCODED_GROWTH  # _forward's most
+        size = self._frame_size + len(session.name) + REENCODED_GROWTH     # _forward's most
         peers = [wheels[member].context for member in session.members]
         fitting = [(member, peer) for member, peer in zip(session.members, peers)
                    if peer.max_frame is None or peer.max_frame >= size] or \
@@ -3526,7 +3536,7 @@ class Server:
         (whatever connection it comes back on takes that)."""
         body = _encode(data) if receiver is None else receiver.encode(data)
         size = len(body) if type(body) is bytes else sum(map(len, body))
-        if size > self._frame_size + 4 * len(data.get("to") or "") + REENCODED_GROWTH:
+        if size > self._frame_size + len(data.get("to") or "") + REENCODED_GROWTH:
             self._answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
                          "be forwarded as %d bytes, much more than it came as" % size)
             return None
@@ -3694,7 +3704,7 @@ class Server:
             peer = self.wheels[wheel_id].context
             if peer.calls_by_id is None:
                 peer.calls_by_id = {}
-        if data.get("compact") == COMPACT_VERSION:    # both offered: from this answer on
+        if _offers_compact(data.get("compact")):      # both offered: from this answer on
             wheel = self.wheels[wheel_id]
             wheel.encode, wheel.decode = _encode_compact, _decode_envelope
         self.send_result(True, data, wheel_id, {
@@ -5328,7 +5338,7 @@ class Client:
             self._deadline_servers.add(wheel.wheel_id)
         else:
             self._deadline_servers.discard(wheel.wheel_id)
-        wheel.encode = _encode_compact if info.get("compact") == COMPACT_VERSION else _encode
+        wheel.encode = _encode_compact if _offers_compact(info.get("compact")) else _encode
 
     def _restore(self, link: _Link, wheel: Wheel, resumed: list, grace: float) -> None:
         """Make the server's state this client's again, whatever requests the
@@ -5588,8 +5598,9 @@ class Client:
     def _sent_late(self, wheel: Wheel, request_id: int, message: Optional[dict], body) -> None:
         """Send a request that waited here (link.queued, link.held): a call's
         timeout_ms is what is left of it now, and goes only to a server that
-        takes it (this one may not be the one it was made for); one past its
-        deadline, or too large for this server, fails here instead."""
+        takes it, and in the envelope this server takes (it may not be the
+        one the call was made for); one past its deadline, or too large for
+        this server, fails here instead."""
         request = self._pending.get(request_id)
         if request is None:
             return                     # failed meanwhile
@@ -5602,6 +5613,7 @@ class Client:
                 del message["timeout_ms"]
             else:
                 message["timeout_ms"] = max(1, math.ceil(left * 1000))
+        if message is not None:        # in the envelope this connection's server takes
             body = wheel.encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
         if failure is None and size > wheel.peer_max_frame:

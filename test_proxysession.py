@@ -2658,13 +2658,13 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     assert examples["result-forwarded"] == encoded(back)
 
     # routing leaves every payload's bytes as they came, and grows nothing past
-    # the bound of section 3.1 (received + 4 * len(session name) + 128)
+    # the bound of section 3.1 (received + len(session name) + 128)
     for received, sent in (("deliver-request", "deliver-forwarded"),
                            ("result-from-publisher", "result-forwarded")):
         assert bytes(decoded(examples[sent])["payload"]) == \
             bytes(decoded(examples[received])["payload"])
         assert len(split_frame(examples[sent])) <= \
-            len(split_frame(examples[received])) + 4 * len("Greeter") + 128
+            len(split_frame(examples[received])) + len("Greeter") + 128
     assert pickle.loads(decoded(examples["listing-result"])["payload"]) == ["Greeter"]
     assert pickle.loads(decoded(examples["result-forwarded"])["payload"]) == "hello, world"
 
@@ -2934,6 +2934,87 @@ def test_compact_envelopes_go_between_peers_that_offered_them_and_pickled_to_the
     finally:
         for peer in (compact_publisher, plain_publisher, compact_caller, plain_caller):
             peer.close()
+
+
+def test_a_compact_message_read_in_place_goes_on_to_a_version_1_peer(server):
+    """What is tried (helper-8's review): compact messages of 65,536 to 65,560
+    bytes, whose payload is just under the size that stays a view of the
+    frame, sent in two pieces so that the server reads the frame in place
+    (a bytearray). They go on, pickled, to version-1 peers: the answer to its
+    caller, and the call to its publisher (such a payload once crashed the
+    forwarding, closed the sender and left the caller waiting)."""
+    compact_publisher = BodyPeer(server.address, compact=True)
+    plain_caller = BodyPeer(server.address)
+    plain_publisher = BodyPeer(server.address)
+    compact_caller = BodyPeer(server.address, compact=True)
+
+    def in_two_pieces(sender, body):
+        data = frame(body)
+        sender.send_raw(data[:20000])
+        # the server holds the first piece (but its header): the rest then
+        # comes in later reads
+        assert wait_for(lambda: server.call(lambda: any(
+            wheel.filter.buffered() >= 20000 - 6 for wheel in server.server.wheels.values())))
+        sender.send_raw(data[20000:])
+
+    try:
+        assert compact_publisher.result(type="publish", id=1, payload=dumps(
+            {"session_alias": "Fast", "session_name": "Fast",
+             "methods": {"echo": {"signature": "(x)", "doc": None}}})) == (True, "Fast")
+        assert publish(plain_publisher, "Plain") == (True, "Plain")
+        answer = b"\x80" + b"x" * (65536 - 18)          # a body of 65,536 bytes in all
+        plain_caller.send(type="deliver", id=7, to="Fast", payload=dumps("call"))
+        fresh = COMPACT_HEAD.unpack_from(compact_publisher.recv())[4]
+        in_two_pieces(compact_publisher, compact_body(2, fresh, answer, flags=1))
+        assert pickle.loads(plain_caller.recv()) == {"type": "result", "id": 7,
+                                                     "success": True, "payload": answer}
+        call = b"\x80" + b"c" * (65536 - 17 - 5 - 1)
+        in_two_pieces(compact_caller, compact_body(1, 8, call, b"Plain"))
+        delivered = pickle.loads(plain_publisher.recv())
+        assert (delivered["to"], delivered["payload"]) == ("Plain", call)
+        plain_publisher.send(type="result", id=delivered["id"], success=True, payload=dumps(1))
+        assert compact_caller.recv() == compact_body(2, 8, dumps(1), flags=1)
+    finally:
+        for peer in (compact_publisher, plain_caller, plain_publisher, compact_caller):
+            peer.close()
+
+
+def test_an_offer_of_compact_envelopes_is_the_int_1(server):
+    """``"compact": true`` or ``1.0`` in info offers nothing (PROTOCOL.md 7.8):
+    that peer keeps pickled envelopes, the answer to its info among them."""
+    for offer in (True, 1.0, "1", 2):
+        peer = BodyPeer(server.address)
+        peer.send(type="info", id=1, compact=offer)
+        body = peer.recv()
+        assert body[:1] == b"\x80" and pickle.loads(body)["success"] is True, offer
+        peer.close()
+
+
+def test_a_call_to_the_empty_alias_fails_at_once_over_compact_envelopes(server, make_client):
+    """A deliver to "" has no compact form (a name is 1 to 1,024 bytes): it
+    goes pickled, and fails by name at once instead of waiting its timeout."""
+    client = make_client()
+    conn = client.connect(*server.address)
+    with pytest.raises(proxysession.ProxyError, match="Session '' doesn't exist"):
+        client.deliver(conn, "", "echo", timeout=WAIT)
+
+
+def test_the_compact_encoder_leaves_what_it_cannot_carry_pickled():
+    """Ids outside int64 or not ints, a success that is no bool, an unknown
+    field, an empty or lone-surrogate name: each message goes pickled, as
+    _encode writes it, and never raises."""
+    payload = dumps("x")
+    for message in ({"type": "result", "id": 2 ** 63, "success": True, "payload": payload},
+                    {"type": "result", "id": "7", "success": True, "payload": payload},
+                    {"type": "result", "id": True, "success": True, "payload": payload},
+                    {"type": "result", "id": 7, "success": 1, "payload": payload},
+                    {"type": "result", "id": 7, "success": True, "payload": payload, "n": 1},
+                    {"type": "deliver", "id": 7, "to": "", "payload": payload},
+                    {"type": "deliver", "id": 7, "to": "\udc80", "payload": payload},
+                    {"type": "deliver", "id": 7, "to": "E" * 1025, "payload": payload},
+                    {"type": "deliver", "id": 7, "to": "E", "payload": payload,
+                     "timeout_ms": 1 << 32}):
+        assert proxysession._encode_compact(message) == proxysession._encode(message), message
 
 
 def test_a_compact_envelope_from_a_peer_that_did_not_offer_them_is_refused_as_before(server,
