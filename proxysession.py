@@ -718,12 +718,12 @@ def _check_message(body) -> None:
     # a long payload (a four-byte length) stopped the match: on from past it,
     # with what is left of the budget (a message's cost in pushes is at most
     # its plain bytes, and the match and the payload used ``end + 1``)
-    if op != b"B" and op != b"X" or not _skim(body, _MESSAGE_OPCODES,
-                               end + 5 + int.from_bytes(body[end + 1:end + 5], "little"),
-                               _PLAIN_MESSAGE_PUSHES - end - 1):
-        start = _MESSAGE_START.match(body).end()
-        _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, start,
-                      "a message has at most %d fields" % MAX_FIELDS)
+    if op == b"B" or op == b"X":
+        after = end + 5 + int.from_bytes(body[end + 1:end + 5], "little")
+        if _skim(body, _MESSAGE_OPCODES, after, _PLAIN_MESSAGE_PUSHES - end - 1):
+            return
+    _check_pickle(body, _MESSAGE_OPCODES, _MESSAGE_PUSHES, _MESSAGE_START.match(body).end(),
+                  "a message has at most %d fields" % MAX_FIELDS)
 
 
 def _check_payload(payload, opcodes: _Opcodes = _VALUE_OPCODES) -> None:
