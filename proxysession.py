@@ -1699,18 +1699,11 @@ class Reactor:
                     timer = heapq.heappop(timers)[2]
                     if not timer.cancelled:
                         callback, args = timer.callback, timer.args
-                        timer.cancel()
-                        try:
-                            callback(*args)
-                        except Exception:
-                            self._handler_failed(callback)
+                        timer.cancel()         # (which lets go of them)
+                        self._call(callback, args)
             ready = self._ready
             for _ in range(len(ready)):    # only what was queued before this pass
-                callback, args = ready.popleft()
-                try:
-                    callback(*args)
-                except Exception:
-                    self._handler_failed(callback)
+                self._call(*ready.popleft())
         finally:
             self.in_pass -= 1
             if self.in_pass:           # a nested pass: the outer one's frames came then
@@ -1719,6 +1712,14 @@ class Reactor:
             self._flush_all()
         if self._waiters:
             self._wake_waiters()
+
+    def _call(self, callback: Callable, args) -> None:
+        """Run a timer's or a queued callback (a socket's handler is called
+        inline in _pass, the hot path); a failure is _handler_failed's."""
+        try:
+            callback(*args)
+        except Exception:
+            self._handler_failed(callback)
 
     def _handler_failed(self, handler) -> None:
         """The loop survives its handlers: a bug in one is logged, with the
@@ -4823,6 +4824,54 @@ def _dial(address: str, port: int) -> Tuple[socket.socket, int, Any]:
     return sock, family, sockaddr
 
 
+class _Timeouts:
+    """When the waiting requests time out: a heap of (deadline, request id)
+    and one timer, for its earliest deadline. A request's own timer would be
+    cancelled by its answer yet stay in the reactor's heap until it expired;
+    here an answered request's entry is skipped when it comes up, and once
+    such entries outnumber the waiting requests the heap is rebuilt without
+    them, so each request costs O(log n), and the memory follows the requests
+    still waiting (``waiting``: request id -> request). ``due(request_id)``
+    is called for each one still waiting at its deadline."""
+
+    __slots__ = ("reactor", "waiting", "due", "heap", "timer", "at")
+
+    def __init__(self, reactor: Reactor, waiting: dict, due: Callable[[int], None]):
+        self.reactor = reactor
+        self.waiting = waiting
+        self.due = due
+        self.heap: List[Tuple[float, int]] = []
+        self.timer: Optional[_Timer] = None
+        self.at: Optional[float] = None        # when the timer fires
+
+    def add(self, deadline: float, request_id: int) -> None:
+        heap = self.heap
+        heapq.heappush(heap, (deadline, request_id))
+        if len(heap) > 2 * len(self.waiting) + 64:
+            waiting = self.waiting
+            heap[:] = [entry for entry in heap if entry[1] in waiting]
+            heapq.heapify(heap)
+        if self.at is None or deadline < self.at:
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.at = deadline
+        self.timer = self.reactor.call_later(deadline - time.monotonic(), self._sweep)
+
+    def _sweep(self) -> None:
+        self.timer = self.at = None
+        now = time.monotonic()
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            request_id = heapq.heappop(heap)[1]
+            if request_id in self.waiting:     # (else answered meanwhile)
+                self.due(request_id)
+        if heap:
+            self._arm(heap[0][0])
+
+
 class _Link:
     """What a Client keeps of one connection beyond its wheel, so that it can
     make it again (links): where it goes, and how the last tries went."""
@@ -4898,7 +4947,7 @@ class Client:
                  "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
                  "_links", "_heartbeat_timer", "_unpickler", "_unsafe", "_connections",
                  "_pending", "_publications", "_subscriptions", "_ids", "_connection_ids",
-                 "_deadlines", "_sweep_timer", "_sweep_at", "_trace", "_handlers",
+                 "_timeouts", "_trace", "_handlers",
                  "_deadline_servers", "_serving",
                  "__dict__", "__weakref__")
 
@@ -4951,9 +5000,7 @@ class Client:
         self._subscriptions: Dict[Tuple[int, str], _Subscription] = {}
         self._ids = itertools.count(1)
         self._connection_ids = itertools.count(1)
-        self._deadlines: List[Tuple[float, int]] = []   # a heap of (deadline, request id)
-        self._sweep_timer: Optional[_Timer] = None
-        self._sweep_at: Optional[float] = None
+        self._timeouts = _Timeouts(self.reactor, self._pending, self._timed_out)
         self._trace = bool(self.options.get("trace"))
         # connections whose server takes deadlines and cancel (PROTOCOL.md 7.7)
         self._deadline_servers: set = set()
@@ -5624,50 +5671,18 @@ class Client:
             return self._finish(request, Result(False, failure, wheel.wheel_id, request.tag))
         wheel.write_frame(body)
 
-    # Timeouts: a heap of (deadline, request id) and one timer, for its
-    # earliest deadline. A request's own timer would be cancelled by its answer
-    # yet stay in the reactor's heap until it expired; here an answered
-    # request's entry is skipped when it comes up, and once such entries
-    # outnumber the waiting requests the heap is rebuilt without them, so each
-    # request costs O(log n), and the memory follows the requests still waiting.
-
     def _expect(self, request_id: int, request: _Request) -> None:
         """Time ``request`` out at its deadline, if it has one."""
-        deadline = request.deadline
-        if deadline is None:
-            return
-        heap = self._deadlines
-        heapq.heappush(heap, (deadline, request_id))
-        if len(heap) > 2 * len(self._pending) + 64:
-            pending = self._pending
-            heap[:] = [entry for entry in heap if entry[1] in pending]
-            heapq.heapify(heap)
-        if self._sweep_at is None or deadline < self._sweep_at:
-            self._arm_sweep(deadline)
+        if request.deadline is not None:
+            self._timeouts.add(request.deadline, request_id)
 
-    def _arm_sweep(self, deadline: float) -> None:
-        if self._sweep_timer is not None:
-            self._sweep_timer.cancel()
-        self._sweep_at = deadline
-        self._sweep_timer = self.reactor.call_later(deadline - time.monotonic(), self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweep_timer = self._sweep_at = None
-        now = time.monotonic()
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            request_id = heapq.heappop(heap)[1]
-            request = self._pending.pop(request_id, None)
-            if request is None:
-                continue                # answered meanwhile
-            link = self._links.get(request.connection_id)
-            if link is not None:                    # never sent: its frame goes now
-                link.queued.pop(request_id, None) or link.held.pop(request_id, None)
-            self._finish(request, Result(False, CallTimeout(
-                "no answer within %.3g s" % request.timeout), request.connection_id,
-                request.tag))
-        if heap:
-            self._arm_sweep(heap[0][0])
+    def _timed_out(self, request_id: int) -> None:
+        request = self._pending.pop(request_id)
+        link = self._links.get(request.connection_id)
+        if link is not None:                    # never sent: its frame goes now
+            link.queued.pop(request_id, None) or link.held.pop(request_id, None)
+        self._finish(request, Result(False, CallTimeout(
+            "no answer within %.3g s" % request.timeout), request.connection_id, request.tag))
 
     def cancel_request(self, request: _Request, tell_server: bool = True) -> None:
         """Take a request back, from any thread (a future's cancel): it fails
@@ -6238,9 +6253,7 @@ class _LoopReactor(Reactor):
     def _run(self, callback: Callable, args) -> None:
         self.in_pass += 1
         try:
-            callback(*args)
-        except Exception:
-            self._handler_failed(callback)
+            self._call(callback, args)
         finally:
             self.in_pass -= 1
         if self._flushes and not self.in_pass:

@@ -2982,11 +2982,12 @@ def test_a_compact_message_read_in_place_goes_on_to_a_version_1_peer(server):
 def test_an_offer_of_compact_envelopes_is_the_int_1(server):
     """``"compact": true`` or ``1.0`` in info offers nothing (PROTOCOL.md 7.8):
     that peer keeps pickled envelopes, the answer to its info among them."""
-    for offer in (True, 1.0, "1", 2):
+    for offer in (True, 1.0, "1", 2, 1):
         peer = BodyPeer(server.address)
         peer.send(type="info", id=1, compact=offer)
         body = peer.recv()
-        assert body[:1] == b"\x80" and pickle.loads(body)["success"] is True, offer
+        assert from_compact(body)["success"] is True, offer
+        assert (body[:1] == b"\xff") is (offer == 1 and type(offer) is int), offer
         peer.close()
 
 
@@ -5687,6 +5688,15 @@ def serving(client):
     return [call for calls in list(client._serving.values()) for call in list(calls.values())]
 
 
+def deadline_peers(peers, server, count):
+    """``count`` raw peers that said, in info (id 1), that they take deadlines
+    and cancel notices (PROTOCOL.md 7.7)."""
+    said = [peers(server.address) for _ in range(count)]
+    for peer in said:
+        assert peer.result(type="info", id=1, deadlines=True)[0]
+    return said
+
+
 def deliver(peer, msg_id, alias="Tools", args=(), **fields):
     peer.send(type="deliver", id=msg_id, to=alias, payload=dumps(
         {"event": "echo", "args": list(args), "kwargs": {}}), **fields)
@@ -5872,9 +5882,7 @@ def test_cancels_that_name_no_call_of_their_own_get_a_failure_naming_it(server, 
 
 
 def test_a_cancel_reaches_the_publisher_which_answers_its_call_once(server, peers):
-    publisher, caller = peers(server.address), peers(server.address)
-    for peer in (publisher, caller):
-        assert peer.result(type="info", id=1, deadlines=True)[0]
+    publisher, caller = deadline_peers(peers, server, 2)
     assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
     deliver(caller, 7)
     forwarded = publisher.recv()
@@ -6003,9 +6011,7 @@ def test_calls_that_time_out_at_a_stuck_publisher_are_bounded_there(make_server,
     # another alias go on; once the publisher answers one late, that answer
     # is dropped and it may take a call again
     server = make_server(max_waiting_calls=3)
-    publisher, other, caller = (peers(server.address) for _ in range(3))
-    for peer in (publisher, other, caller):
-        assert peer.result(type="info", id=1, deadlines=True)[0]
+    publisher, other, caller = deadline_peers(peers, server, 3)
     assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
     assert publish(other, "Other", msg_id=2) == (True, "Other")
     for n in range(3):
@@ -6054,9 +6060,7 @@ def test_a_shared_member_that_stops_answering_is_not_fed_the_next_calls(server, 
     # what is tried: of two members, the one that got a call does not answer
     # it; the call times out; the next call must go to the other member, since
     # the first still has the call that timed out
-    first, second, caller = (peers(server.address) for _ in range(3))
-    for peer in (first, second, caller):
-        assert peer.result(type="info", id=1, deadlines=True)[0]
+    first, second, caller = deadline_peers(peers, server, 3)
     assert publish_shared(first, "Jobs", msg_id=2) == (True, "Jobs")
     assert publish_shared(second, "Jobs", msg_id=2) == (True, "Jobs")
     for n in range(4):
@@ -6104,9 +6108,7 @@ def test_calls_read_together_count_their_deadline_from_when_they_were_read(serve
 
 
 def test_a_cancel_names_the_call_waiting_under_an_id_used_twice(server, peers):
-    publisher, caller = peers(server.address), peers(server.address)
-    for peer in (publisher, caller):
-        assert peer.result(type="info", id=1, deadlines=True)[0]
+    publisher, caller = deadline_peers(peers, server, 2)
     assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
     deliver(caller, 5, args=["first"])
     deliver(caller, 5, args=["second"])
