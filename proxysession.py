@@ -680,10 +680,15 @@ _PUSHES = _SCALARS + ("GET", "BINGET", "LONG_BINGET", "DUP", "MARK")
 # over, so it clears up to _PLAIN_MESSAGE_PUSHES: as many small values cost
 # little to decode, and _decode_message counts the fields exactly. It leaves
 # big ints and floats to the walk: only they could be crafted to collide.
-_MESSAGE_OPCODES = _opcode_table(_SCALARS + _MEMO + ("MARK", "SETITEM", "SETITEMS", "POP",
-                                                     "DUP", "FRAME", "STOP"),
-                                 {name: 1 for name in _PUSHES + _MEMO}, ("LONG1", "BINFLOAT"))
-_MESSAGE_PUSHES = 4 * MAX_FIELDS + 8     # a key, a value and a memo slot for each
+# Every opcode but STOP costs one, the ones that push nothing too: at no cost,
+# 16 MiB of POPs (or SETITEMS, or empty FRAMEs) took the walk 3 s of the
+# server's one thread before the decoder refused them.
+_MESSAGE_STEPS = ("MARK", "SETITEM", "SETITEMS", "POP", "DUP", "FRAME")
+_MESSAGE_OPCODES = _opcode_table(_SCALARS + _MEMO + _MESSAGE_STEPS + ("STOP",),
+                                 {name: 1 for name in _SCALARS + _MEMO + _MESSAGE_STEPS},
+                                 ("LONG1", "BINFLOAT"))
+_MESSAGE_PUSHES = 5 * MAX_FIELDS + 16    # a key, a value, two memo slots and a SETITEM
+                                         # for each (protocol 0), and a few steps more
 _PLAIN_MESSAGE_PUSHES = 4096
 # What the server decodes of a payload (a publish or rescind): dicts, lists,
 # str, bytes, small ints, bools, None. No big ints, floats, tuples or sets, so
@@ -1137,9 +1142,7 @@ def _decode_large(body) -> Any:
     pos = 0
     frame_end = None            # where the current FRAME ends: no opcode may cross it
     try:
-        while True:
-            if len(stack) > _MESSAGE_PUSHES or len(memo) > _MESSAGE_PUSHES:
-                return None     # no flat dict of MAX_FIELDS: stop here, not at the end
+        for _ in range(_MESSAGE_PUSHES):    # (an opcode is one step, as _check_message counts)
             if frame_end is not None and pos >= frame_end:
                 if pos > frame_end:
                     return None     # (CPython's C decoder lets it pass, Python's refuses)
@@ -1216,6 +1219,8 @@ def _decode_large(body) -> Any:
                 break
             else:
                 return None
+        else:
+            return None         # no flat dict of MAX_FIELDS: stop here, not at the end
     except (IndexError, KeyError, TypeError, ValueError):   # ValueError covers bad UTF-8
         return None
     if frame_end is not None and pos > frame_end or \
