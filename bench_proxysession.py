@@ -1044,7 +1044,9 @@ def ps_heartbeat_holder(address, count, heartbeat):
     time.sleep(getattr(client, "handshake_timeout", 10.0) + 0.5)
 
     def reads():
-        wheels = list(client._connections.values())
+        # a Client's connections are its wheels, or (since the message layer)
+        # objects that hold one
+        wheels = [getattr(each, "wheel", each) for each in list(client._connections.values())]
         return {"reads": sum(getattr(wheel, "reads", 0) for wheel in wheels),
                 "connections": len(wheels)}
 

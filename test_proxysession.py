@@ -1016,7 +1016,7 @@ def test_unknown_message_types_reach_unknown_message_event_and_garbage_is_logged
     conn = client.connect(*listener.getsockname())
     assert client.reactor.run_until(lambda: seen, WAIT)
     assert seen == [({"type": "frobnicate", "id": 3, "to": "x"}, conn)]
-    assert client._connections[conn].is_open      # bad frames did not cost the connection
+    assert client._connections[conn].wheel.is_open      # bad frames did not cost the connection
     client.close()
     thread.join(WAIT)
     listener.close()
@@ -2709,7 +2709,7 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     # the order Client.deliver and Client._cancel write them, the id last);
     # and the notice the server sends the publisher
     client = proxysession.Client()
-    info = client._info_request()
+    info = proxysession._info_request(client.max_frame)
     info["id"] = 1
     assert examples["info-request"] == encoded(info) == framed(info)
     assert client.timeout == 30.0 and type(client.timeout) is float
@@ -3806,7 +3806,7 @@ def test_a_server_that_closes_every_connection_at_once_costs_a_client_little(mak
             accepted.append(sock)
             sock.close()
 
-    client._links[conn].port = listener.getsockname()[1]    # its next tries go there
+    client._connections[conn].port = listener.getsockname()[1]    # its next tries go there
     acceptor = threading.Thread(target=accept_and_close)
     acceptor.start()
     try:
@@ -4280,8 +4280,11 @@ def test_timing_calls_out_looks_only_at_the_calls_that_time_out(server, make_cli
     # for each (which made 8x the calls cost 33-44x the CPU)
     publish_on_a_thread(server, make_client, loop_threads, Never(), "Never")
     client = make_client()
-    never = client.subscribe(client.connect(*server.address), "Never")
-    client._pending = counting = CountingDict()
+    conn = client.connect(*server.address)
+    never = client.subscribe(conn, "Never")
+    # what a connection keeps of its waiting requests, and what its timeouts look at
+    connection = client._connections[conn]
+    connection.pending = connection.timeouts.waiting = counting = CountingDict()
     timed_out = []
     for n in range(3000):
         never.wait.call((n,), timeout=60, callback=lambda result: None)
@@ -4291,7 +4294,7 @@ def test_timing_calls_out_looks_only_at_the_calls_that_time_out(server, make_cli
     assert client.reactor.run_until(lambda: len(timed_out) == 200, WAIT)
     assert all(isinstance(result.payload, proxysession.CallTimeout) for result in timed_out)
     assert counting.looked_at < 2000, counting.looked_at
-    assert len(client._pending) == 3000
+    assert len(connection.pending) == 3000
 
 
 def test_calls_that_time_out_while_the_link_is_down_leave_nothing_queued(server_process,
@@ -6115,7 +6118,7 @@ def test_calls_read_together_count_their_deadline_from_when_they_were_read(serve
         lambda: (len(server.server.delivered_store), server.server.wheels[1].out_size)) == (
             3, 0), WAIT)
     probe = proxysession.Reactor()     # the three are at the publisher's socket: read them
-    assert run_until_readable(probe, publisher._connections[1].sock)
+    assert run_until_readable(probe, publisher._connections[1].wheel.sock)
     probe.close()
     assert publisher.reactor.run_until(lambda: server.call(
         lambda: not server.server.delivered_store), WAIT)
@@ -6147,7 +6150,7 @@ def test_a_call_made_while_the_link_is_down_is_held_to_the_servers_frame_limit(
     caller = make_client(reconnected_event=lambda conn: events.append("back"))
     conn = caller.connect(*first.address)
     assert first.stop() == 0
-    assert caller.reactor.run_until(lambda: caller._links[conn].state == "down", WAIT)
+    assert caller.reactor.run_until(lambda: caller._connections[conn].state == "down", WAIT)
     with pytest.raises(proxysession.FrameTooLarge, match="65536"):
         caller.deliver(conn, "Tools", "echo", [b"x" * 100000], callback=lambda result: None)
     answers = []
