@@ -4539,6 +4539,14 @@ class CallContext:
         """The deadline has passed: the caller has had its CallTimeout."""
         return self.deadline is not None and time.monotonic() >= self.deadline
 
+    def cancel(self) -> None:
+        """Its caller cancelled it, or can no longer be answered: one not yet
+        started never starts, and an async def method's task is cancelled
+        (asyncio's own way)."""
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+
     def why_not_start(self) -> Optional[dict]:
         """The failure to answer instead of starting, if the call was
         cancelled or is past its deadline; None to start it."""
@@ -5421,6 +5429,152 @@ class _Publication:
         return {"type": "publish", "payload": _dumps(payload)}
 
 
+class _Served:
+    """The calls a Client serves for its publications: each decoded, run
+    (on the reactor's thread, or a publication's workers), and answered on
+    the wheel it came by; a cancel from its caller, or the loss of its
+    connection, marks it cancelled (current_call() says so, and one not yet
+    started never runs)."""
+
+    __slots__ = ("owner", "reactor", "loads", "publications", "awaitable", "calls")
+
+    def __init__(self, owner: str, reactor: Reactor, loads: Callable[[bytes], Any],
+                 publications: Dict[Tuple[int, str], _Publication],
+                 awaitable: Callable[[Any, CallContext], Any]):
+        self.owner = owner             # the Client's alias, for the log
+        self.reactor = reactor
+        self.loads = loads
+        self.publications = publications
+        self.awaitable = awaitable     # a future for what a method returned (a coroutine: a task)
+        # wheel -> call id -> the CallContext of each call not answered yet: by
+        # wheel, since a connection made again (its id kept) numbers calls anew
+        # (a dict per wheel, not one keyed by pairs: a call waiting for a worker
+        # should hold little more than the bytes that came)
+        self.calls: Dict[Wheel, Dict[int, CallContext]] = {}
+
+    def deliver(self, message: dict, connection: "_Connection") -> None:
+        """Run a published method for a caller; only what was published runs.
+        With workers, the call is decoded on the worker's thread as well: the
+        calls waiting for a worker hold only the bytes that came (threads)."""
+        wheel = connection.wheel
+        publication = self.publications.get((connection.connection_id,
+                                              _name(message.get("to"))))
+        timeout_ms = message.get("timeout_ms")
+        # (a peer's value: a timeout that is not a sane number is no deadline)
+        call = CallContext(message.get("to"), None if type(timeout_ms) is not int or not
+                           0 < timeout_ms <= MAX_CALL_TIMEOUT_MS
+                           else self.reactor.woke + timeout_ms / 1000)
+        if type(message.get("id")) is int:     # so that a cancel finds it (PROTOCOL.md 7.7)
+            calls = self.calls.get(wheel)
+            if calls is None:
+                calls = self.calls[wheel] = {}
+            calls[message["id"]] = call
+        if publication is not None and publication.workers is not None:
+            return publication.workers.submit(self._serve, wheel, message, publication, True,
+                                              call)
+        self._serve(wheel, message, publication, False, call)
+
+    def cancel(self, message: dict, connection: "_Connection") -> None:
+        """The server passes on a caller's cancel of a call served here: if it
+        has not started, it never will; if it runs, current_call() says so."""
+        call_id = message.get("call")
+        call = self.calls.get(connection.wheel, {}).get(call_id) \
+            if type(call_id) is int else None
+        if call is not None:
+            call.cancel()
+
+    def stop(self, connection_id: Optional[int] = None) -> None:
+        """A connection is lost (None: every one): the calls it brought can no
+        longer be answered (their callers have been told), so they are as
+        cancelled."""
+        for wheel in [wheel for wheel in self.calls
+                      if connection_id is None or wheel.wheel_id == connection_id]:
+            for call in self.calls.pop(wheel).values():
+                call.cancel()
+
+    def _serve(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
+               on_worker: bool, call: CallContext) -> None:
+        """Decode a call, run it and answer it; from a worker's thread, the
+        answer is handed to the reactor's thread to send."""
+        started = time.monotonic()
+        answer = self._run(wheel, message, publication, call)
+        if not on_worker and publication is not None and not publication.told_serial and \
+                time.monotonic() - started > SERIAL_CALL_NOTICE:
+            self._tell_serial(publication, time.monotonic() - started)
+        if answer is None:             # a future answers it later
+            return
+        if on_worker:
+            self.reactor.call_soon_threadsafe(self.answer, wheel, message.get("id"), *answer)
+        else:
+            self.answer(wheel, message.get("id"), *answer)
+
+    def _tell_serial(self, publication: _Publication, seconds: float) -> None:
+        """Once per publication: a call that held the reactor's thread (the
+        default, workers=0) held every other call and answer of this Client."""
+        publication.told_serial = True
+        log.warning("%s: a call to '%s' took %.2f s on the reactor's thread, and every other "
+                    "call and answer of this Client waited for it: with workers=0 (the "
+                    "default) its calls run there one at a time, in order; publish(..., "
+                    "workers=N) runs up to N at once on threads of their own", self.owner,
+                    publication.alias, seconds)
+
+    def _run(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
+             call: CallContext) -> Optional[Tuple[bool, bytes]]:
+        """The answer to a call, as (success, pickled payload); None when the
+        method returned a future, which answers when it is done. A call
+        cancelled, or past its deadline, before it starts is answered so."""
+        try:
+            decoded = self.loads(message["payload"])
+            event = decoded["event"]
+            args = decoded.get("args") or ()
+            kwargs = decoded.get("kwargs") or {}
+            if type(event) is not str:
+                raise TypeError("event must be a str, not %s" % type(event).__name__)
+            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                raise TypeError("args must be a list and kwargs a dict")
+        except Exception as exc:
+            return False, _dumps("Malformed call: %s" % _text(exc, None))
+        if publication is None or event not in publication.methods:
+            return False, _dumps("Unable to post '%s' to '%s'" % (_quote(event),
+                                                                  _quote(message.get("to"))))
+        if call.cancelled or call.deadline is not None and time.monotonic() >= call.deadline:
+            return False, _dumps(call.why_not_start())
+        ran, value = _run_published(getattr(publication.obj, event), args, kwargs, call)
+        if not ran:
+            return False, value
+        if _is_future(value) or type(value) is types.CoroutineType:
+            self._answer_when_done(wheel, message.get("id"), self.awaitable(value, call))
+            return None
+        return _answer_body(value)
+
+    def _answer_when_done(self, wheel: Wheel, call_id: int, future: Any) -> None:
+        """A method answered with a future: the result goes when it is done
+        (on whatever thread completes it), and the loop serves others meanwhile."""
+        def done(future):
+            try:
+                if future.cancelled():
+                    answer = False, _dumps("the call's future was cancelled")
+                elif future.exception() is not None:
+                    answer = False, _dumps(_error_answer(future.exception()))
+                else:
+                    answer = _answer_body(future.result())
+            except BaseException as exc:
+                if _interrupts(exc):
+                    raise
+                answer = False, _dumps(_error_answer(exc))
+            self.reactor.call_soon_threadsafe(self.answer, wheel, call_id, *answer)
+
+        _when_done(future, done)
+
+    def answer(self, wheel: Wheel, call_id: Any, success: bool, payload: bytes) -> None:
+        """On the reactor's thread: the call is over; its connection sends the answer."""
+        if type(call_id) is int:
+            calls = self.calls.get(wheel)
+            if calls is not None:
+                calls.pop(call_id, None)
+        wheel.context.answer(wheel, call_id, success, payload)
+
+
 class Client:
     """Connections to proxysession servers, after POEx::ProxySession::Client.
 
@@ -5464,7 +5618,7 @@ class Client:
                  "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
                  "_heartbeat_timer", "_unpickler", "_unsafe", "_connections", "_hooks",
                  "_publications", "_subscriptions", "_connection_ids", "_trace", "_handlers",
-                 "_serving", "__dict__", "__weakref__")
+                 "_served", "__dict__", "__weakref__")
 
     def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT, authkey: Optional[bytes] = None,
@@ -5515,15 +5669,12 @@ class Client:
         self._subscriptions: Dict[Tuple[int, str], _Subscription] = {}
         self._connection_ids = itertools.count(1)
         self._trace = bool(self.options.get("trace"))
-        # (wheel, call id) -> the CallContext of each call this client serves: by
-        # wheel, since a connection made again (its id kept) numbers calls anew
-        # (a dict per wheel, not one keyed by pairs: a call waiting for a worker
-        # should hold little more than the bytes that came)
-        self._serving: Dict[Wheel, Dict[int, CallContext]] = {}
+        self._served = _Served(alias, self.reactor, self._loads, self._publications,
+                               self._awaitable)
         self._handlers = {
-            "deliver": self.handle_on_deliver,
+            "deliver": self._served.deliver,
             "rescinded": self.handle_on_rescinded,
-            "cancel": self.handle_on_cancel,
+            "cancel": self._served.cancel,
         }
 
     def __repr__(self):
@@ -5708,7 +5859,7 @@ class Client:
             return connection.try_failed(reason)
         if connection.state == "up" and self.reconnect and reason != "client closed":
             failure = connection.lost(reason)
-            self._stop_serving(connection_id)
+            self._served.stop(connection_id)
             if self.disconnected_event is not None:
                 _call_user(self.alias, self.disconnected_event, connection_id, failure)
             if self.socket_error_event is not None:
@@ -5729,7 +5880,7 @@ class Client:
         if failure is None:
             failure = ProxyError("Connection %d was lost: %s" % (connection_id, reason))
         connection.end(failure)
-        self._stop_serving(connection_id)
+        self._served.stop(connection_id)
         for key in [key for key in self._publications if key[0] == connection_id]:
             self._drop_publication(key)
         for key in [key for key in self._subscriptions if key[0] == connection_id]:
@@ -5957,103 +6108,12 @@ class Client:
             _call_user(self.alias, self.rescinded_event, alias, connection_id)
 
     def handle_on_deliver(self, message: dict, connection: _Connection) -> None:
-        """Run a published method for a caller; only what was published runs.
-        With workers, the call is decoded on the worker's thread as well: the
-        calls waiting for a worker hold only the bytes that came (threads).
-        It is answered on the wheel it came by."""
-        wheel = connection.wheel
-        publication = self._publications.get((connection.connection_id,
-                                               _name(message.get("to"))))
-        timeout_ms = message.get("timeout_ms")
-        # (a peer's value: a timeout that is not a sane number is no deadline)
-        call = CallContext(message.get("to"), None if type(timeout_ms) is not int or not
-                           0 < timeout_ms <= MAX_CALL_TIMEOUT_MS
-                           else self.reactor.woke + timeout_ms / 1000)
-        if type(message.get("id")) is int:     # so that a cancel finds it (PROTOCOL.md 7.7)
-            serving = self._serving.get(wheel)
-            if serving is None:
-                serving = self._serving[wheel] = {}
-            serving[message["id"]] = call
-        if publication is not None and publication.workers is not None:
-            return publication.workers.submit(self._serve_call, wheel, message, publication,
-                                              True, call)
-        self._serve_call(wheel, message, publication, False, call)
+        """Run a published method for a caller (_Served.deliver)."""
+        self._served.deliver(message, connection)
 
     def handle_on_cancel(self, message: dict, connection: _Connection) -> None:
-        """The server passes on a caller's cancel of a call served here: if it
-        has not started, it never will; if it runs, current_call() says so."""
-        call_id = message.get("call")
-        call = self._serving.get(connection.wheel, {}).get(call_id) \
-            if type(call_id) is int else None
-        if call is not None:
-            call.cancelled = True
-            if call.task is not None:  # an async def method's: asyncio's own way
-                call.task.cancel()
-
-    def _stop_serving(self, connection_id: int) -> None:
-        """A connection is lost: the calls it brought can no longer be
-        answered (their callers have been told), so they are as cancelled."""
-        for wheel in [wheel for wheel in self._serving if wheel.wheel_id == connection_id]:
-            for call in self._serving.pop(wheel).values():
-                call.cancelled = True
-                if call.task is not None:
-                    call.task.cancel()
-
-    def _serve_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
-                    on_worker: bool, call: CallContext) -> None:
-        """Decode a call, run it and answer it; from a worker's thread, the
-        answer is handed to the reactor's thread to send."""
-        started = time.monotonic()
-        answer = self._run_call(wheel, message, publication, call)
-        if not on_worker and publication is not None and not publication.told_serial and \
-                time.monotonic() - started > SERIAL_CALL_NOTICE:
-            self._tell_serial(publication, time.monotonic() - started)
-        if answer is None:             # a future answers it later
-            return
-        if on_worker:
-            self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message.get("id"),
-                                              *answer)
-        else:
-            self.return_to_sender(wheel, message.get("id"), *answer)
-
-    def _tell_serial(self, publication: _Publication, seconds: float) -> None:
-        """Once per publication: a call that held the reactor's thread (the
-        default, workers=0) held every other call and answer of this Client."""
-        publication.told_serial = True
-        log.warning("%s: a call to '%s' took %.2f s on the reactor's thread, and every other "
-                    "call and answer of this Client waited for it: with workers=0 (the "
-                    "default) its calls run there one at a time, in order; publish(..., "
-                    "workers=N) runs up to N at once on threads of their own", self.alias,
-                    publication.alias, seconds)
-
-    def _run_call(self, wheel: Wheel, message: dict, publication: Optional[_Publication],
-                  call: CallContext) -> Optional[Tuple[bool, bytes]]:
-        """The answer to a call, as (success, pickled payload); None when the
-        method returned a future, which answers when it is done. A call
-        cancelled, or past its deadline, before it starts is answered so."""
-        try:
-            decoded = self._loads(message["payload"])
-            event = decoded["event"]
-            args = decoded.get("args") or ()
-            kwargs = decoded.get("kwargs") or {}
-            if type(event) is not str:
-                raise TypeError("event must be a str, not %s" % type(event).__name__)
-            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
-                raise TypeError("args must be a list and kwargs a dict")
-        except Exception as exc:
-            return False, _dumps("Malformed call: %s" % _text(exc, None))
-        if publication is None or event not in publication.methods:
-            return False, _dumps("Unable to post '%s' to '%s'" % (_quote(event),
-                                                                  _quote(message.get("to"))))
-        if call.cancelled or call.deadline is not None and time.monotonic() >= call.deadline:
-            return False, _dumps(call.why_not_start())
-        ran, value = _run_published(getattr(publication.obj, event), args, kwargs, call)
-        if not ran:
-            return False, value
-        if _is_future(value) or type(value) is types.CoroutineType:
-            self._answer_when_done(wheel, message.get("id"), self._awaitable(value, call))
-            return None
-        return _answer_body(value)
+        """A caller cancels a call served here (_Served.cancel)."""
+        self._served.cancel(message, connection)
 
     def _awaitable(self, value: Any, call: CallContext) -> Any:
         """A future to answer a call with, for what its method returned: a
@@ -6067,37 +6127,14 @@ class Client:
                                        "runs them"))
         return future
 
-    def _answer_when_done(self, wheel: Wheel, message_id: int, future: Any) -> None:
-        """A method answered with a future: the result goes when it is done
-        (on whatever thread completes it), and the loop serves others meanwhile."""
-        def done(future):
-            try:
-                if future.cancelled():
-                    answer = False, _dumps("the call's future was cancelled")
-                elif future.exception() is not None:
-                    answer = False, _dumps(_error_answer(future.exception()))
-                else:
-                    answer = _answer_body(future.result())
-            except BaseException as exc:
-                if _interrupts(exc):
-                    raise
-                answer = False, _dumps(_error_answer(exc))
-            self.reactor.call_soon_threadsafe(self.return_to_sender, wheel, message_id, *answer)
-
-        _when_done(future, done)
-
     def send_result(self, wheel: Wheel, original: dict, success: bool, payload: Any) -> None:
         """Answer a delivered call (MessageSender's send_result)."""
-        self.return_to_sender(wheel, original.get("id"), success, _dumps(payload))
+        self._served.answer(wheel, original.get("id"), success, _dumps(payload))
 
     def return_to_sender(self, wheel: Wheel, message_id: int, success: bool,
                          payload: bytes) -> None:
-        """Answer a call that came by ``wheel`` (its connection sends it)."""
-        if type(message_id) is int:
-            serving = self._serving.get(wheel)
-            if serving is not None:
-                serving.pop(message_id, None)
-        wheel.context.answer(wheel, message_id, success, payload)
+        """Answer a call that came by ``wheel`` (MessageSender's)."""
+        self._served.answer(wheel, message_id, success, payload)
 
     # the requests
 
@@ -6764,10 +6801,7 @@ class AsyncClient(Client):
 
     async def close(self) -> None:
         self.here("close()")
-        for serving in list(self._serving.values()):   # its async calls end with it
-            for call in list(serving.values()):
-                if call.task is not None:
-                    call.task.cancel()
+        self._served.stop()            # its async calls end with it
         Client.close(self)
 
     def call_method(self, subscription: _Subscription, name: str, args, kwargs,

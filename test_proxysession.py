@@ -5705,7 +5705,7 @@ def test_cancelled_timers_do_not_pile_up_in_the_reactor(server, peers):
 
 def serving(client):
     """The CallContexts of the calls a Client publisher has not answered yet."""
-    return [call for calls in list(client._serving.values()) for call in list(calls.values())]
+    return [call for calls in list(client._served.calls.values()) for call in list(calls.values())]
 
 
 def deadline_peers(peers, server, count):
