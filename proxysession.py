@@ -2111,12 +2111,15 @@ class Wheel:
                  max_frame: int = MAX_FRAME, max_write_buffer: int = MAX_WRITE_BUFFER,
                  low_water: int = LOW_WATER, ssl_context: Optional[ssl.SSLContext] = None,
                  server_hostname: Optional[str] = None, authkey: Optional[bytes] = None,
-                 handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT):
+                 handshake_timeout: Optional[float] = HANDSHAKE_TIMEOUT,
+                 framing: Any = None):
         self.reactor = reactor
         self.sock = sock
         self.wheel_id = wheel_id
         self.peer = peer
-        self.filter = ReferenceFilter(max_frame)
+        # bytes -> frames: POE::Filter::Reference's, or another protocol's
+        # (``framing``, with the same methods: the NATS transport's)
+        self.filter = ReferenceFilter(max_frame) if framing is None else framing
         # the envelopes the peer takes and may send: pickled (version 1) until
         # both ends have offered compact ones in info (PROTOCOL.md 7.8)
         self.encode: Callable[[dict], Any] = _encode
@@ -2352,10 +2355,17 @@ class Wheel:
     # writing
 
     def write_frame(self, body) -> None:
-        """Queue one frame. Small frames gather in a batch that one join turns
-        into one send at the end of the pass; a large body is never copied and
-        goes out at once, since joining it gains nothing and leaving it queued
-        would count against the high-water mark until the pass ends."""
+        """Queue one frame, ``<length>\\0<body>`` (PROTOCOL.md 1)."""
+        self.write(b"%d\0" % (len(body) if type(body) is not list else sum(map(len, body))),
+                   body)
+
+    def write(self, header: bytes, body) -> None:
+        """Queue ``header`` then ``body`` (bytes, or a large message's list of
+        pieces, which is never joined). Small frames gather in a batch that
+        one join turns into one send at the end of the pass; a large body is
+        never copied and goes out at once, since joining it gains nothing and
+        leaving it queued would count against the high-water mark until the
+        pass ends."""
         if self.phase is _CLOSED:
             return
         if type(body) is list:          # a large message's pieces (_encode): never joined
@@ -2364,7 +2374,6 @@ class Wheel:
         else:
             pieces = None
             size = len(body)
-        header = b"%d\0" % size
         if size < SEND_COALESCE:       # (never pieces: their payload alone is LARGE_PAYLOAD)
             # header and body go in as they are: the join at the end of the pass
             # copies each once, where building the frame here would copy it twice
@@ -4888,6 +4897,13 @@ class _Timeouts:
         self.at = deadline
         self.timer = self.reactor.call_later(deadline - time.monotonic(), self._sweep)
 
+    def stop(self) -> None:
+        """No more timeouts: the timer goes (the requests are settled otherwise)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.at = None
+        self.heap.clear()
+
     def _sweep(self) -> None:
         self.timer = self.at = None
         now = time.monotonic()
@@ -4917,9 +4933,10 @@ class _Hooks:
     set up, its publications and subscriptions to make again
     (``restore(connection, resumed aliases)``)."""
 
-    __slots__ = ("message", "closed", "loads", "redial", "restore")
+    __slots__ = ("message", "closed", "loads", "redial", "restore", "trace")
 
-    def __init__(self, message, closed, loads, redial, restore):
+    def __init__(self, message, closed, loads, redial, restore, trace):
+        self.trace = trace             # log.debug each message's type (options={"trace": True})
         self.message = message
         self.closed = closed
         self.loads = loads
@@ -4927,32 +4944,25 @@ class _Hooks:
         self.restore = restore
 
 
-class _Connection:
-    """One connection of a Client: the message layer between its wheel and
-    the Client, and the link that makes the connection again when it is lost.
+class _Link:
+    """What every kind of connection of a Client is (a _Connection to a
+    proxysession server, a _NatsConnection to NATS): the requests waiting on
+    it, with their timeouts, and the link that makes it again when its wheel
+    is lost. Then calls in flight fail (they ran at most once, and nobody can
+    know if they did), requests made meanwhile are queued, and it tries again
+    after a jittered, doubling wait (``hooks.redial``, then ``open_wheel``
+    and ``rejoin``, or ``try_failed``). Every heartbeat (``beat``), one
+    silent since the last gets a ping, and one silent since the ping is
+    taken as lost.
 
-    Messages: ``request`` numbers a request, keeps it waiting (with its
-    timeout) for the result that ``answered`` settles, encodes it once in
-    the envelope this server takes, checks its size against the server's
-    frame limit, and writes it; ``answer`` answers a call served here; the
-    server's ``info`` (``learn_info``) says the limit, the envelope, and
-    whether it takes deadlines. Every frame this side writes goes out
-    through ``_send``.
-
-    The link: when its wheel is lost, calls in flight fail (they ran at most
-    once, and nobody can know if they did), and it tries again after a
-    jittered, doubling wait; requests made meanwhile are queued. Once a new
-    wheel is open it asks for info, resumes (if the server gave a token),
-    has the Client make its publications and subscriptions again, then sends
-    what was queued. A call to an alias that waits for its publisher after
-    a reconnection is held until the alias is back (``restored``). Every
-    heartbeat (``beat``), a connection silent since the last one gets a
-    ping, and one silent since the ping is taken as lost."""
+    What the Client calls, beside: ``request(request, message)``,
+    ``call_message(alias, event, payload, timeout)``, ``answer(wheel,
+    call id, success, payload)`` for a call served here, ``restored``, and
+    ``deadlines`` (whether a call's timeout goes with it)."""
 
     __slots__ = ("client", "hooks", "connection_id", "address", "port", "server_hostname",
                  "timeout", "wheel", "state", "opening", "attempt", "timer", "token", "ids",
-                 "pending", "timeouts", "queued", "held", "restoring", "rejoining", "max_frame",
-                 "deadlines", "seen", "pinged")
+                 "pending", "timeouts", "queued", "restoring", "deadlines", "seen", "pinged")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int, address: str,
                  port: int, server_hostname: Optional[str], timeout: Optional[float]):
@@ -4972,22 +4982,199 @@ class _Connection:
         self.ids = itertools.count(1)
         self.pending: Dict[int, _Request] = {}     # request id -> request waiting for its result
         self.timeouts = _Timeouts(client.reactor, self.pending, self._timed_out)
-        # request id -> (the alias it calls, or None; the message): made while
-        # down, sent in order once it is back up ...
-        self.queued: Dict[int, Tuple[Optional[str], dict]] = {}
-        # ... except calls to an alias subscribed again (after a server restart,
-        # say) that waits for its publisher: they go once it is back
-        self.held: Dict[int, Tuple[str, dict]] = {}
-        self.restoring: set = set()    # those aliases
-        self.rejoining: set = set()    # ids of the requests that set a new connection up
-        self.max_frame = MAX_FRAME     # the largest frame the server takes, as its info said
-        self.deadlines = False         # whether it takes a call's timeout and cancels (7.7)
+        # request id -> what to send once it is back up: made while down
+        self.queued: Dict[int, Any] = {}
+        self.restoring: set = set()    # aliases whose calls wait for their publisher (held)
+        self.deadlines = False         # whether a call's timeout goes with it (PROTOCOL.md 7.7)
         self.seen = 0                  # the wheel's reads at the last heartbeat
         self.pinged = False
 
     def __repr__(self):
-        return "<connection %d to %s:%s %s, %d waiting>" % (
-            self.connection_id, self.address, self.port, self.state, len(self.pending))
+        return "<%s %d to %s:%s %s, %d waiting>" % (
+            type(self).__name__, self.connection_id, self.address, self.port, self.state,
+            len(self.pending))
+
+    # what the kinds do their own way
+
+    def _take_back(self, request_id: int) -> bool:
+        """Forget a request not sent yet; True if it was not."""
+        return self.queued.pop(request_id, None) is not None
+
+    def _tell_cancel(self, request_id: int) -> None:
+        """A call that went out is cancelled: tell the other end, if it listens."""
+
+    def _ping(self) -> None:
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """It is lost (or over): what is its own of the last wheel goes."""
+
+    def _next_server(self) -> None:
+        """A try failed: where the next goes."""
+
+    # requests
+
+    def _timed_out(self, request_id: int) -> None:
+        request = self.pending.pop(request_id)
+        self._take_back(request_id)    # (never sent: its frame goes now)
+        self._timed_out_now(request)
+
+    def _timed_out_now(self, request: _Request) -> None:
+        request.finish(Result(False, CallTimeout("no answer within %.3g s" % request.timeout),
+                              self.connection_id, request.tag), self.client.alias)
+
+    def cancel(self, request: _Request, tell_server: bool) -> None:
+        """Take a request back: it fails no more, and is answered no more.
+        For a call (``tell_server``) that went out, the other end is told,
+        if it listens."""
+        request_id = request.id
+        if request_id is None or self.pending.get(request_id) is not request:
+            return                     # answered, failed or timed out meanwhile
+        del self.pending[request_id]
+        if not self._take_back(request_id) and tell_server:
+            self._tell_cancel(request_id)
+
+    def fail_all(self, failure: ProxyError, spare=()) -> None:
+        """Fail the requests waiting here (but those in ``spare``)."""
+        for request_id, request in list(self.pending.items()):
+            if request_id not in spare:
+                del self.pending[request_id]
+                request.finish(Result(False, failure, self.connection_id, request.tag),
+                               self.client.alias)
+
+    # the link
+
+    def up(self) -> bool:
+        """connect() has set it up; False if it was closed meanwhile."""
+        if self.state != "connecting":
+            return False
+        self.state = "up"
+        self.seen = self.wheel.reads
+        return True
+
+    def beat(self, heartbeat: float) -> None:
+        """A heartbeat: ping the server if it was silent since the last one,
+        and take it as lost if it stayed silent since the ping."""
+        wheel = self.wheel
+        if self.state != "up" or wheel is None:
+            return
+        if wheel.reads != self.seen:
+            self.seen = wheel.reads
+            self.pinged = False
+        elif not self.pinged:
+            self.pinged = True
+            self._ping()
+        else:
+            wheel.close("no answer to a heartbeat ping within %.3g s" % heartbeat)
+
+    def lost(self, reason: str) -> ProxyError:
+        """Its wheel is lost, and it is made again: calls in flight fail, and
+        what has not been sent waits for the next wheel. Returns the failure."""
+        failure = ProxyError("Connection %d to %s was lost: %s" % (
+            self.connection_id, self.wheel.peer, reason))
+        log.warning("%s: connection %d to %s lost: %s; reconnecting", self.client.alias,
+                    self.connection_id, self.wheel.peer, reason)
+        self.wheel = None
+        self.state = "down"
+        self.attempt = 0
+        self.pinged = False
+        self._forget()
+        self.fail_all(failure, spare=self.queued)
+        self._schedule_try()
+        return failure
+
+    def end(self, failure: ProxyError) -> None:
+        """It is over for good: every request waiting here fails."""
+        self.state = "closed"
+        self.wheel = None
+        if self.timer is not None:
+            self.timer.cancel()
+        self._forget()
+        self.queued.clear()            # (their requests fail with the rest)
+        self.timeouts.stop()           # (its timer would hold this, and the Client, till then)
+        self.fail_all(failure)
+
+    def _schedule_try(self) -> None:
+        wait = min(RECONNECT_CAP, RECONNECT_FIRST * 2 ** min(self.attempt, 16))
+        self.attempt += 1
+        self.timer = self.client.reactor.call_later(
+            wait * (0.5 + secrets.randbelow(500) / 1000), self._try_again)
+
+    def _try_again(self) -> None:
+        self.timer = None
+        if self.state == "down":
+            self.hooks.redial(self)    # then open_wheel(sock, rejoin), or try_failed
+
+    def try_failed(self, reason: str) -> None:
+        """A reconnection try failed: another comes later."""
+        self.wheel = None
+        # the first failure says why (a changed authkey, TLS, ...); the rest are
+        # the same story, one every few seconds
+        log.log(logging.WARNING if self.attempt == 1 else logging.DEBUG,
+                "%s: reconnecting connection %d, try %d failed: %s%s", self.client.alias,
+                self.connection_id, self.attempt, reason,
+                "; trying again every few seconds" if self.attempt == 1 else "")
+        self._next_server()
+        self._schedule_try()
+
+
+class _Connection(_Link):
+    """A Client's connection to a proxysession server: the message layer
+    between its wheel and the Client.
+
+    ``request`` numbers a request, keeps it waiting (with its timeout) for
+    the result that ``answered`` settles, encodes it once in the envelope
+    this server takes, checks its size against the server's frame limit, and
+    writes it; ``answer`` answers a call served here; the server's ``info``
+    (``learn_info``) says the limit, the envelope, and whether it takes
+    deadlines. Every frame this side writes goes out through ``_send``.
+
+    Once a new wheel is open after a loss it asks for info, resumes (if the
+    server gave a token), has the Client make its publications and
+    subscriptions again, then sends what was queued. A call to an alias
+    that waits for its publisher after a reconnection is held until the
+    alias is back (``restored``)."""
+
+    __slots__ = ("held", "rejoining", "max_frame")
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        # calls to an alias subscribed again (after a server restart, say) that
+        # waits for its publisher: request id -> (alias, message), sent once it
+        # is back (the queued ones: (alias or None, message))
+        self.held: Dict[int, Tuple[str, dict]] = {}
+        self.rejoining: set = set()    # ids of the requests that set a new connection up
+        self.max_frame = MAX_FRAME     # the largest frame the server takes, as its info said
+
+    def _take_back(self, request_id: int) -> bool:
+        return bool(self.queued.pop(request_id, None) or self.held.pop(request_id, None))
+
+    def _tell_cancel(self, request_id: int) -> None:
+        if self.deadlines and self.state == "up":       # (PROTOCOL.md 7.7)
+            self.request(_Request(self.connection_id, None, _no_answer_needed, None,
+                                  self.client.timeout), {"type": "cancel", "call": request_id})
+
+    def _ping(self) -> None:
+        self.set_up({"type": "ping"}, _no_answer_needed, None)
+
+    def _forget(self) -> None:
+        self.queued.update(self.held)  # never sent: they wait for the next connection
+        self.held.clear()
+        self.restoring.clear()
+
+    def _next_server(self) -> None:
+        # (the requests of the try that failed: they fail with their wheel)
+        for request_id in self.rejoining:
+            self.pending.pop(request_id, None)
+        self.rejoining.clear()
+
+    def call_message(self, alias: str, event: str, payload: bytes,
+                     timeout: Optional[float]) -> dict:
+        """A call's deliver; its timeout goes only to a server that takes it."""
+        message = {"type": "deliver", "to": alias, "payload": payload}
+        if timeout is not None and self.deadlines and 0 < timeout <= MAX_CALL_TIMEOUT_MS / 1000:
+            message["timeout_ms"] = math.ceil(timeout * 1000)   # (so never before the caller's)
+        return message
 
     # its wheel
 
@@ -5042,14 +5229,14 @@ class _Connection:
         request_id = message["id"] = request.id = next(self.ids)
         self.pending[request_id] = request
         try:
-            if self.state == "down":
+            if self.state == "down":   # (a copy: the caller's dict may be used again)
                 self._check_size(message)
                 self.queued[request_id] = (message["to"] if message["type"] == "deliver"
-                                           else None, message)
+                                           else None, dict(message))
             elif self.restoring and message["type"] == "deliver" and \
                     message["to"] in self.restoring:
                 self._check_size(message)
-                self.held[request_id] = (message["to"], message)
+                self.held[request_id] = (message["to"], dict(message))
             else:
                 self._send(message)
         except FrameTooLarge:
@@ -5061,9 +5248,10 @@ class _Connection:
             self.timeouts.add(request.deadline, request_id)
 
     def _check_size(self, message: dict) -> None:
-        """A request kept to send later must fit the limit of the server it
-        was made for (pickled: the envelope the next one takes is not known)."""
-        body = _encode(message)
+        """A request kept to send later must fit the server's limit: in this
+        wheel's envelope, or pickled while down (the envelope the next server
+        takes is not known yet; it is encoded again for it when sent)."""
+        body = _encode(message) if self.wheel is None else self.wheel.encode(message)
         size = len(body) if type(body) is bytes else sum(map(len, body))
         if size > self.max_frame:
             raise FrameTooLarge("a %s request" % message["type"], size, self.max_frame)
@@ -5159,37 +5347,6 @@ class _Connection:
         request.finish(Result(success, value, self.connection_id, request.tag),
                        self.client.alias)
 
-    def _timed_out(self, request_id: int) -> None:
-        request = self.pending.pop(request_id)
-        self.queued.pop(request_id, None) or self.held.pop(request_id, None)  # never sent
-        self._timed_out_now(request)
-
-    def _timed_out_now(self, request: _Request) -> None:
-        request.finish(Result(False, CallTimeout("no answer within %.3g s" % request.timeout),
-                              self.connection_id, request.tag), self.client.alias)
-
-    def cancel(self, request: _Request, tell_server: bool) -> None:
-        """Take a request back: it fails no more, and is answered no more.
-        For a call (``tell_server``) that went out, the server is asked to
-        cancel it, if it takes cancels (PROTOCOL.md 7.7)."""
-        request_id = request.id
-        if request_id is None or self.pending.get(request_id) is not request:
-            return                     # answered, failed or timed out meanwhile
-        del self.pending[request_id]
-        if self.queued.pop(request_id, None) or self.held.pop(request_id, None):
-            return                     # never sent
-        if tell_server and self.deadlines and self.state == "up":
-            self.request(_Request(self.connection_id, None, _no_answer_needed, None,
-                                  self.client.timeout), {"type": "cancel", "call": request_id})
-
-    def fail_all(self, failure: ProxyError, spare=()) -> None:
-        """Fail the requests waiting here (but those in ``spare``)."""
-        for request_id, request in list(self.pending.items()):
-            if request_id not in spare:
-                del self.pending[request_id]
-                request.finish(Result(False, failure, self.connection_id, request.tag),
-                               self.client.alias)
-
     # messages in
 
     def on_frame(self, body: Any, wheel: Wheel) -> None:
@@ -5206,64 +5363,15 @@ class _Connection:
                 log.warning("%s: connection %d sent a frame that does not decode: %s",
                             self.client.alias, self.connection_id, exc)
             return
+        if self.hooks.trace:
+            log.debug("%s connection %d: %s", self.client.alias, self.connection_id,
+                      _show(message.get("type") if type(message) is dict else message, 40))
         if type(message) is dict and message.get("type") == "result":
             self.answered(message)
         else:
             self.hooks.message(message, self)
 
     # the link
-
-    def up(self) -> bool:
-        """connect() has set it up; False if it was closed meanwhile."""
-        if self.state != "connecting":
-            return False
-        self.state = "up"
-        self.seen = self.wheel.reads
-        return True
-
-    def beat(self, heartbeat: float) -> None:
-        """A heartbeat: ping the server if it was silent since the last one,
-        and take it as lost if it stayed silent since the ping."""
-        wheel = self.wheel
-        if self.state != "up" or wheel is None:
-            return
-        if wheel.reads != self.seen:
-            self.seen = wheel.reads
-            self.pinged = False
-        elif not self.pinged:
-            self.pinged = True
-            self.set_up({"type": "ping"}, _no_answer_needed, None)
-        else:
-            wheel.close("no answer to a heartbeat ping within %.3g s" % heartbeat)
-
-    def lost(self, reason: str) -> ProxyError:
-        """Its wheel is lost, and it is made again: calls in flight fail, and
-        what has not been sent waits for the next wheel. Returns the failure."""
-        failure = ProxyError("Connection %d to %s was lost: %s" % (
-            self.connection_id, self.wheel.peer, reason))
-        log.warning("%s: connection %d to %s lost: %s; reconnecting", self.client.alias,
-                    self.connection_id, self.wheel.peer, reason)
-        self.wheel = None
-        self.state = "down"
-        self.attempt = 0
-        self.pinged = False
-        self.queued.update(self.held)  # never sent: they wait for the next connection
-        self.held.clear()
-        self.restoring.clear()
-        self.fail_all(failure, spare=self.queued)
-        self._schedule_try()
-        return failure
-
-    def end(self, failure: ProxyError) -> None:
-        """It is over for good: every request waiting here fails."""
-        self.state = "closed"
-        self.wheel = None
-        if self.timer is not None:
-            self.timer.cancel()
-        self.queued.clear()            # (their requests fail with the rest)
-        self.held.clear()
-        self.restoring.clear()
-        self.fail_all(failure)
 
     def close(self) -> bool:
         """The Client closes: a connection with a resume token says goodbye
@@ -5277,31 +5385,6 @@ class _Connection:
             return False
         wheel.close("client closed")
         return True
-
-    def _schedule_try(self) -> None:
-        wait = min(RECONNECT_CAP, RECONNECT_FIRST * 2 ** min(self.attempt, 16))
-        self.attempt += 1
-        self.timer = self.client.reactor.call_later(
-            wait * (0.5 + secrets.randbelow(500) / 1000), self._try_again)
-
-    def _try_again(self) -> None:
-        self.timer = None
-        if self.state == "down":
-            self.hooks.redial(self)    # then open_wheel(sock, rejoin), or try_failed
-
-    def try_failed(self, reason: str) -> None:
-        """A reconnection try failed: another comes later."""
-        self.wheel = None
-        # the first failure says why (a changed authkey, TLS, ...); the rest are
-        # the same story, one every few seconds
-        log.log(logging.WARNING if self.attempt == 1 else logging.DEBUG,
-                "%s: reconnecting connection %d, try %d failed: %s%s", self.client.alias,
-                self.connection_id, self.attempt, reason,
-                "; trying again every few seconds" if self.attempt == 1 else "")
-        for request_id in self.rejoining:
-            self.pending.pop(request_id, None)
-        self.rejoining.clear()
-        self._schedule_try()
 
     def rejoin(self, wheel: Wheel) -> None:
         """A reconnection is open: learn the server's limits, resume if it
@@ -5366,6 +5449,10 @@ class _Connection:
                  self.address, self.port)
         if self.client.reconnected_event is not None:
             _call_user(self.client.alias, self.client.reconnected_event, self.connection_id)
+
+    def hold_calls_to(self, alias: str) -> None:
+        """Calls to ``alias`` wait here until it is back (``restored``)."""
+        self.restoring.add(alias)
 
     def restored(self, alias: str, failure: Optional[str]) -> None:
         """An alias subscribed again is back (``failure`` None), or is not: the
@@ -5617,7 +5704,7 @@ class Client:
                  "socket_error_event", "connect_error_event", "rescinded_event", "reconnect",
                  "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
                  "_heartbeat_timer", "_unpickler", "_unsafe", "_connections", "_hooks",
-                 "_publications", "_subscriptions", "_connection_ids", "_trace", "_handlers",
+                 "_publications", "_subscriptions", "_connection_ids", "_handlers",
                  "_served", "__dict__", "__weakref__")
 
     def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
@@ -5664,11 +5751,10 @@ class Client:
         self._unsafe = unsafe_unpickle_anything
         self._connections: Dict[int, _Connection] = {}
         self._hooks = _Hooks(self._on_message, self._on_wheel_closed, self._loads, self._redial,
-                             self._restore)
+                             self._restore_sessions, bool(self.options.get("trace")))
         self._publications: Dict[Tuple[int, str], _Publication] = {}
         self._subscriptions: Dict[Tuple[int, str], _Subscription] = {}
         self._connection_ids = itertools.count(1)
-        self._trace = bool(self.options.get("trace"))
         self._served = _Served(alias, self.reactor, self._loads, self._publications,
                                self._awaitable)
         self._handlers = {
@@ -5849,7 +5935,7 @@ class Client:
         if connection.opening is not None:      # still connecting: connect() reports it
             connection.opening.append(error if isinstance(error, ProxyError) else
                                       ConnectionError(reason))
-            connection.state = "closed"
+            connection.end(ProxyError(reason))     # (nothing was sent on it yet)
             if self._connections.get(connection_id) is connection:
                 del self._connections[connection_id]
             return
@@ -5899,7 +5985,7 @@ class Client:
             return connection.try_failed(str(exc))
         connection.open_wheel(sock, connection.rejoin)
 
-    def _restore(self, connection: _Connection, resumed: list) -> None:
+    def _restore_sessions(self, connection: _Connection, resumed: list) -> None:
         """Make a new connection's server state this client's again: publish
         again what the server confirmed once and did not resume (a publish
         still queued goes with the queue), rescind what it resumed that this
@@ -5952,7 +6038,7 @@ class Client:
             wait = MAX_SUBSCRIBE_WAIT if timeout is None else min(timeout, MAX_SUBSCRIBE_WAIT)
             message["wait"] = wait
             timeout = wait + SUBSCRIBE_WAIT_MARGIN
-            connection.restoring.add(alias)
+            connection.hold_calls_to(alias)
             subscription.gone = None   # (rescinded before the break?) its calls wait, too
 
         def subscribed(result):
@@ -6044,7 +6130,7 @@ class Client:
         try:
             self._send_request(request, message, prepare)
         except Exception as exc:
-            self._finish(request, Result(False, exc, request.connection_id, request.tag))
+            request.finish(Result(False, exc, request.connection_id, request.tag), self.alias)
 
     def _send_request(self, request: _Request, message: dict,
                       prepare: Optional[Callable[[], None]]) -> None:
@@ -6075,8 +6161,6 @@ class Client:
         """A message from a server that is no result (its connection settles those)."""
         kind = message.get("type") if type(message) is dict else None
         handler = self._handlers.get(kind) if type(kind) is str else None
-        if self._trace:
-            log.debug("%s connection %d: %r", self.alias, connection.connection_id, kind)
         if handler is None:
             self.handle_inbound_data(message, connection.connection_id)
         else:
@@ -6106,6 +6190,10 @@ class Client:
             subscription.gone = "Session '%s' was rescinded" % (alias,)
         if self.rescinded_event is not None:
             _call_user(self.alias, self.rescinded_event, alias, connection_id)
+
+    def handle_on_result(self, message: dict, connection: _Connection) -> None:
+        """A result settles its request (_Connection.answered)."""
+        connection.answered(message)
 
     def handle_on_deliver(self, message: dict, connection: _Connection) -> None:
         """Run a published method for a caller (_Served.deliver)."""
@@ -6288,13 +6376,11 @@ class Client:
         except Exception as exc:       # (pickle's own errors are AttributeError, TypeError, ...)
             raise ProxyError("cannot send the arguments of '%s': %s: %s" % (
                 event, type(exc).__name__, _text(exc, None))) from exc
-        message = {"type": "deliver", "to": alias, "payload": payload}
         if timeout is CLIENT_TIMEOUT:
             timeout = self.timeout
         connection = self._connections.get(connection_id)
-        if timeout is not None and connection is not None and connection.deadlines and \
-                0 < timeout <= MAX_CALL_TIMEOUT_MS / 1000:
-            message["timeout_ms"] = math.ceil(timeout * 1000)   # (so never before the caller's)
+        message = {"type": "deliver", "to": alias, "payload": payload} if connection is None \
+            else connection.call_message(alias, event, payload, timeout)
         return self.send_message(connection_id, message, None, callback, tag, timeout)
 
 
@@ -6518,6 +6604,14 @@ class _LoopReactor(Reactor):
             if box.cancel():
                 raise TimeoutError("the event loop did not run it within %.3g s" % timeout)
             return box.result()
+
+    def drive(self, fn: Callable, args: tuple, done: Optional[Callable[[], bool]]) -> bool:
+        if done is not None:           # refused before anything is sent
+            self.run_until(lambda: False)
+        if threading.get_ident() != self.thread:
+            return False
+        fn(*args)
+        return True
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         if done():

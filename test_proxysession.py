@@ -2706,7 +2706,7 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
 
     # (7.7) the Client's info, a call with its default timeout (the Client's
     # own 30 s, sent as a float) and the cancel of that call (the fields in
-    # the order Client.deliver and Client._cancel write them, the id last);
+    # the order Client.deliver and _Connection.cancel write them, the id last);
     # and the notice the server sends the publisher
     client = proxysession.Client()
     info = proxysession._info_request(client.max_frame)
@@ -4333,6 +4333,56 @@ def test_calls_that_time_out_while_the_link_is_down_leave_nothing_queued(server_
         assert queued_then > 40 << 20            # they were queued, frames and all
         assert left < 4 << 20, "%d bytes left after the calls timed out" % left
     publisher.close()
+
+
+def test_a_request_that_cannot_be_sent_fails_its_callback_when_another_thread_runs_the_loop(
+        make_server, make_client, loop_threads):
+    # what is tried: the client's loop runs in a thread of its own; from this
+    # thread, calls that cannot be sent: with a callback, one over the
+    # server's max_frame and one on a connection that does not exist; as a
+    # future, one over the limit. Each settles at once with its failure (they
+    # were handed to the loop's thread, failed there, and were never settled:
+    # the callback never called, the future never done)
+    server = make_server(max_frame=65536)
+    publisher = make_client()
+    publisher.publish(publisher.connect(*server.address), "Echo", Echo())
+    client = make_client()
+    loop_threads(client.reactor)
+    conn = client.connect(*server.address)
+    echo = client.subscribe(conn, "Echo")
+    results = []
+    client.deliver(conn, "Echo", "echo", [b"x" * 100000], callback=results.append)
+    client.deliver(99, "Echo", "echo", [b"x"], callback=results.append)
+    future = echo.echo.future(b"x" * 100000)
+    with pytest.raises(proxysession.FrameTooLarge, match="65536"):
+        future.result(WAIT)
+    assert wait_for(lambda: len(results) == 2)
+    assert isinstance(results[0].payload, proxysession.FrameTooLarge)
+    assert "no open connection 99" in str(results[1].payload)
+
+
+def test_a_request_made_while_the_link_is_down_is_sent_as_it_was_made(make_server,
+                                                                      make_client):
+    # what is tried: while a link is down (its server closed it; it comes back
+    # at once), the same request dict is sent twice with callbacks; each is
+    # sent as it was when it was made, under its own id, and both are answered
+    # (the connection kept the caller's dict: the second send renumbered the
+    # first, whose answer then went nowhere)
+    server = make_server()
+    answers = []
+    listing = {"type": "listing"}
+
+    def went_down(conn, error):        # on the loop's thread, the link down
+        for _ in range(2):
+            client.send_message(conn, listing, callback=answers.append)
+
+    client = make_client(disconnected_event=went_down)
+    conn = client.connect(*server.address)
+    server.call(lambda: [wheel.close("dropped by the test")
+                         for wheel in list(server.server.wheels.values())])
+    assert client.reactor.run_until(lambda: len(answers) == 2, WAIT)
+    assert [(answer.success, answer.payload) for answer in answers] == [(True, [])] * 2
+    assert client.server_listing(conn) == []
 
 
 def test_calls_held_for_parked_publishers_are_bounded_per_caller_and_in_total(make_server,
