@@ -5545,10 +5545,11 @@ class _NatsFilter:
     without its CRLF, or anything else malformed sets ``broken`` (the wheel
     closes); parsing costs one pass over the bytes."""
 
-    __slots__ = ("buffer", "broken", "max_payload", "handshake_frames")
+    __slots__ = ("buffer", "scanned", "broken", "max_payload", "handshake_frames")
 
     def __init__(self):
         self.buffer = bytearray()
+        self.scanned = 0               # bytes of an unfinished line already looked through
         self.broken: Optional[ProtocolError] = None
         self.max_payload = NATS_MAX_PAYLOAD      # until INFO says
         self.handshake_frames = 0                # (the Wheel's authkey handshake: none here)
@@ -5563,17 +5564,23 @@ class _NatsFilter:
         self.buffer = bytearray()
 
     def get_frames(self) -> list:
+        if self.broken is not None:    # (handed on with what came before it: now the end)
+            raise self.broken
         buffer = self.buffer
         ops: list = []
         at = 0
         try:
             while self.broken is None:
-                end = buffer.find(b"\r\n", at, at + NATS_MAX_LINE + 2)
+                # (a line that comes a byte at a time is looked through once)
+                end = buffer.find(b"\r\n", at + max(self.scanned - 1, 0),
+                                  at + NATS_MAX_LINE + 2)
                 if end < 0:
                     if len(buffer) - at > NATS_MAX_LINE:
                         raise ProtocolError("a NATS control line longer than %d bytes"
                                             % NATS_MAX_LINE)
+                    self.scanned = len(buffer) - at
                     break
+                self.scanned = 0
                 line = bytes(buffer[at:end])
                 verb, _, rest = line.partition(b" ")
                 verb = verb.upper()
@@ -5592,6 +5599,9 @@ class _NatsFilter:
                     info = json.loads(rest.decode("utf-8"))
                     if type(info) is not dict:
                         raise ValueError("not an object")
+                    limit = info.get("max_payload")
+                    if type(limit) is int and 0 < limit:     # what it may send us, too
+                        self.max_payload = min(limit, NATS_MAX_PAYLOAD)
                     ops.append(("INFO", info))
                 else:
                     raise ProtocolError("an unknown NATS operation: %s" % _show(line[:64]))
@@ -5601,6 +5611,8 @@ class _NatsFilter:
         except ValueError as exc:      # (json's errors, a count that is no number)
             self.broken = ProtocolError("a malformed NATS control line: %s" % (exc,))
         del buffer[:at]
+        if self.broken is not None and not ops:
+            raise self.broken
         return ops
 
     def _message(self, verb: bytes, rest: bytes, buffer: bytearray, start: int):
@@ -5617,8 +5629,7 @@ class _NatsFilter:
                                                                          _show(rest[:128])))
         total = int(sizes[-1])
         header_size = int(sizes[0]) if headed else 0
-        if total > self.max_payload + NATS_MAX_HEADERS or header_size > min(
-                total, NATS_MAX_HEADERS):
+        if total > self.max_payload or header_size > min(total, NATS_MAX_HEADERS):
             raise ProtocolError("a NATS %s of %d bytes (headers %d) exceeds the server's "
                                 "max_payload (%d bytes)" % (verb.decode(), total, header_size,
                                                             self.max_payload))
@@ -5856,7 +5867,6 @@ class _NatsConnection(_Link):
         limit = info.get("max_payload")
         if type(limit) is int and 0 < limit:
             self.max_payload = min(limit, NATS_MAX_PAYLOAD)
-            self.wheel.filter.max_payload = self.max_payload
         for url in info.get("connect_urls") or ():
             try:
                 server = _nats_servers("nats://" + url.split("://")[-1])[0]
@@ -6638,13 +6648,14 @@ class Client:
                 outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
                                             % timeout))
             if outcome[0] is None and reactor.call_in_loop(self._connected, connection):
-                connection.opening = None
                 return connection_id
             reactor.call_in_loop(wheel.close, "connect check failed")
             self._connections.pop(connection_id, None)
-            if isinstance(outcome[0], AuthenticationError):
-                return self._connect_failed(address, port, outcome[0])
-            failures.append("nats://%s:%s: %s" % (address, port, outcome[0]))
+            why = next((error for error in outcome if error is not None),
+                       ConnectError("the connection closed as it opened"))
+            if isinstance(why, AuthenticationError):
+                return self._connect_failed(address, port, why)
+            failures.append("nats://%s:%s: %s" % (address, port, why))
         return self._connect_failed(urls, None, ConnectError(
             "cannot connect to NATS: %s" % "; ".join(failures)))
 

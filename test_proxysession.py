@@ -6649,3 +6649,304 @@ def test_awaited_large_calls_wait_for_their_connection_to_drain(server):
             assert lengths == [4 << 20] * 6
 
     run_async(main())
+
+
+# ---------------------------------------------------------------------------
+# NATS (README "Past one machine", PROTOCOL.md 9): the framing of what a NATS
+# server sends, bad input from one, and the Client over a real nats-server
+# ---------------------------------------------------------------------------
+
+NATS_STREAM = (
+    b'INFO {"server_id":"S","version":"2.15.1","proto":1,"headers":true,'
+    b'"max_payload":1048576} \r\n'
+    b"PING\r\n"
+    b"MSG foo 1 5\r\nhello\r\n"
+    b"MSG bar.x 2 _INBOX.a.7 0\r\n\r\n"
+    b"HMSG _INBOX.a.8 1 43 43\r\nNATS/1.0 503\r\nNats-Subject: nobody.here\r\n\r\n\r\n"
+    b"HMSG s 3 r 42 45\r\nNATS/1.0\r\nNats-Service-Error-Code: 500\r\n\r\nabc\r\n"
+    b"-ERR 'Permissions Violation for Publish to \"x\"'\r\n"
+    b"+OK\r\npong\r\n")
+NATS_OPS = [
+    ("INFO", {"server_id": "S", "version": "2.15.1", "proto": 1, "headers": True,
+              "max_payload": 1048576}),
+    ("PING",),
+    ("MSG", "foo", b"1", None, None, None, b"hello"),
+    ("MSG", "bar.x", b"2", "_INBOX.a.7", None, None, b""),
+    ("MSG", "_INBOX.a.8", b"1", None, 503, {"Nats-Subject": "nobody.here"}, b""),
+    ("MSG", "s", b"3", "r", None, {"Nats-Service-Error-Code": "500"}, b"abc"),
+    ("-ERR", 'Permissions Violation for Publish to "x"'),
+    ("+OK",),
+    ("PONG",),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 16, 50, len(NATS_STREAM)])
+def test_the_nats_framing_parses_every_chunking_of_a_stream(chunk):
+    # what is tried: every operation a NATS server sends, MSG and HMSG with
+    # and without a reply subject, a 503 status, a header block, lower case,
+    # fed in chunks from 1 byte to all at once
+    framing = proxysession._NatsFilter()
+    ops = []
+    for start in range(0, len(NATS_STREAM), chunk):
+        framing.get_one_start(NATS_STREAM[start:start + chunk])
+        ops.extend(framing.get_frames())
+    assert framing.broken is None
+    assert ops == NATS_OPS
+    assert len(framing.buffer) == 0
+
+
+BAD_NATS = [
+    (b"INFO {not json}\r\n", "malformed NATS control line"),
+    (b"INFO [1, 2]\r\n", "malformed NATS control line"),
+    (b"MSG foo\r\n", "malformed NATS MSG line"),
+    (b"MSG foo 1 2 3 4 5\r\n", "malformed NATS MSG line"),
+    (b"MSG foo 1 five\r\n", "bad byte count"),
+    (b"MSG foo 1 -5\r\n", "bad byte count"),
+    (b"MSG foo 1 99999999999999999\r\n", "bad byte count"),
+    (b"HMSG foo 1 10 5\r\n", "exceeds the server's max_payload"),
+    (b"MSG foo 1 5\r\nhelloXX\r\n", "longer than announced"),
+    (b"HMSG foo 1 12 12\r\nNATS/1.1\r\n\r\n\r\n", "without its NATS/1.0 line"),
+    (b"HMSG foo 1 14 14\r\nNATS/1.0\r\nX: 1\r\n", "without its NATS/1.0 line or its end"),
+    (b"HMSG foo 1 21 21\r\nNATS/1.0\r\nnocolon\r\n\r\n\r\n", "header without a colon"),
+    (b"HELLO there\r\n", "unknown NATS operation"),
+    (b"PUB x 1" + b" " * (70 * 1024), "control line longer than"),
+    (b'INFO {"max_payload":4}\r\nMSG foo 1 5\r\nhello\r\n', "exceeds the server's max_payload"),
+]
+
+
+@pytest.mark.parametrize("data, words", BAD_NATS)
+def test_bad_input_from_a_nats_server_is_named_and_nothing_after_it_is_read(data, words):
+    # what is tried: a malformed INFO or MSG line, a header block without its
+    # status line or its end, a control line without an end past 64 KiB, a
+    # MSG longer than announced, a server whose MSG exceeds the max_payload
+    # its own INFO said; each is named, and what came before it is handed on
+    framing = proxysession._NatsFilter()
+    framing.get_one_start(b"PING\r\n" + data + b"PING\r\n")
+    ops = framing.get_frames()
+    assert ops[0] == ("PING",) and ("PING",) not in ops[1:]
+    with pytest.raises(ProtocolError, match=re.escape(words)):
+        framing.get_frames()                  # (as the wheel that reads it asks next)
+
+
+class FakeNats:
+    """A listener that speaks just enough NATS for a Client: INFO, then PONG
+    to each PING; ``trouble`` is sent once, when the first connection sends
+    ``cue``."""
+
+    def __init__(self, trouble=b"", cue=b"PUB $SRV.PING"):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = ("nats://127.0.0.1:%d" % self.listener.getsockname()[1],)
+        self.trouble = trouble
+        self.cue = cue
+        self.sockets = []
+        self.accepted = 0
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.sockets.append(sock)
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, sock):
+        trouble, self.trouble = self.trouble, b""
+        with sock:
+            try:
+                sock.sendall(b'INFO {"server_id":"F","proto":1,"headers":true,'
+                             b'"max_payload":1048576}\r\n')
+                seen = b""
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    seen += data
+                    if trouble and self.cue in seen:
+                        sock.sendall(trouble)
+                        trouble = b""
+                    while b"PING\r\n" in seen:
+                        seen = seen.split(b"PING\r\n", 1)[1]
+                        sock.sendall(b"PONG\r\n")
+            except OSError:
+                return
+
+    def stop(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        join_all(self.threads)
+
+
+def test_a_nats_server_that_sends_bad_input_is_left_and_the_link_comes_back(make_client):
+    # what is tried: a NATS server that, once connected, sends a MSG longer
+    # than it announced; the client closes that connection with the reason
+    # logged, reconnects, and serves on (it never crashes, nor reads on)
+    fake = FakeNats(trouble=b"MSG _INBOX.x.1 1 5\r\nhello, more than five\r\n")
+    try:
+        lost, back = [], []
+        client = make_client(disconnected_event=lambda conn, error: lost.append(str(error)),
+                             reconnected_event=back.append)
+        conn = client.connect(*fake.address)
+        listed = []
+        client.server_listing(conn, callback=listed.append)      # the cue
+        assert client.reactor.run_until(lambda: back, WAIT)
+        assert "longer than announced" in lost[0]
+        assert back == [conn] and fake.accepted == 2
+        assert not listed[0].success and "was lost" in str(listed[0].payload)
+        assert client.server_listing(conn) == []       # (nobody answers $SRV.PING here)
+    finally:
+        fake.stop()
+
+
+def test_connect_to_what_is_no_nats_server_fails_with_the_reason(make_client, server):
+    # what is tried: nats:// to a proxysession server (it waits for a frame
+    # and says nothing), to a port nobody listens on, and a malformed URL
+    client = make_client()
+    with pytest.raises(proxysession.ConnectError, match="no answer within 0.5 s"):
+        client.connect("nats://%s:%d" % server.address, timeout=0.5)
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(proxysession.ConnectError, match="cannot connect to NATS: nats://"):
+        client.connect("nats://127.0.0.1:%d" % port)
+    with pytest.raises(ValueError, match="nats://HOST:PORT"):
+        client.connect("nats://127.0.0.1:1,http://x:2")
+    assert "connections=0" in repr(client)
+
+
+def test_a_call_or_answer_over_the_nats_servers_max_payload_fails_alone(make_client,
+                                                                       loop_threads, tmp_path):
+    # what is tried: a nats-server whose max_payload is 64 KiB; a call of
+    # 100 KB fails at once with the sizes named, an answer of 100 KB fails
+    # that call, and the connection (which nats-server would close for a
+    # message over its limit) serves on
+    config = tmp_path / "nats.conf"
+    config.write_text("max_payload: 65536\n")
+    nats = NatsServer("-c", str(config))
+    try:
+        publish_on_a_thread(nats, make_client, loop_threads, Sizes(), "Sizes")
+        caller = make_client()
+        sizes = caller.subscribe(caller.connect(*nats.address), "Sizes")
+        with pytest.raises(proxysession.FrameTooLarge, match="65536") as raised:
+            sizes.length(b"x" * 100000)
+        assert raised.value.size > 100000 and raised.value.limit == 65536
+        with pytest.raises(proxysession.ProxyError, match="exceeds the max_payload of the "
+                                                          "NATS server \\(65536 bytes\\)"):
+            sizes.make(100000)
+        assert sizes.length(b"x" * 60000) == 60000
+    finally:
+        nats.stop()
+
+
+def free_ports(count):
+    """Ports nobody listens on now, for servers that must know each other's."""
+    held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    ports = [sock.getsockname()[1] for sock in held]
+    for sock in held:
+        sock.close()
+    return ports
+
+
+def nats_cluster(size=3):
+    """``size`` nats-servers on loopback routed to each other (a full mesh)."""
+    routes = ["nats://127.0.0.1:%d" % port for port in free_ports(size)]
+    return [NatsServer("-n", "n%d" % n, "--cluster_name", "proxysession-tests",
+                       "--cluster", route, "--routes", ",".join(routes))
+            for n, route in enumerate(routes)]
+
+
+def test_killing_one_nats_node_of_three_the_calls_go_on_through_the_others(make_client,
+                                                                          loop_threads):
+    # what is tried: a 3-node cluster; a publisher on node 1, a caller that
+    # knows all three and is on node 3; node 3 is killed: the calls in
+    # flight may fail, the caller reconnects to another node by itself, and
+    # calls succeed again
+    nodes = nats_cluster()
+    try:
+        publish_on_a_thread(nodes[0], make_client, loop_threads, Tools())
+        lost, back = [], []
+        caller = make_client(disconnected_event=lambda conn, error: lost.append(conn),
+                             reconnected_event=back.append)
+        urls = ",".join(node.url for node in (nodes[2], nodes[0], nodes[1]))
+        conn = caller.connect(urls)
+        tools = caller.subscribe(conn, "Tools", wait=WAIT)   # once the routes carry it
+        assert tools.add(1, 2) == 3
+        nodes[2].stop()
+        assert caller.reactor.run_until(lambda: back, WAIT)
+        assert lost == [conn] and back == [conn]
+        assert [tools.add(n, 1) for n in range(100)] == [n + 1 for n in range(100)]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+NATS_PY_CALLER = r'''
+import asyncio, json, pickle, sys
+
+import nats
+
+
+async def main(url):
+    nc = await nats.connect(url)
+    inbox = nc.new_inbox()
+    names = []
+    answered = asyncio.Event()
+
+    async def gather(msg):
+        names.append(json.loads(msg.data)["name"])
+        answered.set()
+
+    gathered = await nc.subscribe(inbox, cb=gather)
+    await nc.publish("$SRV.PING", b"", reply=inbox)
+    await asyncio.wait_for(answered.wait(), 5)      # (the one service there is)
+    await gathered.unsubscribe()
+    info = json.loads((await nc.request("$SRV.INFO.Tools", b"", timeout=5)).data)
+    endpoint = [e for e in info["endpoints"] if e["name"] == "add"][0]
+    reply = await nc.request(endpoint["subject"], pickle.dumps(
+        {"event": "add", "args": [2, 3], "kwargs": {}}), timeout=5)
+    failed = await nc.request(endpoint["subject"], pickle.dumps(
+        {"event": "add", "args": [2, "x"], "kwargs": {}}), timeout=5)
+    print(json.dumps({"names": names, "type": info["type"], "subject": endpoint["subject"],
+                      "queue_group": endpoint["queue_group"],
+                      "signature": endpoint["metadata"]["signature"],
+                      "sum": pickle.loads(reply.data),
+                      "error": failed.headers.get("Nats-Service-Error"),
+                      "code": failed.headers.get("Nats-Service-Error-Code"),
+                      "failure": pickle.loads(failed.data)["error"]}))
+    await nc.close()
+
+asyncio.run(main(sys.argv[1]))
+'''
+
+
+def test_a_program_that_uses_only_nats_py_discovers_and_calls_a_publication(
+        nats_server, make_client, loop_threads, tmp_path):
+    # what is tried: a program with nats-py (NATS's own Python client) and no
+    # proxysession lists the services with $SRV.PING, reads the method table
+    # with $SRV.INFO, and calls a method and a failing call by sending the
+    # documented payload (PROTOCOL.md 9) to its endpoint
+    publish_on_a_thread(nats_server, make_client, loop_threads, Tools())
+    script = tmp_path / "nats_py_caller.py"
+    script.write_text(NATS_PY_CALLER)
+    done = subprocess.run([sys.executable, str(script), nats_server.url], capture_output=True,
+                          text=True, timeout=WAIT, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen == {"names": ["Tools"], "type": "io.nats.micro.v1.info_response",
+                    "subject": "Tools.add", "queue_group": "q", "signature": "(a, b)",
+                    "sum": 5, "error": "TypeError: unsupported operand type(s) for +: 'int' "
+                                       "and 'str'",
+                    "code": "500", "failure": "TypeError"}
