@@ -102,6 +102,7 @@ import threading
 import time
 import traceback
 import types
+import urllib.parse
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 __version__ = "1.0.0"
@@ -5477,7 +5478,7 @@ class _Connection(_Link):
 # ---------------------------------------------------------------------------
 # nats
 # ---------------------------------------------------------------------------
-# The message layer over a NATS server (PROTOCOL.md 9), for a Client that
+# The message layer over a NATS server (PROTOCOL.md 10), for a Client that
 # connects to "nats://HOST:PORT[,nats://HOST:PORT...]": the Client and its
 # proxies are unchanged; a _NatsConnection stands where a _Connection would.
 # Each publication is a NATS service (ADR-32, "micro"): its alias is the
@@ -5498,23 +5499,37 @@ NATS_DISCOVERY = 0.25             # seconds a listing gathers $SRV.PING answers 
 NATS_DISCOVERY_MAX = 2.0          # services answer at once, so a quiet spell means all did
 NATS_WAIT_POLL = 0.1              # seconds between looks for an alias a subscribe waits for
 NATS_QUEUE_GROUP = "q"            # the queue group of every endpoint (ADR-32's default)
-NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.md 9.3)
+NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.md 10.3)
 
 _NATS_NAME = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % MAX_NAME)   # a service's name (ADR-32)
 _NATS_OPS = {b"MSG", b"HMSG", b"PING", b"PONG", b"+OK", b"-ERR", b"INFO"}
 
 
-def _nats_servers(text: str) -> List[Tuple[str, int]]:
-    """``nats://HOST:PORT[,nats://HOST:PORT...]``: the (host, port) of each;
-    the port defaults to NATS's 4222. Raises ``ValueError``."""
-    servers = []
+def _nats_servers(text: str) -> Tuple[List[Tuple[str, int]], dict]:
+    """``nats://[USER:PASSWORD@|TOKEN@]HOST:PORT[,nats://...]``: the (host,
+    port) of each (the port defaults to NATS's 4222), and the CONNECT fields
+    of the credentials the first of them with any gives (percent-escapes
+    undone). Raises ``ValueError``, which never quotes a credential."""
+    servers, credentials = [], {}
     for url in text.split(","):
         url = url.strip()
         if not url.startswith("nats://"):
-            raise ValueError("a NATS address is nats://HOST:PORT, not %r" % (url,))
-        host, port = _parse_host_port(url[len("nats://"):])
+            raise ValueError("a NATS address is nats://HOST:PORT, not %r"
+                             % (url.rpartition("@")[2],))
+        userinfo, _, where = url[len("nats://"):].rpartition("@")
+        host, port = _parse_host_port(where)
         servers.append((host, 4222 if port is None else port))
-    return servers
+        if userinfo and not credentials:
+            user, colon, password = userinfo.partition(":")
+            credentials = {"user": urllib.parse.unquote(user),
+                           "pass": urllib.parse.unquote(password)} if colon else \
+                {"auth_token": urllib.parse.unquote(userinfo)}
+    return servers, credentials
+
+
+def _nats_urls(servers: List[Tuple[str, int]]) -> str:
+    """Servers as URLs, for a message (never with the credentials)."""
+    return ",".join("nats://%s:%d" % server for server in servers)
 
 
 def _nats_header_block(block: bytes) -> Tuple[Optional[int], Dict[str, str]]:
@@ -5685,17 +5700,20 @@ def _nats_method_table(info: dict) -> dict:
     return {"methods": methods}
 
 
-def _nats_error_text(payload: bytes, loads: Callable[[bytes], Any]) -> str:
-    """A failure's text for its Nats-Service-Error header: one line, at most
-    MAX_QUOTE characters."""
+def _nats_failure(payload: bytes, loads: Callable[[bytes], Any]) -> Tuple[int, str]:
+    """A failure's Nats-Service-Error-Code and Nats-Service-Error (one line,
+    at most MAX_QUOTE characters): 400 for a refusal, a str ("Unable to post
+    ...", "Malformed call: ..."), which the caller must mend; 500 for what a
+    method raised, a dict (PROTOCOL.md 10.3)."""
     try:
         value = loads(payload)
     except Exception:
-        value = "the call failed"
+        value = None
+    code = 400 if type(value) is str else 500
     if type(value) is dict and "error" in value:
         value = "%s: %s" % (_text(value.get("error")), _text(value.get("message", ""), None))
     text = " ".join((value if type(value) is str else _show(value)).split())
-    return text[:MAX_QUOTE] or "the call failed"
+    return code, text[:MAX_QUOTE] or "the call failed"
 
 
 class _NatsService:
@@ -5749,14 +5767,15 @@ class _NatsConnection(_Link):
     of the servers it knows, those the cluster told it of (connect_urls)
     among them, subscribes again, then sends what was queued."""
 
-    __slots__ = ("servers", "inbox", "sids", "subscriptions", "services", "asked", "serving",
-                 "call_ids", "max_payload", "greeted", "pongs")
+    __slots__ = ("servers", "credentials", "inbox", "sids", "subscriptions", "services",
+                 "asked", "serving", "call_ids", "max_payload", "greeted", "pongs")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
-                 servers: List[Tuple[str, int]], timeout: Optional[float]):
+                 servers: List[Tuple[str, int]], credentials: dict, timeout: Optional[float]):
         super().__init__(client, hooks, connection_id, servers[0][0], servers[0][1], None,
                          timeout)
         self.servers = servers         # (host, port) to try, in turn
+        self.credentials = credentials  # CONNECT's user and pass, or auth_token
         self.deadlines = True          # a call's timeout travels as a header
         self.inbox = "_INBOX.%s" % secrets.token_hex(11)
         self.sids = itertools.count(1)
@@ -5869,14 +5888,17 @@ class _NatsConnection(_Link):
             self.max_payload = min(limit, NATS_MAX_PAYLOAD)
         for url in info.get("connect_urls") or ():
             try:
-                server = _nats_servers("nats://" + url.split("://")[-1])[0]
+                server = _nats_servers("nats://" + url.split("://")[-1])[0][0]
             except (ValueError, AttributeError):
                 continue               # (not a str, or not host:port: not ours to use)
             if server not in self.servers:
                 self.servers.append(server)
-        if info.get("ldm") is True:
+        if info.get("ldm") is True and (self.address, self.port) in self.servers:
+            # it will close its clients soon: the next connection goes elsewhere
             log.info("%s: NATS server %s is entering lame duck mode", self.client.alias,
                      self.wheel.peer)
+            self.servers.remove((self.address, self.port))
+            self.servers.append((self.address, self.port))
         if self.greeted is self.wheel:
             return                     # an update (the cluster changed): nothing to answer
         self.greeted = self.wheel
@@ -5887,6 +5909,7 @@ class _NatsConnection(_Link):
                    "name": self.client.alias, "lang": "python-proxysession",
                    "version": __version__, "protocol": 1, "headers": True,
                    "no_responders": True}
+        connect.update(self.credentials)
         self._write("CONNECT " + json.dumps(connect, separators=(",", ":")))
         for sid in self.subscriptions:
             self._write_sub(sid)
@@ -6143,10 +6166,10 @@ class _NatsConnection(_Link):
                 % (len(payload), self.max_payload))
         if success:
             return self._publish(reply, payload)
+        code, counts[3] = _nats_failure(payload, self.hooks.loads)
         counts[1] += 1
-        counts[3] = text = _nats_error_text(payload, self.hooks.loads)
         self._publish(reply, payload, None, _nats_headers(
-            {"Nats-Service-Error": text, "Nats-Service-Error-Code": 500}))
+            {"Nats-Service-Error": counts[3], "Nats-Service-Error-Code": code}))
 
     # what a Client asks of any connection
 
@@ -6546,7 +6569,7 @@ class Client:
         """Connect to a server and return the connection id. The address is a
         host and a port (default 56789), or one ``"host:port"`` string; or
         ``"nats://HOST:PORT[,nats://HOST:PORT...]"``, a NATS server or
-        cluster (the nats section, PROTOCOL.md 9). Raises ``ConnectError``
+        cluster (the nats section, PROTOCOL.md 10). Raises ``ConnectError``
         (a ``ConnectionError`` too) or ``AuthenticationError``, after calling
         ``connect_error_event`` when set."""
         timeout = self.handshake_timeout if timeout is None else timeout
@@ -6624,14 +6647,14 @@ class Client:
     def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
         """connect() to the first of ``urls`` whose NATS server takes us: it
         answers our CONNECT's PING within ``timeout``."""
-        servers = _nats_servers(urls)
+        servers, credentials = _nats_servers(urls)
         reactor = self.reactor
         connection_id = next(self._connection_ids)
         failures = []
         for at in range(len(servers)):
             address, port = servers[at]
             connection = _NatsConnection(self, self._hooks, connection_id,
-                                         servers[at:] + servers[:at], timeout)
+                                         servers[at:] + servers[:at], credentials, timeout)
             outcome: list = []
 
             def open_wheel(sock):
@@ -6656,7 +6679,7 @@ class Client:
             if isinstance(why, AuthenticationError):
                 return self._connect_failed(address, port, why)
             failures.append("nats://%s:%s: %s" % (address, port, why))
-        return self._connect_failed(urls, None, ConnectError(
+        return self._connect_failed(_nats_urls(servers), None, ConnectError(
             "cannot connect to NATS: %s" % "; ".join(failures)))
 
     def _why_first_request_failed(self, exc: ProxyError, connection: _Connection) -> ProxyError:
@@ -7558,6 +7581,8 @@ class AsyncClient(Client):
         every step waits without blocking it. Cancelled, it leaves nothing."""
         self.here("connect()")
         timeout = self.handshake_timeout if timeout is None else timeout
+        if isinstance(remote_address, str) and remote_address.startswith("nats://"):
+            return await self._connect_nats(remote_address, timeout)
         remote_address, remote_port = _address_and_port(remote_address, remote_port)
         connection_id = next(self._connection_ids)
         connection = _Connection(self, self._hooks, connection_id, remote_address, remote_port,
@@ -7582,6 +7607,47 @@ class AsyncClient(Client):
             return self._connect_failed(remote_address, remote_port, failure)
         self._connected(connection)
         return connection_id
+
+    async def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
+        """Client._connect_nats, awaited."""
+        import asyncio
+        servers, credentials = _nats_servers(urls)
+        connection_id = next(self._connection_ids)
+        failures = []
+        for at in range(len(servers)):
+            address, port = servers[at]
+            connection = _NatsConnection(self, self._hooks, connection_id,
+                                         servers[at:] + servers[:at], credentials, timeout)
+            try:
+                sock = (await self._dial(address, port))[0]
+            except OSError as exc:
+                failures.append("nats://%s:%s: %s" % (address, port, exc))
+                continue
+            opened = self.reactor.loop.create_future()
+            connection.opening = outcome = _Outcome(
+                lambda: opened.done() or opened.set_result(None))
+            self._connections[connection_id] = connection
+            wheel = connection.open_wheel(sock, lambda wheel: None)
+            try:
+                await asyncio.wait_for(opened, timeout)
+            except asyncio.TimeoutError:
+                outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
+                                            % timeout))
+            except BaseException:      # cancelled: the connection goes
+                wheel.close("connect() was cancelled")
+                self._connections.pop(connection_id, None)
+                raise
+            if outcome[0] is None and self._connected(connection):
+                return connection_id
+            wheel.close("connect check failed")
+            self._connections.pop(connection_id, None)
+            why = next((error for error in outcome if error is not None),
+                       ConnectError("the connection closed as it opened"))
+            if isinstance(why, AuthenticationError):
+                return self._connect_failed(address, port, why)
+            failures.append("nats://%s:%s: %s" % (address, port, why))
+        return self._connect_failed(_nats_urls(servers), None, ConnectError(
+            "cannot connect to NATS: %s" % "; ".join(failures)))
 
     async def _dial(self, address: str, port: int) -> Tuple[socket.socket, int, Any]:
         """_dial, with the name resolved by the loop (a lookup may take seconds)."""
@@ -7911,10 +7977,14 @@ def _make_parser() -> argparse.ArgumentParser:
                                 help="file holding the shared key (else $%s)" % AUTHKEY_VARIABLE)
     listing = commands.add_parser("list", parents=[client_options],
                                   help="print the published aliases")
-    listing.add_argument("address", metavar="HOST:PORT")
+    listing.add_argument("address", metavar="HOST:PORT",
+                         help="the server; or nats://HOST:PORT[,nats://...], a NATS server "
+                              "or cluster")
     call = commands.add_parser("call", parents=[client_options],
                                help="call ALIAS.METHOD and print what it returns")
-    call.add_argument("address", metavar="HOST:PORT")
+    call.add_argument("address", metavar="HOST:PORT",
+                      help="the server; or nats://HOST:PORT[,nats://...], a NATS server or "
+                           "cluster")
     call.add_argument("alias", metavar="ALIAS")
     call.add_argument("method", metavar="METHOD")
     call.add_argument("args", nargs="*", metavar="ARG",
@@ -7965,7 +8035,14 @@ def _call_arguments(words: List[str]) -> Tuple[list, dict]:
 
 
 def _run_client_command(options) -> int:
-    host, port = _parse_address(options.address)
+    if options.address.startswith("nats://"):      # a NATS server or cluster (PROTOCOL.md 10)
+        try:
+            _nats_servers(options.address)
+        except ValueError as exc:
+            raise _UsageError(str(exc))
+        host, port = options.address, None
+    else:
+        host, port = _parse_address(options.address)
     context = None
     if options.tls_ca:
         try:

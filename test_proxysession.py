@@ -2654,7 +2654,8 @@ EXAMPLE_NAMES = {"listing-request", "listing-result", "deliver-request", "delive
                  "result-from-publisher", "result-forwarded", "stats-request",
                  "subscribe-wait-request", "shared-publish-payload", "info-request",
                  "deliver-timeout-request", "cancel-request", "cancel-notice",
-                 "compact-deliver", "compact-result"}
+                 "compact-deliver", "compact-result", "nats-call", "nats-result",
+                 "nats-failure", "nats-no-responders"}
 
 
 def protocol_md_examples(text):
@@ -2672,6 +2673,45 @@ def protocol_md_examples(text):
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in table.group(1).splitlines()]
     return literals, rows[2:]          # past the heading row and the --- row
+
+
+class Greeter:
+    """PROTOCOL.md's example publication."""
+
+    @proxysession.proxy_event
+    def hello(self, name):
+        return "hello, " + name
+
+
+class NatsWheel:
+    """What a _NatsConnection writes to, kept as bytes."""
+
+    def __init__(self):
+        self.written, self.reads, self.closed, self.context = [], 0, False, None
+
+    def write(self, header, body):
+        self.written.append(header + (b"".join(body) if type(body) is list else body))
+
+
+def nats_written(act, publish=None):
+    """The bytes a Client's NATS connection writes for ``act(connection,
+    serve)``: its inbox _INBOX.example, up and connected to a NatsWheel;
+    ``serve(op)`` hands it the MSG ``op`` as its service Greeter's
+    subscription would, and ``publish`` is what Greeter publishes."""
+    client = proxysession.Client(reactor=proxysession.Reactor())
+    nats = proxysession._NatsConnection(client, client._hooks, 1, [("127.0.0.1", 4222)], {},
+                                        5.0)
+    nats.inbox = "_INBOX.example"
+    wheel = nats.wheel = nats.greeted = NatsWheel()
+    wheel.context, nats.state = nats, "up"
+    service = nats.services["Greeter"] = proxysession._NatsService(
+        "Greeter", {"hello": {"signature": "(name)", "doc": None}}, False)
+    if publish is not None:
+        client._publications[(1, "Greeter")] = proxysession._Publication(
+            1, "Greeter", publish, service.methods, None, False)
+    act(nats, lambda op: nats._on_call(service, op))
+    client.reactor.close()
+    return wheel.written
 
 
 def split_frame(data):
@@ -2799,6 +2839,20 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
         len(split_frame(encoded(timed))) == 145
     assert len(split_frame(examples["compact-result"])) == 44 and \
         len(split_frame(encoded(answered))) == 90
+
+    # (10.3) over NATS: what a Client's NATS connection writes for a call, a
+    # publisher's answer and failure, and what it makes of a 503
+    assert nats_written(lambda nats, serve: nats.request(
+        proxysession._Request(1, None, lambda result: None, None, 30.0),
+        nats.call_message("Greeter", "hello", call, 30.0))) == [examples["nats-call"]]
+    greeter_call = ("MSG", "Greeter.hello", b"2", "_INBOX.caller.9", None, None, call)
+    assert nats_written(lambda nats, serve: serve(greeter_call),
+                        publish=Greeter()) == [examples["nats-result"]]
+    assert nats_written(lambda nats, serve: serve(greeter_call)) == [examples["nats-failure"]]
+    framing = proxysession._NatsFilter()
+    framing.get_one_start(examples["nats-no-responders"])
+    assert framing.get_frames() == [("MSG", "_INBOX.example.1", b"1", None, 503,
+                                     {"Nats-Subject": "Greeter.hello"}, b"")]
 
     # the opcode walk of (a): its bytes are the body, its offsets and names pickletools'
     body = split_frame(examples["listing-request"])
@@ -5637,6 +5691,7 @@ def test_a_member_that_rescinds_drains(server, peers):
     assert (answer["id"], pickle.loads(answer["payload"])) == (10, "late")
 
 
+@over_nats_too
 def test_clients_share_an_alias_and_a_caller_sees_one(server, make_client, loop_threads):
     class Worker:
         def __init__(self, name):
@@ -5658,6 +5713,8 @@ def test_clients_share_an_alias_and_a_caller_sees_one(server, make_client, loop_
     assert {name for name, _ in done} == {"a", "b"}
     with pytest.raises(ValueError, match="shared must be True or False"):
         caller.publish(conn, "Other", Worker("c"), shared="yes")
+    with pytest.raises(proxysession.ProxyError, match="^Session 'Jobs' already exists$"):
+        caller.publish(conn, "Jobs", Worker("c"))         # an exclusive one may not join
 
 
 def test_readme_work_queue_runs_as_written_with_two_workers(server):
@@ -6340,6 +6397,7 @@ def test_an_async_client_publishes_async_methods_whose_calls_overlap(server):
     run_async(main())
 
 
+@over_nats_too
 def test_a_sync_and_an_async_client_share_a_process(server, make_client, loop_threads):
     publish_on_a_thread(server, make_client, loop_threads, Tools())
 
@@ -6652,7 +6710,7 @@ def test_awaited_large_calls_wait_for_their_connection_to_drain(server):
 
 
 # ---------------------------------------------------------------------------
-# NATS (README "Past one machine", PROTOCOL.md 9): the framing of what a NATS
+# NATS (README "Past one machine", PROTOCOL.md 10): the framing of what a NATS
 # server sends, bad input from one, and the Client over a real nats-server
 # ---------------------------------------------------------------------------
 
@@ -6937,7 +6995,7 @@ def test_a_program_that_uses_only_nats_py_discovers_and_calls_a_publication(
     # what is tried: a program with nats-py (NATS's own Python client) and no
     # proxysession lists the services with $SRV.PING, reads the method table
     # with $SRV.INFO, and calls a method and a failing call by sending the
-    # documented payload (PROTOCOL.md 9) to its endpoint
+    # documented payload (PROTOCOL.md 10) to its endpoint
     publish_on_a_thread(nats_server, make_client, loop_threads, Tools())
     script = tmp_path / "nats_py_caller.py"
     script.write_text(NATS_PY_CALLER)
@@ -6950,3 +7008,42 @@ def test_a_program_that_uses_only_nats_py_discovers_and_calls_a_publication(
                     "sum": 5, "error": "TypeError: unsupported operand type(s) for +: 'int' "
                                        "and 'str'",
                     "code": "500", "failure": "TypeError"}
+
+
+def test_nats_credentials_in_the_url_are_sent_and_a_refusal_names_no_secret(make_client):
+    # what is tried: a nats-server with a user and password, and one with a
+    # token; the right ones connect (percent-escapes undone), wrong ones fail
+    # connect() with AuthenticationError, whose words name no credential
+    nats = NatsServer("--user", "alice", "--pass", "s3 cret")
+    token = NatsServer("--auth", "t0ken")
+    try:
+        client = make_client()
+        port = nats.port
+        conn = client.connect("nats://alice:s3%%20cret@127.0.0.1:%d" % port)
+        assert client.server_listing(conn) == []
+        with pytest.raises(proxysession.AuthenticationError,
+                           match="refused the connection: Authorization Violation") as raised:
+            client.connect("nats://alice:wr0ng@127.0.0.1:%d" % port)
+        assert "wr0ng" not in str(raised.value)
+        assert client.server_listing(client.connect("nats://t0ken@127.0.0.1:%d"
+                                                    % token.port)) == []
+        with pytest.raises(proxysession.AuthenticationError):
+            client.connect("nats://127.0.0.1:%d" % token.port)
+    finally:
+        nats.stop()
+        token.stop()
+
+
+def test_cli_list_and_call_over_nats(nats_server, make_client, loop_threads):
+    # what is tried: README's commands with a nats:// address
+    publish_on_a_thread(nats_server, make_client, loop_threads, Tools())
+    listed = subprocess.run([sys.executable, MODULE, "list", nats_server.url],
+                            capture_output=True, text=True, timeout=WAIT)
+    assert (listed.returncode, listed.stdout) == (0, "Tools\n"), listed.stderr
+    called = subprocess.run([sys.executable, MODULE, "call", nats_server.url, "Tools", "add",
+                             "2", "3"], capture_output=True, text=True, timeout=WAIT)
+    assert (called.returncode, called.stdout) == (0, "5\n"), called.stderr
+    missing = subprocess.run([sys.executable, MODULE, "call", nats_server.url, "Nope", "x"],
+                             capture_output=True, text=True, timeout=WAIT)
+    assert (missing.returncode, missing.stderr) == (
+        1, "proxysession: Session 'Nope' doesn't exist\n")
