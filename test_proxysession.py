@@ -7047,3 +7047,34 @@ def test_cli_list_and_call_over_nats(nats_server, make_client, loop_threads):
                              capture_output=True, text=True, timeout=WAIT)
     assert (missing.returncode, missing.stderr) == (
         1, "proxysession: Session 'Nope' doesn't exist\n")
+
+
+def test_where_nats_differs_from_a_proxysession_server_each_rule_holds(nats_server,
+                                                                      make_client,
+                                                                      loop_threads):
+    # what is tried: PROTOCOL.md 10.5's rules, each as README's faults table
+    # says: N5 listing shows what answers; N2 a rescind sends no notice (the
+    # proxy learns at its next call); N4 no grace window (another publisher
+    # takes the alias at once); N3 a publisher that goes mid-call leaves its
+    # caller to its timeout
+    first = publish_on_a_thread(nats_server, make_client, loop_threads, Tools())
+    rescinded = []
+    caller = make_client(rescinded_event=lambda alias, conn: rescinded.append(alias))
+    conn = caller.connect(*nats_server.address)
+    tools = caller.subscribe(conn, "Tools")
+    assert caller.server_listing(conn) == ["Tools"]                          # N5
+    first.rescind("Tools")
+    assert caller.server_listing(conn) == []
+    with pytest.raises(proxysession.ProxyError, match="^Session 'Tools' doesn't exist$"):
+        tools.add(1, 2)                                                      # N2
+    assert rescinded == []
+    held = Tools()
+    second = publish_on_a_thread(nats_server, make_client, loop_threads, held, workers=1)
+    assert tools.add(1, 2) == 3                                              # N4
+    answers = []
+    tools.held.call((1,), timeout=1.0, callback=answers.append)
+    assert held.started.acquire(timeout=WAIT)                # it runs at the publisher ...
+    second.close()                                           # ... which goes
+    assert caller.reactor.run_until(lambda: answers, WAIT)
+    assert isinstance(answers[0].payload, proxysession.CallTimeout)          # N3
+    held.gate.set()
