@@ -5013,6 +5013,9 @@ class _Link:
     def next_server(self) -> None:
         """A try failed: where the next goes (the same server, but for NATS)."""
 
+    def _goodbye(self) -> None:
+        """The Client closes: what this kind says first, if anything."""
+
     # requests
 
     def _timed_out(self, request_id: int) -> None:
@@ -5034,6 +5037,20 @@ class _Link:
         del self.pending[request_id]
         if not self._take_back(request_id) and tell_server:
             self._tell_cancel(request_id)
+
+    def _settle(self, request: _Request, success: bool, value: Any,
+                pickled: bool = False) -> None:
+        """A request is answered: its value (unpickled here if ``pickled``,
+        then turned by its on_result), or its failure."""
+        try:
+            if pickled and value is not None:
+                value = self.hooks.loads(value)
+            if success and request.on_result is not None:
+                value = request.on_result(value)
+        except Exception as exc:
+            success, value = False, ProxyError("result could not be decoded: %s" % (exc,))
+        request.finish(Result(success, value, self.connection_id, request.tag),
+                       self.client.alias)
 
     def fail_all(self, failure: ProxyError, spare=()) -> None:
         """Fail the requests waiting here (but those in ``spare``)."""
@@ -5095,6 +5112,17 @@ class _Link:
         self.queued.clear()            # (their requests fail with the rest)
         self.timeouts.stop()           # (its timer would hold this, and the Client, till then)
         self.fail_all(failure)
+
+    def close(self) -> bool:
+        """The Client closes (after a goodbye, if this kind says one). False
+        if it had no wheel left to close (it was down)."""
+        self._goodbye()
+        wheel = self.wheel
+        self.state = "closed"
+        if wheel is None:
+            return False
+        wheel.close("client closed")
+        return True
 
     def _schedule_try(self) -> None:
         wait = min(RECONNECT_CAP, RECONNECT_FIRST * 2 ** min(self.attempt, 16))
@@ -5338,16 +5366,7 @@ class _Connection(_Link):
             # publisher that stops a call at its deadline answers just then,
             # and the caller gets what its timer says, whichever is read first
             return self._timed_out_now(request)
-        success = message.get("success") is True
-        payload = message.get("payload")
-        try:
-            value = None if payload is None else self.hooks.loads(payload)
-            if success and request.on_result is not None:
-                value = request.on_result(value)
-        except Exception as exc:
-            success, value = False, ProxyError("result could not be decoded: %s" % (exc,))
-        request.finish(Result(success, value, self.connection_id, request.tag),
-                       self.client.alias)
+        self._settle(request, message.get("success") is True, message.get("payload"), True)
 
     # messages in
 
@@ -5375,18 +5394,11 @@ class _Connection(_Link):
 
     # the link
 
-    def close(self) -> bool:
-        """The Client closes: a connection with a resume token says goodbye
-        first, so that its sessions go at once. False if it had no wheel
-        left to close (it was down)."""
-        wheel = self.wheel
-        if self.token is not None and self.state == "up" and wheel is not None:
+    def _goodbye(self) -> None:
+        """The Client closes: with a resume token it says goodbye first, so
+        that its sessions go at once."""
+        if self.token is not None and self.state == "up" and self.wheel is not None:
             self._send({"type": "goodbye", "id": next(self.ids)})
-        self.state = "closed"
-        if wheel is None:
-            return False
-        wheel.close("client closed")
-        return True
 
     def rejoin(self, wheel: Wheel) -> None:
         """A reconnection is open: learn the server's limits, resume if it
@@ -5934,17 +5946,17 @@ class _NatsConnection(_Link):
             if kind == "subscribe" and state[1] is not None and \
                     time.monotonic() < state[1]:
                 return self._ask_again(request_id, state)
-            return self._settle(request_id, False, "Session '%s' doesn't exist" % state[0])
+            return self._answered(request_id, False, "Session '%s' doesn't exist" % state[0])
         if status is not None and status >= 400 or headers and \
                 "Nats-Service-Error-Code" in headers:
-            return self._settle(request_id, False, self._failure(payload, headers, status))
+            return self._answered(request_id, False, self._failure(payload, headers, status))
         if kind == "deliver":
-            return self._settle(request_id, True, payload, pickled=True)
+            return self._answered(request_id, True, payload, pickled=True)
         answer = _json_object(payload)
         if answer is None:
-            return self._settle(request_id, False, "a malformed answer to $SRV.INFO.%s: %s"
+            return self._answered(request_id, False, "a malformed answer to $SRV.INFO.%s: %s"
                                 % (state[0], _show(payload[:100])))
-        self._settle(request_id, True, answer)
+        self._answered(request_id, True, answer)
 
     def _failure(self, payload: bytes, headers: Optional[dict], status: Optional[int]) -> Any:
         """A failure's payload: the one a proxysession publisher pickled, or
@@ -5957,24 +5969,18 @@ class _NatsConnection(_Link):
         return (headers or {}).get("Nats-Service-Error") or \
             "the NATS service answered status %s" % status
 
-    def _settle(self, request_id: int, success: bool, value: Any,
-                pickled: bool = False) -> None:
-        """A request is answered: its value (a call's, unpickled here), or its failure."""
+    def _answered(self, request_id: int, success: bool, value: Any,
+                  pickled: bool = False) -> None:
+        """The request ``request_id`` is answered (_Link._settle): a call's
+        payload is unpickled there, a subscribe's answer becomes its method
+        table here."""
         request = self.pending.pop(request_id, None)
         kind = self.asked.pop(request_id, (None, None))[0]
         if request is None:
             return
-        try:
-            if pickled:
-                value = None if not value else self.hooks.loads(value)
-            if kind == "subscribe" and success:
-                value = _nats_method_table(value)
-            if success and request.on_result is not None:
-                value = request.on_result(value)
-        except Exception as exc:
-            success, value = False, ProxyError("result could not be decoded: %s" % (exc,))
-        request.finish(Result(success, value, self.connection_id, request.tag),
-                       self.client.alias)
+        if kind == "subscribe" and success:
+            value = _nats_method_table(value)
+        self._settle(request, success, value or None if pickled else value, pickled)
 
     # messages out
 
@@ -6017,14 +6023,14 @@ class _NatsConnection(_Link):
                 {NATS_TIMEOUT_HEADER: timeout_ms})
             subject = "%s.%s" % (alias, message["event"]) if _NATS_NAME.match(alias) else None
             if subject is None:
-                return self._settle(request_id, False, "Session '%s' doesn't exist" % alias)
+                return self._answered(request_id, False, "Session '%s' doesn't exist" % alias)
             return self._publish(subject, message["payload"], reply, headers)
         if kind == "subscribe":
             alias = message["to"]
             wait = message.get("wait")
             state = (alias, None if wait is None else time.monotonic() + wait)
             if not _NATS_NAME.match(alias):
-                return self._settle(request_id, False, "Session '%s' doesn't exist" % alias)
+                return self._answered(request_id, False, "Session '%s' doesn't exist" % alias)
             self.asked[request_id] = ("subscribe", state)
             return self._publish("$SRV.INFO.%s" % alias, b"", reply)
         if kind == "listing":
@@ -6051,13 +6057,13 @@ class _NatsConnection(_Link):
         if kind == "rescind":
             service = self.services.pop(publication["session_alias"], None)
             if service is None:
-                return self._settle(request_id, False, "Session '%s' is not published here"
+                return self._answered(request_id, False, "Session '%s' is not published here"
                                     % publication["session_alias"])
             for sid in service.sids:
                 self._unsubscribe(sid)
             # done once the server has taken the UNSUBs: no call comes after that
-            return self._ping(lambda: self._settle(request_id, True, None))
-        self._settle(request_id, True, None)      # a cancel: NATS has none to pass on
+            return self._ping(lambda: self._answered(request_id, True, None))
+        self._answered(request_id, True, None)      # a cancel: NATS has none to pass on
 
     def _ask_again(self, request_id: int, state: tuple) -> None:
         """A subscribe that waits for its alias looks again soon."""
@@ -6204,14 +6210,6 @@ class _NatsConnection(_Link):
         at = self.servers.index((self.address, self.port)) \
             if (self.address, self.port) in self.servers else -1
         self.address, self.port = self.servers[(at + 1) % len(self.servers)]
-
-    def close(self) -> bool:
-        wheel = self.wheel
-        self.state = "closed"
-        if wheel is None:
-            return False
-        wheel.close("client closed")
-        return True
 
     def rejoin(self, wheel: Wheel) -> None:
         """A reconnection is open: the server's INFO comes first (_learn),
@@ -6656,37 +6654,53 @@ class Client:
         servers, credentials = _nats_servers(urls)
         reactor = self.reactor
         connection_id = next(self._connection_ids)
-        failures = []
+        failures: List[str] = []
         for at in range(len(servers)):
-            address, port = servers[at]
-            connection = _NatsConnection(self, self._hooks, connection_id,
-                                         servers[at:] + servers[:at], credentials, timeout)
-            outcome: list = []
-
-            def open_wheel(sock):
-                connection.opening = outcome    # a PONG puts None here, a failure its error
-                self._connections[connection_id] = connection
-                return connection.open_wheel(sock, lambda wheel: None)
-
+            outcome: list = []         # a PONG puts None here, a failure its error
+            connection = self._nats_try(connection_id, servers, at, credentials, timeout,
+                                        outcome)
             try:
-                wheel = reactor.call_in_loop(open_wheel, _dial(address, port)[0])
+                sock = _dial(connection.address, connection.port)[0]
             except OSError as exc:
-                failures.append("nats://%s:%s: %s" % (address, port, exc))
+                failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
                 continue
+            wheel = reactor.call_in_loop(self._nats_open, connection, sock)
             if not reactor.run_until(outcome.__len__, timeout):
                 outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
                                             % timeout))
-            if outcome[0] is None and reactor.call_in_loop(self._connected, connection):
+            if reactor.call_in_loop(self._nats_opened, connection, wheel, outcome, failures):
                 return connection_id
-            reactor.call_in_loop(wheel.close, "connect check failed")
-            self._connections.pop(connection_id, None)
-            why = next((error for error in outcome if error is not None),
-                       ConnectError("the connection closed as it opened"))
-            if isinstance(why, AuthenticationError):
-                return self._connect_failed(address, port, why)
-            failures.append("nats://%s:%s: %s" % (address, port, why))
         return self._connect_failed(_nats_urls(servers), None, ConnectError(
             "cannot connect to NATS: %s" % "; ".join(failures)))
+
+    def _nats_try(self, connection_id: int, servers: List[Tuple[str, int]], at: int,
+                  credentials: dict, timeout: Optional[float], outcome: list) -> "_NatsConnection":
+        """connect()'s try of the server ``at`` (the others after it, to
+        reconnect to); ``outcome`` says how the opening went."""
+        connection = _NatsConnection(self, self._hooks, connection_id,
+                                     servers[at:] + servers[:at], credentials, timeout)
+        connection.opening = outcome
+        return connection
+
+    def _nats_open(self, connection: "_NatsConnection", sock: socket.socket) -> Wheel:
+        self._connections[connection.connection_id] = connection
+        return connection.open_wheel(sock, lambda wheel: None)
+
+    def _nats_opened(self, connection: "_NatsConnection", wheel: Wheel, outcome: list,
+                     failures: List[str]) -> bool:
+        """After a try: True if the connection is up; else it is closed, and
+        why is among ``failures`` (an authentication error is raised: the
+        next server would say the same)."""
+        if outcome[0] is None and self._connected(connection):
+            return True
+        wheel.close("connect check failed")
+        self._connections.pop(connection.connection_id, None)
+        why = next((error for error in outcome if error is not None),
+                   ConnectError("the connection closed as it opened"))
+        if isinstance(why, AuthenticationError):
+            self._connect_failed(connection.address, connection.port, why)
+        failures.append("nats://%s:%s: %s" % (connection.address, connection.port, why))
+        return False
 
     def _why_first_request_failed(self, exc: ProxyError, connection: _Connection) -> ProxyError:
         """What to tell connect()'s caller when the first request failed."""
@@ -7619,21 +7633,18 @@ class AsyncClient(Client):
         import asyncio
         servers, credentials = _nats_servers(urls)
         connection_id = next(self._connection_ids)
-        failures = []
+        failures: List[str] = []
         for at in range(len(servers)):
-            address, port = servers[at]
-            connection = _NatsConnection(self, self._hooks, connection_id,
-                                         servers[at:] + servers[:at], credentials, timeout)
-            try:
-                sock = (await self._dial(address, port))[0]
-            except OSError as exc:
-                failures.append("nats://%s:%s: %s" % (address, port, exc))
-                continue
             opened = self.reactor.loop.create_future()
-            connection.opening = outcome = _Outcome(
-                lambda: opened.done() or opened.set_result(None))
-            self._connections[connection_id] = connection
-            wheel = connection.open_wheel(sock, lambda wheel: None)
+            outcome = _Outcome(lambda: opened.done() or opened.set_result(None))
+            connection = self._nats_try(connection_id, servers, at, credentials, timeout,
+                                        outcome)
+            try:
+                sock = (await self._dial(connection.address, connection.port))[0]
+            except OSError as exc:
+                failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
+                continue
+            wheel = self._nats_open(connection, sock)
             try:
                 await asyncio.wait_for(opened, timeout)
             except asyncio.TimeoutError:
@@ -7643,15 +7654,8 @@ class AsyncClient(Client):
                 wheel.close("connect() was cancelled")
                 self._connections.pop(connection_id, None)
                 raise
-            if outcome[0] is None and self._connected(connection):
+            if self._nats_opened(connection, wheel, outcome, failures):
                 return connection_id
-            wheel.close("connect check failed")
-            self._connections.pop(connection_id, None)
-            why = next((error for error in outcome if error is not None),
-                       ConnectError("the connection closed as it opened"))
-            if isinstance(why, AuthenticationError):
-                return self._connect_failed(address, port, why)
-            failures.append("nats://%s:%s: %s" % (address, port, why))
         return self._connect_failed(_nats_urls(servers), None, ConnectError(
             "cannot connect to NATS: %s" % "; ".join(failures)))
 

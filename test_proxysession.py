@@ -6835,17 +6835,18 @@ class FakeNats:
                 return
 
     def stop(self):
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        for sock in [self.listener] + self.sockets:
+            shut_down(sock)            # (wakes the threads in accept() and recv())
         self.listener.close()
-        for sock in self.sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         join_all(self.threads)
+
+
+def shut_down(sock):
+    """Shut a socket down both ways, whatever state it is in."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def test_a_nats_server_that_sends_bad_input_is_left_and_the_link_comes_back(make_client):
