@@ -35,7 +35,9 @@ ever decoding what callers pass or what methods return. Peers that both offer
 it send calls and answers in a compact envelope instead, a 17-byte binary
 header before the payload, which the server routes without unpickling even
 the envelope. The server unpickles with no globals at all; clients unpickle
-with an allow-list of plain value classes.
+with an allow-list of plain value classes. A Client may connect to a NATS
+server or cluster instead (``connect("nats://HOST:PORT")``): the same API,
+each publication a NATS service.
 
 Contents, in the order the data flows:
 
@@ -58,6 +60,8 @@ Contents, in the order the data flows:
                     limit, sent or queued, timed out, answered; the link:
                     reconnection, heartbeats, resumption, calls that wait
                     for their alias after a reconnection
+- nats              the same over a NATS server or cluster: its protocol,
+                    publications as ADR-32 services, calls as requests
 - client            Client: connect, publications and the calls it serves,
                     subscriptions, and the requests users make
 - proxy             Proxy, proxy_event
@@ -2170,15 +2174,31 @@ class Wheel:
     def _connected(self):
         _configure_socket(self.sock)
         if self._ssl_context is not None:
-            self.phase = _TLS
-            self._tls = True
-            self.sock = self._ssl_context.wrap_socket(
-                self.sock, server_side=self._server_side, do_handshake_on_connect=False,
-                server_hostname=None if self._server_side else self._server_hostname)
-            self._set_events(_EVENT_READ | _EVENT_WRITE)
-            self._tls_handshake()
+            self._start_tls()
         else:
             self._start_auth()
+
+    def _start_tls(self):
+        self.phase = _TLS
+        self._tls = True
+        self.sock = self._ssl_context.wrap_socket(
+            self.sock, server_side=self._server_side, do_handshake_on_connect=False,
+            server_hostname=None if self._server_side else self._server_hostname)
+        self._set_events(_EVENT_READ | _EVENT_WRITE)
+        self._tls_handshake()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: Optional[str],
+                  timeout: Optional[float], on_open: Callable) -> None:
+        """Upgrade an open connection to TLS, for a protocol that first
+        speaks in the clear (NATS sends its INFO so): once the handshake is
+        done, ``on_open(wheel)``; past ``timeout`` seconds, it closes."""
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
+        self.on_open = on_open
+        if timeout is not None:
+            self._handshake_timer = self.reactor.call_later(timeout, self._handshake_expired,
+                                                            timeout)
+        self._start_tls()
 
     def _tls_handshake(self):
         try:
@@ -5911,13 +5931,32 @@ class _NatsConnection(_Link):
                      self.wheel.peer)
             self.servers.remove((self.address, self.port))
             self.servers.append((self.address, self.port))
-        if self.greeted is self.wheel:
+        wheel = self.wheel
+        if self.greeted is wheel or not wheel.is_open:
             return                     # an update (the cluster changed): nothing to answer
-        self.greeted = self.wheel
         if info.get("headers") is not True:
-            return self.wheel.close("the NATS server at %s does not take headers (NATS 2.2 "
-                                    "or newer does)" % self.wheel.peer)
-        connect = {"verbose": False, "pedantic": False, "tls_required": False,
+            return wheel.close("the NATS server at %s does not take headers (NATS 2.2 or "
+                               "newer does)" % wheel.peer)
+        context = self.client.ssl_context
+        offers_tls = info.get("tls_required") is True or info.get("tls_available") is True
+        if context is None and info.get("tls_required") is True:
+            error = ConnectError("the NATS server at %s requires TLS: give the Client an "
+                                 "ssl_context" % wheel.peer)
+            return wheel.close(str(error), error=error)
+        if context is not None and not offers_tls:
+            error = ConnectError("the NATS server at %s offers no TLS, and this Client has an "
+                                 "ssl_context: it will not speak in the clear" % wheel.peer)
+            return wheel.close(str(error), error=error)
+        if context is not None:        # TLS now, then CONNECT inside it
+            return wheel.start_tls(context, self.address, self.timeout, self._greet)
+        self._greet(wheel)
+
+    def _greet(self, wheel: Wheel) -> None:
+        """CONNECT, our subscriptions, and the PING whose PONG says the
+        server took them all."""
+        self.greeted = wheel           # (from now on a new subscription goes at once)
+        connect = {"verbose": False, "pedantic": False,
+                   "tls_required": self.client.ssl_context is not None,
                    "name": self.client.alias, "lang": "python-proxysession",
                    "version": __version__, "protocol": 1, "headers": True,
                    "no_responders": True}

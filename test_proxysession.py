@@ -7079,3 +7079,28 @@ def test_where_nats_differs_from_a_proxysession_server_each_rule_holds(nats_serv
     assert caller.reactor.run_until(lambda: answers, WAIT)
     assert isinstance(answers[0].payload, proxysession.CallTimeout)          # N3
     held.gate.set()
+
+
+def test_tls_to_a_nats_server_and_the_mismatches_are_named(make_client, tls, tmp_path):
+    # what is tried: a nats-server that requires TLS (it says so in its INFO,
+    # in the clear, then takes the handshake); a Client with the CA's
+    # ssl_context connects, publishes and calls through it; one without is
+    # told that the server requires TLS; one with TLS against a server
+    # without it is refused rather than speak in the clear
+    _, client_context, cert, key = tls
+    config = tmp_path / "tls.conf"
+    config.write_text('tls {\n  cert_file: "%s"\n  key_file: "%s"\n}\n' % (cert, key))
+    secure, plain = NatsServer("-c", str(config)), NatsServer()
+    try:
+        client = make_client(ssl_context=client_context)
+        conn = client.connect(*secure.address)
+        client.publish(conn, "Echo", Echo())
+        assert client.subscribe(conn, "Echo").echo(b"x" * 100000) == b"x" * 100000
+        with pytest.raises(proxysession.ConnectError, match="requires TLS: give the Client "
+                                                            "an ssl_context"):
+            make_client().connect(*secure.address)
+        with pytest.raises(proxysession.ConnectError, match="offers no TLS"):
+            client.connect(*plain.address)
+    finally:
+        secure.stop()
+        plain.stop()
