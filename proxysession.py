@@ -6483,8 +6483,10 @@ class _Served:
 class Client:
     """Connections to proxysession servers, after POEx::ProxySession::Client.
 
-    For the caller: ``connect``, ``publish``, ``rescind``, ``subscribe``,
-    ``unsubscribe``, ``server_listing``, ``close``; each request blocks until
+    For the caller: ``connect`` (to a proxysession server, or to a NATS
+    server or cluster: ``"nats://HOST:PORT[,...]"``), ``publish``,
+    ``rescind``, ``subscribe``, ``unsubscribe``, ``server_listing``,
+    ``close``; each request blocks until
     its answer (driving the reactor meanwhile) and returns the payload or
     raises, or, given ``callback=``, returns at once and calls
     ``callback(Result)`` later. A request's ``timeout=`` is in seconds (None:
