@@ -5524,6 +5524,8 @@ class _Connection(_Link):
 NATS_MAX_LINE = 64 * 1024         # bytes in one control line from a NATS server: an INFO
                                   # lists the cluster's URLs, a MSG line two subjects
 NATS_MAX_HEADERS = 64 * 1024      # bytes in one message's header block
+NATS_MAX_SERVERS = 64             # servers a cluster's INFO may add to the ones given: a
+                                  # hostile one must not make reconnecting walk thousands
 NATS_MAX_PAYLOAD = 64 * 1024 * 1024   # a server's max_payload above this is taken as this:
                                   # what one message may make this client hold
 NATS_DISCOVERY = 0.25             # seconds a listing gathers $SRV.PING answers after the
@@ -5534,6 +5536,7 @@ NATS_QUEUE_GROUP = "q"            # the queue group of every endpoint (ADR-32's 
 NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.md 10.3)
 
 _NATS_NAME = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % MAX_NAME)   # a service's name (ADR-32)
+_NATS_TOKEN = _NATS_NAME          # ... and a method's, one token of its endpoint's subject
 _NATS_OPS = {b"MSG", b"HMSG", b"PING", b"PONG", b"+OK", b"-ERR", b"INFO"}
 
 
@@ -5543,13 +5546,18 @@ def _nats_servers(text: str) -> Tuple[List[Tuple[str, int]], dict]:
     of the credentials the first of them with any gives (percent-escapes
     undone). Raises ``ValueError``, which never quotes a credential."""
     servers, credentials = [], {}
-    for url in text.split(","):
+    urls = text.split(",")
+    for number, url in enumerate(urls, 1):
         url = url.strip()
-        if not url.startswith("nats://"):
-            raise ValueError("a NATS address is nats://HOST:PORT, not %r"
-                             % (url.rpartition("@")[2],))
         userinfo, _, where = url[len("nats://"):].rpartition("@")
-        host, port = _parse_host_port(where)
+        try:
+            if not url.startswith("nats://"):
+                raise ValueError("no nats://")
+            host, port = _parse_host_port(where)
+        except ValueError:             # (its words may quote a password: not these)
+            raise ValueError("NATS address %d of %d is not nats://[USER:PASSWORD@]HOST:PORT "
+                             "(a ',' in a password is written %%2C)" % (number, len(urls))) \
+                from None
         servers.append((host, 4222 if port is None else port))
         if userinfo and not credentials:
             user, colon, password = userinfo.partition(":")
@@ -5580,23 +5588,27 @@ def _nats_header_block(block: bytes) -> Tuple[Optional[int], Dict[str, str]]:
         if not colon:
             raise ProtocolError("a NATS header without a colon: %s" % _show(line[:64]))
         headers.setdefault(name.strip(), value.strip())
-    return (int(code) if code.isdigit() and len(code) == 3 else None), headers
+    return (int(code) if code.isascii() and code.isdigit() and len(code) == 3 else None), \
+        headers
 
 
 class _NatsFilter:
     """Bytes from a NATS server -> its operations, for a Wheel (``framing``):
     ``("MSG", subject, sid, reply, status, headers, payload)`` for MSG and
     HMSG (status and headers None for MSG), ``("INFO", dict)``, ``("PING",)``,
-    ``("PONG",)``, ``("+OK",)``, ``("-ERR", text)``. A control line longer
-    than NATS_MAX_LINE, a payload longer than the server's max_payload or
-    without its CRLF, or anything else malformed sets ``broken`` (the wheel
-    closes); parsing costs one pass over the bytes."""
+    ``("PONG",)``, ``("+OK",)``, ``("-ERR", text)``. A message whose header
+    block is malformed (any NATS client can send one: the server passes it
+    on) is ``("BAD", subject, sid, reply, why)``. A control line longer than
+    NATS_MAX_LINE, a payload longer than the server's max_payload or without
+    its CRLF, or anything else malformed in the server's own framing sets
+    ``broken`` (the wheel closes); parsing costs one pass over the bytes."""
 
-    __slots__ = ("buffer", "scanned", "broken", "max_payload", "handshake_frames")
+    __slots__ = ("buffer", "scanned", "needed", "broken", "max_payload", "handshake_frames")
 
     def __init__(self):
         self.buffer = bytearray()
         self.scanned = 0               # bytes of an unfinished line already looked through
+        self.needed = 0                # bytes the message begun at the buffer's start takes
         self.broken: Optional[ProtocolError] = None
         self.max_payload = NATS_MAX_PAYLOAD      # until INFO says
         self.handshake_frames = 0                # (the Wheel's authkey handshake: none here)
@@ -5614,6 +5626,9 @@ class _NatsFilter:
         if self.broken is not None:    # (handed on with what came before it: now the end)
             raise self.broken
         buffer = self.buffer
+        if len(buffer) < self.needed:  # (a payload still coming is not parsed again)
+            return []
+        self.needed = 0
         ops: list = []
         at = 0
         try:
@@ -5633,8 +5648,9 @@ class _NatsFilter:
                 verb = verb.upper()
                 if verb == b"MSG" or verb == b"HMSG":
                     op = self._message(verb, rest, buffer, end + 2)
-                    if op is None:
-                        break          # its payload is not all in yet
+                    if type(op) is int:
+                        self.needed = op - at   # its payload is not all in yet
+                        break
                     ops.append(op[0])
                     at = op[1]
                     continue
@@ -5682,15 +5698,18 @@ class _NatsFilter:
                                                             self.max_payload))
         end = start + total
         if len(buffer) < end + 2:
-            return None
+            return end + 2             # where it will end
         if buffer[end:end + 2] != b"\r\n":
             raise ProtocolError("a NATS %s longer than announced (%d bytes)"
                                 % (verb.decode(), total))
-        status = headers = None
-        if headed:
-            status, headers = _nats_header_block(bytes(buffer[start:start + header_size]))
         subject = fields[0].decode("utf-8", "replace")
         reply = fields[2].decode("utf-8", "replace") if len(fields) == len(sizes) + 3 else None
+        status = headers = None
+        if headed:
+            try:
+                status, headers = _nats_header_block(bytes(buffer[start:start + header_size]))
+            except ProtocolError as exc:       # its sender's, not the server's: this one goes
+                return ("BAD", subject, fields[1], reply, str(exc)), end + 2
         return ("MSG", subject, fields[1], reply, status, headers,
                 bytes(buffer[start + header_size:end])), end + 2
 
@@ -5799,14 +5818,16 @@ class _NatsConnection(_Link):
     of the servers it knows, those the cluster told it of (connect_urls)
     among them, subscribes again, then sends what was queued."""
 
-    __slots__ = ("servers", "credentials", "inbox", "sids", "subscriptions", "services",
-                 "asked", "serving", "call_ids", "max_payload", "greeted", "pongs")
+    __slots__ = ("given", "servers", "credentials", "inbox", "sids", "subscriptions",
+                 "services", "asked", "serving", "serving_bytes", "call_ids", "max_payload",
+                 "greeted", "pongs")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
                  servers: List[Tuple[str, int]], credentials: dict, timeout: Optional[float]):
         super().__init__(client, hooks, connection_id, servers[0][0], servers[0][1], None,
                          timeout)
-        self.servers = servers         # (host, port) to try, in turn
+        self.given = list(servers)     # (host, port) of the URLs connect() was given,
+        self.servers = servers         # ... and those the cluster told of: tried in turn
         self.credentials = credentials  # CONNECT's user and pass, or auth_token
         self.deadlines = True          # a call's timeout travels as a header
         self.inbox = "_INBOX.%s" % secrets.token_hex(11)
@@ -5816,7 +5837,8 @@ class _NatsConnection(_Link):
         self.services: Dict[str, _NatsService] = {}
         self.asked: Dict[int, Tuple[str, Any]] = {}     # request id -> (its kind, its state)
         # call id -> (reply subject, service, method, when it came): calls served here
-        self.serving: Dict[int, Tuple[str, _NatsService, str, float]] = {}
+        self.serving: Dict[int, Tuple[str, _NatsService, str, float, int]] = {}
+        self.serving_bytes = 0         # the payloads of those calls
         self.call_ids = itertools.count(1)
         self.max_payload = NATS_MAX_PAYLOAD      # until INFO says
         self.greeted: Optional[Wheel] = None     # the wheel our CONNECT went on
@@ -5890,6 +5912,9 @@ class _NatsConnection(_Link):
             subscription = self.subscriptions.get(op[2])
             if subscription is not None:
                 subscription[2](op)
+        elif kind == "BAD":            # (one message, from whichever client sent it)
+            log.debug("%s: dropped a NATS message on %s: %s", self.client.alias,
+                      _show(op[1], 100), op[4])
         elif kind == "PING":
             self._write("PONG")
         elif kind == "PONG":
@@ -5918,13 +5943,19 @@ class _NatsConnection(_Link):
         limit = info.get("max_payload")
         if type(limit) is int and 0 < limit:
             self.max_payload = min(limit, NATS_MAX_PAYLOAD)
-        for url in info.get("connect_urls") or ():
-            try:
-                server = _nats_servers("nats://" + url.split("://")[-1])[0][0]
-            except (ValueError, AttributeError):
-                continue               # (not a str, or not host:port: not ours to use)
-            if server not in self.servers:
-                self.servers.append(server)
+        urls = info.get("connect_urls")
+        if type(urls) is list:         # the cluster now: it replaces what it said before
+            known = set(self.given)
+            told = []
+            for url in urls[:NATS_MAX_SERVERS]:
+                try:
+                    server = _nats_servers("nats://" + url.split("://")[-1])[0][0]
+                except (ValueError, AttributeError):
+                    continue           # (not a str, or not host:port: not ours to use)
+                if server not in known:
+                    known.add(server)
+                    told.append(server)
+            self.servers = self.given + told
         if info.get("ldm") is True and (self.address, self.port) in self.servers:
             # it will close its clients soon: the next connection goes elsewhere
             log.info("%s: NATS server %s is entering lame duck mode", self.client.alias,
@@ -5970,7 +6001,8 @@ class _NatsConnection(_Link):
         """A reply in our inbox: it settles the request it answers."""
         _, subject, _, _, status, headers, payload = op
         token = subject[len(self.inbox) + 1:]
-        request_id = int(token) if token.isdigit() and len(token) < 19 else None
+        request_id = int(token) if token.isascii() and token.isdigit() and len(token) < 19 \
+            else None
         asked = self.asked.get(request_id)
         request = self.pending.get(request_id)
         if asked is None or request is None:
@@ -6155,9 +6187,9 @@ class _NatsConnection(_Link):
         methods = publication["methods"]
         shared = publication.get("shared") is True
         if not free:
-            joins = shared and answer is not None and \
-                (answer.get("metadata") or {}).get("shared") == "true" and \
-                sorted(_nats_method_table(answer)["methods"]) == sorted(methods)
+            metadata = answer.get("metadata") if answer is not None else None
+            joins = shared and type(metadata) is dict and metadata.get("shared") == "true" \
+                and sorted(_nats_method_table(answer)["methods"]) == sorted(methods)
             if not joins:
                 return request.finish(Result(False, "Session '%s' already exists" % alias,
                                              self.connection_id, request.tag),
@@ -6171,7 +6203,7 @@ class _NatsConnection(_Link):
             for subject in ("$SRV.%s" % kind, "$SRV.%s.%s" % (kind, alias),
                             "$SRV.%s.%s.%s" % (kind, alias, service.id)):
                 service.sids.append(self._subscribe(subject, None, lambda op, kind=kind: (
-                    op[3] and self._publish(op[3], json.dumps(service.answer(
+                    op[3] and self._reply(op[3], json.dumps(service.answer(
                         kind.lower())).encode("utf-8")))))
         value = alias
         if request.on_result is not None:
@@ -6181,47 +6213,80 @@ class _NatsConnection(_Link):
     # calls served here
 
     def _on_call(self, service: _NatsService, op: tuple) -> None:
-        """A request to an endpoint: the Client serves it as a deliver (its
-        payload names the method; the subject's last token counts it)."""
+        """A request to an endpoint ALIAS.METHOD: the Client serves it as a
+        deliver of METHOD (a payload that names another fails), within
+        bounds on the calls waiting here (MAX_WAITING_CALLS, and
+        max_write_buffer bytes of their payloads)."""
         _, subject, _, reply, _, headers, payload = op
-        if reply is None or self.services.get(service.alias) is not service:
-            return                     # (nobody to answer, or rescinded meanwhile)
+        if reply is None:
+            return                     # (nobody to answer)
+        if self.services.get(service.alias) is not service:     # rescinded meanwhile
+            return self._refuse(reply, "Session '%s' doesn't exist" % service.alias, 503)
+        if len(self.serving) >= MAX_WAITING_CALLS or \
+                self.serving_bytes + len(payload) > self.client.max_write_buffer:
+            return self._refuse(reply, "Session '%s' is busy: %d calls wait for it"
+                                % (service.alias, len(self.serving)), 503)
         call_id = next(self.call_ids)
         method = subject[len(service.alias) + 1:]
-        self.serving[call_id] = (reply, service, method, time.monotonic())
+        self.serving[call_id] = (reply, service, method, time.monotonic(), len(payload))
+        self.serving_bytes += len(payload)
         if method in service.stats:
             service.stats[method][0] += 1
-        message = {"type": "deliver", "id": call_id, "to": service.alias, "payload": payload}
+        message = {"type": "deliver", "id": call_id, "to": service.alias, "payload": payload,
+                   "event": method}
         timeout_ms = (headers or {}).get(NATS_TIMEOUT_HEADER, "")
-        if timeout_ms.isdigit() and len(timeout_ms) < 12:
+        if timeout_ms.isascii() and timeout_ms.isdigit() and len(timeout_ms) < 12:
             message["timeout_ms"] = int(timeout_ms)
         self.hooks.message(message, self)
 
+    def _refuse(self, reply: str, why: str, code: int) -> None:
+        """Answer a call that is not served here, with why."""
+        self._reply(reply, _dumps(why), _nats_headers(
+            {"Nats-Service-Error": why, "Nats-Service-Error-Code": code}))
+
+    def _reply(self, reply: str, payload: bytes, headers: Optional[bytes] = None) -> None:
+        """An answer (a call's, a $SRV request's) to a reply subject; one over
+        the server's max_payload is logged and dropped (sent, the server
+        would close the connection): its asker times out."""
+        try:
+            self._publish(reply, payload, None, headers)
+        except FrameTooLarge as error:
+            log.warning("%s: an answer not sent over NATS: %s", self.client.alias, error)
+
     def answer(self, wheel: Wheel, call_id: Any, success: bool, payload: bytes) -> None:
         """Answer a call served here: the result's payload, and a failure's
-        Nats-Service-Error headers (ADR-32)."""
+        Nats-Service-Error headers (ADR-32). One over the server's
+        max_payload fails the call instead, with the sizes."""
         serving = self.serving.pop(call_id, None)
         if serving is None or wheel is not self.wheel:
             return
-        reply, service, method, started = serving
+        reply, service, method, started, size = serving
+        self.serving_bytes -= size
         counts = service.stats.get(method) or [0, 0, 0, ""]    # (a method not published)
         counts[2] += int((time.monotonic() - started) * 1e9)
-        if len(payload) > self.max_payload - NATS_MAX_HEADERS // 16:
+        if success and len(payload) <= self.max_payload:
+            return self._reply(reply, payload)
+        if success:
             success, payload = False, _dumps(
                 "Result of %d bytes exceeds the max_payload of the NATS server (%d bytes)"
                 % (len(payload), self.max_payload))
-        if success:
-            return self._publish(reply, payload)
         code, counts[3] = _nats_failure(payload, self.hooks.loads)
         counts[1] += 1
-        self._publish(reply, payload, None, _nats_headers(
-            {"Nats-Service-Error": counts[3], "Nats-Service-Error-Code": code}))
+        headers = _nats_headers({"Nats-Service-Error": counts[3], "Nats-Service-Error-Code": code})
+        if len(payload) + len(headers) > self.max_payload:     # (a failure as large)
+            payload = _dumps("Result of %d bytes exceeds the max_payload of the NATS server "
+                             "(%d bytes)" % (len(payload), self.max_payload))
+        self._reply(reply, payload, headers)
 
     # what a Client asks of any connection
 
     def call_message(self, alias: str, event: str, payload: bytes,
                      timeout: Optional[float]) -> dict:
-        """A call: its endpoint is ALIAS.EVENT; its timeout goes as a header."""
+        """A call: its endpoint is ALIAS.EVENT; its timeout goes as a header.
+        Raises ``ProxyError`` for a method name no subject token can carry."""
+        if type(event) is not str or not _NATS_TOKEN.match(event):
+            raise ProxyError("Unable to post '%s' to '%s': over NATS a method's name is "
+                             "letters, digits, '-' and '_'" % (_quote(event), _quote(alias)))
         message = {"type": "deliver", "to": alias, "event": event, "payload": payload}
         if timeout is not None and 0 < timeout <= MAX_CALL_TIMEOUT_MS / 1000:
             message["timeout_ms"] = math.ceil(timeout * 1000)
@@ -6239,6 +6304,13 @@ class _NatsConnection(_Link):
         self.pongs.clear()
         self.asked.clear()             # (their requests fail: the replies would not come)
         self.serving.clear()           # (their callers were told nothing: they time out)
+        self.serving_bytes = 0
+        # the services go with the server that carried them: once back, the
+        # Client publishes them again (its restore), checked as any publish
+        for service in self.services.values():
+            for sid in service.sids:
+                self.subscriptions.pop(sid, None)
+        self.services.clear()
 
     def lost(self, reason: str) -> ProxyError:
         failure = super().lost(reason)
@@ -6257,11 +6329,14 @@ class _NatsConnection(_Link):
             wheel.close("client closed")
 
     def _back(self) -> None:
-        """Made again: what was queued meanwhile goes, in order."""
+        """Made again: the Client publishes and subscribes again (each
+        publish checked, 10.2, as any), then what was queued meanwhile goes,
+        in order."""
         self.state = "up"
         self.attempt = 0
         self.seen = self.wheel.reads
         self.pinged = False
+        self.hooks.restore(self, [])
         for request_id in list(self.queued):
             message = self.queued.pop(request_id)
             if request_id not in self.pending:
@@ -6287,8 +6362,13 @@ class _NatsConnection(_Link):
 
     def set_up(self, message: dict, then: Callable[[Result], None],
                timeout: Any = CLIENT_TIMEOUT) -> None:
-        """(A proxysession server's set-up requests have no NATS equivalent:
-        the connection makes its subscriptions again itself.)"""
+        """A request of the Client's restore (a publication made again): sent
+        now, ``then(result)`` with its answer."""
+        try:
+            self.request(_Request(self.connection_id, None, then, None, self.timeout
+                                  if timeout is CLIENT_TIMEOUT else timeout), message)
+        except ProxyError as exc:
+            then(Result(False, exc, self.connection_id))
 
 
 # ---------------------------------------------------------------------------
@@ -6439,6 +6519,9 @@ class _Served:
                 raise TypeError("args must be a list and kwargs a dict")
         except Exception as exc:
             return False, _dumps("Malformed call: %s" % _text(exc, None))
+        if "event" in message and message["event"] != event:     # (over NATS: the subject's)
+            return False, _dumps("Malformed call: sent to the endpoint of '%s', it calls '%s'"
+                                 % (_quote(message["event"]), _quote(event)))
         if publication is None or event not in publication.methods:
             return False, _dumps("Unable to post '%s' to '%s'" % (_quote(event),
                                                                   _quote(message.get("to"))))

@@ -6763,9 +6763,6 @@ BAD_NATS = [
     (b"MSG foo 1 99999999999999999\r\n", "bad byte count"),
     (b"HMSG foo 1 10 5\r\n", "exceeds the server's max_payload"),
     (b"MSG foo 1 5\r\nhelloXX\r\n", "longer than announced"),
-    (b"HMSG foo 1 12 12\r\nNATS/1.1\r\n\r\n\r\n", "without its NATS/1.0 line"),
-    (b"HMSG foo 1 14 14\r\nNATS/1.0\r\nX: 1\r\n", "without its NATS/1.0 line or its end"),
-    (b"HMSG foo 1 21 21\r\nNATS/1.0\r\nnocolon\r\n\r\n\r\n", "header without a colon"),
     (b"HELLO there\r\n", "unknown NATS operation"),
     (b"PUB x 1" + b" " * (70 * 1024), "control line longer than"),
     (b'INFO {"max_payload":4}\r\nMSG foo 1 5\r\nhello\r\n', "exceeds the server's max_payload"),
@@ -6784,6 +6781,25 @@ def test_bad_input_from_a_nats_server_is_named_and_nothing_after_it_is_read(data
     assert ops[0] == ("PING",) and ("PING",) not in ops[1:]
     with pytest.raises(ProtocolError, match=re.escape(words)):
         framing.get_frames()                  # (as the wheel that reads it asks next)
+
+
+def test_a_message_whose_header_block_is_malformed_is_dropped_alone():
+    # what is tried: header blocks without their NATS/1.0 line, without their
+    # end, with a header without a colon, with a status of non-ASCII digits:
+    # any NATS client can send these (the server passes them on), so each is
+    # that one message's fault, and what follows it is read
+    framing = proxysession._NatsFilter()
+    status = "NATS/1.0 \u00b2\u00b2\u00b2\r\n\r\n".encode()
+    framing.get_one_start(b"HMSG foo 1 12 12\r\nNATS/1.1\r\n\r\n\r\n"
+                          b"HMSG foo 1 r 16 16\r\nNATS/1.0\r\nX: 1\r\n\r\n"
+                          b"HMSG foo 1 21 21\r\nNATS/1.0\r\nnocolon\r\n\r\n\r\n"
+                          b"HMSG foo 1 %d %d\r\n%s\r\nPING\r\n" % (len(status), len(status),
+                                                                     status))
+    ops = framing.get_frames()
+    assert [op[0] for op in ops] == ["BAD", "BAD", "BAD", "MSG", "PING"]
+    assert "without its NATS/1.0 line" in ops[0][4] and ops[1][3] == "r"
+    assert "header without a colon" in ops[2][4]
+    assert ops[3][4] is None                   # (a status that is no number: none)
 
 
 class FakeNats:
@@ -6881,8 +6897,11 @@ def test_connect_to_what_is_no_nats_server_fails_with_the_reason(make_client, se
     closed.close()
     with pytest.raises(proxysession.ConnectError, match="cannot connect to NATS: nats://"):
         client.connect("nats://127.0.0.1:%d" % port)
-    with pytest.raises(ValueError, match="nats://HOST:PORT"):
+    with pytest.raises(ValueError, match="NATS address 2 of 2 is not nats://"):
         client.connect("nats://127.0.0.1:1,http://x:2")
+    with pytest.raises(ValueError) as raised:          # a password's ',' unescaped
+        client.connect("nats://alice:pa,ss@127.0.0.1:1")
+    assert "pa" not in str(raised.value).replace("password", "").replace("PASSWORD", "")
     assert "connections=0" in repr(client)
 
 
@@ -7104,3 +7123,199 @@ def test_tls_to_a_nats_server_and_the_mismatches_are_named(make_client, tls, tmp
     finally:
         secure.stop()
         plain.stop()
+
+
+class RawNats:
+    """A NATS client written here, by hand, as any program on the server
+    might be: it sends what it is told, however malformed."""
+
+    def __init__(self, url):
+        host, port = url[len("nats://"):].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=WAIT)
+        self.buffer = b""
+        assert self.line().startswith(b"INFO ")
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
+                          b'"no_responders":true,"protocol":1}\r\nPING\r\n')
+        while self.line() != b"PONG":
+            pass
+
+    def line(self):
+        while b"\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(65536)
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def message(self):
+        """The next MSG or HMSG: (subject, reply, header block, payload)."""
+        while True:
+            line = self.line()
+            if line == b"PING":
+                self.send(b"PONG\r\n")
+            elif line.startswith((b"MSG ", b"HMSG ")):
+                fields = line.split()
+                total = int(fields[-1])
+                head = int(fields[-2]) if fields[0] == b"HMSG" else 0
+                while len(self.buffer) < total + 2:
+                    self.buffer += self.sock.recv(65536)
+                body, self.buffer = self.buffer[:total], self.buffer[total + 2:]
+                reply = fields[3] if len(fields) == (6 if head else 5) else None
+                return fields[1], reply, body[:head], body[head:]
+
+    def close(self):
+        self.sock.close()
+
+
+def test_what_other_nats_clients_send_never_costs_a_client_its_connection(
+        nats_server, make_client, loop_threads):
+    # what is tried: another program on the NATS server sends the Client's
+    # publisher and caller messages with a header block without its NATS/1.0
+    # line, a header without a colon, a status of non-ASCII digits, a
+    # timeout header of a non-ASCII digit, and a reply to the caller's inbox
+    # under a token of one; then a call whose payload names another method
+    # than its endpoint. Each message is dropped or refused alone: nobody's
+    # connection goes, and calls go on
+    lost = []
+    tools = Tools()
+    publisher = make_client(reactor=proxysession.Reactor(),
+                            disconnected_event=lambda conn, error: lost.append(error))
+    publisher.publish(publisher.connect(*nats_server.address), "Tools", tools)
+    loop_threads(publisher.reactor)
+    caller = make_client(disconnected_event=lambda conn, error: lost.append(error))
+    conn = caller.connect(*nats_server.address)
+    proxy = caller.subscribe(conn, "Tools")
+    inbox = caller._connections[conn].inbox
+    other = RawNats(nats_server.url)
+    try:
+        for block in (b"XX\r\n\r\n", b"NATS/1.0\r\nnocolon\r\n\r\n",
+                      "NATS/1.0 \u00b2\u00b2\u00b2\r\n\r\n".encode(),
+                      "NATS/1.0\r\nProxysession-Timeout-Ms: \u00b2\r\n\r\n".encode()):
+            for subject in (b"Tools.add", inbox.encode() + b".1"):
+                other.send(b"HPUB %s %d %d\r\n%s\r\n" % (subject, len(block), len(block),
+                                                           block))
+        other.send("PUB %s.\u00b2 2\r\nhi\r\n".format().encode().replace(b"%s", inbox.encode()))
+        other.send(b"SUB _INBOX.other.* 1\r\nPUB Tools.add _INBOX.other.1 %d\r\n%s\r\n" % (
+            len(CALL_WHERE), CALL_WHERE))
+        _, _, headers, payload = other.message()
+        assert pickle.loads(payload) == ("Malformed call: sent to the endpoint of 'add', it "
+                                         "calls 'where'")
+        assert b"Nats-Service-Error-Code: 400" in headers
+        assert proxy.add(2, 3) == 5
+        assert lost == []
+    finally:
+        other.close()
+
+
+CALL_WHERE = pickle.dumps({"event": "where", "args": [], "kwargs": {}}, 4)
+
+
+def test_a_hostile_answer_to_a_shared_publish_check_fails_that_publish_at_once(
+        nats_server, make_client):
+    # what is tried: another program answers $SRV.INFO.Jobs with metadata that
+    # is no object; a shared publish of Jobs fails with "already exists" at
+    # once (it raised inside the answer's handling, and hung), and leaves
+    # nothing behind: publishing another alias works
+    other = RawNats(nats_server.url)
+    try:
+        other.send(b"SUB $SRV.INFO.Jobs 1\r\nPING\r\n")
+        while other.line() != b"PONG":
+            pass
+        client = make_client()
+        conn = client.connect(*nats_server.address)
+        answers = []
+        client.publish(conn, "Jobs", Tools(), shared=True, callback=answers.append)
+        _, reply, _, _ = other.message()
+        other.send(b'PUB %s 16\r\n{"metadata":"x"}\r\n' % reply)
+        assert client.reactor.run_until(lambda: answers, WAIT)
+        assert not answers[0].success and \
+            str(answers[0].payload) == "Session 'Jobs' already exists"
+        assert client.publish(conn, "Jobs2", Tools()) == "Jobs2"
+    finally:
+        other.close()
+
+
+def test_a_nats_publisher_back_from_a_lost_link_publishes_again_through_the_check(
+        nats_server, make_client, relays):
+    # what is tried: a publisher whose link (through a relay) is cut comes
+    # back by its other URL; meanwhile another program listens on its
+    # alias's $SRV.INFO; it publishes again as any publish (PROTOCOL.md
+    # 10.2, rule N4), so it is told (republish_error_event) instead of
+    # sharing the alias unasked (it subscribed its endpoints again as they
+    # were)
+    relay = relays(("127.0.0.1", nats_server.port))
+    refused, back = [], []
+    publisher = make_client(republish_error_event=lambda alias, conn, error: refused.append(
+        (alias, str(error))), reconnected_event=back.append)
+    conn = publisher.connect("nats://127.0.0.1:%d,%s" % (relay.port, nats_server.url))
+    publisher.publish(conn, "Greeter", Greeter())
+    other = RawNats(nats_server.url)
+    try:
+        other.send(b"SUB $SRV.INFO.Greeter 1\r\nPING\r\n")
+        while other.line() != b"PONG":
+            pass
+        relay.cut()                    # (other answers nothing: that it listens is enough)
+        assert publisher.reactor.run_until(lambda: refused, WAIT)
+        assert back == [conn]
+        assert refused == [("Greeter", "Session 'Greeter' already exists")]
+    finally:
+        other.close()
+
+
+def test_a_method_name_that_no_nats_subject_can_carry_is_refused_before_it_is_sent(
+        nats_server, make_client):
+    # what is tried: Client.deliver with a method name holding a CR LF and a
+    # second operation, and one with a space; neither reaches the server
+    # (the first would have published to a subject of its choosing)
+    client = make_client()
+    conn = client.connect(*nats_server.address)
+    client.publish(conn, "Greeter", Greeter())
+    for event in ("x 0\r\n\r\nPUB injected 5\r\nhello\r\nPUB z", "two words", ""):
+        with pytest.raises(proxysession.ProxyError, match="^Unable to post"):
+            client.deliver(conn, "Greeter", event)
+    assert client.subscribe(conn, "Greeter").hello("you") == "hello, you"
+
+
+def test_calls_waiting_at_a_nats_publisher_are_bounded_in_bytes(nats_server, make_client,
+                                                                loop_threads):
+    # what is tried: a publisher whose one worker is held, with a
+    # max_write_buffer of 1 MiB; calls of 300 KB each: those whose payloads
+    # fit wait, the next is refused at once as busy (they were held without
+    # bound: 1,000 calls of 500 KB took 492 MB)
+    tools = Tools()
+    publisher = make_client(reactor=proxysession.Reactor(), max_write_buffer=1 << 20)
+    publisher.publish(publisher.connect(*nats_server.address), "Tools", tools, workers=1)
+    loop_threads(publisher.reactor)
+    caller = make_client()
+    proxy = caller.subscribe(caller.connect(*nats_server.address), "Tools")
+    answers = []
+    for n in range(4):
+        proxy.held.post(b"x" * 300000, callback=answers.append)
+        if n == 0:
+            assert tools.started.acquire(timeout=WAIT)
+    assert caller.reactor.run_until(lambda: answers, WAIT)
+    assert len(answers) == 1 and not answers[0].success
+    assert "Session 'Tools' is busy: 3 calls wait for it" == str(answers[0].payload)
+    tools.gate.set()
+    assert caller.reactor.run_until(lambda: len(answers) == 4, WAIT)
+    assert all(answer.success for answer in answers[1:])
+
+
+def test_a_program_subscribed_to_every_subject_takes_the_503_away(nats_server, make_client):
+    # what is tried: rule N10: another program subscribes to '>' (as
+    # 'nats sub ">"' does while debugging); then a call to an alias nobody
+    # publishes waits out its timeout, and an exclusive publish is refused
+    other = RawNats(nats_server.url)
+    try:
+        other.send(b"SUB > 1\r\nPING\r\n")
+        while other.line() != b"PONG":
+            pass
+        client = make_client()
+        conn = client.connect(*nats_server.address)
+        with pytest.raises(proxysession.CallTimeout):
+            client.deliver(conn, "Nobody", "x", timeout=0.3)
+        with pytest.raises(proxysession.ProxyError, match="^Session 'Greeter' already exists$"):
+            client.publish(conn, "Greeter", Greeter())
+    finally:
+        other.close()
