@@ -7319,3 +7319,27 @@ def test_a_program_subscribed_to_every_subject_takes_the_503_away(nats_server, m
             client.publish(conn, "Greeter", Greeter())
     finally:
         other.close()
+
+
+def test_readme_nats_example_runs_as_written(nats_server, make_client):
+    # what is tried: README's publisher over NATS, run as written (its
+    # address that of the test's nats-server), and its two commands, whose
+    # output is what README shows
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Past one machine: NATS\n")[1].split("\n## ")[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    commands = re.findall(r"^\$ python3 proxysession.py (.*)\n((?:[^$`].*\n)*)", section, re.M)
+    assert len(commands) == 2
+    publisher = subprocess.Popen([sys.executable, "-c", code.replace(
+        "nats://127.0.0.1:4222", nats_server.url)], cwd=HERE)
+    try:
+        client = make_client()
+        client.subscribe(client.connect(*nats_server.address), "Greeter", wait=WAIT)
+        for command, output in commands:
+            done = subprocess.run([sys.executable, MODULE] + command.replace(
+                "nats://127.0.0.1:4222", nats_server.url).split(), capture_output=True,
+                text=True, timeout=WAIT)
+            assert (done.returncode, done.stdout) == (0, output), done.stderr
+    finally:
+        publisher.kill()
+        publisher.wait(WAIT)
