@@ -5524,6 +5524,8 @@ class _Connection(_Link):
 NATS_MAX_LINE = 64 * 1024         # bytes in one control line from a NATS server: an INFO
                                   # lists the cluster's URLs, a MSG line two subjects
 NATS_MAX_HEADERS = 64 * 1024      # bytes in one message's header block
+NATS_SCHEMES = ("nats://", "tls://")    # a connect() address that goes to NATS (tls://: TLS
+                                  # from the first byte, for a server with handshake_first)
 NATS_MAX_SERVERS = 64             # servers a cluster's INFO may add to the ones given: a
                                   # hostile one must not make reconnecting walk thousands
 NATS_MAX_PAYLOAD = 64 * 1024 * 1024   # a server's max_payload above this is taken as this:
@@ -5540,31 +5542,34 @@ _NATS_TOKEN = _NATS_NAME          # ... and a method's, one token of its endpoin
 _NATS_OPS = {b"MSG", b"HMSG", b"PING", b"PONG", b"+OK", b"-ERR", b"INFO"}
 
 
-def _nats_servers(text: str) -> Tuple[List[Tuple[str, int]], dict]:
+def _nats_servers(text: str) -> Tuple[List[Tuple[str, int]], dict, bool]:
     """``nats://[USER:PASSWORD@|TOKEN@]HOST:PORT[,nats://...]``: the (host,
-    port) of each (the port defaults to NATS's 4222), and the CONNECT fields
-    of the credentials the first of them with any gives (percent-escapes
-    undone). Raises ``ValueError``, which never quotes a credential."""
+    port) of each (the port defaults to NATS's 4222), the CONNECT fields of
+    the credentials the first of them with any gives (percent-escapes
+    undone), and whether they are ``tls://`` URLs instead: servers that take
+    the TLS handshake first (``handshake_first``). Raises ``ValueError``,
+    which never quotes a credential."""
     servers, credentials = [], {}
     urls = text.split(",")
+    scheme = "tls://" if text.strip().startswith("tls://") else "nats://"
     for number, url in enumerate(urls, 1):
         url = url.strip()
-        userinfo, _, where = url[len("nats://"):].rpartition("@")
+        userinfo, _, where = url[len(scheme):].rpartition("@")
         try:
-            if not url.startswith("nats://"):
-                raise ValueError("no nats://")
+            if not url.startswith(scheme):
+                raise ValueError("not all %s" % scheme)
             host, port = _parse_host_port(where)
         except ValueError:             # (its words may quote a password: not these)
-            raise ValueError("NATS address %d of %d is not nats://[USER:PASSWORD@]HOST:PORT "
-                             "(a ',' in a password is written %%2C)" % (number, len(urls))) \
-                from None
+            raise ValueError("NATS address %d of %d is not %s[USER:PASSWORD@]HOST:PORT (a ',' "
+                             "in a password is written %%2C; one list is all nats:// or all "
+                             "tls://)" % (number, len(urls), scheme)) from None
         servers.append((host, 4222 if port is None else port))
         if userinfo and not credentials:
             user, colon, password = userinfo.partition(":")
             credentials = {"user": urllib.parse.unquote(user),
                            "pass": urllib.parse.unquote(password)} if colon else \
                 {"auth_token": urllib.parse.unquote(userinfo)}
-    return servers, credentials
+    return servers, credentials, scheme == "tls://"
 
 
 def _nats_urls(servers: List[Tuple[str, int]]) -> str:
@@ -5820,7 +5825,7 @@ class _NatsConnection(_Link):
 
     __slots__ = ("given", "servers", "credentials", "inbox", "sids", "subscriptions",
                  "services", "asked", "serving", "serving_bytes", "call_ids", "max_payload",
-                 "greeted", "pongs")
+                 "greeted", "pongs", "pins", "tls_first")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
                  servers: List[Tuple[str, int]], credentials: dict, timeout: Optional[float]):
@@ -5846,6 +5851,8 @@ class _NatsConnection(_Link):
         # a heartbeat's): the server answers in order, so a PONG says it has
         # handled all that went before
         self.pongs: collections.deque = collections.deque()
+        self.pins: Dict[str, str] = {}     # alias -> the instance an exclusive one's calls go to
+        self.tls_first = False         # TLS from the first byte (tls:// URLs, handshake_first)
         self._subscribe(self.inbox + ".*", None, self._on_reply)
 
     # its wheel
@@ -5858,7 +5865,9 @@ class _NatsConnection(_Link):
             client.reactor, sock, self.connection_id, on_frame=self.on_frame,
             on_close=self.hooks.closed, peer="nats://%s:%s" % (self.address, self.port),
             server_side=False, connecting=True, max_write_buffer=client.max_write_buffer,
-            handshake_timeout=self.timeout, framing=_NatsFilter())
+            handshake_timeout=self.timeout, framing=_NatsFilter(),
+            ssl_context=client.ssl_context if self.tls_first else None,
+            server_hostname=self.address)
         wheel.context = self
         return wheel
 
@@ -5949,7 +5958,7 @@ class _NatsConnection(_Link):
             told = []
             for url in urls[:NATS_MAX_SERVERS]:
                 try:
-                    server = _nats_servers("nats://" + url.split("://")[-1])[0][0]
+                    server = _nats_servers("nats://" + url.split("://")[-1])[0][0]   # (host, port)
                 except (ValueError, AttributeError):
                     continue           # (not a str, or not host:port: not ours to use)
                 if server not in known:
@@ -5968,6 +5977,8 @@ class _NatsConnection(_Link):
         if info.get("headers") is not True:
             return wheel.close("the NATS server at %s does not take headers (NATS 2.2 or "
                                "newer does)" % wheel.peer)
+        if self.tls_first:             # (in TLS already)
+            return self._greet(wheel)
         context = self.client.ssl_context
         offers_tls = info.get("tls_required") is True or info.get("tls_available") is True
         if context is None and info.get("tls_required") is True:
@@ -6014,6 +6025,8 @@ class _NatsConnection(_Link):
             del self.pending[request_id], self.asked[request_id]
             return self._published(request, state, status == 503, _json_object(payload))
         if status == 503:              # nobody serves that subject
+            if kind == "deliver":      # (the instance a proxy was pinned to went)
+                self.pins.pop(state[0], None)
             if kind == "subscribe" and state[1] is not None and \
                     time.monotonic() < state[1]:
                 return self._ask_again(request_id, state)
@@ -6046,12 +6059,25 @@ class _NatsConnection(_Link):
         payload is unpickled there, a subscribe's answer becomes its method
         table here."""
         request = self.pending.pop(request_id, None)
-        kind = self.asked.pop(request_id, (None, None))[0]
+        kind, state = self.asked.pop(request_id, (None, None))
         if request is None:
             return
         if kind == "subscribe" and success:
+            self._pin(state[0], value)
             value = _nats_method_table(value)
         self._settle(request, success, value or None if pickled else value, pickled)
+
+    def _pin(self, alias: str, info: dict) -> None:
+        """A subscribe's answer: an exclusive publication's calls go to the
+        instance that answered (ALIAS.ID.METHOD), a shared one's to any
+        member (ALIAS.METHOD, the queue group's pick)."""
+        metadata = info.get("metadata")
+        instance = info.get("id")
+        if type(metadata) is dict and metadata.get("shared") == "false" and \
+                type(instance) is str and _NATS_TOKEN.match(instance):
+            self.pins[alias] = instance
+        else:
+            self.pins.pop(alias, None)
 
     # messages out
 
@@ -6092,9 +6118,10 @@ class _NatsConnection(_Link):
             timeout_ms = message.get("timeout_ms")
             headers = None if timeout_ms is None else _nats_headers(
                 {NATS_TIMEOUT_HEADER: timeout_ms})
-            subject = "%s.%s" % (alias, message["event"]) if _NATS_NAME.match(alias) else None
-            if subject is None:
+            if not _NATS_NAME.match(alias):
                 return self._answered(request_id, False, "Session '%s' doesn't exist" % alias)
+            subject = "%s.%s" % (alias, message["event"]) if "instance" not in message else \
+                "%s.%s.%s" % (alias, message["instance"], message["event"])
             return self._publish(subject, message["payload"], reply, headers)
         if kind == "subscribe":
             alias = message["to"]
@@ -6196,8 +6223,11 @@ class _NatsConnection(_Link):
                                       self.client.alias)
         service = self.services[alias] = _NatsService(alias, methods, shared)
         # one subscription for every endpoint: a call of a method not published
-        # comes too, and is answered "Unable to post", as the server answers it
+        # comes too, and is answered "Unable to post", as the server answers it;
+        # and one for the calls of proxies pinned to this instance
         service.sids.append(self._subscribe("%s.*" % alias, NATS_QUEUE_GROUP,
+                                            lambda op: self._on_call(service, op)))
+        service.sids.append(self._subscribe("%s.%s.*" % (alias, service.id), None,
                                             lambda op: self._on_call(service, op)))
         for kind in ("PING", "INFO", "STATS"):
             for subject in ("$SRV.%s" % kind, "$SRV.%s.%s" % (kind, alias),
@@ -6220,6 +6250,9 @@ class _NatsConnection(_Link):
         _, subject, _, reply, _, headers, payload = op
         if reply is None:
             return                     # (nobody to answer)
+        method = subject[len(service.alias) + 1:]
+        if method.startswith(service.id + "."):     # (a call pinned to this instance)
+            method = method[len(service.id) + 1:]
         if self.services.get(service.alias) is not service:     # rescinded meanwhile
             return self._refuse(reply, "Session '%s' doesn't exist" % service.alias, 503)
         if len(self.serving) >= MAX_WAITING_CALLS or \
@@ -6227,7 +6260,6 @@ class _NatsConnection(_Link):
             return self._refuse(reply, "Session '%s' is busy: %d calls wait for it"
                                 % (service.alias, len(self.serving)), 503)
         call_id = next(self.call_ids)
-        method = subject[len(service.alias) + 1:]
         self.serving[call_id] = (reply, service, method, time.monotonic(), len(payload))
         self.serving_bytes += len(payload)
         if method in service.stats:
@@ -6288,6 +6320,9 @@ class _NatsConnection(_Link):
             raise ProxyError("Unable to post '%s' to '%s': over NATS a method's name is "
                              "letters, digits, '-' and '_'" % (_quote(event), _quote(alias)))
         message = {"type": "deliver", "to": alias, "event": event, "payload": payload}
+        instance = self.pins.get(alias)
+        if instance is not None:
+            message["instance"] = instance
         if timeout is not None and 0 < timeout <= MAX_CALL_TIMEOUT_MS / 1000:
             message["timeout_ms"] = math.ceil(timeout * 1000)
         return message
@@ -6701,7 +6736,7 @@ class Client:
         (a ``ConnectionError`` too) or ``AuthenticationError``, after calling
         ``connect_error_event`` when set."""
         timeout = self.handshake_timeout if timeout is None else timeout
-        if isinstance(remote_address, str) and remote_address.startswith("nats://"):
+        if isinstance(remote_address, str) and remote_address.startswith(NATS_SCHEMES):
             return self._connect_nats(remote_address, timeout)
         remote_address, remote_port = _address_and_port(remote_address, remote_port)
         connection_id = next(self._connection_ids)
@@ -6775,14 +6810,14 @@ class Client:
     def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
         """connect() to the first of ``urls`` whose NATS server takes us: it
         answers our CONNECT's PING within ``timeout``."""
-        servers, credentials = _nats_servers(urls)
+        servers, credentials, tls_first = self._nats_servers(urls)
         reactor = self.reactor
         connection_id = next(self._connection_ids)
         failures: List[str] = []
         for at in range(len(servers)):
             outcome: list = []         # a PONG puts None here, a failure its error
-            connection = self._nats_try(connection_id, servers, at, credentials, timeout,
-                                        outcome)
+            connection = self._nats_try(connection_id, servers, at, credentials, tls_first,
+                                        timeout, outcome)
             try:
                 sock = _dial(connection.address, connection.port)[0]
             except OSError as exc:
@@ -6797,12 +6832,21 @@ class Client:
         return self._connect_failed(_nats_urls(servers), None, ConnectError(
             "cannot connect to NATS: %s" % "; ".join(failures)))
 
+    def _nats_servers(self, urls: str) -> Tuple[List[Tuple[str, int]], dict, bool]:
+        """connect()'s NATS URLs (``_nats_servers``); tls:// ones need an ssl_context."""
+        servers, credentials, tls_first = _nats_servers(urls)
+        if tls_first and self.ssl_context is None:
+            raise ValueError("tls:// addresses (TLS first) need Client(ssl_context=...)")
+        return servers, credentials, tls_first
+
     def _nats_try(self, connection_id: int, servers: List[Tuple[str, int]], at: int,
-                  credentials: dict, timeout: Optional[float], outcome: list) -> "_NatsConnection":
+                  credentials: dict, tls_first: bool, timeout: Optional[float],
+                  outcome: list) -> "_NatsConnection":
         """connect()'s try of the server ``at`` (the others after it, to
         reconnect to); ``outcome`` says how the opening went."""
         connection = _NatsConnection(self, self._hooks, connection_id,
                                      servers[at:] + servers[:at], credentials, timeout)
+        connection.tls_first = tls_first
         connection.opening = outcome
         return connection
 
@@ -7725,7 +7769,7 @@ class AsyncClient(Client):
         every step waits without blocking it. Cancelled, it leaves nothing."""
         self.here("connect()")
         timeout = self.handshake_timeout if timeout is None else timeout
-        if isinstance(remote_address, str) and remote_address.startswith("nats://"):
+        if isinstance(remote_address, str) and remote_address.startswith(NATS_SCHEMES):
             return await self._connect_nats(remote_address, timeout)
         remote_address, remote_port = _address_and_port(remote_address, remote_port)
         connection_id = next(self._connection_ids)
@@ -7755,14 +7799,14 @@ class AsyncClient(Client):
     async def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
         """Client._connect_nats, awaited."""
         import asyncio
-        servers, credentials = _nats_servers(urls)
+        servers, credentials, tls_first = self._nats_servers(urls)
         connection_id = next(self._connection_ids)
         failures: List[str] = []
         for at in range(len(servers)):
             opened = self.reactor.loop.create_future()
             outcome = _Outcome(lambda: opened.done() or opened.set_result(None))
-            connection = self._nats_try(connection_id, servers, at, credentials, timeout,
-                                        outcome)
+            connection = self._nats_try(connection_id, servers, at, credentials, tls_first,
+                                        timeout, outcome)
             try:
                 sock = (await self._dial(connection.address, connection.port))[0]
             except OSError as exc:
@@ -8169,7 +8213,7 @@ def _call_arguments(words: List[str]) -> Tuple[list, dict]:
 
 
 def _run_client_command(options) -> int:
-    if options.address.startswith("nats://"):      # a NATS server or cluster (PROTOCOL.md 10)
+    if options.address.startswith(NATS_SCHEMES):   # a NATS server or cluster (PROTOCOL.md 10)
         try:
             _nats_servers(options.address)
         except ValueError as exc:

@@ -7123,6 +7123,18 @@ def test_tls_to_a_nats_server_and_the_mismatches_are_named(make_client, tls, tmp
     finally:
         secure.stop()
         plain.stop()
+    # a server that takes the TLS handshake first (handshake_first): tls://
+    config.write_text('tls {\n  cert_file: "%s"\n  key_file: "%s"\n  handshake_first: true\n}\n'
+                      % (cert, key))
+    first = NatsServer("-c", str(config))
+    try:
+        conn = client.connect("tls://127.0.0.1:%d" % first.port)
+        client.publish(conn, "Echo", Echo())
+        assert client.subscribe(conn, "Echo").echo(b"y" * 1000) == b"y" * 1000
+        with pytest.raises(ValueError, match="tls:// addresses .* need Client\\(ssl_context"):
+            make_client().connect("tls://127.0.0.1:%d" % first.port)
+    finally:
+        first.stop()
 
 
 class RawNats:
@@ -7343,3 +7355,36 @@ def test_readme_nats_example_runs_as_written(nats_server, make_client):
     finally:
         publisher.kill()
         publisher.wait(WAIT)
+
+
+def test_a_proxy_of_an_exclusive_nats_publication_is_pinned_to_its_instance(
+        nats_server, make_client, loop_threads):
+    # what is tried: another program also serves Greeter's endpoints in
+    # queue group q (as a second instance would after rule N1's race); a
+    # proxy subscribed to the exclusive publication sends every call to the
+    # instance that answered its subscribe; once that instance goes, a call
+    # fails as "doesn't exist" and the proxy is unpinned: the next one goes
+    # to whoever serves the alias
+    publisher = publish_on_a_thread(nats_server, make_client, loop_threads, Greeter(),
+                                    "Greeter")
+    other = RawNats(nats_server.url)
+    try:
+        other.send(b"SUB Greeter.* q 1\r\nPING\r\n")
+        while other.line() != b"PONG":
+            pass
+        caller = make_client()
+        greeter = caller.subscribe(caller.connect(*nats_server.address), "Greeter")
+        assert [greeter.hello(str(n)) for n in range(30)] == ["hello, %d" % n for n in range(30)]
+        publisher.rescind("Greeter")
+        with pytest.raises(proxysession.ProxyError, match="^Session 'Greeter' doesn't exist$"):
+            greeter.hello("gone")
+        answered = []
+        greeter.hello.post("again", callback=answered.append)
+        subject, reply, _, _ = other.message()
+        assert subject == b"Greeter.hello"
+        other.send(b"PUB %s %d\r\n%s\r\n" % (reply, len(pickle.dumps("impostor")),
+                                              pickle.dumps("impostor")))
+        assert caller.reactor.run_until(lambda: answered, WAIT)
+        assert answered[0].payload == "impostor"
+    finally:
+        other.close()
