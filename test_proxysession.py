@@ -7388,3 +7388,26 @@ def test_a_proxy_of_an_exclusive_nats_publication_is_pinned_to_its_instance(
         assert answered[0].payload == "impostor"
     finally:
         other.close()
+
+
+def test_over_nats_a_cancel_is_not_passed_on_and_stats_are_refused(nats_server, make_client,
+                                                                   loop_threads):
+    # what is tried: rules N9 and README's stats row: a call cancelled while
+    # it waits for its publisher's one busy worker still runs there (a
+    # proxysession server would have told the publisher, and it would not);
+    # server_stats over NATS fails with the reason
+    tools = Tools()
+    publish_on_a_thread(nats_server, make_client, loop_threads, tools, workers=1)
+    caller = make_client()
+    conn = caller.connect(*nats_server.address)
+    proxy = caller.subscribe(conn, "Tools")
+    held = proxy.held.future(1)
+    assert tools.started.acquire(timeout=WAIT)
+    cancelled = proxy.record.future(7)
+    assert cancelled.cancel() is True
+    tools.gate.set()
+    held.result(WAIT)
+    assert proxy.record(8) == 8                # (after the cancelled one, on the one worker)
+    assert tools.order == [7, 8]
+    with pytest.raises(proxysession.ProxyError, match="^a stats request does not go over NATS$"):
+        caller.server_stats(conn)
