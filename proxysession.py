@@ -2419,11 +2419,13 @@ class Wheel:
                 self.flush()
         else:
             self._seal_batch()
-            self._out.append(header)
+            # (never an empty piece: an SSL socket's send of b"" fails on OpenSSL 1.1)
+            if header:
+                self._out.append(header)
             if pieces is None:
                 self._out.append(body)
             else:
-                self._out.extend(pieces)
+                self._out.extend(piece for piece in pieces if piece)
             self.out_size += len(header) + size
             self.flush()
         if self.out_size > self.max_write_buffer:
@@ -6632,7 +6634,7 @@ class Client:
     where every peer is trusted.
     """
 
-    _method_class: type = None         # what a Proxy's methods are: _ProxyMethod (set below)
+    proxy_method_class: type = None    # what a Proxy's methods are: _ProxyMethod (set below)
     _runs_coroutines = False           # whether async def methods may be published
 
     # Slots, as the Server's (there: why): it has more attributes than
@@ -7470,7 +7472,7 @@ class _ProxyMethod:
                                     args, kwargs, callback, tag, timeout)
 
 
-Client._method_class = _ProxyMethod
+Client.proxy_method_class = _ProxyMethod
 
 
 def _ignore_result(result: Result) -> None:
@@ -7485,7 +7487,7 @@ class Proxy:
 
     def __init__(self, subscription: _Subscription, methods: dict):
         self.__subscription = subscription
-        method_class = subscription.client._method_class   # awaited, for an AsyncClient
+        method_class = subscription.client.proxy_method_class   # awaited, for an AsyncClient
         for name, description in methods.items():
             if isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
                 setattr(self, name, method_class(subscription, name, description))
@@ -7724,7 +7726,7 @@ class AsyncClient(Client):
     and resumption are the Client's. Use it on the loop it was made on.
     """
 
-    _method_class = _AsyncProxyMethod
+    proxy_method_class = _AsyncProxyMethod
     _runs_coroutines = True
 
     def __init__(self, alias: str = "AsyncClient", **options):
