@@ -2195,6 +2195,9 @@ class Wheel:
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self.on_open = on_open
+        if self._inbox:                # what came in the clear after it is not to be trusted
+            self._inbox.clear()
+        self.filter.clear()
         if timeout is not None:
             self._handshake_timer = self.reactor.call_later(timeout, self._handshake_expired,
                                                             timeout)
@@ -5780,9 +5783,9 @@ class _NatsService:
 
     __slots__ = ("alias", "id", "methods", "shared", "started", "sids", "stats")
 
-    def __init__(self, alias: str, methods: dict, shared: bool):
+    def __init__(self, alias: str, methods: dict, shared: bool, instance: Optional[str] = None):
         self.alias = alias
-        self.id = secrets.token_hex(11)
+        self.id = instance or secrets.token_hex(11)     # (kept when published again)
         self.methods = methods
         self.shared = shared
         self.started = time.time()
@@ -5827,7 +5830,7 @@ class _NatsConnection(_Link):
 
     __slots__ = ("given", "servers", "credentials", "inbox", "sids", "subscriptions",
                  "services", "asked", "serving", "serving_bytes", "call_ids", "max_payload",
-                 "greeted", "pongs", "pins", "tls_first")
+                 "greeted", "pongs", "pins", "tls_first", "former", "restoring_ids")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
                  servers: List[Tuple[str, int]], credentials: dict, timeout: Optional[float]):
@@ -5855,6 +5858,8 @@ class _NatsConnection(_Link):
         self.pongs: collections.deque = collections.deque()
         self.pins: Dict[str, str] = {}     # alias -> the instance an exclusive one's calls go to
         self.tls_first = False         # TLS from the first byte (tls:// URLs, handshake_first)
+        self.former: Dict[str, str] = {}   # alias -> its instance, while published again
+        self.restoring_ids: set = set()    # the publishes again that the queue waits for
         self._subscribe(self.inbox + ".*", None, self._on_reply)
 
     # its wheel
@@ -5865,11 +5870,12 @@ class _NatsConnection(_Link):
         client = self.client
         self.wheel = wheel = Wheel(
             client.reactor, sock, self.connection_id, on_frame=self.on_frame,
-            on_close=self.hooks.closed, peer="nats://%s:%s" % (self.address, self.port),
+            on_close=self.hooks.closed, on_open=on_open,
+            peer="nats://%s:%s" % (self.address, self.port),
             server_side=False, connecting=True, max_write_buffer=client.max_write_buffer,
             handshake_timeout=self.timeout, framing=_NatsFilter(),
             ssl_context=client.ssl_context if self.tls_first else None,
-            server_hostname=self.address)
+            server_hostname=self.tls_name())
         wheel.context = self
         return wheel
 
@@ -5955,6 +5961,9 @@ class _NatsConnection(_Link):
         if type(limit) is int and 0 < limit:
             self.max_payload = min(limit, NATS_MAX_PAYLOAD)
         urls = info.get("connect_urls")
+        if self.client.ssl_context is not None and not self.tls_first and \
+                self.greeted is not self.wheel:
+            urls = None                # (said in the clear, before TLS: not to be trusted)
         if type(urls) is list:         # the cluster now: it replaces what it said before
             known = set(self.given)
             told = []
@@ -5992,8 +6001,13 @@ class _NatsConnection(_Link):
                                  "ssl_context: it will not speak in the clear" % wheel.peer)
             return wheel.close(str(error), error=error)
         if context is not None:        # TLS now, then CONNECT inside it
-            return wheel.start_tls(context, self.address, self.timeout, self._greet)
+            return wheel.start_tls(context, self.tls_name(), self.timeout, self._greet)
         self._greet(wheel)
+
+    def tls_name(self) -> str:
+        """The name its certificate must carry: a server the cluster told of
+        (an address, usually) is checked against the first one given."""
+        return self.address if (self.address, self.port) in self.given else self.given[0][0]
 
     def _greet(self, wheel: Wheel) -> None:
         """CONNECT, our subscriptions, and the PING whose PONG says the
@@ -6024,11 +6038,16 @@ class _NatsConnection(_Link):
         if kind == "listing":
             return self._gathered(request_id, payload)
         if kind == "publish":
+            answer = _json_object(payload)
+            if state[2] is not None and status != 503 and answer is not None and \
+                    answer.get("id") == state[2]:
+                return                 # (its own old instance: the spell decides)
             del self.pending[request_id], self.asked[request_id]
-            return self._published(request, state, status == 503, _json_object(payload))
+            return self._published(request, state, status == 503, answer)
         if status == 503:              # nobody serves that subject
-            if kind == "deliver":      # (the instance a proxy was pinned to went)
-                self.pins.pop(state[0], None)
+            if kind == "deliver" and state[1] is not None and \
+                    self.pins.get(state[0]) == state[1]:
+                del self.pins[state[0]]    # (the instance the proxy was pinned to went)
             if kind == "subscribe" and state[1] is not None and \
                     time.monotonic() < state[1]:
                 return self._ask_again(request_id, state)
@@ -6096,7 +6115,8 @@ class _NatsConnection(_Link):
         request_id = message["id"] = request.id = next(self.ids)
         self.pending[request_id] = request
         try:
-            if self.state == "down":
+            if self.state == "down" or self.restoring_ids and not message.get("again"):
+                # (while down, or back while its publications are made again)
                 if kind == "deliver" and len(message["payload"]) > self.max_payload:
                     raise FrameTooLarge("a call", len(message["payload"]), self.max_payload)
                 self.queued[request_id] = message
@@ -6116,7 +6136,7 @@ class _NatsConnection(_Link):
         reply = "%s.%d" % (self.inbox, request_id)
         if kind == "deliver":
             alias = message["to"]
-            self.asked[request_id] = ("deliver", (alias, None))
+            self.asked[request_id] = ("deliver", (alias, message.get("instance")))
             timeout_ms = message.get("timeout_ms")
             headers = None if timeout_ms is None else _nats_headers(
                 {NATS_TIMEOUT_HEADER: timeout_ms})
@@ -6146,15 +6166,22 @@ class _NatsConnection(_Link):
                                  "letters, digits, '-' or '_'" % (alias, MAX_NAME))
             if alias in self.services:
                 raise ProxyError("Session '%s' already exists" % alias)
-            self.asked[request_id] = ("publish", (alias, publication))
+            former = self.former.get(alias)
+            self.asked[request_id] = ("publish", (alias, publication, former))
             # whoever serves the alias already answers this (and an exclusive
             # publication may not join it); nobody does: the server's 503
             self._publish("$SRV.INFO.%s" % alias, b"", reply)
-            if publication.get("shared") is not True:
+            if former is not None:
+                # published again after a lost link: the server may still hold
+                # the old connection's subscriptions, which take the request
+                # and never answer; another instance answers within the spell
+                self.client.reactor.call_later(NATS_DISCOVERY, self._taken, request_id, True)
+            elif publication.get("shared") is not True:
                 # no 503 before the PONG: someone serves it (busy, maybe)
                 self._ping(lambda: self._taken(request_id))
             return None
         if kind == "rescind":
+            self.former.pop(publication["session_alias"], None)
             service = self.services.pop(publication["session_alias"], None)
             if service is None:
                 return self._answered(request_id, False, "Session '%s' is not published here"
@@ -6200,19 +6227,22 @@ class _NatsConnection(_Link):
             names.add(name)
         self.asked[request_id] = ("listing", (names, started, time.monotonic()))
 
-    def _taken(self, request_id: int) -> None:
-        """An exclusive publish whose alias someone serves: it exists."""
-        asked = self.asked.pop(request_id, None)
+    def _taken(self, request_id: int, free: bool = False) -> None:
+        """An exclusive publish whose alias someone serves: it exists; or a
+        publish again that no other instance answered: it is free."""
+        if self.asked.get(request_id, ("",))[0] != "publish":
+            return                     # (decided meanwhile)
+        asked = self.asked.pop(request_id)
         request = self.pending.pop(request_id, None)
-        if asked is not None and request is not None:
-            self._published(request, asked[1], False, None)
+        if request is not None:
+            self._published(request, asked[1], free, None)
 
     def _published(self, request: _Request, state: tuple, free: bool,
                    answer: Optional[dict]) -> None:
         """A publish's look at who serves its alias: nobody (``free``), or
         members of a shared service with the same methods that this one
         joins; else it exists already."""
-        alias, publication = state
+        alias, publication, former = state
         methods = publication["methods"]
         shared = publication.get("shared") is True
         if not free:
@@ -6223,7 +6253,8 @@ class _NatsConnection(_Link):
                 return request.finish(Result(False, "Session '%s' already exists" % alias,
                                              self.connection_id, request.tag),
                                       self.client.alias)
-        service = self.services[alias] = _NatsService(alias, methods, shared)
+        self.former.pop(alias, None)
+        service = self.services[alias] = _NatsService(alias, methods, shared, former)
         # one subscription for every endpoint: a call of a method not published
         # comes too, and is answered "Unable to post", as the server answers it;
         # and one for the calls of proxies pinned to this instance
@@ -6347,6 +6378,7 @@ class _NatsConnection(_Link):
         for service in self.services.values():
             for sid in service.sids:
                 self.subscriptions.pop(sid, None)
+            self.former[service.alias] = service.id   # (its proxies' pins stay good)
         self.services.clear()
 
     def lost(self, reason: str) -> ProxyError:
@@ -6363,7 +6395,14 @@ class _NatsConnection(_Link):
         """A reconnection is open: the server's INFO comes first (_learn),
         then the PONG that says it took our subscriptions (_back)."""
         if self.state != "down":
-            wheel.close("client closed")
+            return wheel.close("client closed")
+        if self.timeout is not None:   # (a server that takes TCP and never answers)
+            self.timer = self.client.reactor.call_later(self.timeout, self._silent, wheel)
+
+    def _silent(self, wheel: Wheel) -> None:
+        self.timer = None
+        if self.wheel is wheel and self.state == "down":
+            wheel.close("no answer from the NATS server within %.3g s" % self.timeout)
 
     def _back(self) -> None:
         """Made again: the Client publishes and subscribes again (each
@@ -6373,8 +6412,28 @@ class _NatsConnection(_Link):
         self.attempt = 0
         self.seen = self.wheel.reads
         self.pinged = False
-        self.hooks.restore(self, [])
-        for request_id in list(self.queued):
+        if self.timer is not None:     # (rejoin's bound)
+            self.timer.cancel()
+            self.timer = None
+        self.restoring_ids.clear()
+        self.hooks.restore(self, [])   # its publishes again go first (set_up) ...
+        if not self.restoring_ids:     # ... and the queue once they are done
+            self._ready()
+
+    def _ready(self) -> None:
+        """Back, with its publications made again: what was queued goes."""
+        self._send_queued()
+        if self.state != "up":
+            return
+        log.info("%s: connection %d to nats://%s:%s is back", self.client.alias,
+                 self.connection_id, self.address, self.port)
+        if self.client.reconnected_event is not None:
+            _call_user(self.client.alias, self.client.reconnected_event, self.connection_id)
+
+    def _send_queued(self) -> None:
+        """Send what was queued while down, in order, as long as it stays up."""
+        while self.queued and self.state == "up":
+            request_id = next(iter(self.queued))
             message = self.queued.pop(request_id)
             if request_id not in self.pending:
                 continue               # failed meanwhile
@@ -6385,10 +6444,6 @@ class _NatsConnection(_Link):
                 self.asked.pop(request_id, None)
                 request.finish(Result(False, failure, self.connection_id, request.tag),
                                self.client.alias)
-        log.info("%s: connection %d to nats://%s:%s is back", self.client.alias,
-                 self.connection_id, self.address, self.port)
-        if self.client.reconnected_event is not None:
-            _call_user(self.client.alias, self.client.reconnected_event, self.connection_id)
 
     def restored(self, alias: str, failure: Optional[str]) -> None:
         """(Nothing waits for an alias over NATS: a call to one nobody serves
@@ -6401,11 +6456,23 @@ class _NatsConnection(_Link):
                timeout: Any = CLIENT_TIMEOUT) -> None:
         """A request of the Client's restore (a publication made again): sent
         now, ``then(result)`` with its answer."""
+        def step(result):
+            self.restoring_ids.discard(request.id)
+            try:
+                then(result)
+            finally:
+                if not self.restoring_ids:
+                    self._ready()
+
+        request = _Request(self.connection_id, None, step, None, self.timeout
+                           if timeout is CLIENT_TIMEOUT else timeout)
+        message["again"] = True        # (it goes ahead of the queue)
         try:
-            self.request(_Request(self.connection_id, None, then, None, self.timeout
-                                  if timeout is CLIENT_TIMEOUT else timeout), message)
+            self.request(request, message)
         except ProxyError as exc:
-            then(Result(False, exc, self.connection_id))
+            return then(Result(False, exc, self.connection_id))
+        if request.id in self.pending:             # (not settled at once)
+            self.restoring_ids.add(request.id)
 
 
 # ---------------------------------------------------------------------------

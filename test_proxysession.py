@@ -7248,31 +7248,77 @@ def test_a_hostile_answer_to_a_shared_publish_check_fails_that_publish_at_once(
         other.close()
 
 
+ANOTHER = b'{"name":"Greeter","id":"x"}'   # $SRV.INFO's answer of another instance
+
+
 def test_a_nats_publisher_back_from_a_lost_link_publishes_again_through_the_check(
         nats_server, make_client, relays):
-    # what is tried: a publisher whose link (through a relay) is cut comes
-    # back by its other URL; meanwhile another program listens on its
-    # alias's $SRV.INFO; it publishes again as any publish (PROTOCOL.md
-    # 10.2, rule N4), so it is told (republish_error_event) instead of
-    # sharing the alias unasked (it subscribed its endpoints again as they
-    # were)
-    relay = relays(("127.0.0.1", nats_server.port))
+    # what is tried: a publisher reaches the server through two relays; each
+    # cut, it comes back by the other and publishes again as any publish
+    # (PROTOCOL.md 10.2, rule N4): (1) while another program only listens on
+    # its alias's $SRV.INFO, as the server's copy of its own old connection
+    # does until the server drops it, it gets its alias back under the same
+    # instance (a proxy pinned to it still calls it); (2) while another
+    # program answers there as another instance, it is told
+    # (republish_error_event) instead of sharing the alias unasked
+    first, second = relays(("127.0.0.1", nats_server.port)), relays(
+        ("127.0.0.1", nats_server.port))
     refused, back = [], []
     publisher = make_client(republish_error_event=lambda alias, conn, error: refused.append(
         (alias, str(error))), reconnected_event=back.append)
-    conn = publisher.connect("nats://127.0.0.1:%d,%s" % (relay.port, nats_server.url))
+    conn = publisher.connect("nats://127.0.0.1:%d,nats://127.0.0.1:%d"
+                             % (first.port, second.port))
     publisher.publish(conn, "Greeter", Greeter())
+    caller = make_client(reactor=publisher.reactor)
+    greeter = caller.subscribe(caller.connect(*nats_server.address), "Greeter")
     other = RawNats(nats_server.url)
     try:
         other.send(b"SUB $SRV.INFO.Greeter 1\r\nPING\r\n")
         while other.line() != b"PONG":
             pass
-        relay.cut()                    # (other answers nothing: that it listens is enough)
+        first.cut()                    # (1): other listens, and says nothing
+        assert publisher.reactor.run_until(lambda: back, WAIT)
+        assert publisher.server_listing(conn) == ["Greeter"] and refused == []
+        assert greeter.hello("again") == "hello, again"
+        first.restore()
+
+        def answer_as_another():       # (1)'s request, then (2)'s: each answered
+            for _ in range(2):
+                asked = other.message()
+                other.send(b'PUB %s %d\r\n%s\r\n' % (asked[1], len(ANOTHER), ANOTHER))
+
+        answering = threading.Thread(target=answer_as_another)
+        answering.start()
+        second.cut()                   # (2): other answers as another instance
         assert publisher.reactor.run_until(lambda: refused, WAIT)
-        assert back == [conn]
+        join_all([answering])
         assert refused == [("Greeter", "Session 'Greeter' already exists")]
+        assert back == [conn, conn]
     finally:
         other.close()
+
+
+def test_a_nats_link_back_sends_what_was_made_meanwhile_once_its_publications_are(
+        nats_server, make_client, relays):
+    # what is tried: while a publisher's link is down, it calls its own
+    # publication and rescinds another; once back, the call is answered (it
+    # waited for the publication to be made again) and the rescind holds
+    # (it was made again, then rescinded: in that order)
+    relay = relays(("127.0.0.1", nats_server.port))
+    answers, lost = [], []
+    client = make_client(disconnected_event=lambda conn, error: lost.append(conn))
+    conn = client.connect("nats://127.0.0.1:%d,%s" % (relay.port, nats_server.url))
+    client.publish(conn, "Greeter", Greeter())
+    client.publish(conn, "Other", Greeter())
+    greeter = client.subscribe(conn, "Greeter")
+    relay.cut()
+    assert client.reactor.run_until(lambda: lost, WAIT)
+    greeter.hello.post("meanwhile", callback=answers.append)
+    client.rescind("Other", callback=answers.append)
+    assert client.reactor.run_until(lambda: len(answers) == 2, WAIT)
+    assert sorted((answer.success, str(answer.payload)) for answer in answers) == [
+        (True, "None"), (True, "hello, meanwhile")]
+    assert client.server_listing(conn) == ["Greeter"]
 
 
 def test_a_method_name_that_no_nats_subject_can_carry_is_refused_before_it_is_sent(
@@ -7411,3 +7457,23 @@ def test_over_nats_a_cancel_is_not_passed_on_and_stats_are_refused(nats_server, 
     assert tools.order == [7, 8]
     with pytest.raises(proxysession.ProxyError, match="^a stats request does not go over NATS$"):
         caller.server_stats(conn)
+
+
+def test_a_nats_server_that_takes_the_connection_and_says_nothing_is_left_for_the_next(
+        nats_server, make_client, relays):
+    # what is tried: a link cut; the next URL is a server that accepts TCP
+    # and never speaks; the reconnection gives it up after its handshake
+    # timeout and goes on to the next (it waited there for good)
+    relay = relays(("127.0.0.1", nats_server.port))
+    silent = socket.create_server(("127.0.0.1", 0))     # (the kernel accepts for it)
+    try:
+        back = []
+        client = make_client(handshake_timeout=0.5, reconnected_event=back.append)
+        conn = client.connect("nats://127.0.0.1:%d,nats://127.0.0.1:%d,%s" % (
+            relay.port, silent.getsockname()[1], nats_server.url))
+        client.publish(conn, "Greeter", Greeter())
+        relay.cut()
+        assert client.reactor.run_until(lambda: back, WAIT)
+        assert client.subscribe(conn, "Greeter").hello("you") == "hello, you"
+    finally:
+        silent.close()
