@@ -5819,6 +5819,124 @@ class _NatsService:
         return answer
 
 
+class _NatsServed:
+    """A NATS connection's publications as services (PROTOCOL.md 10.2), and
+    the calls they serve: each made a deliver for the Client, within bounds
+    on the calls waiting here, and answered with ADR-32's error headers."""
+
+    __slots__ = ("connection", "services", "former", "serving", "serving_bytes", "call_ids")
+
+    def __init__(self, connection: "_NatsConnection"):
+        self.connection = connection
+        self.services: Dict[str, _NatsService] = {}
+        self.former: Dict[str, str] = {}   # alias -> its instance, while published again
+        # call id -> (reply subject, service, method, when it came, payload size)
+        self.serving: Dict[int, Tuple[str, _NatsService, str, float, int]] = {}
+        self.serving_bytes = 0         # the payloads of those calls
+        self.call_ids = itertools.count(1)
+
+    def start(self, alias: str, methods: dict, shared: bool, former: Optional[str]) -> None:
+        """Serve ``alias`` (its check passed): one subscription for every
+        endpoint (a call of a method not published comes too, and is
+        answered "Unable to post", as the server answers it), one for the
+        calls of proxies pinned to this instance, and ADR-32's nine."""
+        connection = self.connection
+        self.former.pop(alias, None)
+        service = self.services[alias] = _NatsService(alias, methods, shared, former)
+        service.sids.append(connection.subscribe("%s.*" % alias, NATS_QUEUE_GROUP,
+                                                 lambda op: self.on_call(service, op)))
+        service.sids.append(connection.subscribe("%s.%s.*" % (alias, service.id), None,
+                                                 lambda op: self.on_call(service, op)))
+        for kind in ("PING", "INFO", "STATS"):
+            for subject in ("$SRV.%s" % kind, "$SRV.%s.%s" % (kind, alias),
+                            "$SRV.%s.%s.%s" % (kind, alias, service.id)):
+                service.sids.append(connection.subscribe(subject, None, lambda op, kind=kind: (
+                    op[3] and connection.reply(op[3], json.dumps(service.answer(
+                        kind.lower())).encode("utf-8")))))
+
+    def stop(self, alias: str) -> bool:
+        """Rescind ``alias``; False if it is not served here."""
+        self.former.pop(alias, None)
+        service = self.services.pop(alias, None)
+        if service is None:
+            return False
+        for sid in service.sids:
+            self.connection.unsubscribe(sid)
+        return True
+
+    def forget(self) -> None:
+        """The connection is lost: its services and calls go with the server
+        that carried them. Once back, the Client publishes them again (its
+        restore), each under the instance id it had (its proxies' pins stay
+        good), checked as any publish."""
+        for service in self.services.values():
+            for sid in service.sids:
+                self.connection.unsubscribe(sid)     # (no wheel: nothing is written)
+            self.former[service.alias] = service.id
+        self.services.clear()
+        self.serving.clear()           # (their callers were told nothing: they time out)
+        self.serving_bytes = 0
+
+    def on_call(self, service: _NatsService, op: tuple) -> None:
+        """A request to an endpoint ALIAS.METHOD: the Client serves it as a
+        deliver of METHOD (a payload that names another fails), within
+        bounds on the calls waiting here (MAX_WAITING_CALLS, and
+        max_write_buffer bytes of their payloads)."""
+        _, subject, _, reply, _, headers, payload = op
+        if reply is None:
+            return                     # (nobody to answer)
+        method = subject[len(service.alias) + 1:]
+        if method.startswith(service.id + "."):     # (a call pinned to this instance)
+            method = method[len(service.id) + 1:]
+        if self.services.get(service.alias) is not service:     # rescinded meanwhile
+            return self.refuse(reply, "Session '%s' doesn't exist" % service.alias, 503)
+        if len(self.serving) >= MAX_WAITING_CALLS or \
+                self.serving_bytes + len(payload) > self.connection.client.max_write_buffer:
+            return self.refuse(reply, "Session '%s' is busy: %d calls wait for it"
+                                % (service.alias, len(self.serving)), 503)
+        call_id = next(self.call_ids)
+        self.serving[call_id] = (reply, service, method, time.monotonic(), len(payload))
+        self.serving_bytes += len(payload)
+        if method in service.stats:
+            service.stats[method][0] += 1
+        message = {"type": "deliver", "id": call_id, "to": service.alias, "payload": payload,
+                   "event": method}
+        timeout_ms = (headers or {}).get(NATS_TIMEOUT_HEADER, "")
+        if timeout_ms.isascii() and timeout_ms.isdigit() and len(timeout_ms) < 12:
+            message["timeout_ms"] = int(timeout_ms)
+        self.connection.hooks.message(message, self.connection)
+
+    def refuse(self, reply: str, why: str, code: int) -> None:
+        """Answer a call that is not served here, with why."""
+        self.connection.reply(reply, _dumps(why), _nats_headers(
+            {"Nats-Service-Error": why, "Nats-Service-Error-Code": code}))
+
+    def answer(self, wheel: Wheel, call_id: Any, success: bool, payload: bytes) -> None:
+        """Answer a call served here: the result's payload, and a failure's
+        Nats-Service-Error headers (ADR-32). One over the server's
+        max_payload fails the call instead, with the sizes."""
+        serving = self.serving.pop(call_id, None)
+        if serving is None or wheel is not self.connection.wheel:
+            return
+        reply, service, method, started, size = serving
+        self.serving_bytes -= size
+        counts = service.stats.get(method) or [0, 0, 0, ""]    # (a method not published)
+        counts[2] += int((time.monotonic() - started) * 1e9)
+        if success and len(payload) <= self.connection.max_payload:
+            return self.connection.reply(reply, payload)
+        if success:
+            success, payload = False, _dumps(
+                "Result of %d bytes exceeds the max_payload of the NATS server (%d bytes)"
+                % (len(payload), self.connection.max_payload))
+        code, counts[3] = _nats_failure(payload, self.connection.hooks.loads)
+        counts[1] += 1
+        headers = _nats_headers({"Nats-Service-Error": counts[3], "Nats-Service-Error-Code": code})
+        if len(payload) + len(headers) > self.connection.max_payload:     # (a failure as large)
+            payload = _dumps("Result of %d bytes exceeds the max_payload of the NATS server "
+                             "(%d bytes)" % (len(payload), self.connection.max_payload))
+        self.connection.reply(reply, payload, headers)
+
+
 class _NatsConnection(_Link):
     """A Client's connection to a NATS server or cluster: what a _Connection
     is to a proxysession server (the Client calls the same methods), over
@@ -5829,8 +5947,8 @@ class _NatsConnection(_Link):
     among them, subscribes again, then sends what was queued."""
 
     __slots__ = ("given", "servers", "credentials", "inbox", "sids", "subscriptions",
-                 "services", "asked", "serving", "serving_bytes", "call_ids", "max_payload",
-                 "greeted", "pongs", "pins", "tls_first", "former", "restoring_ids")
+                 "served", "asked", "max_payload", "greeted", "pongs", "pins", "tls_first",
+                 "restoring_ids")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
                  servers: List[Tuple[str, int]], credentials: dict, timeout: Optional[float]):
@@ -5844,12 +5962,8 @@ class _NatsConnection(_Link):
         self.sids = itertools.count(1)
         # sid -> (subject, queue group or None, handler(op)): made again on each wheel
         self.subscriptions: Dict[bytes, Tuple[str, Optional[str], Callable]] = {}
-        self.services: Dict[str, _NatsService] = {}
+        self.served = _NatsServed(self)          # its publications, the calls they serve
         self.asked: Dict[int, Tuple[str, Any]] = {}     # request id -> (its kind, its state)
-        # call id -> (reply subject, service, method, when it came): calls served here
-        self.serving: Dict[int, Tuple[str, _NatsService, str, float, int]] = {}
-        self.serving_bytes = 0         # the payloads of those calls
-        self.call_ids = itertools.count(1)
         self.max_payload = NATS_MAX_PAYLOAD      # until INFO says
         self.greeted: Optional[Wheel] = None     # the wheel our CONNECT went on
         # what to do at the PONG of each PING sent since the wheel is up (None:
@@ -5858,9 +5972,8 @@ class _NatsConnection(_Link):
         self.pongs: collections.deque = collections.deque()
         self.pins: Dict[str, str] = {}     # alias -> the instance an exclusive one's calls go to
         self.tls_first = False         # TLS from the first byte (tls:// URLs, handshake_first)
-        self.former: Dict[str, str] = {}   # alias -> its instance, while published again
         self.restoring_ids: set = set()    # the publishes again that the queue waits for
-        self._subscribe(self.inbox + ".*", None, self._on_reply)
+        self.subscribe(self.inbox + ".*", None, self._on_reply)
 
     # its wheel
 
@@ -5904,7 +6017,7 @@ class _NatsConnection(_Link):
         else:
             self._write("PUB %s %d" % (target, len(payload)), payload)
 
-    def _subscribe(self, subject: str, queue: Optional[str], handler: Callable) -> bytes:
+    def subscribe(self, subject: str, queue: Optional[str], handler: Callable) -> bytes:
         sid = str(next(self.sids)).encode()
         self.subscriptions[sid] = (subject, queue, handler)
         if self.wheel is not None and self.greeted is self.wheel:
@@ -5916,7 +6029,7 @@ class _NatsConnection(_Link):
         self._write("SUB %s %s%s" % (subject, "" if queue is None else queue + " ",
                                      sid.decode()))
 
-    def _unsubscribe(self, sid: bytes) -> None:
+    def unsubscribe(self, sid: bytes) -> None:
         if self.subscriptions.pop(sid, None) is not None and self.wheel is not None and \
                 self.greeted is self.wheel:
             self._write("UNSUB %s" % sid.decode())
@@ -6164,9 +6277,9 @@ class _NatsConnection(_Link):
             if not _NATS_NAME.match(alias):
                 raise ProxyError("cannot publish '%s' over NATS: a service name is 1 to %d "
                                  "letters, digits, '-' or '_'" % (alias, MAX_NAME))
-            if alias in self.services:
+            if alias in self.served.services:
                 raise ProxyError("Session '%s' already exists" % alias)
-            former = self.former.get(alias)
+            former = self.served.former.get(alias)
             self.asked[request_id] = ("publish", (alias, publication, former))
             # whoever serves the alias already answers this (and an exclusive
             # publication may not join it); nobody does: the server's 503
@@ -6181,13 +6294,9 @@ class _NatsConnection(_Link):
                 self._ping(lambda: self._taken(request_id))
             return None
         if kind == "rescind":
-            self.former.pop(publication["session_alias"], None)
-            service = self.services.pop(publication["session_alias"], None)
-            if service is None:
+            if not self.served.stop(publication["session_alias"]):
                 return self._answered(request_id, False, "Session '%s' is not published here"
                                     % publication["session_alias"])
-            for sid in service.sids:
-                self._unsubscribe(sid)
             # done once the server has taken the UNSUBs: no call comes after that
             return self._ping(lambda: self._answered(request_id, True, None))
         self._answered(request_id, True, None)      # a cancel: NATS has none to pass on
@@ -6253,63 +6362,13 @@ class _NatsConnection(_Link):
                 return request.finish(Result(False, "Session '%s' already exists" % alias,
                                              self.connection_id, request.tag),
                                       self.client.alias)
-        self.former.pop(alias, None)
-        service = self.services[alias] = _NatsService(alias, methods, shared, former)
-        # one subscription for every endpoint: a call of a method not published
-        # comes too, and is answered "Unable to post", as the server answers it;
-        # and one for the calls of proxies pinned to this instance
-        service.sids.append(self._subscribe("%s.*" % alias, NATS_QUEUE_GROUP,
-                                            lambda op: self._on_call(service, op)))
-        service.sids.append(self._subscribe("%s.%s.*" % (alias, service.id), None,
-                                            lambda op: self._on_call(service, op)))
-        for kind in ("PING", "INFO", "STATS"):
-            for subject in ("$SRV.%s" % kind, "$SRV.%s.%s" % (kind, alias),
-                            "$SRV.%s.%s.%s" % (kind, alias, service.id)):
-                service.sids.append(self._subscribe(subject, None, lambda op, kind=kind: (
-                    op[3] and self._reply(op[3], json.dumps(service.answer(
-                        kind.lower())).encode("utf-8")))))
+        self.served.start(alias, methods, shared, former)
         value = alias
         if request.on_result is not None:
             value = request.on_result(value)
         request.finish(Result(True, value, self.connection_id, request.tag), self.client.alias)
 
-    # calls served here
-
-    def _on_call(self, service: _NatsService, op: tuple) -> None:
-        """A request to an endpoint ALIAS.METHOD: the Client serves it as a
-        deliver of METHOD (a payload that names another fails), within
-        bounds on the calls waiting here (MAX_WAITING_CALLS, and
-        max_write_buffer bytes of their payloads)."""
-        _, subject, _, reply, _, headers, payload = op
-        if reply is None:
-            return                     # (nobody to answer)
-        method = subject[len(service.alias) + 1:]
-        if method.startswith(service.id + "."):     # (a call pinned to this instance)
-            method = method[len(service.id) + 1:]
-        if self.services.get(service.alias) is not service:     # rescinded meanwhile
-            return self._refuse(reply, "Session '%s' doesn't exist" % service.alias, 503)
-        if len(self.serving) >= MAX_WAITING_CALLS or \
-                self.serving_bytes + len(payload) > self.client.max_write_buffer:
-            return self._refuse(reply, "Session '%s' is busy: %d calls wait for it"
-                                % (service.alias, len(self.serving)), 503)
-        call_id = next(self.call_ids)
-        self.serving[call_id] = (reply, service, method, time.monotonic(), len(payload))
-        self.serving_bytes += len(payload)
-        if method in service.stats:
-            service.stats[method][0] += 1
-        message = {"type": "deliver", "id": call_id, "to": service.alias, "payload": payload,
-                   "event": method}
-        timeout_ms = (headers or {}).get(NATS_TIMEOUT_HEADER, "")
-        if timeout_ms.isascii() and timeout_ms.isdigit() and len(timeout_ms) < 12:
-            message["timeout_ms"] = int(timeout_ms)
-        self.hooks.message(message, self)
-
-    def _refuse(self, reply: str, why: str, code: int) -> None:
-        """Answer a call that is not served here, with why."""
-        self._reply(reply, _dumps(why), _nats_headers(
-            {"Nats-Service-Error": why, "Nats-Service-Error-Code": code}))
-
-    def _reply(self, reply: str, payload: bytes, headers: Optional[bytes] = None) -> None:
+    def reply(self, reply: str, payload: bytes, headers: Optional[bytes] = None) -> None:
         """An answer (a call's, a $SRV request's) to a reply subject; one over
         the server's max_payload is logged and dropped (sent, the server
         would close the connection): its asker times out."""
@@ -6319,29 +6378,8 @@ class _NatsConnection(_Link):
             log.warning("%s: an answer not sent over NATS: %s", self.client.alias, error)
 
     def answer(self, wheel: Wheel, call_id: Any, success: bool, payload: bytes) -> None:
-        """Answer a call served here: the result's payload, and a failure's
-        Nats-Service-Error headers (ADR-32). One over the server's
-        max_payload fails the call instead, with the sizes."""
-        serving = self.serving.pop(call_id, None)
-        if serving is None or wheel is not self.wheel:
-            return
-        reply, service, method, started, size = serving
-        self.serving_bytes -= size
-        counts = service.stats.get(method) or [0, 0, 0, ""]    # (a method not published)
-        counts[2] += int((time.monotonic() - started) * 1e9)
-        if success and len(payload) <= self.max_payload:
-            return self._reply(reply, payload)
-        if success:
-            success, payload = False, _dumps(
-                "Result of %d bytes exceeds the max_payload of the NATS server (%d bytes)"
-                % (len(payload), self.max_payload))
-        code, counts[3] = _nats_failure(payload, self.hooks.loads)
-        counts[1] += 1
-        headers = _nats_headers({"Nats-Service-Error": counts[3], "Nats-Service-Error-Code": code})
-        if len(payload) + len(headers) > self.max_payload:     # (a failure as large)
-            payload = _dumps("Result of %d bytes exceeds the max_payload of the NATS server "
-                             "(%d bytes)" % (len(payload), self.max_payload))
-        self._reply(reply, payload, headers)
+        """Answer a call served here (_NatsServed.answer)."""
+        self.served.answer(wheel, call_id, success, payload)
 
     # what a Client asks of any connection
 
@@ -6371,15 +6409,7 @@ class _NatsConnection(_Link):
     def _forget(self) -> None:
         self.pongs.clear()
         self.asked.clear()             # (their requests fail: the replies would not come)
-        self.serving.clear()           # (their callers were told nothing: they time out)
-        self.serving_bytes = 0
-        # the services go with the server that carried them: once back, the
-        # Client publishes them again (its restore), checked as any publish
-        for service in self.services.values():
-            for sid in service.sids:
-                self.subscriptions.pop(sid, None)
-            self.former[service.alias] = service.id   # (its proxies' pins stay good)
-        self.services.clear()
+        self.served.forget()
 
     def lost(self, reason: str) -> ProxyError:
         failure = super().lost(reason)

@@ -2704,12 +2704,13 @@ def nats_written(act, publish=None):
     nats.inbox = "_INBOX.example"
     wheel = nats.wheel = nats.greeted = NatsWheel()
     wheel.context, nats.state = nats, "up"
-    service = nats.services["Greeter"] = proxysession._NatsService(
-        "Greeter", {"hello": {"signature": "(name)", "doc": None}}, False)
+    nats.served.start("Greeter", {"hello": {"signature": "(name)", "doc": None}}, False, None)
+    service = nats.served.services["Greeter"]
+    del wheel.written[:]               # (its subscriptions)
     if publish is not None:
         client._publications[(1, "Greeter")] = proxysession._Publication(
             1, "Greeter", publish, service.methods, None, False)
-    act(nats, lambda op: nats._on_call(service, op))
+    act(nats, lambda op: nats.served.on_call(service, op))
     client.reactor.close()
     return wheel.written
 
