@@ -3241,16 +3241,27 @@ class Server:
         message = {"type": "result", "id": msg_id, "success": success}
         if payload is not None:
             message["payload"] = payload if pickled else _dumps(payload)
+        size = self._send(wheel, message)
+        if size:
+            self._send(wheel, {"type": "result", "id": msg_id, "success": False,
+                               "payload": _dumps("Answer of %d bytes exceeds this connection's "
+                                                 "max_frame (%d bytes)"
+                                                 % (size, wheel.context.max_frame))})
+
+    def _send(self, wheel: Wheel, message: dict) -> int:
+        """Write a message of the server's own (an answer, a notice) in the
+        envelope ``wheel`` takes, unless it exceeds the frame limit its peer
+        said it takes: then nothing is written and its size is returned (0
+        when written). Calls and results are routed by _forward instead,
+        which sizes them against what came in."""
         body = wheel.encode(message)   # a large payload is sent as it lies, not copied
         limit = wheel.context.max_frame
         if limit is not None:
             size = len(body) if type(body) is bytes else sum(map(len, body))
             if size > limit:
-                body = wheel.encode({"type": "result", "id": msg_id, "success": False,
-                                     "payload": _dumps("Answer of %d bytes exceeds this "
-                                                       "connection's max_frame (%d bytes)"
-                                                       % (size, limit))})
+                return size
         wheel.write_frame(body)
+        return 0
 
     def _payload(self, data: dict, wheel_id: int) -> Optional[dict]:
         """The decoded dict payload of a publish or rescind, or None after
@@ -3380,11 +3391,11 @@ class Server:
         """A session left the store: its counts join the totals, and its
         subscribers get a ``rescinded`` notice."""
         self.stats.retire(session.calls)
-        notice = _dumps({"type": "rescinded", "id": -1, "to": session.alias})
+        notice = {"type": "rescinded", "id": -1, "to": session.alias}
         for subscriber_id in list(session.subscribers):    # a write may close a subscriber
             subscriber = self.wheels.get(subscriber_id)
             if subscriber is not None:
-                subscriber.write_frame(notice)
+                self._send(subscriber, notice)
 
     def get_listing(self, data: dict, wheel_id: int) -> None:
         """List the published aliases, sorted; never fails."""
@@ -3748,7 +3759,7 @@ class Server:
         del peer.calls_by_id[call_id]
         told = publisher.context.calls_by_id is not None
         if told:
-            publisher.write_frame(_encode({"type": "cancel", "call": fresh_id}))
+            self._send(publisher, {"type": "cancel", "call": fresh_id})
         self.send_result(True, data, wheel_id, told)
 
     def get_info(self, data: dict, wheel_id: int) -> None:
@@ -6548,6 +6559,160 @@ class _Publication:
         return {"type": "publish", "payload": _dumps(payload)}
 
 
+class _Sessions:
+    """What a Client has published and subscribed, per connection: each
+    publication and subscription kept to be made again on a new link
+    (``restore``), dropped with its connection for good (``drop``), and a
+    subscription told when its session went (``rescinded``) or came back
+    (``revive``)."""
+
+    __slots__ = ("client", "publications", "subscriptions")
+
+    def __init__(self, client: "Client"):
+        self.client = client
+        self.publications: Dict[Tuple[int, str], _Publication] = {}
+        self.subscriptions: Dict[Tuple[int, str], _Subscription] = {}
+
+    # publications
+
+    def add_publication(self, publication: _Publication) -> None:
+        """Before its publish goes: a call may arrive before the answer does."""
+        key = (publication.connection_id, publication.alias)
+        if key in self.publications:
+            raise ProxyError("Session '%s' is already published on connection %d"
+                             % (publication.alias, publication.connection_id))
+        self.publications[key] = publication
+
+    def drop_publication(self, publication: _Publication) -> None:
+        """Its publish failed, or its rescind succeeded: it serves no more."""
+        key = (publication.connection_id, publication.alias)
+        if self.publications.get(key) is publication:
+            del self.publications[key]
+            if publication.workers is not None:
+                publication.workers.stop()
+
+    def publication_of(self, obj_or_alias: Any, connection_id: Optional[int]) -> _Publication:
+        """The one publication named by its alias or its object (rescind)."""
+        matches = [p for p in list(self.publications.values())
+                   if (p.alias == obj_or_alias if isinstance(obj_or_alias, str)
+                       else p.obj is obj_or_alias)
+                   and (connection_id is None or p.connection_id == connection_id)]
+        if not matches:
+            raise ProxyError("nothing published as %r" % (obj_or_alias,))
+        if len(matches) > 1:
+            raise ProxyError("%r is published on several connections: pass connection_id"
+                             % (obj_or_alias,))
+        return matches[0]
+
+    # subscriptions
+
+    def add_subscription(self, subscription: _Subscription, methods: dict) -> "Proxy":
+        """A subscribe's answer: the proxy of its methods."""
+        subscription.proxy = Proxy(subscription, methods)
+        self.subscriptions[(subscription.connection_id, subscription.alias)] = subscription
+        return subscription.proxy
+
+    def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int]) -> None:
+        keys = [key for key, subscription in self.subscriptions.items()
+                if (subscription.proxy is alias_or_proxy or key[1] == alias_or_proxy)
+                and (connection_id is None or key[0] == connection_id)]
+        if not keys:
+            raise ProxyError("not subscribed to %r" % (alias_or_proxy,))
+        for key in keys:
+            self.subscriptions.pop(key).gone = "unsubscribed from '%s'" % key[1]
+
+    def rescinded(self, alias: str, connection_id: int) -> None:
+        """The server says the session went: its proxy fails fast; with
+        reconnection on, it stays, to work again if its session comes back."""
+        key = (connection_id, alias)
+        subscription = self.subscriptions.get(key) if self.client.reconnect else \
+            self.subscriptions.pop(key, None)
+        if subscription is not None:
+            subscription.gone = "Session '%s' was rescinded" % (alias,)
+
+    def may_revive(self, subscription: _Subscription) -> bool:
+        """Whether a subscription whose session went may subscribe again:
+        not once unsubscribed, or once its connection ended for good."""
+        return self.client.reconnect and self.subscriptions.get(
+            (subscription.connection_id, subscription.alias)) is subscription
+
+    # connections
+
+    def drop(self, connection_id: int, failure: ProxyError) -> None:
+        """A connection is over for good: its publications and proxies go."""
+        for key in [key for key in self.publications if key[0] == connection_id]:
+            self.drop_publication(self.publications[key])
+        for key in [key for key in self.subscriptions if key[0] == connection_id]:
+            self.subscriptions.pop(key).gone = str(failure)
+
+    def restore(self, connection: _Link, resumed: list) -> None:
+        """Make a new connection's server state this client's again: publish
+        again what the server confirmed once and did not resume (a publish
+        still queued goes with the queue), rescind what it resumed that this
+        client no longer has (a publish whose answer was lost), subscribe
+        again."""
+        connection_id = connection.connection_id
+        for key, publication in list(self.publications.items()):
+            if key[0] == connection_id and publication.confirmed and \
+                    publication.alias not in resumed:
+                connection.set_up(publication.message(), lambda result, publication=publication:
+                                  self._republished(publication, result))
+        for alias in resumed:
+            if (connection_id, alias) not in self.publications:
+                log.info("%s: connection %d rescinds '%s', which the server kept for it but "
+                         "it no longer publishes", self.client.alias, connection_id, alias)
+                connection.set_up({"type": "rescind", "payload": _dumps(
+                    {"session_alias": alias})}, _no_answer_needed)
+        waits = MAX_WAITING_SUBSCRIBES     # what the server lets one connection leave waiting
+        for key, subscription in list(self.subscriptions.items()):
+            if key[0] == connection_id:
+                self._resubscribe(connection, subscription, waits > 0)
+                waits -= 1
+
+    def _republished(self, publication: _Publication, result: Result) -> None:
+        if result.success or isinstance(result.payload, BaseException):
+            return                     # lost with its connection: the next one publishes again
+        key = (publication.connection_id, publication.alias)
+        if self.publications.get(key) is not publication:
+            return
+        self.drop_publication(publication)
+        client = self.client
+        error = _error_from_payload(result.payload)
+        log.warning("%s: could not publish '%s' again on connection %d: %s", client.alias,
+                    key[1], key[0], error)
+        if client.republish_error_event is not None:
+            _call_user(client.alias, client.republish_error_event, key[1], key[0], error)
+
+    def _resubscribe(self, connection: _Link, subscription: _Subscription,
+                     wait: bool) -> None:
+        """Subscribe again on a new connection. A server that takes waits
+        (PROTOCOL.md 7.5, 7.7) answers once the alias is back (its publisher
+        may be reconnecting too, or restarting), within the Client's timeout;
+        calls through the proxy wait meanwhile (held), each within its own
+        timeout. If the alias is not back by then, the proxy fails fast, and
+        tries again at its next call (Client.revive). (Past the server's
+        limit of subscribes waiting, ``wait`` is False: those do not wait.)"""
+        alias = subscription.alias
+        message = {"type": "subscribe", "to": alias}
+        timeout = self.client.timeout
+        if wait and connection.deadlines:
+            wait = MAX_SUBSCRIBE_WAIT if timeout is None else min(timeout, MAX_SUBSCRIBE_WAIT)
+            message["wait"] = wait
+            timeout = wait + SUBSCRIBE_WAIT_MARGIN
+            connection.hold_calls_to(alias)
+            subscription.gone = None   # (rescinded before the break?) its calls wait, too
+
+        def subscribed(result):
+            # what this server says, not what the last one did
+            subscription.gone = None if result.success else str(
+                _error_from_payload(result.payload))
+            if alias in connection.restoring:
+                connection.restored(alias, subscription.gone)
+
+        connection.request(_Request(subscription.connection_id, None, subscribed, None, timeout),
+                           message)
+
+
 class _Served:
     """The calls a Client serves for its publications: each decoded, run
     (on the reactor's thread, or a publication's workers), and answered on
@@ -6741,7 +6906,7 @@ class Client:
                  "socket_error_event", "connect_error_event", "rescinded_event", "reconnect",
                  "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
                  "_heartbeat_timer", "_unpickler", "_unsafe", "_connections", "_hooks",
-                 "_publications", "_subscriptions", "_connection_ids", "_handlers",
+                 "_sessions", "_connection_ids", "_handlers",
                  "_served", "__dict__", "__weakref__")
 
     def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
@@ -6787,12 +6952,11 @@ class Client:
                                {"allowed": SAFE_CLASSES | _class_pairs(allow_classes)})
         self._unsafe = unsafe_unpickle_anything
         self._connections: Dict[int, _Connection] = {}
+        self._sessions = _Sessions(self)
         self._hooks = _Hooks(self._on_message, self._on_wheel_closed, self._loads, self._redial,
-                             self._restore_sessions, bool(self.options.get("trace")))
-        self._publications: Dict[Tuple[int, str], _Publication] = {}
-        self._subscriptions: Dict[Tuple[int, str], _Subscription] = {}
+                             self._sessions.restore, bool(self.options.get("trace")))
         self._connection_ids = itertools.count(1)
-        self._served = _Served(alias, self.reactor, self._loads, self._publications,
+        self._served = _Served(alias, self.reactor, self._loads, self._sessions.publications,
                                self._awaitable)
         self._handlers = {
             "deliver": self._served.deliver,
@@ -7075,10 +7239,7 @@ class Client:
             failure = ProxyError("Connection %d was lost: %s" % (connection_id, reason))
         connection.end(failure)
         self._served.stop(connection_id)
-        for key in [key for key in self._publications if key[0] == connection_id]:
-            self._drop_publication(key)
-        for key in [key for key in self._subscriptions if key[0] == connection_id]:
-            self._subscriptions.pop(key).gone = str(failure)
+        self._sessions.drop(connection_id, failure)
         if self.socket_error_event is not None and reason != "client closed":
             _call_user(self.alias, self.socket_error_event, connection_id, failure)
 
@@ -7093,81 +7254,15 @@ class Client:
             return connection.try_failed(str(exc))
         connection.open_wheel(sock, connection.rejoin)
 
-    def _restore_sessions(self, connection: _Connection, resumed: list) -> None:
-        """Make a new connection's server state this client's again: publish
-        again what the server confirmed once and did not resume (a publish
-        still queued goes with the queue), rescind what it resumed that this
-        client no longer has (a publish whose answer was lost), subscribe
-        again."""
-        connection_id = connection.connection_id
-        for key, publication in list(self._publications.items()):
-            if key[0] == connection_id and publication.confirmed and \
-                    publication.alias not in resumed:
-                connection.set_up(publication.message(),
-                                  lambda result, key=key: self._republished(key, result))
-        for alias in resumed:
-            if (connection_id, alias) not in self._publications:
-                log.info("%s: connection %d rescinds '%s', which the server kept for it but "
-                         "it no longer publishes", self.alias, connection_id, alias)
-                connection.set_up({"type": "rescind", "payload": _dumps(
-                    {"session_alias": alias})}, _no_answer_needed)
-        waits = MAX_WAITING_SUBSCRIBES     # what the server lets one connection leave waiting
-        for key, subscription in list(self._subscriptions.items()):
-            if key[0] == connection_id:
-                self._resubscribe(connection, subscription, waits > 0)
-                waits -= 1
-
-    def _republished(self, key: Tuple[int, str], result: Result) -> None:
-        if result.success or isinstance(result.payload, BaseException):
-            return                     # lost with its connection: the next one publishes again
-        publication = self._publications.get(key)
-        if publication is None:
-            return
-        self._drop_publication(key)
-        error = _error_from_payload(result.payload)
-        log.warning("%s: could not publish '%s' again on connection %d: %s", self.alias,
-                    key[1], key[0], error)
-        if self.republish_error_event is not None:
-            _call_user(self.alias, self.republish_error_event, key[1], key[0], error)
-
-    def _resubscribe(self, connection: _Connection, subscription: _Subscription,
-                     wait: bool) -> None:
-        """Subscribe again on a new connection. A server that takes waits
-        (PROTOCOL.md 7.5, 7.7) answers once the alias is back (its publisher
-        may be reconnecting too, or restarting), within the Client's timeout;
-        calls through the proxy wait meanwhile (held), each within its own
-        timeout. If the alias is not back by then, the proxy fails fast, and
-        tries again at its next call (revive). (Past the server's limit of
-        subscribes waiting, ``wait`` is False: those do not wait.)"""
-        alias = subscription.alias
-        message = {"type": "subscribe", "to": alias}
-        timeout = self.timeout
-        if wait and connection.deadlines:
-            wait = MAX_SUBSCRIBE_WAIT if timeout is None else min(timeout, MAX_SUBSCRIBE_WAIT)
-            message["wait"] = wait
-            timeout = wait + SUBSCRIBE_WAIT_MARGIN
-            connection.hold_calls_to(alias)
-            subscription.gone = None   # (rescinded before the break?) its calls wait, too
-
-        def subscribed(result):
-            # what this server says, not what the last one did
-            subscription.gone = None if result.success else str(
-                _error_from_payload(result.payload))
-            if alias in connection.restoring:
-                connection.restored(alias, subscription.gone)
-
-        connection.request(_Request(subscription.connection_id, None, subscribed, None, timeout),
-                           message)
-
     def revive(self, subscription: _Subscription) -> bool:
         """For a proxy's methods: a subscription whose session went
         (rescinded, or not back after a reconnection) works again once its
         session is back; True if it is."""
-        key = (subscription.connection_id, subscription.alias)
-        if not self.reconnect or self._subscriptions.get(key) is not subscription:
-            return False               # unsubscribed, or its connection ended for good
+        if not self._sessions.may_revive(subscription):
+            return False
         try:
-            self.send_message(key[0], {"type": "subscribe", "to": key[1]})
+            self.send_message(subscription.connection_id,
+                              {"type": "subscribe", "to": subscription.alias})
         except ProxyError:
             return False
         subscription.gone = None
@@ -7290,12 +7385,7 @@ class Client:
             log.warning("%s: connection %d sent a rescinded notice for %s", self.alias,
                         connection_id, _quote(message.get("to")))
             return
-        key = (connection_id, alias)
-        # with reconnection on, the proxy stays, to work again if its session comes back
-        subscription = self._subscriptions.get(key) if self.reconnect else \
-            self._subscriptions.pop(key, None)
-        if subscription is not None:
-            subscription.gone = "Session '%s' was rescinded" % (alias,)
+        self._sessions.rescinded(alias, connection_id)
         if self.rescinded_event is not None:
             _call_user(self.alias, self.rescinded_event, alias, connection_id)
 
@@ -7360,51 +7450,26 @@ class Client:
                     raise ValueError("cannot publish %r with workers=%r: an async def "
                                      "method's calls are tasks on the loop (they overlap "
                                      "already); publish it with workers=0" % (name, workers))
-        key = (connection_id, alias)
         publication = _Publication(connection_id, alias, obj, table, _Workers(
             workers, "%s:%s" % (self.alias, alias)) if workers else None, shared)
-        message = publication.message()
-
-        def register():
-            if key in self._publications:
-                raise ProxyError("Session '%s' is already published on connection %d"
-                                 % (alias, connection_id))
-            self._publications[key] = publication   # a call may arrive before the answer does
-
-        def forget():
-            if self._publications.get(key) is publication:
-                self._drop_publication(key)
 
         def confirmed(value):
             publication.confirmed = True
             return value
 
-        return self.send_message(connection_id, message, confirmed, callback, tag, timeout,
-                                 register, forget)
-
-    def _drop_publication(self, key: Tuple[int, str]) -> None:
-        publication = self._publications.pop(key, None)
-        if publication is not None and publication.workers is not None:
-            publication.workers.stop()
+        sessions = self._sessions
+        return self.send_message(connection_id, publication.message(), confirmed, callback, tag,
+                                 timeout, lambda: sessions.add_publication(publication),
+                                 lambda: sessions.drop_publication(publication))
 
     def rescind(self, obj_or_alias: Any, connection_id: Optional[int] = None,
                 callback: Optional[Callable] = None, tag: Any = None,
                 timeout: Any = CLIENT_TIMEOUT) -> None:
         """Rescind a publication, named by its alias or by the published object."""
-        matches = [p for p in list(self._publications.values())
-                   if (p.alias == obj_or_alias if isinstance(obj_or_alias, str)
-                       else p.obj is obj_or_alias)
-                   and (connection_id is None or p.connection_id == connection_id)]
-        if not matches:
-            raise ProxyError("nothing published as %r" % (obj_or_alias,))
-        if len(matches) > 1:
-            raise ProxyError("%r is published on several connections: pass connection_id"
-                             % (obj_or_alias,))
-        publication = matches[0]
-        key = (publication.connection_id, publication.alias)
+        publication = self._sessions.publication_of(obj_or_alias, connection_id)
 
         def on_result(value):
-            self._drop_publication(key)
+            self._sessions.drop_publication(publication)
             return value
 
         payload = _dumps({"session_alias": publication.alias})
@@ -7452,25 +7517,14 @@ class Client:
         def on_result(value):
             if not isinstance(value, dict) or not isinstance(value.get("methods"), dict):
                 raise ProtocolError("malformed subscribe answer: %s" % _show(value, 200))
-            subscription = _Subscription(self, connection_id, alias)
-            subscription.proxy = Proxy(subscription, value["methods"])
-            self._subscriptions[(connection_id, alias)] = subscription
-            return subscription.proxy
+            return self._sessions.add_subscription(_Subscription(self, connection_id, alias),
+                                                   value["methods"])
 
         return self.send_message(connection_id, message, on_result, callback, tag, timeout)
 
     def unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int] = None) -> None:
         """Forget a subscription; its proxy then fails fast."""
-        self.reactor.call_in_loop(self._unsubscribe, alias_or_proxy, connection_id)
-
-    def _unsubscribe(self, alias_or_proxy: Any, connection_id: Optional[int]) -> None:
-        keys = [key for key, subscription in self._subscriptions.items()
-                if (subscription.proxy is alias_or_proxy or key[1] == alias_or_proxy)
-                and (connection_id is None or key[0] == connection_id)]
-        if not keys:
-            raise ProxyError("not subscribed to %r" % (alias_or_proxy,))
-        for key in keys:
-            self._subscriptions.pop(key).gone = "unsubscribed from '%s'" % key[1]
+        self.reactor.call_in_loop(self._sessions.unsubscribe, alias_or_proxy, connection_id)
 
     def deliver(self, connection_id: int, alias: str, event: str, args=(), kwargs=None,
                 callback: Optional[Callable] = None, tag: Any = None,
@@ -8071,7 +8125,7 @@ class AsyncClient(Client):
         """A proxy whose session went (rescinded, or not back after a
         reconnection) subscribes again, then calls (as Client.revive)."""
         key = (subscription.connection_id, subscription.alias)
-        if not self.reconnect or self._subscriptions.get(key) is not subscription:
+        if not self._sessions.may_revive(subscription):
             raise ProxyError(subscription.gone)
         try:
             await self._asked(lambda answer: self.send_message(

@@ -2708,7 +2708,7 @@ def nats_written(act, publish=None):
     service = nats.served.services["Greeter"]
     del wheel.written[:]               # (its subscriptions)
     if publish is not None:
-        client._publications[(1, "Greeter")] = proxysession._Publication(
+        client._sessions.publications[(1, "Greeter")] = proxysession._Publication(
             1, "Greeter", publish, service.methods, None, False)
     act(nats, lambda op: nats.served.on_call(service, op))
     client.reactor.close()
