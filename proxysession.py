@@ -6862,6 +6862,222 @@ class _Served:
         wheel.context.answer(wheel, call_id, success, payload)
 
 
+class _Connector:
+    """What connect() does, for the Client (blocking) and the AsyncClient
+    (awaited) alike: a new connection, numbered; its wheel, the connection
+    in the Client's table from then on; a proxysession server checked by a
+    first round trip (a keyed client that hears no challenge asks why on a
+    second connection, made off the loop), a NATS server tried after
+    another; and a failure reported once (connect_error_event, then raised,
+    the connection gone from the table)."""
+
+    __slots__ = ("client", "hooks", "connections", "ids", "connected")
+
+    def __init__(self, client: "Client", hooks: _Hooks, connections: Dict[int, _Link],
+                 connected: Callable[[_Link], bool]):
+        self.client = client
+        self.hooks = hooks
+        self.connections = connections     # the Client's: connection id -> _Link
+        self.ids = itertools.count(1)
+        self.connected = connected         # the Client's: the link is up (its heartbeat)
+
+    def connection(self, address: str, port: int, server_hostname: Optional[str],
+                   timeout: Optional[float]) -> "_Connection":
+        return _Connection(self.client, self.hooks, next(self.ids), address, port,
+                           server_hostname, timeout)
+
+    def open(self, connection: _Link, sock: socket.socket, on_open: Callable) -> Wheel:
+        """On the reactor's thread: the connection's wheel, and its place in the table."""
+        self.connections[connection.connection_id] = connection
+        return connection.open_wheel(sock, on_open)
+
+    def forget(self, connection: _Link) -> None:
+        if self.connections.get(connection.connection_id) is connection:
+            del self.connections[connection.connection_id]
+
+    def failed(self, address, port, error):
+        """Report a failed connect(): ``connect_error_event``, then raise."""
+        client = self.client
+        if client.connect_error_event is not None:
+            client.connect_error_event(address, port, error)
+        if isinstance(error, ProxyError) and not isinstance(error, CallTimeout):
+            raise error
+        raise ConnectError("cannot connect to %s:%s: %s" % (address, port, error)) from error
+
+    def why_no_challenge(self, connection: "_Connection", sockaddr,
+                         family) -> Optional[ProxyError]:
+        """A keyed connect() got no challenge: ask on a plain blocking probe
+        connection. A server that answers a listing without a challenge has
+        no authkey; one that drops a connection that speaks no TLS wants TLS.
+        None when the probe learns nothing (a slow server: keep waiting)."""
+        ssl_context = self.client.ssl_context
+        peer = "%s:%s" % (connection.address, connection.port)
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(sockaddr)
+            if ssl_context is not None:
+                probe = ssl_context.wrap_socket(
+                    probe, server_hostname=connection.server_hostname or connection.address)
+            probe.sendall(_frame(_dumps({"type": "listing", "id": 0})))
+            answer = probe.recv(64)
+        except socket.timeout:
+            return None                # slow, not silent by design: the handshake decides
+        except (OSError, ssl.SSLError):
+            answer = b""
+        finally:
+            probe.close()
+        if answer.split(b"\0", 1)[-1].startswith(CHALLENGE):
+            return None                # keyed after all, and slow
+        if ssl_context is None and (not answer or answer[0] in (0x15, 0x16)):
+            # closed, or a TLS record (an alert, a handshake): it speaks TLS
+            return ConnectError("the server at %s sent no challenge, and closed a second "
+                                "connection that spoke no TLS at once: it probably expects "
+                                "TLS (Client(ssl_context=...), --tls-ca)" % peer)
+        if answer[:1].isdigit():
+            return AuthenticationError("the server at %s has no authkey, but this client has "
+                                       "one: it answered a request without a challenge" % peer)
+        return None
+
+    def why_first_request_failed(self, exc: ProxyError,
+                                 connection: "_Connection") -> ProxyError:
+        """What to tell connect()'s caller when the first request failed."""
+        if self.client.ssl_context is None and " was lost: " in str(exc):
+            # a TLS server drops a peer whose first bytes are not TLS
+            return ConnectError("the server at %s:%s closed the connection at its first "
+                                "request: it probably expects TLS (Client(ssl_context=...), "
+                                "--tls-ca); %s" % (connection.address, connection.port, exc))
+        return exc
+
+    def connect(self, address: str, port: Optional[int], timeout: Optional[float],
+                server_hostname: Optional[str]) -> int:
+        """Client.connect to a proxysession server."""
+        client, reactor = self.client, self.client.reactor
+        address, port = _address_and_port(address, port)
+        connection = self.connection(address, port, server_hostname, timeout)
+        connection_id = connection.connection_id
+        try:
+            sock, family, sockaddr = _dial(address, port)
+        except OSError as exc:
+            return self.failed(address, port, exc)
+        outcome: list = []
+
+        def open_wheel():
+            connection.opening = outcome    # _on_wheel_closed puts the error here
+            return self.open(connection, sock, lambda wheel: outcome.append(None))
+
+        def opened(wheel) -> bool:
+            if wheel.is_open:
+                connection.opening = None
+                return True
+            # it may have opened and closed in one pass: the error is what counts
+            self.forget(connection)
+            return False
+
+        wheel = reactor.call_in_loop(open_wheel)
+        if client.authkey is not None and timeout is not None and timeout > CHALLENGE_PROBE and \
+                not reactor.run_until(outcome.__len__, CHALLENGE_PROBE) and wheel.reads == 0:
+            # no challenge yet: a keyless server, or a TLS one, says nothing and
+            # waits as we do; a second connection finds out which, at once. It
+            # blocks, so it runs on a thread of its own while this one runs the loop
+            verdict: list = []
+            threading.Thread(target=lambda: reactor.call_soon_threadsafe(
+                verdict.append, self.why_no_challenge(connection, sockaddr, family)),
+                name="proxysession-probe", daemon=True).start()
+            reactor.run_until(lambda: verdict or outcome, None)
+            why = verdict[0] if verdict else None
+            if why is not None:
+                reactor.call_in_loop(wheel.close, "connect check failed")
+                return self.failed(address, port, why)
+        reactor.run_until(outcome.__len__, None)
+        if not reactor.call_in_loop(opened, wheel):
+            errors = [error for error in outcome if error is not None]
+            return self.failed(address, port, errors[0] if errors else
+                               ConnectionError("connection closed during the handshake"))
+        # One round trip makes connect() the place where a keyed server met
+        # without a key (it challenges first, and a keyless client learns it
+        # only from the next frame), or a peer that does not speak the
+        # protocol, is reported; and it tells us the server's limits.
+        try:
+            info = client.send_message(connection_id, _info_request(client.max_frame),
+                                       timeout=timeout)
+        except ProxyError as exc:
+            info = exc
+        try:
+            grace = reactor.call_in_loop(connection.learn_info, info)
+            if grace > 0 and client.reconnect:  # a publisher here may resume if its link drops
+                connection.token = _resume_answer(client.send_message(
+                    connection_id, {"type": "resume"}, timeout=timeout))[0]
+        except ProxyError as exc:
+            reactor.call_in_loop(wheel.close, "connect check failed")
+            return self.failed(address, port, self.why_first_request_failed(exc, connection))
+        reactor.call_in_loop(self.connected, connection)
+        log.debug("%s connected to %s:%s as connection %d", client.alias, address, port,
+                  connection_id)
+        return connection_id
+
+    # NATS (the nats section)
+
+    def connect_nats(self, urls: str, timeout: Optional[float]) -> int:
+        """Client.connect to the first of ``urls`` whose NATS server takes us:
+        it answers our CONNECT's PING within ``timeout``."""
+        servers, credentials, tls_first = self.nats_servers(urls)
+        reactor = self.client.reactor
+        connection_id = next(self.ids)
+        failures: List[str] = []
+        for at in range(len(servers)):
+            outcome: list = []         # a PONG puts None here, a failure its error
+            connection = self.nats_try(connection_id, servers, at, credentials, tls_first,
+                                       timeout, outcome)
+            try:
+                sock = _dial(connection.address, connection.port)[0]
+            except OSError as exc:
+                failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
+                continue
+            wheel = reactor.call_in_loop(self.open, connection, sock, _no_answer_needed)
+            if not reactor.run_until(outcome.__len__, timeout):
+                outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
+                                            % timeout))
+            if reactor.call_in_loop(self.nats_opened, connection, wheel, outcome, failures):
+                return connection_id
+        return self.failed(_nats_urls(servers), None, ConnectError(
+            "cannot connect to NATS: %s" % "; ".join(failures)))
+
+    def nats_servers(self, urls: str) -> Tuple[List[Tuple[str, int]], dict, bool]:
+        """connect()'s NATS URLs (``_nats_servers``); tls:// ones need an ssl_context."""
+        servers, credentials, tls_first = _nats_servers(urls)
+        if tls_first and self.client.ssl_context is None:
+            raise ValueError("tls:// addresses (TLS first) need Client(ssl_context=...)")
+        return servers, credentials, tls_first
+
+    def nats_try(self, connection_id: int, servers: List[Tuple[str, int]], at: int,
+                 credentials: dict, tls_first: bool, timeout: Optional[float],
+                 outcome: list) -> "_NatsConnection":
+        """connect()'s try of the server ``at`` (the others after it, to
+        reconnect to); ``outcome`` says how the opening went."""
+        connection = _NatsConnection(self.client, self.hooks, connection_id,
+                                     servers[at:] + servers[:at], credentials, timeout)
+        connection.tls_first = tls_first
+        connection.opening = outcome
+        return connection
+
+    def nats_opened(self, connection: "_NatsConnection", wheel: Wheel, outcome: list,
+                    failures: List[str]) -> bool:
+        """After a try: True if the connection is up; else it is closed, and
+        why is among ``failures`` (an authentication error is raised: the
+        next server would say the same)."""
+        if outcome[0] is None and self.connected(connection):
+            return True
+        wheel.close("connect check failed")
+        self.forget(connection)
+        why = next((error for error in outcome if error is not None),
+                   ConnectError("the connection closed as it opened"))
+        if isinstance(why, AuthenticationError):
+            self.failed(connection.address, connection.port, why)
+        failures.append("nats://%s:%s: %s" % (connection.address, connection.port, why))
+        return False
+
+
 class Client:
     """Connections to proxysession servers, after POEx::ProxySession::Client.
 
@@ -6906,7 +7122,7 @@ class Client:
                  "socket_error_event", "connect_error_event", "rescinded_event", "reconnect",
                  "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
                  "_heartbeat_timer", "_unpickler", "_unsafe", "_connections", "_hooks",
-                 "_sessions", "_connection_ids", "_handlers",
+                 "_sessions", "_connector", "_handlers",
                  "_served", "__dict__", "__weakref__")
 
     def __init__(self, alias: str = "Client", *, reactor: Optional[Reactor] = None,
@@ -6955,7 +7171,7 @@ class Client:
         self._sessions = _Sessions(self)
         self._hooks = _Hooks(self._on_message, self._on_wheel_closed, self._loads, self._redial,
                              self._sessions.restore, bool(self.options.get("trace")))
-        self._connection_ids = itertools.count(1)
+        self._connector = _Connector(self, self._hooks, self._connections, self._connected)
         self._served = _Served(alias, self.reactor, self._loads, self._sessions.publications,
                                self._awaitable)
         self._handlers = {
@@ -7000,187 +7216,8 @@ class Client:
         ``connect_error_event`` when set."""
         timeout = self.handshake_timeout if timeout is None else timeout
         if isinstance(remote_address, str) and remote_address.startswith(NATS_SCHEMES):
-            return self._connect_nats(remote_address, timeout)
-        remote_address, remote_port = _address_and_port(remote_address, remote_port)
-        connection_id = next(self._connection_ids)
-        connection = _Connection(self, self._hooks, connection_id, remote_address, remote_port,
-                                 server_hostname, timeout)
-        try:
-            sock, family, sockaddr = _dial(remote_address, remote_port)
-        except OSError as exc:
-            return self._connect_failed(remote_address, remote_port, exc)
-        outcome: list = []
-
-        def open_wheel():
-            connection.opening = outcome    # _on_wheel_closed puts the error here
-            self._connections[connection_id] = connection
-            return connection.open_wheel(sock, lambda wheel: outcome.append(None))
-
-        def opened(wheel) -> bool:
-            if wheel.is_open:
-                connection.opening = None
-                return True
-            # it may have opened and closed in one pass: the error is what counts
-            self._connections.pop(connection_id, None)
-            return False
-
-        reactor = self.reactor
-        wheel = reactor.call_in_loop(open_wheel)
-        if self.authkey is not None and timeout is not None and timeout > CHALLENGE_PROBE and \
-                not reactor.run_until(outcome.__len__, CHALLENGE_PROBE) and wheel.reads == 0:
-            # no challenge yet: a keyless server, or a TLS one, says nothing and
-            # waits as we do; a second connection finds out which, at once. It
-            # blocks, so it runs on a thread of its own while this one runs the loop
-            verdict: list = []
-            threading.Thread(target=lambda: reactor.call_soon_threadsafe(
-                verdict.append, self._why_no_challenge(
-                    remote_address, remote_port, sockaddr, family,
-                    server_hostname or remote_address)),
-                name="proxysession-probe", daemon=True).start()
-            reactor.run_until(lambda: verdict or outcome, None)
-            why = verdict[0] if verdict else None
-            if why is not None:
-                reactor.call_in_loop(wheel.close, "connect check failed")
-                return self._connect_failed(remote_address, remote_port, why)
-        reactor.run_until(outcome.__len__, None)
-        if not reactor.call_in_loop(opened, wheel):
-            errors = [error for error in outcome if error is not None]
-            return self._connect_failed(remote_address, remote_port, errors[0] if errors else
-                                        ConnectionError("connection closed during the handshake"))
-        # One round trip makes connect() the place where a keyed server met
-        # without a key (it challenges first, and a keyless client learns it
-        # only from the next frame), or a peer that does not speak the
-        # protocol, is reported; and it tells us the server's limits.
-        try:
-            info = self.send_message(connection_id, _info_request(self.max_frame),
-                                     timeout=timeout)
-        except ProxyError as exc:
-            info = exc
-        try:
-            grace = reactor.call_in_loop(connection.learn_info, info)
-            if grace > 0 and self.reconnect:    # a publisher here may resume if its link drops
-                connection.token = _resume_answer(self.send_message(
-                    connection_id, {"type": "resume"}, timeout=timeout))[0]
-        except ProxyError as exc:
-            reactor.call_in_loop(wheel.close, "connect check failed")
-            return self._connect_failed(remote_address, remote_port,
-                                        self._why_first_request_failed(exc, connection))
-        reactor.call_in_loop(self._connected, connection)
-        log.debug("%s connected to %s:%s as connection %d", self.alias, remote_address,
-                  remote_port, connection_id)
-        return connection_id
-
-    def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
-        """connect() to the first of ``urls`` whose NATS server takes us: it
-        answers our CONNECT's PING within ``timeout``."""
-        servers, credentials, tls_first = self._nats_servers(urls)
-        reactor = self.reactor
-        connection_id = next(self._connection_ids)
-        failures: List[str] = []
-        for at in range(len(servers)):
-            outcome: list = []         # a PONG puts None here, a failure its error
-            connection = self._nats_try(connection_id, servers, at, credentials, tls_first,
-                                        timeout, outcome)
-            try:
-                sock = _dial(connection.address, connection.port)[0]
-            except OSError as exc:
-                failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
-                continue
-            wheel = reactor.call_in_loop(self._nats_open, connection, sock)
-            if not reactor.run_until(outcome.__len__, timeout):
-                outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
-                                            % timeout))
-            if reactor.call_in_loop(self._nats_opened, connection, wheel, outcome, failures):
-                return connection_id
-        return self._connect_failed(_nats_urls(servers), None, ConnectError(
-            "cannot connect to NATS: %s" % "; ".join(failures)))
-
-    def _nats_servers(self, urls: str) -> Tuple[List[Tuple[str, int]], dict, bool]:
-        """connect()'s NATS URLs (``_nats_servers``); tls:// ones need an ssl_context."""
-        servers, credentials, tls_first = _nats_servers(urls)
-        if tls_first and self.ssl_context is None:
-            raise ValueError("tls:// addresses (TLS first) need Client(ssl_context=...)")
-        return servers, credentials, tls_first
-
-    def _nats_try(self, connection_id: int, servers: List[Tuple[str, int]], at: int,
-                  credentials: dict, tls_first: bool, timeout: Optional[float],
-                  outcome: list) -> "_NatsConnection":
-        """connect()'s try of the server ``at`` (the others after it, to
-        reconnect to); ``outcome`` says how the opening went."""
-        connection = _NatsConnection(self, self._hooks, connection_id,
-                                     servers[at:] + servers[:at], credentials, timeout)
-        connection.tls_first = tls_first
-        connection.opening = outcome
-        return connection
-
-    def _nats_open(self, connection: "_NatsConnection", sock: socket.socket) -> Wheel:
-        self._connections[connection.connection_id] = connection
-        return connection.open_wheel(sock, lambda wheel: None)
-
-    def _nats_opened(self, connection: "_NatsConnection", wheel: Wheel, outcome: list,
-                     failures: List[str]) -> bool:
-        """After a try: True if the connection is up; else it is closed, and
-        why is among ``failures`` (an authentication error is raised: the
-        next server would say the same)."""
-        if outcome[0] is None and self._connected(connection):
-            return True
-        wheel.close("connect check failed")
-        self._connections.pop(connection.connection_id, None)
-        why = next((error for error in outcome if error is not None),
-                   ConnectError("the connection closed as it opened"))
-        if isinstance(why, AuthenticationError):
-            self._connect_failed(connection.address, connection.port, why)
-        failures.append("nats://%s:%s: %s" % (connection.address, connection.port, why))
-        return False
-
-    def _why_first_request_failed(self, exc: ProxyError, connection: _Connection) -> ProxyError:
-        """What to tell connect()'s caller when the first request failed."""
-        if self.ssl_context is None and " was lost: " in str(exc):
-            # a TLS server drops a peer whose first bytes are not TLS
-            return ConnectError("the server at %s:%s closed the connection at its first "
-                                "request: it probably expects TLS (Client(ssl_context=...), "
-                                "--tls-ca); %s" % (connection.address, connection.port, exc))
-        return exc
-
-    def _why_no_challenge(self, address, port, sockaddr, family,
-                          server_hostname: str) -> Optional[ProxyError]:
-        """A keyed connect() got no challenge: ask on a plain blocking probe
-        connection. A server that answers a listing without a challenge has
-        no authkey; one that drops a connection that speaks no TLS wants TLS.
-        None when the probe learns nothing (a slow server: keep waiting)."""
-        peer = "%s:%s" % (address, port)
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.settimeout(PROBE_TIMEOUT)
-        try:
-            probe.connect(sockaddr)
-            if self.ssl_context is not None:
-                probe = self.ssl_context.wrap_socket(probe, server_hostname=server_hostname)
-            probe.sendall(_frame(_dumps({"type": "listing", "id": 0})))
-            answer = probe.recv(64)
-        except socket.timeout:
-            return None                # slow, not silent by design: the handshake decides
-        except (OSError, ssl.SSLError):
-            answer = b""
-        finally:
-            probe.close()
-        if answer.split(b"\0", 1)[-1].startswith(CHALLENGE):
-            return None                # keyed after all, and slow
-        if self.ssl_context is None and (not answer or answer[0] in (0x15, 0x16)):
-            # closed, or a TLS record (an alert, a handshake): it speaks TLS
-            return ConnectError("the server at %s sent no challenge, and closed a second "
-                                "connection that spoke no TLS at once: it probably expects "
-                                "TLS (Client(ssl_context=...), --tls-ca)" % peer)
-        if answer[:1].isdigit():
-            return AuthenticationError("the server at %s has no authkey, but this client has "
-                                       "one: it answered a request without a challenge" % peer)
-        return None
-
-    def _connect_failed(self, address, port, error):
-        if self.connect_error_event is not None:
-            self.connect_error_event(address, port, error)
-        if isinstance(error, ProxyError) and not isinstance(error, CallTimeout):
-            raise error
-        raise ConnectError("cannot connect to %s:%s: %s" % (address, port, error)) from error
+            return self._connector.connect_nats(remote_address, timeout)
+        return self._connector.connect(remote_address, remote_port, timeout, server_hostname)
 
     def close(self) -> None:
         """Close every connection; waiting requests fail. A connection with a
@@ -7925,13 +7962,12 @@ class AsyncClient(Client):
         if isinstance(remote_address, str) and remote_address.startswith(NATS_SCHEMES):
             return await self._connect_nats(remote_address, timeout)
         remote_address, remote_port = _address_and_port(remote_address, remote_port)
-        connection_id = next(self._connection_ids)
-        connection = _Connection(self, self._hooks, connection_id, remote_address, remote_port,
-                                 server_hostname, timeout)
+        connector = self._connector
+        connection = connector.connection(remote_address, remote_port, server_hostname, timeout)
         try:
             sock, family, sockaddr = await self._dial(remote_address, remote_port)
         except OSError as exc:
-            return self._connect_failed(remote_address, remote_port, exc)
+            return connector.failed(remote_address, remote_port, exc)
         wheel = None
         try:
             wheel, failure = await self._open(connection, sock, family, sockaddr)
@@ -7940,32 +7976,33 @@ class AsyncClient(Client):
         except BaseException:          # cancelled: the connection goes, with what it holds
             if wheel is not None:
                 wheel.close("connect() was cancelled")
-            self._connections.pop(connection_id, None)
+            connector.forget(connection)
             raise
         if failure is not None:
             wheel.close("connect check failed")
-            self._connections.pop(connection_id, None)
-            return self._connect_failed(remote_address, remote_port, failure)
+            connector.forget(connection)
+            return connector.failed(remote_address, remote_port, failure)
         self._connected(connection)
-        return connection_id
+        return connection.connection_id
 
     async def _connect_nats(self, urls: str, timeout: Optional[float]) -> int:
         """Client._connect_nats, awaited."""
         import asyncio
-        servers, credentials, tls_first = self._nats_servers(urls)
-        connection_id = next(self._connection_ids)
+        connector = self._connector
+        servers, credentials, tls_first = connector.nats_servers(urls)
+        connection_id = next(connector.ids)
         failures: List[str] = []
         for at in range(len(servers)):
             opened = self.reactor.loop.create_future()
             outcome = _Outcome(lambda: opened.done() or opened.set_result(None))
-            connection = self._nats_try(connection_id, servers, at, credentials, tls_first,
+            connection = connector.nats_try(connection_id, servers, at, credentials, tls_first,
                                         timeout, outcome)
             try:
                 sock = (await self._dial(connection.address, connection.port))[0]
             except OSError as exc:
                 failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
                 continue
-            wheel = self._nats_open(connection, sock)
+            wheel = connector.open(connection, sock, _no_answer_needed)
             try:
                 await asyncio.wait_for(opened, timeout)
             except asyncio.TimeoutError:
@@ -7973,11 +8010,11 @@ class AsyncClient(Client):
                                             % timeout))
             except BaseException:      # cancelled: the connection goes
                 wheel.close("connect() was cancelled")
-                self._connections.pop(connection_id, None)
+                connector.forget(connection)
                 raise
-            if self._nats_opened(connection, wheel, outcome, failures):
+            if connector.nats_opened(connection, wheel, outcome, failures):
                 return connection_id
-        return self._connect_failed(_nats_urls(servers), None, ConnectError(
+        return connector.failed(_nats_urls(servers), None, ConnectError(
             "cannot connect to NATS: %s" % "; ".join(failures)))
 
     async def _dial(self, address: str, port: int) -> Tuple[socket.socket, int, Any]:
@@ -7998,16 +8035,14 @@ class AsyncClient(Client):
                 opened.set_result(None)
 
         connection.opening = outcome = _Outcome(settle)   # _on_wheel_closed puts the error here
-        self._connections[connection.connection_id] = connection
-        wheel = connection.open_wheel(sock, settle)
+        wheel = self._connector.open(connection, sock, settle)
         if self.authkey is not None and connection.timeout is not None and \
                 connection.timeout > CHALLENGE_PROBE:
             import asyncio
             await asyncio.wait({opened}, timeout=CHALLENGE_PROBE)
             if not opened.done() and wheel.reads == 0:
                 why = await loop.run_in_executor(
-                    None, self._why_no_challenge, connection.address, connection.port, sockaddr,
-                    family, connection.server_hostname or connection.address)
+                    None, self._connector.why_no_challenge, connection, sockaddr, family)
                 if why is not None:
                     return wheel, why
         await opened
@@ -8035,7 +8070,7 @@ class AsyncClient(Client):
                     lambda answer: self.send_message(connection_id, {"type": "resume"},
                                                      callback=answer, timeout=timeout)))[0]
         except ProxyError as exc:
-            return self._why_first_request_failed(exc, connection)
+            return self._connector.why_first_request_failed(exc, connection)
         return None
 
     def _redial(self, connection: _Connection) -> None:

@@ -4970,13 +4970,13 @@ def test_a_peer_dropped_before_it_authenticates_is_freed_at_once(make_server, wh
 
 
 def test_a_keyed_connect_that_fails_on_its_probe_leaves_nothing_and_runs_the_loop(
-        server, make_client):
+        server, make_client, monkeypatch):
     # what is tried: four keyed connects to a keyless server, each failing
     # once the probe of a second connection tells why; the probe must run
     # while the loop does (a timer set for the moment it starts fires before
     # it ends), and no closed connection may stay in the client
     client = make_client(authkey=b"sesame", handshake_timeout=WAIT)
-    probe = client._why_no_challenge
+    probe = proxysession._Connector.why_no_challenge
     ran_meanwhile = []
 
     def probe_while_the_loop_runs(*args):
@@ -4985,7 +4985,7 @@ def test_a_keyed_connect_that_fails_on_its_probe_leaves_nothing_and_runs_the_loo
         ran_meanwhile.append(ticked.wait(WAIT))         # only a running loop sets it
         return probe(*args)
 
-    client._why_no_challenge = probe_while_the_loop_runs
+    monkeypatch.setattr(proxysession._Connector, "why_no_challenge", probe_while_the_loop_runs)
     for _ in range(4):
         with pytest.raises(proxysession.AuthenticationError, match="has no authkey"):
             client.connect(*server.address)
