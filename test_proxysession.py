@@ -3069,6 +3069,65 @@ def test_compact_envelopes_go_between_peers_that_offered_them_and_pickled_to_the
             peer.close()
 
 
+def test_compact_calls_are_passed_on_from_their_header_with_name_deadline_cancel_counts(
+        server):
+    """What is tried: calls between peers that both take compact envelopes,
+    which the server passes on from their header (Server._pass_on): the
+    alias becomes the publisher's own session name, the timeout goes to a
+    publisher that takes deadlines and not to one that never said so, the
+    answer goes back under the caller's id, a cancel finds such a call, and
+    the statistics count each call and its bytes as the general way does.
+    Each first call of a caller goes the general way; the rest are passed on."""
+    def compact_peer(deadlines):
+        peer = BodyPeer(server.address)
+        peer.send(type="info", id=0, compact=1, **({"deadlines": True} if deadlines else {}))
+        assert from_compact(peer.recv())["success"] is True
+        return peer
+
+    caller, timed, untimed = compact_peer(True), compact_peer(True), compact_peer(False)
+    try:
+        for peer, alias in ((timed, "Timed"), (untimed, "Untimed")):
+            assert peer.result(type="publish", id=1, payload=dumps(
+                {"session_alias": alias, "session_name": alias + "Impl",
+                 "methods": {"echo": {"signature": "(x)", "doc": None}}})) == (True, alias)
+        call, answer, refusal = dumps({"event": "echo", "args": ["x" * 1000], "kwargs": {}}), \
+            dumps("x" * 1000), dumps("no")
+        for caller_id in (1, 2, 3):
+            caller.send_raw(frame(compact_body(1, caller_id, call, b"Timed", flags=4,
+                                               timeout=5000)))
+            body = timed.recv()
+            fresh = COMPACT_HEAD.unpack_from(body)[4]
+            assert body == compact_body(1, fresh, call, b"TimedImpl", flags=4, timeout=5000)
+            timed.send_raw(frame(compact_body(2, fresh, answer, flags=1)))
+            assert caller.recv() == compact_body(2, caller_id, answer, flags=1)
+            caller.send_raw(frame(compact_body(1, 10 + caller_id, call, b"Untimed", flags=4,
+                                               timeout=5000)))
+            body = untimed.recv()
+            fresh = COMPACT_HEAD.unpack_from(body)[4]
+            assert body == compact_body(1, fresh, call, b"UntimedImpl")    # no timeout
+            untimed.send_raw(frame(compact_body(2, fresh, refusal)))
+            assert caller.recv() == compact_body(2, 10 + caller_id, refusal)
+
+        caller.send_raw(frame(compact_body(1, 4, call, b"Timed", flags=4, timeout=5000)))
+        fresh = COMPACT_HEAD.unpack_from(timed.recv())[4]
+        assert caller.result(type="cancel", id=5, call=4) == (True, True)
+        assert from_compact(timed.recv()) == {"type": "cancel", "call": fresh}
+
+        ok, stats = caller.result(type="stats", id=6)
+        size_in = len(compact_body(1, 1, call, b"Timed", flags=4, timeout=5000))
+        timed_stats = stats_entry(stats, "Timed")
+        assert (timed_stats["calls"], timed_stats["failures"], timed_stats["in_flight"],
+                timed_stats["bytes_in"], timed_stats["bytes_out"]) == (
+            3, 0, 1, 4 * size_in, 3 * len(compact_body(2, 1, answer, flags=1)))
+        untimed_stats = stats_entry(stats, "Untimed")
+        assert (untimed_stats["calls"], untimed_stats["failures"], untimed_stats["in_flight"],
+                untimed_stats["bytes_in"], untimed_stats["bytes_out"]) == (
+            3, 3, 0, 3 * (size_in + 2), 3 * len(compact_body(2, 1, refusal)))
+    finally:
+        for peer in (caller, timed, untimed):
+            peer.close()
+
+
 def test_a_compact_message_read_in_place_goes_on_to_a_version_1_peer(server):
     """What is tried (helper-8's review): compact messages of 65,536 to 65,560
     bytes, whose payload is just under the size that stays a view of the
