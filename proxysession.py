@@ -44,14 +44,17 @@ Contents, in the order the data flows:
 - errors            ProxyError and its family
 - peer values       the one place a peer's value becomes text or a key
 - serializers       pickle, restricted on the way in: cost bounded per byte,
-                    keys crafted to share a hash refused; compact envelopes
+                    keys crafted to share a hash refused; a Client's payload
+                    loader; compact envelopes
 - filter            ReferenceFilter: bytes <-> frames
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
 - statistics        what the server counts of calls, per alias and connection
 - server            Server: sessions and call routing (shared ones: to the least
-                    busy member); subscribes that wait; deadlines and cancel;
-                    resumption (grace window)
+                    busy member; compact calls and answers passed on from
+                    their header); its own messages written from one place;
+                    subscribes that wait; deadlines and cancel; resumption
+                    (grace window)
 - monitor           the server's statistics over HTTP: JSON, Prometheus, a page
 - threads           worker pools, futures (cancel() takes a call back), and
                     current_call(): calls that run off the loop
@@ -62,8 +65,9 @@ Contents, in the order the data flows:
                     for their alias after a reconnection
 - nats              the same over a NATS server or cluster: its protocol,
                     publications as ADR-32 services, calls as requests
-- client            Client: connect, publications and the calls it serves,
-                    subscriptions, and the requests users make
+- client            what a Client published and subscribed (made again on a
+                    new link), the calls it serves, connecting; and Client:
+                    the requests users make
 - proxy             Proxy, proxy_event
 - asyncio           AsyncClient: the Client on the running asyncio loop, its
                     requests and calls awaited, async def methods published
@@ -1103,6 +1107,31 @@ def _class_pairs(names: Iterable[str]) -> frozenset:
             raise ValueError("allow_classes wants 'module.Name', got %r" % (full,))
         pairs.add((module, name))
     return frozenset(pairs)
+
+
+class _PayloadLoader:
+    """How a Client unpickles what peers send it (PROTOCOL.md 3): pickle's C
+    decoder where the checks above let it (what it builds are plain values),
+    else the allow-list's unpickler; with ``unsafe``, anything (for a network
+    where every peer is trusted)."""
+
+    __slots__ = ("unpickler", "unsafe")
+
+    def __init__(self, allow_classes: Iterable[str], unsafe: bool):
+        self.unpickler = type("_ClientUnpickler", (_AllowListUnpickler,),
+                              {"allowed": SAFE_CLASSES | _class_pairs(allow_classes)})
+        self.unsafe = unsafe
+
+    def loads(self, data: bytes) -> Any:
+        if self.unsafe:
+            return pickle.loads(data)
+        # what decoding it may cost, and whether C may build it
+        if _check_value(data) or not _keys_may_collide(data):
+            try:
+                return _loads_plain(data)
+            except _GlobalRefused:          # it names a class: only the allow-list builds it
+                pass
+        return self.unpickler(io.BytesIO(data)).load()
 
 
 # Large payloads. pickle.dumps copies a message's payload into a fresh output
@@ -7223,7 +7252,7 @@ class Client:
                  "max_write_buffer", "handshake_timeout", "options", "unknown_message_event",
                  "socket_error_event", "connect_error_event", "rescinded_event", "reconnect",
                  "heartbeat", "disconnected_event", "reconnected_event", "republish_error_event",
-                 "_heartbeat_timer", "_unpickler", "_unsafe", "_connections", "_hooks",
+                 "_heartbeat_timer", "_loads", "_connections", "_hooks",
                  "_sessions", "_connector", "_handlers",
                  "_served", "__dict__", "__weakref__")
 
@@ -7266,9 +7295,7 @@ class Client:
         self.reconnected_event = reconnected_event
         self.republish_error_event = republish_error_event
         self._heartbeat_timer: Optional[_Timer] = None
-        self._unpickler = type("_ClientUnpickler", (_AllowListUnpickler,),
-                               {"allowed": SAFE_CLASSES | _class_pairs(allow_classes)})
-        self._unsafe = unsafe_unpickle_anything
+        self._loads = _PayloadLoader(allow_classes, unsafe_unpickle_anything).loads
         self._connections: Dict[int, _Connection] = {}
         self._sessions = _Sessions(self)
         self._hooks = _Hooks(self._on_message, self._on_wheel_closed, self._loads, self._redial,
@@ -7292,19 +7319,6 @@ class Client:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    # payloads
-
-    def _loads(self, data: bytes) -> Any:
-        if self._unsafe:
-            return pickle.loads(data)
-        # what decoding it may cost, and whether C may build it (serializers)
-        if _check_value(data) or not _keys_may_collide(data):
-            try:
-                return _loads_plain(data)
-            except _GlobalRefused:          # it names a class: only the allow-list builds it
-                pass
-        return self._unpickler(io.BytesIO(data)).load()
 
     # connections
 
