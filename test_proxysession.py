@@ -507,6 +507,41 @@ def test_a_pass_that_writes_much_joins_it_in_bounded_pieces():
     reactor.close()
 
 
+def test_a_pass_that_writes_much_to_a_socket_sends_it_before_the_pass_ends():
+    """What is tried: small frames written to one wheel in one pass of the
+    loop. The first few wait for the end of the pass (one send for all);
+    once they pass EARLY_SEND bytes they are sent at once, while the pass
+    still runs, so that the peer (the next stage of a pipeline) starts on
+    them; all arrive whole and in order."""
+    reactor = proxysession.Reactor()
+    ours, theirs = socket.socketpair()
+    wheel = proxysession.Wheel(reactor, ours, 1, on_frame=lambda body, w: None,
+                               on_close=lambda *args: None)
+    readable = {}
+    count = proxysession.EARLY_SEND // 100 + 1
+
+    def write_in_one_pass():
+        wheel.write_frame(b"%04d" % 0 + b"x" * 96)
+        readable["after one frame"] = bool(select.select([theirs], [], [], 0)[0])
+        for n in range(1, count):
+            wheel.write_frame(b"%04d" % n + b"x" * 96)
+        readable["after EARLY_SEND bytes"] = bool(select.select([theirs], [], [], 0)[0])
+
+    reactor.call_soon(write_in_one_pass)
+    reactor.run_once(0)
+    assert readable == {"after one frame": False, "after EARLY_SEND bytes": True}
+    received = ReferenceFilter()
+    theirs.settimeout(WAIT)
+    frames = []
+    while len(frames) < count:
+        received.get_one_start(theirs.recv(1 << 16))
+        frames += received.get_frames()
+    assert frames == [b"%04d" % n + b"x" * 96 for n in range(count)]
+    wheel.close()
+    theirs.close()
+    reactor.close()
+
+
 def test_a_frame_header_alone_commits_no_memory_for_its_body():
     """What is tried: headers announcing 8 MiB frames with a few bytes each;
     the filter must not allocate a body a peer has not sent (at most 4x)."""
