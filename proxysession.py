@@ -62,12 +62,12 @@ Contents, in the order the data flows:
                     once in the envelope its server takes, sized against its
                     limit, sent or queued, timed out, answered; the link:
                     reconnection, heartbeats, resumption, calls that wait
-                    for their alias after a reconnection
+                    for their alias after a reconnection; connecting
 - nats              the same over a NATS server or cluster: its protocol,
                     publications as ADR-32 services, calls as requests
 - client            what a Client published and subscribed (made again on a
-                    new link), the calls it serves, connecting; and Client:
-                    the requests users make
+                    new link), the calls it serves; and Client: the requests
+                    users make
 - proxy             Proxy, proxy_event
 - asyncio           AsyncClient: the Client on the running asyncio loop, its
                     requests and calls awaited, async def methods published
@@ -4861,8 +4861,9 @@ class _CallFuture(concurrent.futures.Future):
 # What a Client's requests become on the wire and back, one _Connection per
 # connection between its wheel and the Client: the Client hands it a request
 # and gets a Result; the connection numbers, encodes, sizes, sends or queues,
-# times out and settles, and makes itself again when its wheel is lost. (The
-# server keeps its own per-connection state, _Peer, beside its routing.)
+# times out and settles, and makes itself again when its wheel is lost; and
+# _Connector, which makes one for connect(). (The server keeps its own
+# per-connection state, _Peer, beside its routing.)
 
 class Result:
     """What a ``callback=`` receives, like the original's return events:
@@ -5664,6 +5665,222 @@ class _Connection(_Link):
                     request.finish(Result(False, ProxyError(
                         failure or "Connection %d is closed" % self.connection_id),
                         self.connection_id, request.tag), self.client.alias)
+
+class _Connector:
+    """What connect() does, for the Client (blocking) and the AsyncClient
+    (awaited) alike: a new connection, numbered; its wheel, the connection
+    in the Client's table from then on; a proxysession server checked by a
+    first round trip (a keyed client that hears no challenge asks why on a
+    second connection, made off the loop), a NATS server tried after
+    another; and a failure reported once (connect_error_event, then raised,
+    the connection gone from the table)."""
+
+    __slots__ = ("client", "hooks", "connections", "ids", "connected")
+
+    def __init__(self, client: "Client", hooks: _Hooks, connections: Dict[int, _Link],
+                 connected: Callable[[_Link], bool]):
+        self.client = client
+        self.hooks = hooks
+        self.connections = connections     # the Client's: connection id -> _Link
+        self.ids = itertools.count(1)
+        self.connected = connected         # the Client's: the link is up (its heartbeat)
+
+    def connection(self, address: str, port: int, server_hostname: Optional[str],
+                   timeout: Optional[float]) -> "_Connection":
+        return _Connection(self.client, self.hooks, next(self.ids), address, port,
+                           server_hostname, timeout)
+
+    def open(self, connection: _Link, sock: socket.socket, on_open: Callable) -> Wheel:
+        """On the reactor's thread: the connection's wheel, and its place in the table."""
+        self.connections[connection.connection_id] = connection
+        return connection.open_wheel(sock, on_open)
+
+    def forget(self, connection: _Link) -> None:
+        if self.connections.get(connection.connection_id) is connection:
+            del self.connections[connection.connection_id]
+
+    def failed(self, address, port, error):
+        """Report a failed connect(): ``connect_error_event``, then raise."""
+        client = self.client
+        if client.connect_error_event is not None:
+            client.connect_error_event(address, port, error)
+        if isinstance(error, ProxyError) and not isinstance(error, CallTimeout):
+            raise error
+        raise ConnectError("cannot connect to %s:%s: %s" % (address, port, error)) from error
+
+    def why_no_challenge(self, connection: "_Connection", sockaddr,
+                         family) -> Optional[ProxyError]:
+        """A keyed connect() got no challenge: ask on a plain blocking probe
+        connection. A server that answers a listing without a challenge has
+        no authkey; one that drops a connection that speaks no TLS wants TLS.
+        None when the probe learns nothing (a slow server: keep waiting)."""
+        ssl_context = self.client.ssl_context
+        peer = "%s:%s" % (connection.address, connection.port)
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(sockaddr)
+            if ssl_context is not None:
+                probe = ssl_context.wrap_socket(
+                    probe, server_hostname=connection.server_hostname or connection.address)
+            probe.sendall(_frame(_dumps({"type": "listing", "id": 0})))
+            answer = probe.recv(64)
+        except socket.timeout:
+            return None                # slow, not silent by design: the handshake decides
+        except (OSError, ssl.SSLError):
+            answer = b""
+        finally:
+            probe.close()
+        if answer.split(b"\0", 1)[-1].startswith(CHALLENGE):
+            return None                # keyed after all, and slow
+        if ssl_context is None and (not answer or answer[0] in (0x15, 0x16)):
+            # closed, or a TLS record (an alert, a handshake): it speaks TLS
+            return ConnectError("the server at %s sent no challenge, and closed a second "
+                                "connection that spoke no TLS at once: it probably expects "
+                                "TLS (Client(ssl_context=...), --tls-ca)" % peer)
+        if answer[:1].isdigit():
+            return AuthenticationError("the server at %s has no authkey, but this client has "
+                                       "one: it answered a request without a challenge" % peer)
+        return None
+
+    def why_first_request_failed(self, exc: ProxyError,
+                                 connection: "_Connection") -> ProxyError:
+        """What to tell connect()'s caller when the first request failed."""
+        if self.client.ssl_context is None and " was lost: " in str(exc):
+            # a TLS server drops a peer whose first bytes are not TLS
+            return ConnectError("the server at %s:%s closed the connection at its first "
+                                "request: it probably expects TLS (Client(ssl_context=...), "
+                                "--tls-ca); %s" % (connection.address, connection.port, exc))
+        return exc
+
+    def connect(self, address: str, port: Optional[int], timeout: Optional[float],
+                server_hostname: Optional[str]) -> int:
+        """Client.connect to a proxysession server."""
+        client, reactor = self.client, self.client.reactor
+        address, port = _address_and_port(address, port)
+        connection = self.connection(address, port, server_hostname, timeout)
+        connection_id = connection.connection_id
+        try:
+            sock, family, sockaddr = _dial(address, port)
+        except OSError as exc:
+            return self.failed(address, port, exc)
+        outcome: list = []
+
+        def open_wheel():
+            connection.opening = outcome    # _on_wheel_closed puts the error here
+            return self.open(connection, sock, lambda wheel: outcome.append(None))
+
+        def opened(wheel) -> bool:
+            if wheel.is_open:
+                connection.opening = None
+                return True
+            # it may have opened and closed in one pass: the error is what counts
+            self.forget(connection)
+            return False
+
+        wheel = reactor.call_in_loop(open_wheel)
+        if client.authkey is not None and timeout is not None and timeout > CHALLENGE_PROBE and \
+                not reactor.run_until(outcome.__len__, CHALLENGE_PROBE) and wheel.reads == 0:
+            # no challenge yet: a keyless server, or a TLS one, says nothing and
+            # waits as we do; a second connection finds out which, at once. It
+            # blocks, so it runs on a thread of its own while this one runs the loop
+            verdict: list = []
+            threading.Thread(target=lambda: reactor.call_soon_threadsafe(
+                verdict.append, self.why_no_challenge(connection, sockaddr, family)),
+                name="proxysession-probe", daemon=True).start()
+            reactor.run_until(lambda: verdict or outcome, None)
+            why = verdict[0] if verdict else None
+            if why is not None:
+                reactor.call_in_loop(wheel.close, "connect check failed")
+                return self.failed(address, port, why)
+        reactor.run_until(outcome.__len__, None)
+        if not reactor.call_in_loop(opened, wheel):
+            errors = [error for error in outcome if error is not None]
+            return self.failed(address, port, errors[0] if errors else
+                               ConnectionError("connection closed during the handshake"))
+        # One round trip makes connect() the place where a keyed server met
+        # without a key (it challenges first, and a keyless client learns it
+        # only from the next frame), or a peer that does not speak the
+        # protocol, is reported; and it tells us the server's limits.
+        try:
+            info = client.send_message(connection_id, _info_request(client.max_frame),
+                                       timeout=timeout)
+        except ProxyError as exc:
+            info = exc
+        try:
+            grace = reactor.call_in_loop(connection.learn_info, info)
+            if grace > 0 and client.reconnect:  # a publisher here may resume if its link drops
+                connection.token = _resume_answer(client.send_message(
+                    connection_id, {"type": "resume"}, timeout=timeout))[0]
+        except ProxyError as exc:
+            reactor.call_in_loop(wheel.close, "connect check failed")
+            return self.failed(address, port, self.why_first_request_failed(exc, connection))
+        reactor.call_in_loop(self.connected, connection)
+        log.debug("%s connected to %s:%s as connection %d", client.alias, address, port,
+                  connection_id)
+        return connection_id
+
+    # NATS (the nats section)
+
+    def connect_nats(self, urls: str, timeout: Optional[float]) -> int:
+        """Client.connect to the first of ``urls`` whose NATS server takes us:
+        it answers our CONNECT's PING within ``timeout``."""
+        servers, credentials, tls_first = self.nats_servers(urls)
+        reactor = self.client.reactor
+        connection_id = next(self.ids)
+        failures: List[str] = []
+        for at in range(len(servers)):
+            outcome: list = []         # a PONG puts None here, a failure its error
+            connection = self.nats_try(connection_id, servers, at, credentials, tls_first,
+                                       timeout, outcome)
+            try:
+                sock = _dial(connection.address, connection.port)[0]
+            except OSError as exc:
+                failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
+                continue
+            wheel = reactor.call_in_loop(self.open, connection, sock, _no_answer_needed)
+            if not reactor.run_until(outcome.__len__, timeout):
+                outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
+                                            % timeout))
+            if reactor.call_in_loop(self.nats_opened, connection, wheel, outcome, failures):
+                return connection_id
+        return self.failed(_nats_urls(servers), None, ConnectError(
+            "cannot connect to NATS: %s" % "; ".join(failures)))
+
+    def nats_servers(self, urls: str) -> Tuple[List[Tuple[str, int]], dict, bool]:
+        """connect()'s NATS URLs (``_nats_servers``); tls:// ones need an ssl_context."""
+        servers, credentials, tls_first = _nats_servers(urls)
+        if tls_first and self.client.ssl_context is None:
+            raise ValueError("tls:// addresses (TLS first) need Client(ssl_context=...)")
+        return servers, credentials, tls_first
+
+    def nats_try(self, connection_id: int, servers: List[Tuple[str, int]], at: int,
+                 credentials: dict, tls_first: bool, timeout: Optional[float],
+                 outcome: list) -> "_NatsConnection":
+        """connect()'s try of the server ``at`` (the others after it, to
+        reconnect to); ``outcome`` says how the opening went."""
+        connection = _NatsConnection(self.client, self.hooks, connection_id,
+                                     servers[at:] + servers[:at], credentials, timeout)
+        connection.tls_first = tls_first
+        connection.opening = outcome
+        return connection
+
+    def nats_opened(self, connection: "_NatsConnection", wheel: Wheel, outcome: list,
+                    failures: List[str]) -> bool:
+        """After a try: True if the connection is up; else it is closed, and
+        why is among ``failures`` (an authentication error is raised: the
+        next server would say the same)."""
+        if outcome[0] is None and self.connected(connection):
+            return True
+        wheel.close("connect check failed")
+        self.forget(connection)
+        why = next((error for error in outcome if error is not None),
+                   ConnectError("the connection closed as it opened"))
+        if isinstance(why, AuthenticationError):
+            self.failed(connection.address, connection.port, why)
+        failures.append("nats://%s:%s: %s" % (connection.address, connection.port, why))
+        return False
+
 
 # ---------------------------------------------------------------------------
 # nats
@@ -7002,222 +7219,6 @@ class _Served:
             if calls is not None:
                 calls.pop(call_id, None)
         wheel.context.answer(wheel, call_id, success, payload)
-
-
-class _Connector:
-    """What connect() does, for the Client (blocking) and the AsyncClient
-    (awaited) alike: a new connection, numbered; its wheel, the connection
-    in the Client's table from then on; a proxysession server checked by a
-    first round trip (a keyed client that hears no challenge asks why on a
-    second connection, made off the loop), a NATS server tried after
-    another; and a failure reported once (connect_error_event, then raised,
-    the connection gone from the table)."""
-
-    __slots__ = ("client", "hooks", "connections", "ids", "connected")
-
-    def __init__(self, client: "Client", hooks: _Hooks, connections: Dict[int, _Link],
-                 connected: Callable[[_Link], bool]):
-        self.client = client
-        self.hooks = hooks
-        self.connections = connections     # the Client's: connection id -> _Link
-        self.ids = itertools.count(1)
-        self.connected = connected         # the Client's: the link is up (its heartbeat)
-
-    def connection(self, address: str, port: int, server_hostname: Optional[str],
-                   timeout: Optional[float]) -> "_Connection":
-        return _Connection(self.client, self.hooks, next(self.ids), address, port,
-                           server_hostname, timeout)
-
-    def open(self, connection: _Link, sock: socket.socket, on_open: Callable) -> Wheel:
-        """On the reactor's thread: the connection's wheel, and its place in the table."""
-        self.connections[connection.connection_id] = connection
-        return connection.open_wheel(sock, on_open)
-
-    def forget(self, connection: _Link) -> None:
-        if self.connections.get(connection.connection_id) is connection:
-            del self.connections[connection.connection_id]
-
-    def failed(self, address, port, error):
-        """Report a failed connect(): ``connect_error_event``, then raise."""
-        client = self.client
-        if client.connect_error_event is not None:
-            client.connect_error_event(address, port, error)
-        if isinstance(error, ProxyError) and not isinstance(error, CallTimeout):
-            raise error
-        raise ConnectError("cannot connect to %s:%s: %s" % (address, port, error)) from error
-
-    def why_no_challenge(self, connection: "_Connection", sockaddr,
-                         family) -> Optional[ProxyError]:
-        """A keyed connect() got no challenge: ask on a plain blocking probe
-        connection. A server that answers a listing without a challenge has
-        no authkey; one that drops a connection that speaks no TLS wants TLS.
-        None when the probe learns nothing (a slow server: keep waiting)."""
-        ssl_context = self.client.ssl_context
-        peer = "%s:%s" % (connection.address, connection.port)
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.settimeout(PROBE_TIMEOUT)
-        try:
-            probe.connect(sockaddr)
-            if ssl_context is not None:
-                probe = ssl_context.wrap_socket(
-                    probe, server_hostname=connection.server_hostname or connection.address)
-            probe.sendall(_frame(_dumps({"type": "listing", "id": 0})))
-            answer = probe.recv(64)
-        except socket.timeout:
-            return None                # slow, not silent by design: the handshake decides
-        except (OSError, ssl.SSLError):
-            answer = b""
-        finally:
-            probe.close()
-        if answer.split(b"\0", 1)[-1].startswith(CHALLENGE):
-            return None                # keyed after all, and slow
-        if ssl_context is None and (not answer or answer[0] in (0x15, 0x16)):
-            # closed, or a TLS record (an alert, a handshake): it speaks TLS
-            return ConnectError("the server at %s sent no challenge, and closed a second "
-                                "connection that spoke no TLS at once: it probably expects "
-                                "TLS (Client(ssl_context=...), --tls-ca)" % peer)
-        if answer[:1].isdigit():
-            return AuthenticationError("the server at %s has no authkey, but this client has "
-                                       "one: it answered a request without a challenge" % peer)
-        return None
-
-    def why_first_request_failed(self, exc: ProxyError,
-                                 connection: "_Connection") -> ProxyError:
-        """What to tell connect()'s caller when the first request failed."""
-        if self.client.ssl_context is None and " was lost: " in str(exc):
-            # a TLS server drops a peer whose first bytes are not TLS
-            return ConnectError("the server at %s:%s closed the connection at its first "
-                                "request: it probably expects TLS (Client(ssl_context=...), "
-                                "--tls-ca); %s" % (connection.address, connection.port, exc))
-        return exc
-
-    def connect(self, address: str, port: Optional[int], timeout: Optional[float],
-                server_hostname: Optional[str]) -> int:
-        """Client.connect to a proxysession server."""
-        client, reactor = self.client, self.client.reactor
-        address, port = _address_and_port(address, port)
-        connection = self.connection(address, port, server_hostname, timeout)
-        connection_id = connection.connection_id
-        try:
-            sock, family, sockaddr = _dial(address, port)
-        except OSError as exc:
-            return self.failed(address, port, exc)
-        outcome: list = []
-
-        def open_wheel():
-            connection.opening = outcome    # _on_wheel_closed puts the error here
-            return self.open(connection, sock, lambda wheel: outcome.append(None))
-
-        def opened(wheel) -> bool:
-            if wheel.is_open:
-                connection.opening = None
-                return True
-            # it may have opened and closed in one pass: the error is what counts
-            self.forget(connection)
-            return False
-
-        wheel = reactor.call_in_loop(open_wheel)
-        if client.authkey is not None and timeout is not None and timeout > CHALLENGE_PROBE and \
-                not reactor.run_until(outcome.__len__, CHALLENGE_PROBE) and wheel.reads == 0:
-            # no challenge yet: a keyless server, or a TLS one, says nothing and
-            # waits as we do; a second connection finds out which, at once. It
-            # blocks, so it runs on a thread of its own while this one runs the loop
-            verdict: list = []
-            threading.Thread(target=lambda: reactor.call_soon_threadsafe(
-                verdict.append, self.why_no_challenge(connection, sockaddr, family)),
-                name="proxysession-probe", daemon=True).start()
-            reactor.run_until(lambda: verdict or outcome, None)
-            why = verdict[0] if verdict else None
-            if why is not None:
-                reactor.call_in_loop(wheel.close, "connect check failed")
-                return self.failed(address, port, why)
-        reactor.run_until(outcome.__len__, None)
-        if not reactor.call_in_loop(opened, wheel):
-            errors = [error for error in outcome if error is not None]
-            return self.failed(address, port, errors[0] if errors else
-                               ConnectionError("connection closed during the handshake"))
-        # One round trip makes connect() the place where a keyed server met
-        # without a key (it challenges first, and a keyless client learns it
-        # only from the next frame), or a peer that does not speak the
-        # protocol, is reported; and it tells us the server's limits.
-        try:
-            info = client.send_message(connection_id, _info_request(client.max_frame),
-                                       timeout=timeout)
-        except ProxyError as exc:
-            info = exc
-        try:
-            grace = reactor.call_in_loop(connection.learn_info, info)
-            if grace > 0 and client.reconnect:  # a publisher here may resume if its link drops
-                connection.token = _resume_answer(client.send_message(
-                    connection_id, {"type": "resume"}, timeout=timeout))[0]
-        except ProxyError as exc:
-            reactor.call_in_loop(wheel.close, "connect check failed")
-            return self.failed(address, port, self.why_first_request_failed(exc, connection))
-        reactor.call_in_loop(self.connected, connection)
-        log.debug("%s connected to %s:%s as connection %d", client.alias, address, port,
-                  connection_id)
-        return connection_id
-
-    # NATS (the nats section)
-
-    def connect_nats(self, urls: str, timeout: Optional[float]) -> int:
-        """Client.connect to the first of ``urls`` whose NATS server takes us:
-        it answers our CONNECT's PING within ``timeout``."""
-        servers, credentials, tls_first = self.nats_servers(urls)
-        reactor = self.client.reactor
-        connection_id = next(self.ids)
-        failures: List[str] = []
-        for at in range(len(servers)):
-            outcome: list = []         # a PONG puts None here, a failure its error
-            connection = self.nats_try(connection_id, servers, at, credentials, tls_first,
-                                       timeout, outcome)
-            try:
-                sock = _dial(connection.address, connection.port)[0]
-            except OSError as exc:
-                failures.append("nats://%s:%s: %s" % (connection.address, connection.port, exc))
-                continue
-            wheel = reactor.call_in_loop(self.open, connection, sock, _no_answer_needed)
-            if not reactor.run_until(outcome.__len__, timeout):
-                outcome.append(ConnectError("no answer within %.3g s: is it a NATS server?"
-                                            % timeout))
-            if reactor.call_in_loop(self.nats_opened, connection, wheel, outcome, failures):
-                return connection_id
-        return self.failed(_nats_urls(servers), None, ConnectError(
-            "cannot connect to NATS: %s" % "; ".join(failures)))
-
-    def nats_servers(self, urls: str) -> Tuple[List[Tuple[str, int]], dict, bool]:
-        """connect()'s NATS URLs (``_nats_servers``); tls:// ones need an ssl_context."""
-        servers, credentials, tls_first = _nats_servers(urls)
-        if tls_first and self.client.ssl_context is None:
-            raise ValueError("tls:// addresses (TLS first) need Client(ssl_context=...)")
-        return servers, credentials, tls_first
-
-    def nats_try(self, connection_id: int, servers: List[Tuple[str, int]], at: int,
-                 credentials: dict, tls_first: bool, timeout: Optional[float],
-                 outcome: list) -> "_NatsConnection":
-        """connect()'s try of the server ``at`` (the others after it, to
-        reconnect to); ``outcome`` says how the opening went."""
-        connection = _NatsConnection(self.client, self.hooks, connection_id,
-                                     servers[at:] + servers[:at], credentials, timeout)
-        connection.tls_first = tls_first
-        connection.opening = outcome
-        return connection
-
-    def nats_opened(self, connection: "_NatsConnection", wheel: Wheel, outcome: list,
-                    failures: List[str]) -> bool:
-        """After a try: True if the connection is up; else it is closed, and
-        why is among ``failures`` (an authentication error is raised: the
-        next server would say the same)."""
-        if outcome[0] is None and self.connected(connection):
-            return True
-        wheel.close("connect check failed")
-        self.forget(connection)
-        why = next((error for error in outcome if error is not None),
-                   ConnectError("the connection closed as it opened"))
-        if isinstance(why, AuthenticationError):
-            self.failed(connection.address, connection.port, why)
-        failures.append("nats://%s:%s: %s" % (connection.address, connection.port, why))
-        return False
 
 
 class Client:
