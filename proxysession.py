@@ -1359,6 +1359,15 @@ def _encode_compact(message: dict):
     return head + payload if len(payload) < LARGE_PAYLOAD else [head, payload]
 
 
+def _payload_at(body, start: int):
+    """A compact body's payload, from ``start``: a large one stays in the
+    frame's buffer, uncopied; a small one is bytes, as _decode_large makes
+    it (the body of a frame read in place is a bytearray)."""
+    if len(body) - start >= LARGE_PAYLOAD:
+        return memoryview(body)[start:]
+    return body[start:] if type(body) is bytes else bytes(memoryview(body)[start:])
+
+
 def _decode_envelope(body) -> Any:
     """A message from a peer that may send compact envelopes: compact or
     pickled. Raises ``ProtocolError`` for a header out of its bounds."""
@@ -1391,12 +1400,8 @@ def _decode_envelope(body) -> Any:
     else:
         raise _Refused("a compact envelope of kind %d: 1 (deliver) and 2 (result) are known"
                        % kind)
-    if flags & _HAS_PAYLOAD:       # a large payload stays in the frame's buffer, uncopied;
-        if size - start >= LARGE_PAYLOAD:    # a small one is bytes, as _decode_large makes it
-            message["payload"] = memoryview(body)[start:]
-        else:                      # (the body of a frame read in place is a bytearray)
-            message["payload"] = body[start:] if type(body) is bytes else \
-                bytes(memoryview(body)[start:])
+    if flags & _HAS_PAYLOAD:
+        message["payload"] = _payload_at(body, start)
     elif size > start:
         raise _Refused("a compact %s without flag 0x02 has %d bytes of payload"
                        % (message["type"], size - start))
@@ -5336,7 +5341,8 @@ class _Connection(_Link):
     this server takes, checks its size against the server's frame limit, and
     writes it; ``answer`` answers a call served here; the server's ``info``
     (``learn_info``) says the limit, the envelope, and whether it takes
-    deadlines. Every frame this side writes goes out through ``_send``.
+    deadlines. Every frame this side writes goes out through ``_send``,
+    but for a compact answer, which ``answer`` writes from its header.
 
     Once a new wheel is open after a loss it asks for info, resumes (if the
     server gave a token), has the Client make its publications and
@@ -5522,6 +5528,12 @@ class _Connection(_Link):
         one caller: that caller gets a failure instead."""
         if wheel is not self.wheel:
             return
+        if wheel.encode is _encode_compact and type(call_id) is int and \
+                -ID_RANGE <= call_id < ID_RANGE and _HEAD_SIZE + len(payload) <= self.max_frame:
+            # what _send would write, without making the message first (the hot path)
+            wheel.write(b"%d\0" % (_HEAD_SIZE + len(payload)) + _COMPACT_HEAD.pack(
+                _COMPACT, _COMPACT_RESULT, success | _HAS_PAYLOAD, 0, call_id, 0), payload)
+            return
         try:
             self._send({"type": "result", "id": call_id, "success": success,
                         "payload": payload}, "Result")
@@ -5534,7 +5546,9 @@ class _Connection(_Link):
 
     def answered(self, message: dict) -> None:
         """A result: it settles the request it answers."""
-        request_id = message.get("id")
+        self._answered(message.get("id"), message.get("success") is True, message.get("payload"))
+
+    def _answered(self, request_id: Any, success: bool, payload: Any) -> None:
         request = self.pending.pop(request_id, None) if type(request_id) is int else None
         if request is None:
             log.debug("%s: dropped a result for no waiting request: %s", self.client.alias,
@@ -5545,13 +5559,24 @@ class _Connection(_Link):
             # publisher that stops a call at its deadline answers just then,
             # and the caller gets what its timer says, whichever is read first
             return self._timed_out_now(request)
-        self._settle(request, message.get("success") is True, message.get("payload"), True)
+        self._settle(request, success, payload, True)
 
     # messages in
 
     def on_frame(self, body: Any, wheel: Wheel) -> None:
         """A frame from the server: decoded once here; a result settles its
-        request, and the Client gets every other message."""
+        request, and the Client gets every other message. A compact result
+        settles it from its header, without making a message (the hot path;
+        a header out of its bounds goes on to _decode_envelope, which says why)."""
+        if body[:1] == b"\xff" and len(body) >= _HEAD_SIZE and not self.hooks.trace:
+            _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
+            if kind == _COMPACT_RESULT and flags <= _SUCCESS | _HAS_PAYLOAD and \
+                    not name_size and not timeout:
+                if flags & _HAS_PAYLOAD:
+                    return self._answered(msg_id, flags & _SUCCESS == _SUCCESS,
+                                          _payload_at(body, _HEAD_SIZE))
+                if len(body) == _HEAD_SIZE:
+                    return self._answered(msg_id, flags & _SUCCESS == _SUCCESS, None)
         try:
             message = wheel.decode(body)
         except Exception as exc:
