@@ -3580,9 +3580,22 @@ class Server:
         self._in_flight(fresh_id, delivery, peer, publisher.context)
         if event is not None:
             self._traced[fresh_id] = event
-        publisher.write_frame(body)
-        if publisher.out_size > self.high_water:
-            publisher.wait_for_drain(caller)    # the caller feeds a publisher that lags: slow it
+        self._route_out(publisher, caller, body)
+
+    def _route_out(self, receiver: Wheel, feeder: Wheel, body,
+                   header: Optional[bytes] = None) -> None:
+        """Write a routed call or answer to ``receiver`` (``header``: its
+        frame header and, passed on from a compact one, its envelope's; else
+        write_frame's). Once the receiver lags past the high-water mark,
+        ``feeder`` stops being read until it drains (PROTOCOL.md 8): a caller
+        that feeds a publisher that lags, or one that does not read its own
+        answers (a publisher is never paused on a caller's account)."""
+        if header is None:
+            receiver.write_frame(body)
+        else:
+            receiver.write(header, body)
+        if receiver.out_size > self.high_water:
+            receiver.wait_for_drain(feeder)
 
     def _in_flight(self, fresh_id: int, delivery: tuple, caller: _Peer,
                    publisher: _Peer) -> None:
@@ -3715,11 +3728,7 @@ class Server:
         if self._traced is not None:
             self._trace_settled(fresh_id, delivery, success, "" if success else
                                 _failure_words(data.get("payload")), seconds)
-        caller.write_frame(body)
-        if caller.out_size > self.high_water:
-            # a caller that does not read its answers pays for it: it stops being
-            # read; the publisher that answered is never paused on its account
-            caller.wait_for_drain(caller)
+        self._route_out(caller, caller, body)
 
     def _answer_came(self, fresh_id: int, delivery: tuple, publisher: _Peer) -> None:
         """A publisher answered a call routed to it: the call is no longer its."""
@@ -3791,11 +3800,9 @@ class Server:
                 flags, timeout = _HAS_PAYLOAD, 0
         self._in_flight(fresh_id, (wheel.wheel_id, msg_id, session.wheel_id, alias,
                                    session.calls, now, deadline), caller, served)
-        publisher.write(b"%d\0" % out_size + _COMPACT_HEAD.pack(
-            _COMPACT, _COMPACT_DELIVER, flags, len(name), fresh_id, timeout) + name,
-            memoryview(body)[start:])
-        if publisher.out_size > self.high_water:
-            publisher.wait_for_drain(wheel)     # the caller feeds a publisher that lags: slow it
+        self._route_out(publisher, wheel, memoryview(body)[start:], b"%d\0" % out_size +
+                        _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, flags, len(name), fresh_id,
+                                           timeout) + name)
         if wheel.out_size > self.high_water and not wheel.closed:
             wheel.wait_for_drain(wheel)
         return True
@@ -3816,10 +3823,8 @@ class Server:
         caller_id = delivery[1]
         _call_over(caller.context, fresh_id, caller_id)
         delivery[4].settle(flags & _SUCCESS == _SUCCESS, time.monotonic() - delivery[5])
-        caller.write(b"%d\0" % size + _COMPACT_HEAD.pack(
-            _COMPACT, _COMPACT_RESULT, flags, 0, caller_id, 0), memoryview(body)[_HEAD_SIZE:])
-        if caller.out_size > self.high_water:
-            caller.wait_for_drain(caller)   # (handle_delivered says why)
+        self._route_out(caller, caller, memoryview(body)[_HEAD_SIZE:], b"%d\0" % size +
+                        _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, flags, 0, caller_id, 0))
         if wheel.out_size > self.high_water and not wheel.closed:
             wheel.wait_for_drain(wheel)
         return True
