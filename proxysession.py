@@ -140,7 +140,8 @@ LOOP_READ_CHUNK = 64 * 1024       # ... and per turn of an asyncio loop (AsyncCl
                                   # (about 600 answers of 100 bytes: a few ms) for the loop's
                                   # other tasks
 SEND_COALESCE = 64 * 1024         # a piece this large goes out as it is, never copied; smaller
-                                  # ones are joined into sends of about EARLY_SEND bytes
+                                  # ones are joined (while the socket has output queued, into
+                                  # pieces of about this size)
 EARLY_SEND = 8 * 1024             # a pass that has written this much to one socket sends it at
                                   # once, not at its end: the peer starts on it while the pass
                                   # goes on, so the stages of a pipeline (caller, server,
@@ -200,7 +201,8 @@ MAX_METHODS = 4096                # entries in a published method table
 MAX_DESCRIPTION = 65536           # characters in one method's signature or doc
 ID_RANGE = 2 ** 63                # an id is an int in [-ID_RANGE, ID_RANGE)
 REENCODED_GROWTH = 128            # bytes a routed message may grow by when the server encodes
-                                  # it again (beside its new name): a compact envelope that goes
+                                  # it again (beside its new name, of up to 4 bytes a character
+                                  # in UTF-8): a compact envelope that goes
                                   # on pickled grows by 80 at most; more means a crafted pickle
 DECODE_COST_FACTOR = 64           # a pickle may build objects of at most this many times its size
 DECODE_COST_BASE = 1024 * 1024    # ... plus this: CPython objects are 50-230 bytes each, so
@@ -2458,13 +2460,13 @@ class Wheel:
                 batch.append(header)
                 batch.append(body)
                 self._batch_size += size
-                if self._batch_size >= EARLY_SEND:
-                    if self._out:           # the socket is full: bounded joins meanwhile
-                        self._seal_batch()
-                    else:                   # the peer starts on it while this pass goes on
-                        self.flush()
             if not in_pass:                # nobody may run the loop soon: it leaves now
                 self.flush()
+            elif self._out:                # the socket is full: bounded joins meanwhile
+                if self._batch_size >= SEND_COALESCE:
+                    self._seal_batch()
+            elif self._batch_size >= EARLY_SEND:     # the peer starts on it while this pass
+                self.flush()                         # goes on
         else:
             self._seal_batch()
             # (never an empty piece: an SSL socket's send of b"" fails on OpenSSL 1.1)
@@ -3239,7 +3241,8 @@ class Server:
     # inbound
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
-        if body[:1] == b"\xff" and self._traced is None and self._pass_on(body, wheel):
+        if body[:1] == b"\xff" and wheel.decode is _decode_envelope and self._traced is None \
+                and self._pass_on(body, wheel):
             return                     # a compact call or answer, routed from its header
         try:
             message = wheel.decode(body)
@@ -3618,7 +3621,7 @@ class Server:
         member with a small max_frame must not draw, and fail, every call
         that others could take."""
         wheels = self.wheels
-        size = self._frame_size + len(session.name) + REENCODED_GROWTH     # _forward's most
+        size = self._frame_size + 4 * len(session.name) + REENCODED_GROWTH  # _forward's most
         peers = [wheels[member].context for member in session.members]
         fitting = [(member, peer) for member, peer in zip(session.members, peers)
                    if peer.max_frame is None or peer.max_frame >= size] or \
@@ -3676,7 +3679,7 @@ class Server:
         (whatever connection it comes back on takes that)."""
         body = _encode(data) if receiver is None else receiver.encode(data)
         size = len(body) if type(body) is bytes else sum(map(len, body))
-        if size > self._frame_size + len(data.get("to") or "") + REENCODED_GROWTH:
+        if size > self._frame_size + 4 * len(data.get("to") or "") + REENCODED_GROWTH:
             self._answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
                          "be forwarded as %d bytes, much more than it came as" % size)
             return None
@@ -3758,6 +3761,7 @@ class Server:
         _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
         if kind == _COMPACT_RESULT:
             return flags <= _SUCCESS | _HAS_PAYLOAD and not name_size and not timeout and \
+                (flags & _HAS_PAYLOAD or size == _HEAD_SIZE) and \
                 self._pass_answer(body, size, wheel, flags, msg_id)
         start = _HEAD_SIZE + name_size
         if kind != _COMPACT_DELIVER or flags & ~_HAS_TIMEOUT != _HAS_PAYLOAD or \
@@ -3778,7 +3782,10 @@ class Server:
                 len(made) >= self.max_waiting_calls:
             return False
         served = publisher.context
-        name = session.name.encode()
+        try:
+            name = session.name.encode()
+        except UnicodeEncodeError:     # (a lone surrogate: the general way sends it pickled)
+            return False
         out_size = size - name_size + len(name)
         if served.timed_out >= self.max_waiting_calls or len(name) > _MAX_NAME_BYTES or \
                 served.max_frame is not None and out_size > served.max_frame:
@@ -4241,7 +4248,10 @@ class Server:
         del self._parked_wheels[parked.wheel_id]
         gone = [self.sessions.pop(alias) for alias in parked.published]
         for fresh_id in list(parked.held):
-            delivery = self.delivered_store.pop(fresh_id)
+            delivery = self.delivered_store.pop(fresh_id, None)
+            if delivery is None:       # its caller left meanwhile (an answer, written, may
+                self._release_held(parked, fresh_id, None)    # close one): it took its calls
+                continue
             caller = self.wheels.get(delivery[0])
             self._release_held(parked, fresh_id, caller and caller.context)
             self._went_away(fresh_id, delivery)

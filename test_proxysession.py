@@ -477,11 +477,14 @@ def test_a_wheel_reads_the_rest_of_a_large_frame_into_its_own_buffer():
 
 
 def test_a_pass_that_writes_much_joins_it_in_bounded_pieces():
-    """What is tried: 300 small frames written in one pass of the loop. They
-    are joined into chunks of about SEND_COALESCE (never one join of all of
-    it), and arrive whole and in order."""
+    """What is tried: 300 small frames written in one pass of the loop to a
+    socket that takes little (small buffers). What it cannot take at once is
+    joined into chunks of about SEND_COALESCE (never one join of all of it),
+    and all arrive whole and in order."""
     reactor = proxysession.Reactor()
     ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     wheel = proxysession.Wheel(reactor, ours, 1, on_frame=lambda body, w: None,
                                on_close=lambda *args: None)
     chunks = []
@@ -537,6 +540,14 @@ def test_a_pass_that_writes_much_to_a_socket_sends_it_before_the_pass_ends():
         received.get_one_start(theirs.recv(1 << 16))
         frames += received.get_frames()
     assert frames == [b"%04d" % n + b"x" * 96 for n in range(count)]
+
+    def write_one_large():             # one frame of EARLY_SEND bytes or more: at once, too
+        wheel.write_frame(b"y" * proxysession.EARLY_SEND)
+        readable["after one large frame"] = bool(select.select([theirs], [], [], 0)[0])
+
+    reactor.call_soon(write_one_large)
+    reactor.run_once(0)
+    assert readable["after one large frame"] is True
     wheel.close()
     theirs.close()
     reactor.close()
@@ -3161,6 +3172,149 @@ def test_compact_calls_are_passed_on_from_their_header_with_name_deadline_cancel
     finally:
         for peer in (caller, timed, untimed):
             peer.close()
+
+
+def compact_peer(address, **info):
+    """A raw peer that said in info that it takes compact envelopes (and what
+    else ``info`` gives, deadlines=True, say)."""
+    peer = BodyPeer(address)
+    peer.send(type="info", id=0, compact=1, **info)
+    assert from_compact(peer.recv())["success"] is True
+    return peer
+
+
+def recv_or_why(peer, timeout):
+    """The next frame body, or the name of what ended the wait for it."""
+    peer.sock.settimeout(timeout)
+    try:
+        return peer.recv()
+    except socket.timeout:             # (TimeoutError from 3.10 on, not before)
+        return "timeout"
+    except (EOFError, ConnectionResetError) as exc:
+        return type(exc).__name__
+    finally:
+        peer.sock.settimeout(WAIT)
+
+
+def test_odd_compact_calls_and_answers_go_the_general_way_when_passed_on_too(server):
+    """What is tried (helper-15's review of the compact pass, each failing on
+    its first form): a caller's second call, which the server passes on from
+    its header, to a session whose name has a lone surrogate (the general way
+    sends it pickled; the pass closed the caller's connection) and to one
+    whose name is 256 four-byte characters (the first call was refused as
+    growing too much, the second went through: both go now); a compact
+    deliver from a peer that never offered compact envelopes, after a
+    pickled call of its own (refused as malformed, as before, not routed);
+    a version-1 publisher's compact result (refused to it, not passed on);
+    a result without the payload flag but with bytes after its header
+    (refused to its publisher; it reached the caller, and counted as
+    settled)."""
+    call, answer = dumps({"event": "echo", "args": [1], "kwargs": {}}), dumps("ok")
+    peers = []
+
+    def peer(compact, **info):
+        peers.append(compact_peer(server.address, **info) if compact else
+                     BodyPeer(server.address))
+        return peers[-1]
+
+    try:
+        odd, wide, caller = peer(True), peer(True), peer(True)
+        assert publish(odd, "Odd", name="\udc80x") == (True, "Odd")
+        assert publish(wide, "Wide", name="\U0001F600" * 256) == (True, "Wide")
+        for caller_id in (1, 2):        # the first goes the general way, the second is passed on
+            caller.send_raw(frame(compact_body(1, caller_id, call, b"Odd")))
+            fresh = pickle.loads(odd.recv())["id"]
+            odd.send_raw(frame(compact_body(2, fresh, answer, flags=1)))
+            assert caller.recv() == compact_body(2, caller_id, answer, flags=1)
+            caller.send_raw(frame(compact_body(1, 10 + caller_id, call, b"Wide")))
+            body = wide.recv()
+            assert body == compact_body(1, COMPACT_HEAD.unpack_from(body)[4], call,
+                                        ("\U0001F600" * 256).encode())
+            wide.send_raw(frame(compact_body(2, COMPACT_HEAD.unpack_from(body)[4], answer,
+                                             flags=1)))
+            assert caller.recv() == compact_body(2, 10 + caller_id, answer, flags=1)
+
+        echo, plain_caller = peer(True), peer(False)
+        assert publish(echo, "Echo") == (True, "Echo")
+        plain_caller.send(type="deliver", id=1, to="Echo", payload=call)
+        echo.send_raw(frame(compact_body(2, COMPACT_HEAD.unpack_from(echo.recv())[4], answer,
+                                         flags=1)))
+        assert pickle.loads(plain_caller.recv())["success"] is True
+        plain_caller.send_raw(frame(compact_body(1, 2, call, b"Echo")))
+        refusal = pickle.loads(plain_caller.recv())
+        assert (refusal["id"], refusal["success"]) == (-1, False)
+        assert recv_or_why(echo, 0.2) == "timeout"
+
+        plain_publisher = peer(False)
+        assert publish(plain_publisher, "Plain") == (True, "Plain")
+        caller.send_raw(frame(compact_body(1, 3, call, b"Plain")))
+        fresh = pickle.loads(plain_publisher.recv())["id"]
+        plain_publisher.send_raw(frame(compact_body(2, fresh, answer, flags=1)))
+        refusal = pickle.loads(plain_publisher.recv())
+        assert (refusal["id"], refusal["success"]) == (-1, False)
+
+        caller.send_raw(frame(compact_body(1, 4, call, b"Echo")))
+        fresh = COMPACT_HEAD.unpack_from(echo.recv())[4]
+        echo.send_raw(frame(COMPACT_HEAD.pack(0xFF, 2, 1, 0, fresh, 0) + b"GARBAGE"))
+        refusal = from_compact(echo.recv())
+        assert refusal["id"] == -1 and b"without flag 0x02" in refusal["payload"]
+        assert recv_or_why(caller, 0.2) == "timeout"
+        assert stats_entry(caller.result(type="stats", id=5)[1], "Echo")["in_flight"] == 1
+    finally:
+        for each in peers:
+            each.close()
+
+
+def test_a_caller_closed_by_its_answers_at_the_end_of_a_grace_window_leaves_the_rest_answered(
+        make_server):
+    """What is tried (helper-15's review; it failed with a KeyError once a
+    pass sent EARLY_SEND bytes at once): a parked publisher Q holds 150 calls
+    of caller A, then 5 of caller B; A is paused (it feeds a publisher P that
+    never reads) and resets its connection unseen. When the grace window
+    ends, an answer to A that is sent at once fails and closes A in the
+    middle of the answers; A's cleanup takes its calls. B still gets its 5
+    answers, Q's subscriber its rescinded notice, and nothing stays held."""
+    server = make_server(grace=6.0, high_water=64 * 1024)
+    q = BodyPeer(server.address)
+    assert q.result(type="resume", id=1)[0] is True
+    assert publish(q, "Q", msg_id=2) == (True, "Q")
+    p = socket.socket()
+    p.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    p.connect(server.address)
+    p.sendall(frame(dumps({"type": "publish", "id": 1, "payload": dumps(
+        {"session_alias": "P", "session_name": "P",
+         "methods": {"echo": {"signature": "(x)", "doc": None}}})})))
+    q.close()                          # Q is parked for 6 s
+    a, b, subscriber = (BodyPeer(server.address) for _ in range(3))
+    try:
+        call = dumps({"event": "echo", "args": [1], "kwargs": {}})
+        assert subscriber.result(type="subscribe", id=1, to="Q")[0] is True
+        for n in range(150):
+            a.send(type="deliver", id=n, to="Q", payload=call)
+        assert a.result(type="ping", id=-1)[0] is True
+        for n in range(5):
+            b.send(type="deliver", id=1000 + n, to="Q", payload=call)
+        assert b.result(type="ping", id=-1)[0] is True
+        port = a.sock.getsockname()[1]
+        a_wheel = server.call(lambda: [wheel for wheel in server.server.wheels.values()
+                                       if wheel.peer.endswith(":%d" % port)][0])
+        big = dumps({"event": "echo", "args": [b"x" * (1 << 18)], "kwargs": {}})
+        for n in range(60):
+            a.send(type="deliver", id=5000 + n, to="P", payload=big)
+            if wait_for(lambda: server.call(lambda: a_wheel.paused), 0.3):
+                break
+        assert server.call(lambda: a_wheel.paused)
+        a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        a.close()                      # a reset the server does not see: it is not reading A
+        answers = [recv_or_why(b, WAIT) for _ in range(5)]
+        assert [pickle.loads(answer)["id"] for answer in answers] == list(range(1000, 1005))
+        assert pickle.loads(subscriber.recv())["type"] == "rescinded"
+        assert server.call(lambda: (len(server.server.delivered_store),
+                                    server.server._held_bytes)) == (0, 0)
+    finally:
+        for each in (b, subscriber):
+            each.close()
+        p.close()
 
 
 def test_a_compact_message_read_in_place_goes_on_to_a_version_1_peer(server):
