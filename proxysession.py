@@ -143,11 +143,14 @@ SEND_COALESCE = 64 * 1024         # a piece this large goes out as it is, never 
                                   # ones are joined (while the socket has output queued, into
                                   # pieces of about this size)
 EARLY_SEND = 8 * 1024             # a pass that has written this much to one socket sends it at
-                                  # once, not at its end: the peer starts on it while the pass
-                                  # goes on, so the stages of a pipeline (caller, server,
-                                  # publisher) overlap on more than one core instead of taking
-                                  # turns (64 calls in flight, W2: 1.21x the calls/s of one send
-                                  # per pass; bench_proxysession.py, 2026-12-05)
+                                  # once, as the next frame joins it, not at the pass's end: the
+                                  # peer starts on it while the pass goes on, so the stages of a
+                                  # pipeline (caller, server, publisher) overlap on more than one
+                                  # core instead of taking turns (64 calls in flight, W2: 1.21x
+                                  # the calls/s of one send per pass; bench_proxysession.py,
+                                  # 2026-12-05). A lone frame waits for the end, where it leaves
+                                  # alone anyway: frames of 8 KiB and more go in twos (W2 with
+                                  # 16 KiB arguments: 1.10x in twos, 0.90x each alone)
 DIRECT_READ = 64 * 1024           # a frame this large, once a quarter of it is in, gets a buffer
                                   # of its own that the socket reads straight into (see the filter)
 HIGH_WATER = 1024 * 1024          # output queued to a connection above which its feeders pause
@@ -2430,7 +2433,8 @@ class Wheel:
         """Queue ``header`` then ``body`` (bytes, or a large message's list of
         pieces, which is never joined). Small frames gather in a batch that
         one join turns into one send at the end of the pass (or once it holds
-        EARLY_SEND bytes, if the socket has nothing queued); a large body is
+        EARLY_SEND bytes as a frame joins it, if the socket has nothing
+        queued); a large body is
         never copied and goes out at once, since joining it gains nothing and
         leaving it queued would count against the high-water mark until the
         pass ends."""
@@ -2456,17 +2460,17 @@ class Wheel:
                     self.reactor.schedule_flush(self.flush)
                 self._batch = [header, body]
                 self._batch_size = size
-            else:
-                batch.append(header)
+            else:                          # (a frame that joins a batch: a pass has one
+                batch.append(header)       # only; a lone frame leaves at its end anyway)
                 batch.append(body)
                 self._batch_size += size
+                if self._out:              # the socket is full: bounded joins meanwhile
+                    if self._batch_size >= SEND_COALESCE:
+                        self._seal_batch()
+                elif self._batch_size >= EARLY_SEND:     # the peer starts on it while this
+                    self.flush()                         # pass goes on
             if not in_pass:                # nobody may run the loop soon: it leaves now
                 self.flush()
-            elif self._out:                # the socket is full: bounded joins meanwhile
-                if self._batch_size >= SEND_COALESCE:
-                    self._seal_batch()
-            elif self._batch_size >= EARLY_SEND:     # the peer starts on it while this pass
-                self.flush()                         # goes on
         else:
             self._seal_batch()
             # (never an empty piece: an SSL socket's send of b"" fails on OpenSSL 1.1)
@@ -3444,8 +3448,10 @@ class Server:
         notice = {"type": "rescinded", "id": -1, "to": session.alias}
         for subscriber_id in list(session.subscribers):    # a write may close a subscriber
             subscriber = self.wheels.get(subscriber_id)
-            if subscriber is not None:
-                self._send(subscriber, notice)
+            if subscriber is not None and self._send(subscriber, notice):
+                log.warning("the rescinded notice of '%s' exceeds the max_frame of connection "
+                            "%d: not sent (its calls will fail as 'doesn't exist')",
+                            _printable(session.alias), subscriber_id)
 
     def get_listing(self, data: dict, wheel_id: int) -> None:
         """List the published aliases, sorted; never fails."""

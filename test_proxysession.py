@@ -541,13 +541,15 @@ def test_a_pass_that_writes_much_to_a_socket_sends_it_before_the_pass_ends():
         frames += received.get_frames()
     assert frames == [b"%04d" % n + b"x" * 96 for n in range(count)]
 
-    def write_one_large():             # one frame of EARLY_SEND bytes or more: at once, too
+    def write_two_large():             # frames of EARLY_SEND bytes: alone at the end, in twos
         wheel.write_frame(b"y" * proxysession.EARLY_SEND)
         readable["after one large frame"] = bool(select.select([theirs], [], [], 0)[0])
+        wheel.write_frame(b"z" * proxysession.EARLY_SEND)
+        readable["after two"] = bool(select.select([theirs], [], [], 0)[0])
 
-    reactor.call_soon(write_one_large)
+    reactor.call_soon(write_two_large)
     reactor.run_once(0)
-    assert readable["after one large frame"] is True
+    assert (readable["after one large frame"], readable["after two"]) == (False, True)
     wheel.close()
     theirs.close()
     reactor.close()
