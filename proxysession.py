@@ -5549,9 +5549,11 @@ class _Connection(_Link):
         one caller: that caller gets a failure instead."""
         if wheel is not self.wheel:
             return
-        if wheel.encode is _encode_compact and type(call_id) is int and \
-                -ID_RANGE <= call_id < ID_RANGE and _HEAD_SIZE + len(payload) <= self.max_frame:
-            # what _send would write, without making the message first (the hot path)
+        if wheel.encode is _encode_compact and type(call_id) is int and type(success) is bool \
+                and type(payload) is bytes and -ID_RANGE <= call_id < ID_RANGE and \
+                _HEAD_SIZE + len(payload) <= self.max_frame:
+            # what _send would write, without making the message first (the hot path;
+            # what the compact header cannot carry goes the general way, pickled)
             wheel.write(b"%d\0" % (_HEAD_SIZE + len(payload)) + _COMPACT_HEAD.pack(
                 _COMPACT, _COMPACT_RESULT, success | _HAS_PAYLOAD, 0, call_id, 0), payload)
             return
