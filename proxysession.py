@@ -5591,10 +5591,9 @@ class _Connection(_Link):
         request, and the Client gets every other message. A compact result
         settles it from its header, without making a message (the hot path;
         a header out of its bounds goes on to _decode_envelope, which says why)."""
-        if body[:1] == b"\xff" and len(body) >= _HEAD_SIZE and not self.hooks.trace:
-            _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
-            if kind == _COMPACT_RESULT and flags <= _SUCCESS | _HAS_PAYLOAD and \
-                    not name_size and not timeout:
+        if body[:2] == b"\xff\x02" and len(body) >= _HEAD_SIZE and not self.hooks.trace:
+            _, _, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
+            if flags <= _SUCCESS | _HAS_PAYLOAD and not name_size and not timeout:
                 if flags & _HAS_PAYLOAD:
                     return self._answered(msg_id, flags & _SUCCESS == _SUCCESS,
                                           _payload_at(body, _HEAD_SIZE))

@@ -7397,8 +7397,12 @@ class RawNats:
         self.sock = socket.create_connection((host, int(port)), timeout=WAIT)
         self.buffer = b""
         assert self.line().startswith(b"INFO ")
-        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
-                          b'"no_responders":true,"protocol":1}\r\nPING\r\n')
+        self.sync(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
+                  b'"no_responders":true,"protocol":1}\r\n')
+
+    def sync(self, ops):
+        """Send ``ops``, then wait until the server has handled them (its PONG)."""
+        self.sock.sendall(ops + b"PING\r\n")
         while self.line() != b"PONG":
             pass
 
@@ -7482,9 +7486,7 @@ def test_a_hostile_answer_to_a_shared_publish_check_fails_that_publish_at_once(
     # nothing behind: publishing another alias works
     other = RawNats(nats_server.url)
     try:
-        other.send(b"SUB $SRV.INFO.Jobs 1\r\nPING\r\n")
-        while other.line() != b"PONG":
-            pass
+        other.sync(b"SUB $SRV.INFO.Jobs 1\r\n")
         client = make_client()
         conn = client.connect(*nats_server.address)
         answers = []
@@ -7524,9 +7526,7 @@ def test_a_nats_publisher_back_from_a_lost_link_publishes_again_through_the_chec
     greeter = caller.subscribe(caller.connect(*nats_server.address), "Greeter")
     other = RawNats(nats_server.url)
     try:
-        other.send(b"SUB $SRV.INFO.Greeter 1\r\nPING\r\n")
-        while other.line() != b"PONG":
-            pass
+        other.sync(b"SUB $SRV.INFO.Greeter 1\r\n")
         first.cut()                    # (1): other listens, and says nothing
         assert publisher.reactor.run_until(lambda: back, WAIT)
         assert publisher.server_listing(conn) == ["Greeter"] and refused == []
@@ -7617,9 +7617,7 @@ def test_a_program_subscribed_to_every_subject_takes_the_503_away(nats_server, m
     # publishes waits out its timeout, and an exclusive publish is refused
     other = RawNats(nats_server.url)
     try:
-        other.send(b"SUB > 1\r\nPING\r\n")
-        while other.line() != b"PONG":
-            pass
+        other.sync(b"SUB > 1\r\n")
         client = make_client()
         conn = client.connect(*nats_server.address)
         with pytest.raises(proxysession.CallTimeout):
@@ -7666,9 +7664,7 @@ def test_a_proxy_of_an_exclusive_nats_publication_is_pinned_to_its_instance(
                                     "Greeter")
     other = RawNats(nats_server.url)
     try:
-        other.send(b"SUB Greeter.* q 1\r\nPING\r\n")
-        while other.line() != b"PONG":
-            pass
+        other.sync(b"SUB Greeter.* q 1\r\n")
         caller = make_client()
         greeter = caller.subscribe(caller.connect(*nats_server.address), "Greeter")
         assert [greeter.hello(str(n)) for n in range(30)] == ["hello, %d" % n for n in range(30)]
