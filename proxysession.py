@@ -50,11 +50,12 @@ Contents, in the order the data flows:
 - reactor           Reactor: a selectors loop with timers; which thread runs it
 - wheel             Wheel: one connection, its buffers, TLS and authkey
 - statistics        what the server counts of calls, per alias and connection
-- server            Server: sessions and call routing (shared ones: to the least
+- server            the server's own messages, written from one place; the
+                    router: calls in flight (shared sessions: to the least
                     busy member; compact calls and answers passed on from
-                    their header); its own messages written from one place;
-                    subscribes that wait; deadlines and cancel; resumption
-                    (grace window)
+                    their header; deadlines and cancel); the grace window
+                    (resumption); subscribes that wait; and Server:
+                    listening, sessions, connections ending
 - monitor           the server's statistics over HTTP: JSON, Prometheus, a page
 - threads           worker pools, futures (cancel() takes a call back), and
                     current_call(): calls that run off the loop
@@ -2632,7 +2633,7 @@ class _Calls:
         return sum(self.buckets)
 
     def settle(self, success: bool, seconds: float) -> None:
-        """Count a call that ended (Server.handle_delivered does the same inline)."""
+        """Count a call that ended."""
         self.in_flight -= 1
         self.buckets[_bucket_of(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
@@ -3008,6 +3009,823 @@ def _raise_file_limit() -> None:
         log.debug("could not raise the file limit: %s", exc)
 
 
+def _send_own(wheel: Wheel, message: dict) -> int:
+    """Write a message of the server's own (an answer, a notice) in the
+    envelope ``wheel`` takes, unless it exceeds the frame limit its peer said
+    it takes: then nothing is written and its size is returned (0 when
+    written). Calls and results are routed by _Router instead, which sizes
+    them against what came in."""
+    body = wheel.encode(message)       # a large payload is sent as it lies, not copied
+    limit = wheel.context.max_frame
+    if limit is not None:
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if size > limit:
+            return size
+    wheel.write_frame(body)
+    return 0
+
+
+def _answer(wheel: Wheel, msg_id: int, success: bool, payload: Any = None,
+            pickled: bool = False) -> None:
+    """A result from the server itself (``pickled``: ``payload`` is so
+    already). Never larger than the peer said it takes (PROTOCOL.md 7.1): a
+    method table or a listing too large for it fails that request alone."""
+    message = {"type": "result", "id": msg_id, "success": success}
+    if payload is not None:
+        message["payload"] = payload if pickled else _dumps(payload)
+    size = _send_own(wheel, message)
+    if size:
+        _send_own(wheel, {"type": "result", "id": msg_id, "success": False,
+                          "payload": _dumps("Answer of %d bytes exceeds this connection's "
+                                            "max_frame (%d bytes)"
+                                            % (size, wheel.context.max_frame))})
+
+
+class _Router:
+    """A server's calls in flight: each routed to its publisher under a fresh
+    id (to the least busy member of a shared session; held, while its
+    publisher is away, by the grace window), its answer routed back under
+    the caller's id, and what the server keeps of it meanwhile, in ``store``
+    (the server's ``delivered_store``): its statistics, its deadline, its
+    cancel, and the cleanup of either end. Calls and answers in compact
+    envelopes are passed on from their header (``pass_on``).
+
+    The server hands it what it routes (``deliver``, ``answered``,
+    ``cancel``), sets ``frame_size`` to the size of each message it hands
+    over, and tells it when a connection or a session ends."""
+
+    # Slots: the routing reads a few of these per call (see Server's)
+    __slots__ = ("sessions", "wheels", "store", "stats", "reactor", "away", "send_result",
+                 "max_waiting_calls", "high_water", "traced", "frame_size", "_ids",
+                 "_deadline_timer")
+
+    def __init__(self, server: "Server"):
+        self.sessions: Dict[str, _Session] = server.sessions
+        self.wheels: Dict[int, Wheel] = server.wheels
+        self.store: Dict[int, tuple] = {}  # fresh id -> its delivery (see TIMED_OUT)
+        self.stats: _ServerStats = server.stats
+        self.reactor = server.reactor
+        self.away = _GraceWindow(server, self)  # publishers away, and the calls held for them
+        self.send_result = server.send_result   # answers the requests it takes
+        self.max_waiting_calls = server.max_waiting_calls
+        self.high_water = server.high_water
+        # tracing: a line per settled call (and per message, at debug level),
+        # and meanwhile fresh id -> the method the call is for; None: off
+        self.traced: Optional[Dict[int, str]] = {} if server.options.get("trace") else None
+        self.frame_size = 0            # of the message being handled: what _forward may send on
+        self._ids = itertools.count(1)
+        self._deadline_timer: Optional[_Timer] = None   # the next look for calls past deadline
+
+    def deliver(self, data: dict, wheel_id: int) -> None:
+        """Route a call to the publisher of ``to`` under a fresh id; its
+        payload goes through untouched."""
+        alias = data.get("to")
+        session = self.sessions.get(alias) if type(alias) is str else None
+        caller_id = data["id"]
+        caller = self.wheels[wheel_id]
+        peer = caller.context
+        peer.calls_sent += 1
+        event = None if self.traced is None else _event_name(data.get("payload"))
+        if session is None:
+            return self.refused(wheel_id, caller_id, alias, None, event,
+                                "Session '%s' doesn't exist" % _quote(alias))
+        if type(data.get("payload")) not in _PAYLOAD_TYPES:
+            return self.refused(wheel_id, caller_id, alias, session.calls, event,
+                                "Malformed message: deliver wants a bytes payload")
+        timeout = data.get("timeout_ms")
+        if timeout is not None and (type(timeout) is not int or
+                                    not 0 < timeout <= MAX_CALL_TIMEOUT_MS):
+            return self.refused(wheel_id, caller_id, alias, session.calls, event,
+                                "Malformed message: timeout_ms must be an int of milliseconds "
+                                "from 1 to %d, not %s" % (MAX_CALL_TIMEOUT_MS, _show(timeout)))
+        made = peer.calls_made
+        if made is None:
+            made = peer.calls_made = set()
+        elif len(made) >= self.max_waiting_calls:
+            return self.refused(wheel_id, caller_id, alias, session.calls, event,
+                                "Too many calls waiting: connection %d has %d calls waiting "
+                                "for answers (max_waiting_calls)"
+                                % (wheel_id, self.max_waiting_calls))
+        fresh_id = next(self._ids)
+        calls = session.calls
+        publisher_id = session.wheel_id if session.members is None else \
+            self._least_busy(session)
+        publisher = self.wheels.get(publisher_id)
+        if publisher is not None and publisher.context.timed_out >= self.max_waiting_calls:
+            return self.refused(wheel_id, caller_id, alias, calls, event,
+                                "Session '%s' is not answering: %d of its calls timed out and "
+                                "still wait for its answers (max_waiting_calls)"
+                                % (alias, publisher.context.timed_out))
+        data["to"] = session.name
+        data["id"] = fresh_id
+        if timeout is not None and (publisher is None or publisher.context.calls_by_id is None):
+            del data["timeout_ms"]     # a version-1 publisher sees the seed's deliver
+        body = self._forward(data, wheel_id, caller_id, alias, publisher)
+        if body is None:               # refused, and answered, by _forward
+            return self.refused(wheel_id, caller_id, alias, calls, event,
+                                "too large to forward", answer=False)
+        now = time.monotonic()
+        delivery = (wheel_id, caller_id, publisher_id, alias, calls, now,
+                    None if timeout is None else now + timeout / 1000)
+        if timeout is not None and self._deadline_timer is None:
+            self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP, self._expire)
+        if publisher is None:          # its publisher is away, within its grace window
+            refusal = self.away.hold(session.wheel_id, fresh_id, body, peer, alias)
+            if refusal:
+                return self.refused(wheel_id, caller_id, alias, calls, event, refusal)
+        self._in_flight(fresh_id, delivery, peer, None if publisher is None else publisher.context)
+        if event is not None:
+            self.traced[fresh_id] = event
+        if publisher is not None:
+            self._route_out(publisher, caller, body)
+
+    def _route_out(self, receiver: Wheel, feeder: Wheel, body,
+                   header: Optional[bytes] = None) -> None:
+        """Write a routed call or answer to ``receiver`` (``header``: its
+        frame header and, passed on from a compact one, its envelope's; else
+        write_frame's). Once the receiver lags past the high-water mark,
+        ``feeder`` stops being read until it drains (PROTOCOL.md 8): a caller
+        that feeds a publisher that lags, or one that does not read its own
+        answers (a publisher is never paused on a caller's account)."""
+        if header is None:
+            receiver.write_frame(body)
+        else:
+            receiver.write(header, body)
+        if receiver.out_size > self.high_water:
+            receiver.wait_for_drain(feeder)
+
+    def _in_flight(self, fresh_id: int, delivery: tuple, caller: _Peer,
+                   publisher: Optional[_Peer]) -> None:
+        """A call goes to its publisher (None: held for it, away): what the
+        server keeps of it until its answer (its statistics, its deadline,
+        its cancel, and the cleanup of either end)."""
+        calls = delivery[4]
+        calls.in_flight += 1
+        calls.bytes_in += self.frame_size
+        self.store[fresh_id] = delivery
+        caller.calls_made.add(fresh_id)
+        if caller.calls_by_id is not None:
+            caller.calls_by_id[delivery[1]] = fresh_id
+        if publisher is not None:
+            _add(publisher, "calls_served", fresh_id)
+
+    def _least_busy(self, session: _Session) -> int:
+        """The member of a shared session with the fewest calls in flight (its
+        connection's, to every alias it serves); ties in turn. Only members
+        that take a frame of this call's size count, while there is one: a
+        member with a small max_frame must not draw, and fail, every call
+        that others could take."""
+        wheels = self.wheels
+        size = self.frame_size + 4 * len(session.name) + REENCODED_GROWTH  # _forward's most
+        peers = [wheels[member].context for member in session.members]
+        fitting = [(member, peer) for member, peer in zip(session.members, peers)
+                   if peer.max_frame is None or peer.max_frame >= size] or \
+            list(zip(session.members, peers))
+        loads = [len(peer.calls_served or ()) for _, peer in fitting]
+        fewest = min(loads)
+        tied = [member for (member, _), load in zip(fitting, loads) if load == fewest]
+        session.turn += 1
+        return tied[session.turn % len(tied)]
+
+    def refused(self, wheel_id: int, caller_id: int, alias: Any, calls: Optional[_Calls],
+                event: Optional[str], reason: str, answer: bool = True) -> None:
+        """A call that is never routed: counted as settled and failed at once
+        (for its alias too, if it exists), and answered with ``reason``.
+        ``event``: the method it calls, when tracing."""
+        if calls is not None:
+            calls.in_flight += 1
+            calls.settle(False, 0.0)
+        else:                          # no such alias: the server's totals alone
+            self.stats.calls += 1
+            self.stats.failures += 1
+        if self.traced is not None:
+            log.info("call '%s'.%s from connection %d: refused (%s)", _printable(alias),
+                     event or "?", wheel_id, _printable(reason))
+        if answer:
+            _answer(self.wheels[wheel_id], caller_id, False, reason)
+
+    def settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str) -> None:
+        """Count a routed call that ends, however it ends (answered, failed
+        here, or left by its caller): the one place where calls are settled.
+        One that timed out was counted then (TIMED_OUT)."""
+        if delivery[6] is TIMED_OUT:
+            delivery[4].in_flight -= 1  # (it stayed in flight: its publisher had it)
+            return
+        seconds = time.monotonic() - delivery[5]
+        delivery[4].settle(success, seconds)
+        if self.traced is not None:
+            self._trace_settled(fresh_id, delivery, success, failure, seconds)
+
+    def _trace_settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str,
+                       seconds: float) -> None:
+        log.info("call '%s'.%s from connection %d to connection %d: %s in %.3f ms",
+                 _printable(delivery[3]), self.traced.pop(fresh_id, "?"), delivery[0], delivery[2],
+                 "ok" if success else "failed (%s)" % failure, seconds * 1000)
+
+    def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str,
+                 receiver: Optional[Wheel]):
+        """``data`` encoded to be passed on to ``receiver``, or None after
+        answering ``answer_id`` on ``wheel_id``: what the server sends on is
+        never much larger than what it received (a hostile message could
+        otherwise grow on re-encoding, past the frame limit of the connection
+        it goes to), nor larger than the receiver said it takes (it would
+        close its connection, failing everyone's calls on it). It goes in the
+        envelope the receiver takes; a call held for a publisher away, pickled
+        (whatever connection it comes back on takes that)."""
+        body = _encode(data) if receiver is None else receiver.encode(data)
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        if size > self.frame_size + 4 * len(data.get("to") or "") + REENCODED_GROWTH:
+            _answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
+                    "be forwarded as %d bytes, much more than it came as" % size)
+            return None
+        limit = receiver.context.max_frame if receiver is not None else None
+        if limit is not None and size > limit:
+            _answer(self.wheels[wheel_id], answer_id, False, "%s of %d bytes exceeds the "
+                    "max_frame of %s (%d bytes)" % (
+                        "Call" if data["type"] == "deliver" else "Result", size,
+                        "the publisher of '%s'" % alias if data["type"] == "deliver"
+                        else "its caller", limit))
+            return None
+        return body
+
+    def answered(self, data: dict, wheel_id: int) -> None:
+        """Route a publisher's result back to the caller, under the caller's id."""
+        fresh_id = data["id"]
+        delivery = self.store.get(fresh_id)
+        if delivery is None or delivery[2] != wheel_id:
+            # (one that came after its call's deadline, or its cancel, is no news)
+            log.log(logging.WARNING if delivery else logging.DEBUG,
+                    "connection %d sent a result for %s call %d: dropped", wheel_id,
+                    "someone else's" if delivery else "no waiting", fresh_id)
+            return
+        publisher = self.wheels[wheel_id].context
+        self._answer_came(fresh_id, delivery, publisher)
+        caller_wheel_id, caller_id, _, alias, calls, started, deadline = delivery
+        if deadline is TIMED_OUT:      # its caller has had its answer: this one is late
+            publisher.timed_out -= 1
+            calls.in_flight -= 1
+            return
+        caller = self.wheels.get(caller_wheel_id)
+        if caller is None:             # (a caller that leaves takes its calls with it)
+            return self.settled(fresh_id, delivery, False, "its caller left")
+        _call_over(caller.context, fresh_id, caller_id)
+        success = data.get("success")
+        if type(success) is not bool or type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
+            log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
+            failure = "Session '%s' sent a malformed result" % alias
+            self.settled(fresh_id, delivery, False, failure)
+            _answer(caller, caller_id, False, failure)
+            return
+        data["id"] = caller_id
+        body = self._forward(data, caller_wheel_id, caller_id, alias, caller)
+        if body is None:
+            self.settled(fresh_id, delivery, False, "(too large)")
+            return
+        seconds = time.monotonic() - started
+        calls.settle(success, seconds)
+        if self.traced is not None:
+            self._trace_settled(fresh_id, delivery, success, "" if success else
+                                _failure_words(data.get("payload")), seconds)
+        self._route_out(caller, caller, body)
+
+    def _answer_came(self, fresh_id: int, delivery: tuple, publisher: _Peer) -> None:
+        """A publisher answered a call routed to it: the call is no longer its."""
+        del self.store[fresh_id]
+        publisher.calls_served.discard(fresh_id)
+        publisher.calls_answered += 1
+        delivery[4].bytes_out += self.frame_size
+
+    # Compact routing (PROTOCOL.md 7.8): a call or an answer in a compact
+    # envelope, between two peers that both take them, is passed on from its
+    # 17-byte header: the header is written anew (the publisher's name and a
+    # fresh id, or the caller's id) and the payload follows as it lies, never
+    # made into a message nor encoded again (about 3 us of the 9 us a routed
+    # call cost the server; helper-14's profile, 2026-12-05). The bookkeeping
+    # is deliver's and answered's own (_in_flight,
+    # _answer_came, _call_over, _Calls.settle). Anything else goes their
+    # general way, which checks, refuses and answers it: a header out of its
+    # bounds, an alias that is shared or has no publisher connected, a
+    # version-1 peer at the other end, a limit reached, or a trace.
+
+    def pass_on(self, body, wheel: Wheel) -> bool:
+        """Route a compact call or answer from its header; False, having
+        changed nothing, leaves it to the general way."""
+        size = len(body)
+        if size < _HEAD_SIZE:
+            return False
+        _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
+        if kind == _COMPACT_RESULT:
+            return flags <= _SUCCESS | _HAS_PAYLOAD and not name_size and not timeout and \
+                (flags & _HAS_PAYLOAD or size == _HEAD_SIZE) and \
+                self._pass_answer(body, size, wheel, flags, msg_id)
+        start = _HEAD_SIZE + name_size
+        if kind != _COMPACT_DELIVER or flags & ~_HAS_TIMEOUT != _HAS_PAYLOAD or \
+                not 0 < name_size <= _MAX_NAME_BYTES or start > size or \
+                not (0 < timeout <= MAX_CALL_TIMEOUT_MS if flags & _HAS_TIMEOUT else not timeout):
+            return False
+        try:
+            alias = str(body[_HEAD_SIZE:start], "utf-8")
+        except UnicodeDecodeError:
+            return False
+        session = self.sessions.get(alias)
+        if session is None or session.members is not None:
+            return False
+        publisher = self.wheels.get(session.wheel_id)
+        caller = wheel.context
+        made = caller.calls_made
+        if publisher is None or publisher.encode is not _encode_compact or made is None or \
+                len(made) >= self.max_waiting_calls:
+            return False
+        served = publisher.context
+        try:
+            name = session.name.encode()
+        except UnicodeEncodeError:     # (a lone surrogate: the general way sends it pickled)
+            return False
+        out_size = size - name_size + len(name)
+        if served.timed_out >= self.max_waiting_calls or len(name) > _MAX_NAME_BYTES or \
+                served.max_frame is not None and out_size > served.max_frame:
+            return False
+        # taken: from here on, as deliver does it
+        self.frame_size = size
+        self.stats.messages += 1
+        caller.calls_sent += 1
+        fresh_id = next(self._ids)
+        now = time.monotonic()
+        if not flags & _HAS_TIMEOUT:
+            deadline = None
+        else:
+            deadline = now + timeout / 1000
+            if self._deadline_timer is None:
+                self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP,
+                                                               self._expire)
+            if served.calls_by_id is None:      # (a publisher that takes no deadlines)
+                flags, timeout = _HAS_PAYLOAD, 0
+        self._in_flight(fresh_id, (wheel.wheel_id, msg_id, session.wheel_id, alias,
+                                   session.calls, now, deadline), caller, served)
+        self._route_out(publisher, wheel, memoryview(body)[start:], b"%d\0" % out_size +
+                        _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, flags, len(name), fresh_id,
+                                           timeout) + name)
+        if wheel.out_size > self.high_water and not wheel.closed:
+            wheel.wait_for_drain(wheel)
+        return True
+
+    def _pass_answer(self, body, size: int, wheel: Wheel, flags: int, fresh_id: int) -> bool:
+        """pass_on's answer to a call: back to its caller, under its id."""
+        delivery = self.store.get(fresh_id)
+        if delivery is None or delivery[2] != wheel.wheel_id or delivery[6] is TIMED_OUT:
+            return False
+        caller = self.wheels.get(delivery[0])
+        if caller is None or caller.encode is not _encode_compact or \
+                caller.context.max_frame is not None and size > caller.context.max_frame:
+            return False
+        # taken: from here on, as answered does it
+        self.frame_size = size
+        self.stats.messages += 1
+        self._answer_came(fresh_id, delivery, wheel.context)
+        caller_id = delivery[1]
+        _call_over(caller.context, fresh_id, caller_id)
+        delivery[4].settle(flags & _SUCCESS == _SUCCESS, time.monotonic() - delivery[5])
+        self._route_out(caller, caller, memoryview(body)[_HEAD_SIZE:], b"%d\0" % size +
+                        _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, flags, 0, caller_id, 0))
+        if wheel.out_size > self.high_water and not wheel.closed:
+            wheel.wait_for_drain(wheel)
+        return True
+
+    # deadlines and cancel (PROTOCOL.md 7.7): a call's timeout travels with it,
+    # and a caller may take a call back. A call's deadline is kept in its
+    # delivery, and a sweep looks for the calls past theirs a few times a
+    # second while any are waiting: a timer per call would cost every call
+    # a heap entry, and a heap of deadlines a push per call and a rebuild
+    # for the answered ones.
+
+    def _expire(self) -> None:
+        """Fail every call past its deadline: its caller is answered as its own
+        Client would time it out (a CallTimeout), and a late answer from its
+        publisher is dropped. A call the publisher is still working on keeps
+        its worker busy: the publisher is not told (it knows the deadline,
+        and does not start a call past it)."""
+        now = time.monotonic()
+        store = self.store
+        expired = [(fresh_id, delivery) for fresh_id, delivery in store.items()
+                   if delivery[6] is not None and delivery[6] <= now]   # (TIMED_OUT never is)
+        for fresh_id, delivery in expired:
+            if store.get(fresh_id) is not delivery:
+                continue               # answered meanwhile (an answer may close a peer)
+            caller = self.wheels.get(delivery[0])
+            publisher = self.wheels.get(delivery[2])
+            if publisher is not None:  # it stays, its publisher's (see TIMED_OUT)
+                store[fresh_id] = delivery[:6] + (TIMED_OUT,)
+                publisher.context.timed_out += 1
+            else:                      # held for a parked publisher: it goes now
+                del store[fresh_id]
+                self.away.release(delivery[2], fresh_id, caller and caller.context)
+            if caller is not None:
+                _call_over(caller.context, fresh_id, delivery[1])
+            self.settled(fresh_id, delivery, False, "timed out")
+            if publisher is not None:
+                delivery[4].in_flight += 1   # settled, yet still at its publisher
+            if caller is not None:
+                _answer(caller, delivery[1], False, _dumps({
+                    "error": "CallTimeout", "traceback": "",
+                    "message": "no answer within %.3g s (the call's timeout)"
+                               % (delivery[6] - delivery[5])}), pickled=True)
+        self._deadline_timer = None
+        if any(delivery[6] is not None and delivery[6] is not TIMED_OUT
+               for delivery in store.values()):
+            self._deadline_timer = self.reactor.call_later(
+                max(DEADLINE_SWEEP, len(store) / SWEEP_RATE), self._expire)
+
+    def cancel(self, data: dict, wheel_id: int) -> None:
+        """A caller takes back its call ``call`` (its own request id). A call
+        held for a parked publisher is failed here; one that its publisher
+        has is forwarded as a ``cancel`` notice, if the publisher takes them,
+        and the publisher answers it (at once, if it had not started it).
+        Success payload: True if the call will not start (as far as this
+        server can know), False if its publisher cannot be told."""
+        peer: _Peer = self.wheels[wheel_id].context
+        call_id = data.get("call")
+        if peer.calls_by_id is None:
+            return self.send_result(False, data, wheel_id, "Malformed message: cancel needs "
+                                    "info with deadlines first")
+        fresh_id = peer.calls_by_id.get(call_id) if type(call_id) is int else None
+        delivery = self.store.get(fresh_id)
+        if delivery is None or delivery[0] != wheel_id or delivery[1] != call_id:
+            return self.send_result(False, data, wheel_id, "No call %s of this connection is "
+                                    "waiting to be cancelled" % _show(call_id))
+        publisher = self.wheels.get(delivery[2])
+        if publisher is None:          # held: it goes now, and is answered as cancelled
+            del self.store[fresh_id]
+            self.away.release(delivery[2], fresh_id, peer)
+            _call_over(peer, fresh_id, call_id)
+            self.settled(fresh_id, delivery, False, "cancelled")
+            _answer(self.wheels[wheel_id], call_id, False,
+                    "Call cancelled by its caller before it started")
+            return self.send_result(True, data, wheel_id, True)
+        # one notice per call: the call is no longer the caller's to cancel (a
+        # flood of cancels of one call would otherwise flood its publisher)
+        del peer.calls_by_id[call_id]
+        told = publisher.context.calls_by_id is not None
+        if told:
+            _send_own(publisher, {"type": "cancel", "call": fresh_id})
+        self.send_result(True, data, wheel_id, told)
+
+    def went_away(self, fresh_id: int, delivery: tuple) -> None:
+        """A call its publisher will never answer, taken from the store: its
+        caller, if still here, is told."""
+        failure = "Session '%s' went away before answering" % delivery[3]
+        self.settled(fresh_id, delivery, False, failure)
+        caller = self.wheels.get(delivery[0])
+        if caller is not None:
+            _call_over(caller.context, fresh_id, delivery[1])
+            if delivery[6] is not TIMED_OUT:    # (answered at its deadline)
+                _answer(caller, delivery[1], False, failure)
+
+    def session_gone(self, session: _Session) -> None:
+        """A session left the store: its counts join the totals, and its
+        subscribers get a ``rescinded`` notice."""
+        self.stats.retire(session.calls)
+        notice = {"type": "rescinded", "id": -1, "to": session.alias}
+        for subscriber_id in list(session.subscribers):    # a write may close a subscriber
+            subscriber = self.wheels.get(subscriber_id)
+            if subscriber is not None and _send_own(subscriber, notice):
+                log.warning("the rescinded notice of '%s' exceeds the max_frame of connection "
+                            "%d: not sent (its calls will fail as 'doesn't exist')",
+                            _printable(session.alias), subscriber_id)
+
+    # the ends of connections and of the server
+
+    def connection_ended(self, wheel_id: int, peer: _Peer) -> None:
+        """A connection ended: the calls it made leave the store (settled;
+        one held for a publisher away takes its bytes with it), and so do the
+        calls it had, whose callers are told. Its sessions must have left
+        the store first (Server._on_wheel_closed): telling a caller may close
+        it, and its own cleanup must find nothing half removed."""
+        store = self.store
+        unanswered = []
+        for fresh_id in peer.calls_served or ():
+            delivery = store.pop(fresh_id, None)
+            if delivery is not None:
+                unanswered.append((fresh_id, delivery))
+        for fresh_id in peer.calls_made or ():
+            delivery = store.pop(fresh_id, None)
+            if delivery is not None:
+                self.settled(fresh_id, delivery, False, "its caller left")
+                publisher = self.wheels.get(delivery[2])
+                if publisher is not None:
+                    publisher.context.calls_served.discard(fresh_id)
+                else:                  # held for a parked publisher: it goes, and its bytes
+                    self.away.release(delivery[2], fresh_id, peer)
+        for fresh_id, delivery in unanswered:
+            self.went_away(fresh_id, delivery)
+
+    def stop(self) -> None:
+        """The server stops: every waiting call fails. Every answer is
+        written before any connection closes: a write may close its
+        connection, whose cleanup must find no call left to answer."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        waiting = list(self.store.items())
+        self.store.clear()
+        for fresh_id, delivery in waiting:
+            self.settled(fresh_id, delivery, False, "Server is shutting down")
+            caller = self.wheels.get(delivery[0])
+            if caller is not None and delivery[6] is not TIMED_OUT:
+                _answer(caller, delivery[1], False, "Server is shutting down")
+
+
+class _GraceWindow:
+    """Resumption (PROTOCOL.md 7.3): a publisher's sessions outlive its
+    connection for the grace window. A connection that asked for a resume
+    token and ends without a goodbye is parked: its sessions stay, calls to
+    them are held (``hold``) until it resumes with its token, or a publisher
+    publishes them again with the same name and method table, and both take
+    them over with the calls held; or until the window ends, and they go.
+    Peers that never ask for a token are not affected."""
+
+    __slots__ = ("seconds", "router", "wheels", "sessions", "reactor", "send_result",
+                 "max_write_buffer", "tokens", "parked", "parked_wheels", "held_bytes")
+
+    def __init__(self, server: "Server", router: _Router):
+        self.seconds = server.grace
+        self.router = router           # whose store holds the held calls' deliveries
+        self.wheels: Dict[int, Wheel] = server.wheels
+        self.sessions: Dict[str, _Session] = server.sessions
+        self.reactor = server.reactor
+        self.send_result = server.send_result
+        self.max_write_buffer = server.max_write_buffer
+        self.tokens: Dict[str, int] = {}          # resume token -> its live connection
+        self.parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
+        self.parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
+        self.held_bytes = 0            # of the calls held for every parked publisher
+
+    def resume(self, data: dict, wheel_id: int) -> None:
+        """Without a token: make this connection resumable and give it one.
+        With one: take over the sessions of the departed connection it was
+        given to, and the calls held for them; a new token comes back."""
+        if self.seconds <= 0:
+            return self.send_result(False, data, wheel_id, "Resume is off: this server has no "
+                                    "grace window (Server(grace=...), --grace)")
+        peer: _Peer = self.wheels[wheel_id].context
+        token = data.get("token")
+        resumed: list = []
+        held: list = []
+        if token is not None:
+            if type(token) is not str or (token not in self.parked and token not in
+                                          self.tokens) or self.tokens.get(token) == wheel_id:
+                return self.send_result(False, data, wheel_id, "Unknown or expired resume token")
+            old = self.wheels.get(self.tokens.get(token))
+            if old is not None:
+                # its old connection is still open here (half-open: the publisher
+                # saw it die first): the token proves whose it is, so it goes,
+                # parking what it published for this one to take over
+                old.close("replaced by connection %d, which resumed it" % wheel_id)
+            parked = self.parked.get(token)
+            if parked is not None:
+                resumed = sorted(parked.published)
+                held = self._take_over(parked, wheel_id, resumed)
+                log.info("connection %d resumed %s of connection %d", wheel_id,
+                         _plural(len(resumed), "session"), parked.wheel_id)
+        if peer.token is not None:
+            del self.tokens[peer.token]
+        # A token stays its publisher's across resumptions: if this answer is
+        # lost with the connection, the same token resumes on the next one.
+        peer.token = token or secrets.token_urlsafe(24)
+        self.tokens[peer.token] = wheel_id
+        self._send_held(wheel_id, held, lambda: self.send_result(
+            True, data, wheel_id, {"token": peer.token, "grace": self.seconds, "resumed": resumed}))
+
+    def published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
+        """A publish of a parked session with its name and method table: a
+        restarted publisher (or the same one, whose resume token was lost
+        with an answer) takes it over at once, with the calls held for it."""
+        log.info("connection %d published '%s' again: it takes it over from connection %d, "
+                 "which is away", wheel_id, alias, parked.wheel_id)
+        self._send_held(wheel_id, self._take_over(parked, wheel_id, [alias]),
+                        lambda: self.send_result(True, data, wheel_id, alias))
+
+    def _send_held(self, wheel_id: int, held: list, answer: Callable[[], None]) -> None:
+        """Answer the request that took sessions over, then send the calls
+        held for them, in the order they came."""
+        answer()
+        wheel = self.wheels[wheel_id]
+        for body in held:
+            if not wheel.is_open:
+                break                  # its cleanup has answered the rest
+            wheel.write_frame(body)
+
+    def hold(self, wheel_id: int, fresh_id: int, body, caller: _Peer, alias: str
+             ) -> Optional[str]:
+        """Keep a call to a session of parked connection ``wheel_id`` for its
+        publisher's return; or say why not. What is held is bounded three
+        ways (a live publisher's callers are paused; a parked one cannot
+        drain, so calls past a bound fail instead): for one publisher, by
+        what fits its resuming connection's output at once; for one caller,
+        so that it cannot take the room of everyone else; and for the whole
+        server."""
+        parked = self.parked_wheels[wheel_id]
+        size = len(body) if type(body) is bytes else sum(map(len, body))
+        for held, limit, whose in (
+                (parked.held_bytes, self.max_write_buffer // HELD_PER_PUBLISHER, "wait for it"),
+                (caller.held_bytes, self.max_write_buffer // HELD_PER_CALLER,
+                 "of this connection wait for publishers that are away"),
+                (self.held_bytes, self.max_write_buffer * HELD_IN_TOTAL,
+                 "wait for publishers that are away")):
+            if held + size > limit:
+                return "Session '%s' is away, and %d bytes of calls already %s (at most %d)" % (
+                    alias, held, whose, limit)
+        parked.held_bytes += size
+        caller.held_bytes += size
+        self.held_bytes += size
+        parked.held[fresh_id] = body
+        return None
+
+    def release(self, wheel_id: int, fresh_id: int, caller: Optional[_Peer]) -> None:
+        """A call held for parked connection ``wheel_id`` goes (failed,
+        cancelled, or its caller left): its bytes with it."""
+        self._release(self.parked_wheels.get(wheel_id), fresh_id, caller)
+
+    def _release(self, parked: Optional[_Parked], fresh_id: int,
+                 caller: Optional[_Peer]) -> Any:
+        """Take a held call out of what is counted; returns its frame (None if
+        it was not held)."""
+        body = parked.held.pop(fresh_id, None) if parked is not None else None
+        if body is not None:
+            size = len(body) if type(body) is bytes else sum(map(len, body))
+            parked.held_bytes -= size
+            self.held_bytes -= size
+            if caller is not None:
+                caller.held_bytes -= size
+        return body
+
+    def _take_over(self, parked: _Parked, wheel_id: int, aliases: list) -> list:
+        """Give ``aliases``, sessions of a parked publisher, and the calls held
+        for them, to connection ``wheel_id``; returns the frames to send it. A
+        parked publisher left with no session is forgotten."""
+        peer = self.wheels[wheel_id].context
+        for alias in aliases:
+            parked.published.remove(alias)
+            self.sessions[alias].wheel_id = wheel_id
+            _add(peer, "published", alias)
+        frames = []
+        too_large = []
+        for fresh_id in list(parked.held):
+            delivery = self.router.store[fresh_id]   # (a caller that left took its own)
+            if delivery[3] in aliases:
+                caller = self.wheels.get(delivery[0])
+                frame = self._release(parked, fresh_id, caller and caller.context)
+                size = len(frame) if type(frame) is bytes else sum(map(len, frame))
+                if peer.max_frame is not None and size > peer.max_frame:
+                    del self.router.store[fresh_id]     # too large for the new connection
+                    _call_over(caller.context, fresh_id, delivery[1])
+                    too_large.append((fresh_id, delivery, size))
+                    continue
+                frames.append(frame)
+                self.router.store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
+                _add(peer, "calls_served", fresh_id)
+        if not parked.published:
+            parked.timer.cancel()
+            del self.parked_wheels[parked.wheel_id]
+            del self.parked[parked.token]
+        for fresh_id, delivery, size in too_large:     # told once the stores agree
+            failure = "Call of %d bytes exceeds the max_frame of the publisher of '%s' " \
+                      "(%d bytes)" % (size, delivery[3], peer.max_frame)
+            self.router.settled(fresh_id, delivery, False, failure)
+            caller = self.wheels.get(delivery[0])
+            if caller is not None:
+                _answer(caller, delivery[1], False, failure)
+        return frames
+
+    def parked_for(self, wheel_id: int) -> Optional[_Parked]:
+        """What is kept of connection ``wheel_id``, if it is away."""
+        return self.parked_wheels.get(wheel_id)
+
+    def goodbye(self, peer: _Peer) -> None:
+        """The peer is leaving on purpose: its sessions go with its connection."""
+        if peer.token is not None:
+            del self.tokens[peer.token]
+            peer.token = None
+
+    def left(self, wheel_id: int, peer: _Peer) -> None:
+        """A connection ended: one that was given a token parks what it
+        published (which leaves ``peer.published``: it stays in the
+        server's sessions)."""
+        if peer.token is not None:
+            del self.tokens[peer.token]
+            if peer.published:
+                self._park(wheel_id, peer)
+                peer.published = None
+
+    def _park(self, wheel_id: int, peer: _Peer) -> None:
+        """Keep a departed publisher's sessions for the grace window (its
+        ``published`` are all its own: a connection publishes only free aliases)."""
+        published = set(peer.published)
+        timer = self.reactor.call_later(self.seconds, self._ended, peer.token)
+        parked = _Parked(wheel_id, peer.token, published, timer)
+        self.parked[peer.token] = parked
+        self.parked_wheels[wheel_id] = parked
+        log.info("connection %d left without a goodbye: its %s wait %.3g s for it to resume",
+                 wheel_id, _plural(len(published), "session"), self.seconds)
+
+    def _ended(self, token: str) -> None:
+        """Nobody resumed: everything proceeds as if the connection had just ended."""
+        parked = self.parked.pop(token, None)
+        if parked is None:
+            return
+        del self.parked_wheels[parked.wheel_id]
+        gone = [self.sessions.pop(alias) for alias in parked.published]
+        for fresh_id in list(parked.held):
+            delivery = self.router.store.pop(fresh_id, None)
+            if delivery is None:       # its caller left meanwhile (an answer, written, may
+                self._release(parked, fresh_id, None)   # close one): it took its calls
+                continue
+            caller = self.wheels.get(delivery[0])
+            self._release(parked, fresh_id, caller and caller.context)
+            self.router.went_away(fresh_id, delivery)
+        for session in gone:
+            log.info("session '%s' went away: connection %d did not resume within %.3g s",
+                     session.alias, parked.wheel_id, self.seconds)
+            self.router.session_gone(session)
+
+
+class _Waits:
+    """Subscribes that wait for their alias (PROTOCOL.md 7.5): each one is
+    answered with success when the alias is published (``published``), or
+    with the usual failure when its wait ends, each wait a timer."""
+
+    __slots__ = ("sessions", "wheels", "reactor", "awaited")
+
+    def __init__(self, server: "Server"):
+        self.sessions: Dict[str, _Session] = server.sessions
+        self.wheels: Dict[int, Wheel] = server.wheels
+        self.reactor = server.reactor
+        # alias -> {(connection, request id): its timer}: subscribes waiting for it
+        self.awaited: Dict[str, Dict[Tuple[int, int], _Timer]] = {}
+
+    def wait(self, alias: str, msg_id: int, wheel_id: int, wait: float) -> None:
+        """Subscribe ``msg_id`` of connection ``wheel_id`` waits ``wait`` seconds."""
+        peer: _Peer = self.wheels[wheel_id].context
+        awaiting = peer.awaiting
+        if awaiting is None:
+            awaiting = peer.awaiting = {}
+        if msg_id in awaiting or len(awaiting) >= MAX_WAITING_SUBSCRIBES:
+            return _answer(self.wheels[wheel_id], msg_id, False, (
+                "Malformed message: a subscribe with id %d already waits" % msg_id
+                if msg_id in awaiting else "Too many subscribes waiting: connection %d has %d "
+                "(MAX_WAITING_SUBSCRIBES)" % (wheel_id, MAX_WAITING_SUBSCRIBES)))
+        key = (wheel_id, msg_id)
+        self.awaited.setdefault(alias, {})[key] = self.reactor.call_later(
+            wait, self._ended, alias, key)
+        awaiting[msg_id] = alias
+
+    def _ended(self, alias: str, key: Tuple[int, int]) -> None:
+        """The wait passed with no publish: the answer a subscribe gets at once."""
+        self.stop(alias, key)
+        _answer(self.wheels[key[0]], key[1], False, "Session '%s' doesn't exist" % alias)
+
+    def stop(self, alias: str, key: Tuple[int, int]) -> None:
+        """The subscribe ``key`` (connection, request id) waits no more."""
+        waiting = self.awaited[alias]
+        waiting.pop(key).cancel()
+        if not waiting:
+            del self.awaited[alias]
+        wheel = self.wheels.get(key[0])
+        if wheel is not None:
+            del wheel.context.awaiting[key[1]]
+
+    def connection_ended(self, wheel_id: int, peer: _Peer) -> None:
+        """A connection ended: its subscribes wait no more."""
+        for msg_id, alias in list((peer.awaiting or {}).items()):
+            self.stop(alias, (wheel_id, msg_id))
+
+    def cancel(self, wheel_id: int, call_id: Any) -> bool:
+        """Cancel a waiting subscribe (PROTOCOL.md 7.7), answered as
+        cancelled; False if ``call_id`` is none of this connection's."""
+        awaiting = self.wheels[wheel_id].context.awaiting
+        if type(call_id) is not int or not awaiting or call_id not in awaiting:
+            return False
+        self.stop(awaiting[call_id], (wheel_id, call_id))
+        _answer(self.wheels[wheel_id], call_id, False, "Subscribe cancelled by its caller")
+        return True
+
+    def published(self, session: _Session,
+                  subscribed: Callable[[_Session, int, int, bytes], None]) -> None:
+        """An alias was published: the subscribes waiting for it succeed,
+        each made a subscriber by ``subscribed``."""
+        alias = session.alias
+        if alias not in self.awaited:
+            return
+        methods = _dumps({"session": alias, "methods": session.methods})   # once for all
+        for key in list(self.awaited[alias]):
+            # a write may close a waiter (its cleanup takes its own waits), or
+            # the publisher itself, and its session with it
+            if self.sessions.get(alias) is not session:
+                break
+            if key in self.awaited.get(alias, ()):
+                self.stop(alias, key)
+                subscribed(session, *key, methods)
+
+
 class Server:
     """Hosts published sessions and routes proxied messages, after
     POEx::ProxySession::Server.
@@ -3028,6 +3846,9 @@ class Server:
     The stores: ``sessions`` (alias -> session) and ``delivered_store``
     (fresh id -> waiting call), with the original's accessors
     (``get_session`` ... ``has_session``, ``get_delivered`` ... ``has_delivered``).
+    Its parts: the calls in flight are routed by a _Router, which keeps the
+    ``delivered_store``; resumption is its _GraceWindow's; subscribes that
+    wait for their alias are _Waits'.
 
     What it has done: ``statistics()`` (statistics); ``monitor=(host, port)``
     serves them over HTTP as well (monitor), on the same reactor.
@@ -3041,11 +3862,8 @@ class Server:
     __slots__ = ("listen_ip", "listen_port", "alias", "options", "reactor", "authkey",
                  "ssl_context", "max_frame", "max_write_buffer", "high_water",
                  "handshake_timeout", "insecure_no_auth", "max_waiting_calls", "grace", "stats",
-                 "_tokens", "_parked", "_parked_wheels", "_held_bytes", "sessions",
-                 "delivered_store", "wheels", "address", "_listener", "_wheel_ids",
-                 "_delivery_ids", "_traced", "_at_file_limit", "_frame_size", "_handlers",
-                 "_awaited", "_deadline_timer",
-                 "__dict__", "__weakref__")
+                 "sessions", "wheels", "address", "_listener", "_wheel_ids", "_router", "_grace",
+                 "_at_file_limit", "_handlers", "_waits", "__dict__", "__weakref__")
 
     def __init__(self, listen_ip: str = DEFAULT_HOST, listen_port: int = DEFAULT_PORT,
                  alias: str = "Server", options: Optional[dict] = None,
@@ -3077,25 +3895,15 @@ class Server:
                                         type(monitor[0]) is str and type(monitor[1]) is int):
             raise ValueError("monitor must be a (host, port) tuple, not %r" % (monitor,))
         self.stats = _ServerStats(monitor)
-        # alias -> {(connection, request id): its timer}: subscribes waiting for it
-        self._awaited: Dict[str, Dict[Tuple[int, int], _Timer]] = {}
-        self._deadline_timer: Optional[_Timer] = None   # the next look for calls past deadline
-        self._tokens: Dict[str, int] = {}          # resume token -> its live connection
-        self._parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
-        self._parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
-        self._held_bytes = 0           # of the calls held for every parked publisher
         self.sessions: Dict[str, _Session] = {}
-        self.delivered_store: Dict[int, tuple] = {}
         self.wheels: Dict[int, Wheel] = {}
         self.address: Optional[Tuple[str, int]] = None
         self._listener: Optional[socket.socket] = None
         self._wheel_ids = itertools.count(1)
-        self._delivery_ids = itertools.count(1)
-        # tracing: a line per settled call (and per message, at debug level),
-        # and meanwhile fresh id -> the method the call is for; None: off
-        self._traced: Optional[Dict[int, str]] = {} if self.options.get("trace") else None
         self._at_file_limit = False
-        self._frame_size = 0           # of the message being handled: what _forward may send on
+        self._router = _Router(self)   # the calls in flight
+        self._grace = self._router.away   # and the publishers away, with calls held for them
+        self._waits = _Waits(self)     # subscribes that wait for their alias
         self._handlers = {
             "publish": self.publish_session,
             "rescind": self.rescind_session,
@@ -3117,6 +3925,11 @@ class Server:
             len(self.delivered_store))
 
     # the stores, under the original's accessor names
+
+    @property
+    def delivered_store(self) -> Dict[int, tuple]:
+        """Fresh id -> a routed call waiting for its answer (see TIMED_OUT)."""
+        return self._router.store
 
     def get_session(self, alias): return self.sessions.get(alias)
     def set_session(self, alias, session): self.sessions[alias] = session
@@ -3223,17 +4036,7 @@ class Server:
         if stats.monitor is not None:
             stats.monitor.close()
             stats.monitor = None
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-        # every answer is written before any connection closes: a write may
-        # close its connection, whose cleanup must find no call left to answer
-        waiting, self.delivered_store = self.delivered_store, {}
-        for fresh_id, delivery in waiting.items():
-            self._settled(fresh_id, delivery, False, "Server is shutting down")
-            caller = self.wheels.get(delivery[0])
-            if caller is not None and delivery[6] is not TIMED_OUT:
-                self._answer(caller, delivery[1], False, "Server is shutting down")
+        self._router.stop()            # every waiting call answered, before any closes
         for session in self.sessions.values():
             # nothing was rescinded: its subscribers lose their connection, and
             # their Clients subscribe again, and wait, once a server is back
@@ -3245,24 +4048,25 @@ class Server:
     # inbound
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
-        if body[:1] == b"\xff" and wheel.decode is _decode_envelope and self._traced is None \
-                and self._pass_on(body, wheel):
+        router = self._router
+        if body[:1] == b"\xff" and wheel.decode is _decode_envelope and router.traced is None \
+                and router.pass_on(body, wheel):
             return                     # a compact call or answer, routed from its header
         try:
             message = wheel.decode(body)
         except Exception as exc:       # whatever a hostile body raises: answer, stay open
             log.warning("connection %d from %s sent an undecodable message: %s",
                         wheel.wheel_id, wheel.peer, exc)
-            self._answer(wheel, -1, False, "Malformed message: %s" % (exc,))
+            _answer(wheel, -1, False, "Malformed message: %s" % (exc,))
             return
         msg_id = message.get("id") if type(message) is dict else None
         if type(msg_id) is not int or not -ID_RANGE <= msg_id < ID_RANGE or \
                 type(message.get("type")) is not str:
-            self._answer(wheel, msg_id if type(msg_id) is int and -ID_RANGE <= msg_id < ID_RANGE
-                         else -1, False, "Malformed message: want a dict with a str 'type' and "
-                         "an int 'id' in [-2**63, 2**63)")
+            _answer(wheel, msg_id if type(msg_id) is int and -ID_RANGE <= msg_id < ID_RANGE
+                    else -1, False, "Malformed message: want a dict with a str 'type' and "
+                    "an int 'id' in [-2**63, 2**63)")
             return
-        self._frame_size = len(body)
+        router.frame_size = len(body)
         self.stats.messages += 1
         self.handle_inbound_data(message, wheel.wheel_id)
         if wheel.out_size > self.high_water and not wheel.closed:
@@ -3270,7 +4074,7 @@ class Server:
 
     def handle_inbound_data(self, data: dict, wheel_id: int) -> None:
         """Dispatch one message by its type."""
-        if self._traced is not None:
+        if self._router.traced is not None:
             log.debug("connection %d: %s id=%d to=%s", wheel_id, _quote(data["type"]),
                       data["id"], _quote(data.get("to")))
         handler = self._handlers.get(data["type"])
@@ -3285,37 +4089,7 @@ class Server:
         """Answer ``original`` on connection ``wheel_id``."""
         wheel = self.wheels.get(wheel_id)
         if wheel is not None:
-            self._answer(wheel, original["id"], success, payload)
-
-    def _answer(self, wheel: Wheel, msg_id: int, success: bool, payload: Any = None,
-                pickled: bool = False) -> None:
-        """A result from the server itself (``pickled``: ``payload`` is so
-        already). Never larger than the peer said it takes (PROTOCOL.md 7.1):
-        a method table or a listing too large for it fails that request alone."""
-        message = {"type": "result", "id": msg_id, "success": success}
-        if payload is not None:
-            message["payload"] = payload if pickled else _dumps(payload)
-        size = self._send(wheel, message)
-        if size:
-            self._send(wheel, {"type": "result", "id": msg_id, "success": False,
-                               "payload": _dumps("Answer of %d bytes exceeds this connection's "
-                                                 "max_frame (%d bytes)"
-                                                 % (size, wheel.context.max_frame))})
-
-    def _send(self, wheel: Wheel, message: dict) -> int:
-        """Write a message of the server's own (an answer, a notice) in the
-        envelope ``wheel`` takes, unless it exceeds the frame limit its peer
-        said it takes: then nothing is written and its size is returned (0
-        when written). Calls and results are routed by _forward instead,
-        which sizes them against what came in."""
-        body = wheel.encode(message)   # a large payload is sent as it lies, not copied
-        limit = wheel.context.max_frame
-        if limit is not None:
-            size = len(body) if type(body) is bytes else sum(map(len, body))
-            if size > limit:
-                return size
-        wheel.write_frame(body)
-        return 0
+            _answer(wheel, original["id"], success, payload)
 
     def _payload(self, data: dict, wheel_id: int) -> Optional[dict]:
         """The decoded dict payload of a publish or rescind, or None after
@@ -3354,11 +4128,11 @@ class Server:
         if session is not None and shared:
             return self._join_shared(session, name, methods, data, wheel_id)
         if session is not None:
-            parked = self._parked_wheels.get(session.wheel_id)
+            parked = self._grace.parked_for(session.wheel_id)
             if parked is None or name != session.name or methods != session.methods:
                 return self.send_result(False, data, wheel_id,
                                         "Session '%s' already exists" % alias)
-            return self._published_again(parked, alias, data, wheel_id)
+            return self._grace.published_again(parked, alias, data, wheel_id)
         if not _is_name(name):
             return self.send_result(False, data, wheel_id, "Session name is required"
                                     if not name else "Session name must be a str of at most "
@@ -3371,8 +4145,7 @@ class Server:
         log.info("connection %d published '%s' (%s%s)", wheel_id, alias,
                  _plural(len(methods), "method"), ", shared" if shared else "")
         self.send_result(True, data, wheel_id, alias)
-        if alias in self._awaited:
-            self._published_for_waiters(session)
+        self._waits.published(session, self._subscribed)
 
     def _join_shared(self, session: _Session, name: Any, methods: Any, data: dict,
                      wheel_id: int) -> None:
@@ -3400,15 +4173,6 @@ class Server:
         else:
             log.info("connection %d left '%s' (%s): %s left", wheel_id, session.alias, why,
                      _plural(len(session.members), "member"))
-
-    def _published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
-        """A publish of a parked session with its name and method table: a
-        restarted publisher (or the same one, whose resume token was lost
-        with an answer) takes it over at once, with the calls held for it."""
-        log.info("connection %d published '%s' again: it takes it over from connection %d, "
-                 "which is away", wheel_id, alias, parked.wheel_id)
-        self._send_held(wheel_id, self._take_over(parked, wheel_id, [alias]),
-                        lambda: self.send_result(True, data, wheel_id, alias))
 
     def rescind_session(self, data: dict, wheel_id: int) -> None:
         """Rescind a session this connection published; no payload on success."""
@@ -3439,19 +4203,7 @@ class Server:
         if publisher is not None and publisher.context.published:
             publisher.context.published.discard(session.alias)
         log.info("session '%s' of connection %d %s", session.alias, session.wheel_id, why)
-        self._session_gone(session)
-
-    def _session_gone(self, session: _Session) -> None:
-        """A session left the store: its counts join the totals, and its
-        subscribers get a ``rescinded`` notice."""
-        self.stats.retire(session.calls)
-        notice = {"type": "rescinded", "id": -1, "to": session.alias}
-        for subscriber_id in list(session.subscribers):    # a write may close a subscriber
-            subscriber = self.wheels.get(subscriber_id)
-            if subscriber is not None and self._send(subscriber, notice):
-                log.warning("the rescinded notice of '%s' exceeds the max_frame of connection "
-                            "%d: not sent (its calls will fail as 'doesn't exist')",
-                            _printable(session.alias), subscriber_id)
+        self._router.session_gone(session)
 
     def get_listing(self, data: dict, wheel_id: int) -> None:
         """List the published aliases, sorted; never fails."""
@@ -3471,7 +4223,7 @@ class Server:
         session = self.sessions.get(alias) if type(alias) is str else None
         if session is None:
             if wait and _is_name(alias):
-                return self._await_session(alias, data["id"], wheel_id, wait)
+                return self._waits.wait(alias, data["id"], wheel_id, wait)
             return self.send_result(False, data, wheel_id,
                                     "Session '%s' doesn't exist" % _quote(alias))
         self._subscribed(session, wheel_id, data["id"])
@@ -3483,449 +4235,29 @@ class Server:
         session.subscribers.add(wheel_id)
         wheel = self.wheels[wheel_id]
         _add(wheel.context, "subscribed", session.alias)
-        self._answer(wheel, msg_id, True, answer if answer is not None else _dumps(
+        _answer(wheel, msg_id, True, answer if answer is not None else _dumps(
             {"session": session.alias, "methods": session.methods}), pickled=True)
 
-    # subscribes that wait for their alias (PROTOCOL.md 7.5)
-
-    def _await_session(self, alias: str, msg_id: int, wheel_id: int, wait: float) -> None:
-        peer: _Peer = self.wheels[wheel_id].context
-        awaiting = peer.awaiting
-        if awaiting is None:
-            awaiting = peer.awaiting = {}
-        if msg_id in awaiting or len(awaiting) >= MAX_WAITING_SUBSCRIBES:
-            return self._answer(self.wheels[wheel_id], msg_id, False, (
-                "Malformed message: a subscribe with id %d already waits" % msg_id
-                if msg_id in awaiting else "Too many subscribes waiting: connection %d has %d "
-                "(MAX_WAITING_SUBSCRIBES)" % (wheel_id, MAX_WAITING_SUBSCRIBES)))
-        key = (wheel_id, msg_id)
-        self._awaited.setdefault(alias, {})[key] = self.reactor.call_later(
-            wait, self._wait_ended, alias, key)
-        awaiting[msg_id] = alias
-
-    def _wait_ended(self, alias: str, key: Tuple[int, int]) -> None:
-        """The wait passed with no publish: the answer a subscribe gets at once."""
-        self._stop_waiting(alias, key)
-        self._answer(self.wheels[key[0]], key[1], False, "Session '%s' doesn't exist" % alias)
-
-    def _stop_waiting(self, alias: str, key: Tuple[int, int]) -> None:
-        waiting = self._awaited[alias]
-        waiting.pop(key).cancel()
-        if not waiting:
-            del self._awaited[alias]
-        wheel = self.wheels.get(key[0])
-        if wheel is not None:
-            del wheel.context.awaiting[key[1]]
-
-    def _published_for_waiters(self, session: _Session) -> None:
-        """An alias was published: the subscribes waiting for it succeed."""
-        alias = session.alias
-        methods = _dumps({"session": alias, "methods": session.methods})   # once for all
-        for key in list(self._awaited.get(alias, ())):
-            # a write may close a waiter (its cleanup takes its own waits), or
-            # the publisher itself, and its session with it
-            if self.sessions.get(alias) is not session:
-                break
-            if key in self._awaited.get(alias, ()):
-                self._stop_waiting(alias, key)
-                self._subscribed(session, *key, methods)
+    # calls: the router's
 
     def deliver_message(self, data: dict, wheel_id: int) -> None:
         """Route a call to the publisher of ``to`` under a fresh id; its
-        payload goes through untouched."""
-        alias = data.get("to")
-        session = self.sessions.get(alias) if type(alias) is str else None
-        caller_id = data["id"]
-        caller = self.wheels[wheel_id]
-        peer = caller.context
-        peer.calls_sent += 1
-        event = None if self._traced is None else _event_name(data.get("payload"))
-        if session is None:
-            return self._refused(wheel_id, caller_id, alias, None, event,
-                                 "Session '%s' doesn't exist" % _quote(alias))
-        if type(data.get("payload")) not in _PAYLOAD_TYPES:
-            return self._refused(wheel_id, caller_id, alias, session.calls, event,
-                                 "Malformed message: deliver wants a bytes payload")
-        timeout = data.get("timeout_ms")
-        if timeout is not None and (type(timeout) is not int or
-                                    not 0 < timeout <= MAX_CALL_TIMEOUT_MS):
-            return self._refused(wheel_id, caller_id, alias, session.calls, event,
-                                 "Malformed message: timeout_ms must be an int of milliseconds "
-                                 "from 1 to %d, not %s" % (MAX_CALL_TIMEOUT_MS, _show(timeout)))
-        made = peer.calls_made
-        if made is None:
-            made = peer.calls_made = set()
-        elif len(made) >= self.max_waiting_calls:
-            return self._refused(wheel_id, caller_id, alias, session.calls, event,
-                                 "Too many calls waiting: connection %d has %d calls waiting "
-                                 "for answers (max_waiting_calls)"
-                                 % (wheel_id, self.max_waiting_calls))
-        fresh_id = next(self._delivery_ids)
-        calls = session.calls
-        publisher_id = session.wheel_id if session.members is None else \
-            self._least_busy(session)
-        publisher = self.wheels.get(publisher_id)
-        if publisher is not None and publisher.context.timed_out >= self.max_waiting_calls:
-            return self._refused(wheel_id, caller_id, alias, calls, event,
-                                 "Session '%s' is not answering: %d of its calls timed out and "
-                                 "still wait for its answers (max_waiting_calls)"
-                                 % (alias, publisher.context.timed_out))
-        data["to"] = session.name
-        data["id"] = fresh_id
-        if timeout is not None and (publisher is None or publisher.context.calls_by_id is None):
-            del data["timeout_ms"]     # a version-1 publisher sees the seed's deliver
-        body = self._forward(data, wheel_id, caller_id, alias, publisher)
-        if body is None:               # refused, and answered, by _forward
-            return self._refused(wheel_id, caller_id, alias, calls, event,
-                                 "too large to forward", answer=False)
-        now = time.monotonic()
-        delivery = (wheel_id, caller_id, publisher_id, alias, calls, now,
-                    None if timeout is None else now + timeout / 1000)
-        if timeout is not None and self._deadline_timer is None:
-            self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP, self._expire_calls)
-        if publisher is None:          # its publisher is away, within its grace window
-            return self._hold(self._parked_wheels[session.wheel_id], fresh_id, delivery, body,
-                              event)
-        self._in_flight(fresh_id, delivery, peer, publisher.context)
-        if event is not None:
-            self._traced[fresh_id] = event
-        self._route_out(publisher, caller, body)
-
-    def _route_out(self, receiver: Wheel, feeder: Wheel, body,
-                   header: Optional[bytes] = None) -> None:
-        """Write a routed call or answer to ``receiver`` (``header``: its
-        frame header and, passed on from a compact one, its envelope's; else
-        write_frame's). Once the receiver lags past the high-water mark,
-        ``feeder`` stops being read until it drains (PROTOCOL.md 8): a caller
-        that feeds a publisher that lags, or one that does not read its own
-        answers (a publisher is never paused on a caller's account)."""
-        if header is None:
-            receiver.write_frame(body)
-        else:
-            receiver.write(header, body)
-        if receiver.out_size > self.high_water:
-            receiver.wait_for_drain(feeder)
-
-    def _in_flight(self, fresh_id: int, delivery: tuple, caller: _Peer,
-                   publisher: _Peer) -> None:
-        """A call goes to its publisher: what the server keeps of it until
-        its answer (its statistics, its deadline, its cancel, and the
-        cleanup of either end)."""
-        calls = delivery[4]
-        calls.in_flight += 1
-        calls.bytes_in += self._frame_size
-        self.delivered_store[fresh_id] = delivery
-        caller.calls_made.add(fresh_id)
-        if caller.calls_by_id is not None:
-            caller.calls_by_id[delivery[1]] = fresh_id
-        _add(publisher, "calls_served", fresh_id)
-
-    def _least_busy(self, session: _Session) -> int:
-        """The member of a shared session with the fewest calls in flight (its
-        connection's, to every alias it serves); ties in turn. Only members
-        that take a frame of this call's size count, while there is one: a
-        member with a small max_frame must not draw, and fail, every call
-        that others could take."""
-        wheels = self.wheels
-        size = self._frame_size + 4 * len(session.name) + REENCODED_GROWTH  # _forward's most
-        peers = [wheels[member].context for member in session.members]
-        fitting = [(member, peer) for member, peer in zip(session.members, peers)
-                   if peer.max_frame is None or peer.max_frame >= size] or \
-            list(zip(session.members, peers))
-        loads = [len(peer.calls_served or ()) for _, peer in fitting]
-        fewest = min(loads)
-        tied = [member for (member, _), load in zip(fitting, loads) if load == fewest]
-        session.turn += 1
-        return tied[session.turn % len(tied)]
-
-    def _refused(self, wheel_id: int, caller_id: int, alias: Any, calls: Optional[_Calls],
-                 event: Optional[str], reason: str, answer: bool = True) -> None:
-        """A call that is never routed: counted as settled and failed at once
-        (for its alias too, if it exists), and answered with ``reason``.
-        ``event``: the method it calls, when tracing."""
-        if calls is not None:
-            calls.in_flight += 1
-            calls.settle(False, 0.0)
-        else:                          # no such alias: the server's totals alone
-            self.stats.calls += 1
-            self.stats.failures += 1
-        if self._traced is not None:
-            log.info("call '%s'.%s from connection %d: refused (%s)", _printable(alias),
-                     event or "?", wheel_id, _printable(reason))
-        if answer:
-            self._answer(self.wheels[wheel_id], caller_id, False, reason)
-
-    def _settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str) -> None:
-        """Count a routed call that ends, however it ends (answered, failed
-        here, or left by its caller): the one place where calls are settled.
-        One that timed out was counted then (TIMED_OUT)."""
-        if delivery[6] is TIMED_OUT:
-            delivery[4].in_flight -= 1  # (it stayed in flight: its publisher had it)
-            return
-        seconds = time.monotonic() - delivery[5]
-        delivery[4].settle(success, seconds)
-        if self._traced is not None:
-            self._trace_settled(fresh_id, delivery, success, failure, seconds)
-
-    def _trace_settled(self, fresh_id: int, delivery: tuple, success: bool, failure: str,
-                       seconds: float) -> None:
-        log.info("call '%s'.%s from connection %d to connection %d: %s in %.3f ms",
-                 _printable(delivery[3]), self._traced.pop(fresh_id, "?"), delivery[0], delivery[2],
-                 "ok" if success else "failed (%s)" % failure, seconds * 1000)
-
-    def _forward(self, data: dict, wheel_id: int, answer_id: int, alias: str,
-                 receiver: Optional[Wheel]):
-        """``data`` encoded to be passed on to ``receiver``, or None after
-        answering ``answer_id`` on ``wheel_id``: what the server sends on is
-        never much larger than what it received (a hostile message could
-        otherwise grow on re-encoding, past the frame limit of the connection
-        it goes to), nor larger than the receiver said it takes (it would
-        close its connection, failing everyone's calls on it). It goes in the
-        envelope the receiver takes; a call held for a publisher away, pickled
-        (whatever connection it comes back on takes that)."""
-        body = _encode(data) if receiver is None else receiver.encode(data)
-        size = len(body) if type(body) is bytes else sum(map(len, body))
-        if size > self._frame_size + 4 * len(data.get("to") or "") + REENCODED_GROWTH:
-            self._answer(self.wheels[wheel_id], answer_id, False, "Malformed message: it would "
-                         "be forwarded as %d bytes, much more than it came as" % size)
-            return None
-        limit = receiver.context.max_frame if receiver is not None else None
-        if limit is not None and size > limit:
-            self._answer(self.wheels[wheel_id], answer_id, False, "%s of %d bytes exceeds the "
-                         "max_frame of %s (%d bytes)" % (
-                             "Call" if data["type"] == "deliver" else "Result", size,
-                             "the publisher of '%s'" % alias if data["type"] == "deliver"
-                             else "its caller", limit))
-            return None
-        return body
+        payload goes through untouched (_Router.deliver)."""
+        self._router.deliver(data, wheel_id)
 
     def handle_delivered(self, data: dict, wheel_id: int) -> None:
-        """Route a publisher's result back to the caller, under the caller's id."""
-        fresh_id = data["id"]
-        delivery = self.delivered_store.get(fresh_id)
-        if delivery is None or delivery[2] != wheel_id:
-            # (one that came after its call's deadline, or its cancel, is no news)
-            log.log(logging.WARNING if delivery else logging.DEBUG,
-                    "connection %d sent a result for %s call %d: dropped", wheel_id,
-                    "someone else's" if delivery else "no waiting", fresh_id)
-            return
-        publisher = self.wheels[wheel_id].context
-        self._answer_came(fresh_id, delivery, publisher)
-        caller_wheel_id, caller_id, _, alias, calls, started, deadline = delivery
-        if deadline is TIMED_OUT:      # its caller has had its answer: this one is late
-            publisher.timed_out -= 1
-            calls.in_flight -= 1
-            return
-        caller = self.wheels.get(caller_wheel_id)
-        if caller is None:             # (a caller that leaves takes its calls with it)
-            return self._settled(fresh_id, delivery, False, "its caller left")
-        _call_over(caller.context, fresh_id, caller_id)
-        success = data.get("success")
-        if type(success) is not bool or type(data.get("payload", b"")) not in _PAYLOAD_TYPES:
-            log.warning("connection %d sent a malformed result for '%s'", wheel_id, alias)
-            failure = "Session '%s' sent a malformed result" % alias
-            self._settled(fresh_id, delivery, False, failure)
-            self._answer(caller, caller_id, False, failure)
-            return
-        data["id"] = caller_id
-        body = self._forward(data, caller_wheel_id, caller_id, alias, caller)
-        if body is None:
-            self._settled(fresh_id, delivery, False, "(too large)")
-            return
-        seconds = time.monotonic() - started
-        calls.settle(success, seconds)
-        if self._traced is not None:
-            self._trace_settled(fresh_id, delivery, success, "" if success else
-                                _failure_words(data.get("payload")), seconds)
-        self._route_out(caller, caller, body)
-
-    def _answer_came(self, fresh_id: int, delivery: tuple, publisher: _Peer) -> None:
-        """A publisher answered a call routed to it: the call is no longer its."""
-        del self.delivered_store[fresh_id]
-        publisher.calls_served.discard(fresh_id)
-        publisher.calls_answered += 1
-        delivery[4].bytes_out += self._frame_size
-
-    # Compact routing (PROTOCOL.md 7.8): a call or an answer in a compact
-    # envelope, between two peers that both take them, is passed on from its
-    # 17-byte header: the header is written anew (the publisher's name and a
-    # fresh id, or the caller's id) and the payload follows as it lies, never
-    # made into a message nor encoded again (about 3 us of the 9 us a routed
-    # call cost the server; helper-14's profile, 2026-12-05). The bookkeeping
-    # is deliver_message's and handle_delivered's own (_in_flight,
-    # _answer_came, _call_over, _Calls.settle). Anything else goes their
-    # general way, which checks, refuses and answers it: a header out of its
-    # bounds, an alias that is shared or has no publisher connected, a
-    # version-1 peer at the other end, a limit reached, or a trace.
-
-    def _pass_on(self, body, wheel: Wheel) -> bool:
-        """Route a compact call or answer from its header; False, having
-        changed nothing, leaves it to the general way."""
-        size = len(body)
-        if size < _HEAD_SIZE:
-            return False
-        _, kind, flags, name_size, msg_id, timeout = _COMPACT_HEAD.unpack_from(body)
-        if kind == _COMPACT_RESULT:
-            return flags <= _SUCCESS | _HAS_PAYLOAD and not name_size and not timeout and \
-                (flags & _HAS_PAYLOAD or size == _HEAD_SIZE) and \
-                self._pass_answer(body, size, wheel, flags, msg_id)
-        start = _HEAD_SIZE + name_size
-        if kind != _COMPACT_DELIVER or flags & ~_HAS_TIMEOUT != _HAS_PAYLOAD or \
-                not 0 < name_size <= _MAX_NAME_BYTES or start > size or \
-                not (0 < timeout <= MAX_CALL_TIMEOUT_MS if flags & _HAS_TIMEOUT else not timeout):
-            return False
-        try:
-            alias = str(body[_HEAD_SIZE:start], "utf-8")
-        except UnicodeDecodeError:
-            return False
-        session = self.sessions.get(alias)
-        if session is None or session.members is not None:
-            return False
-        publisher = self.wheels.get(session.wheel_id)
-        caller = wheel.context
-        made = caller.calls_made
-        if publisher is None or publisher.encode is not _encode_compact or made is None or \
-                len(made) >= self.max_waiting_calls:
-            return False
-        served = publisher.context
-        try:
-            name = session.name.encode()
-        except UnicodeEncodeError:     # (a lone surrogate: the general way sends it pickled)
-            return False
-        out_size = size - name_size + len(name)
-        if served.timed_out >= self.max_waiting_calls or len(name) > _MAX_NAME_BYTES or \
-                served.max_frame is not None and out_size > served.max_frame:
-            return False
-        # taken: from here on, as deliver_message does it
-        self._frame_size = size
-        self.stats.messages += 1
-        caller.calls_sent += 1
-        fresh_id = next(self._delivery_ids)
-        now = time.monotonic()
-        if not flags & _HAS_TIMEOUT:
-            deadline = None
-        else:
-            deadline = now + timeout / 1000
-            if self._deadline_timer is None:
-                self._deadline_timer = self.reactor.call_later(DEADLINE_SWEEP,
-                                                               self._expire_calls)
-            if served.calls_by_id is None:      # (a publisher that takes no deadlines)
-                flags, timeout = _HAS_PAYLOAD, 0
-        self._in_flight(fresh_id, (wheel.wheel_id, msg_id, session.wheel_id, alias,
-                                   session.calls, now, deadline), caller, served)
-        self._route_out(publisher, wheel, memoryview(body)[start:], b"%d\0" % out_size +
-                        _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, flags, len(name), fresh_id,
-                                           timeout) + name)
-        if wheel.out_size > self.high_water and not wheel.closed:
-            wheel.wait_for_drain(wheel)
-        return True
-
-    def _pass_answer(self, body, size: int, wheel: Wheel, flags: int, fresh_id: int) -> bool:
-        """_pass_on's answer to a call: back to its caller, under its id."""
-        delivery = self.delivered_store.get(fresh_id)
-        if delivery is None or delivery[2] != wheel.wheel_id or delivery[6] is TIMED_OUT:
-            return False
-        caller = self.wheels.get(delivery[0])
-        if caller is None or caller.encode is not _encode_compact or \
-                caller.context.max_frame is not None and size > caller.context.max_frame:
-            return False
-        # taken: from here on, as handle_delivered does it
-        self._frame_size = size
-        self.stats.messages += 1
-        self._answer_came(fresh_id, delivery, wheel.context)
-        caller_id = delivery[1]
-        _call_over(caller.context, fresh_id, caller_id)
-        delivery[4].settle(flags & _SUCCESS == _SUCCESS, time.monotonic() - delivery[5])
-        self._route_out(caller, caller, memoryview(body)[_HEAD_SIZE:], b"%d\0" % size +
-                        _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, flags, 0, caller_id, 0))
-        if wheel.out_size > self.high_water and not wheel.closed:
-            wheel.wait_for_drain(wheel)
-        return True
-
-    # deadlines and cancel (PROTOCOL.md 7.7): a call's timeout travels with it,
-    # and a caller may take a call back. A call's deadline is kept in its
-    # delivery, and a sweep looks for the calls past theirs a few times a
-    # second while any are waiting: a timer per call would cost every call
-    # a heap entry, and a heap of deadlines a push per call and a rebuild
-    # for the answered ones.
-
-    def _expire_calls(self) -> None:
-        """Fail every call past its deadline: its caller is answered as its own
-        Client would time it out (a CallTimeout), and a late answer from its
-        publisher is dropped. A call the publisher is still working on keeps
-        its worker busy: the publisher is not told (it knows the deadline,
-        and does not start a call past it)."""
-        now = time.monotonic()
-        store = self.delivered_store
-        expired = [(fresh_id, delivery) for fresh_id, delivery in store.items()
-                   if delivery[6] is not None and delivery[6] <= now]   # (TIMED_OUT never is)
-        for fresh_id, delivery in expired:
-            if store.get(fresh_id) is not delivery:
-                continue               # answered meanwhile (an answer may close a peer)
-            caller = self.wheels.get(delivery[0])
-            publisher = self.wheels.get(delivery[2])
-            if publisher is not None:  # it stays, its publisher's (see TIMED_OUT)
-                store[fresh_id] = delivery[:6] + (TIMED_OUT,)
-                publisher.context.timed_out += 1
-            else:                      # held for a parked publisher: it goes now
-                del store[fresh_id]
-                self._release_held(self._parked_wheels.get(delivery[2]), fresh_id,
-                                   caller and caller.context)
-            if caller is not None:
-                _call_over(caller.context, fresh_id, delivery[1])
-            self._settled(fresh_id, delivery, False, "timed out")
-            if publisher is not None:
-                delivery[4].in_flight += 1   # settled, yet still at its publisher
-            if caller is not None:
-                self._answer(caller, delivery[1], False, _dumps({
-                    "error": "CallTimeout", "traceback": "",
-                    "message": "no answer within %.3g s (the call's timeout)"
-                               % (delivery[6] - delivery[5])}), pickled=True)
-        self._deadline_timer = None
-        if any(delivery[6] is not None and delivery[6] is not TIMED_OUT
-               for delivery in store.values()):
-            self._deadline_timer = self.reactor.call_later(
-                max(DEADLINE_SWEEP, len(store) / SWEEP_RATE), self._expire_calls)
+        """Route a publisher's result back to the caller, under the caller's
+        id (_Router.answered)."""
+        self._router.answered(data, wheel_id)
 
     def cancel_call(self, data: dict, wheel_id: int) -> None:
-        """A caller takes back its call ``call`` (its own request id). A call
-        held for a parked publisher is failed here; one that its publisher
-        has is forwarded as a ``cancel`` notice, if the publisher takes them,
-        and the publisher answers it (at once, if it had not started it).
-        Success payload: True if the call will not start (as far as this
-        server can know), False if its publisher cannot be told."""
-        peer: _Peer = self.wheels[wheel_id].context
-        call_id = data.get("call")
-        if peer.calls_by_id is None:
-            return self.send_result(False, data, wheel_id, "Malformed message: cancel needs "
-                                    "info with deadlines first")
-        if type(call_id) is int and peer.awaiting and call_id in peer.awaiting:
-            # a subscribe that waits for its alias (PROTOCOL.md 7.5): it stops
-            self._stop_waiting(peer.awaiting[call_id], (wheel_id, call_id))
-            self._answer(self.wheels[wheel_id], call_id, False,
-                         "Subscribe cancelled by its caller")
+        """A caller takes back its call ``call`` (its own request id): a
+        subscribe that waits for its alias stops here; a call goes to the
+        router (_Router.cancel)."""
+        if self.wheels[wheel_id].context.calls_by_id is not None and \
+                self._waits.cancel(wheel_id, data.get("call")):
             return self.send_result(True, data, wheel_id, True)
-        fresh_id = peer.calls_by_id.get(call_id) if type(call_id) is int else None
-        delivery = self.delivered_store.get(fresh_id)
-        if delivery is None or delivery[0] != wheel_id or delivery[1] != call_id:
-            return self.send_result(False, data, wheel_id, "No call %s of this connection is "
-                                    "waiting to be cancelled" % _show(call_id))
-        publisher = self.wheels.get(delivery[2])
-        if publisher is None:          # held: it goes now, and is answered as cancelled
-            del self.delivered_store[fresh_id]
-            self._release_held(self._parked_wheels.get(delivery[2]), fresh_id, peer)
-            _call_over(peer, fresh_id, call_id)
-            self._settled(fresh_id, delivery, False, "cancelled")
-            self._answer(self.wheels[wheel_id], call_id, False,
-                         "Call cancelled by its caller before it started")
-            return self.send_result(True, data, wheel_id, True)
-        # one notice per call: the call is no longer the caller's to cancel (a
-        # flood of cancels of one call would otherwise flood its publisher)
-        del peer.calls_by_id[call_id]
-        told = publisher.context.calls_by_id is not None
-        if told:
-            self._send(publisher, {"type": "cancel", "call": fresh_id})
-        self.send_result(True, data, wheel_id, told)
+        self._router.cancel(data, wheel_id)
 
     def get_info(self, data: dict, wheel_id: int) -> None:
         """What a client needs to know of this server (PROTOCOL.md 7.1); and,
@@ -3982,7 +4314,7 @@ class Server:
             session = self.sessions[alias]
             entry = {"alias": alias, "publishers": list(session.members or [session.wheel_id]),
                      "shared": session.members is not None,
-                     "away": session.wheel_id in self._parked_wheels,
+                     "away": self._grace.parked_for(session.wheel_id) is not None,
                      "subscribers": len(session.subscribers)}
             entry.update(session.calls.summary())
             aliases.append(entry)
@@ -4048,223 +4380,32 @@ class Server:
             peer.published.discard(alias)
             if _drop_member(session, wheel_id):
                 gone.append(self.sessions.pop(alias))
-        if peer.token is not None:
-            del self._tokens[peer.token]
-            if peer.published:
-                self._park(wheel_id, peer)
-                peer.published = None         # parked: they stay in self.sessions
+        self._grace.left(wheel_id, peer)    # (parked: its sessions stay in self.sessions)
         gone += [self.sessions.pop(alias) for alias in peer.published or ()
                  if alias in self.sessions]
         for alias in peer.subscribed or ():
             session = self.sessions.get(alias)
             if session is not None:
                 session.subscribers.discard(wheel_id)
-        for msg_id, alias in list((peer.awaiting or {}).items()):
-            self._stop_waiting(alias, (wheel_id, msg_id))
-        unanswered = []
-        for fresh_id in peer.calls_served or ():
-            delivery = self.delivered_store.pop(fresh_id, None)
-            if delivery is not None:
-                unanswered.append((fresh_id, delivery))
-        for fresh_id in peer.calls_made or ():
-            delivery = self.delivered_store.pop(fresh_id, None)
-            if delivery is not None:
-                self._settled(fresh_id, delivery, False, "its caller left")
-                publisher = self.wheels.get(delivery[2])
-                if publisher is not None:
-                    publisher.context.calls_served.discard(fresh_id)
-                else:                  # held for a parked publisher: it goes, and its bytes
-                    self._release_held(self._parked_wheels.get(delivery[2]), fresh_id, peer)
-        for fresh_id, delivery in unanswered:
-            self._went_away(fresh_id, delivery)
+        self._waits.connection_ended(wheel_id, peer)
+        self._router.connection_ended(wheel_id, peer)
         for session in gone:
             log.info("session '%s' of connection %d went away with its connection",
                      session.alias, wheel_id)
-            self._session_gone(session)
+            self._router.session_gone(session)
 
-    def _went_away(self, fresh_id: int, delivery: tuple) -> None:
-        """A call its publisher will never answer, taken from the store: its
-        caller, if still here, is told."""
-        failure = "Session '%s' went away before answering" % delivery[3]
-        self._settled(fresh_id, delivery, False, failure)
-        caller = self.wheels.get(delivery[0])
-        if caller is not None:
-            _call_over(caller.context, fresh_id, delivery[1])
-            if delivery[6] is not TIMED_OUT:    # (answered at its deadline)
-                self._answer(caller, delivery[1], False, failure)
-
-    # resumption: a publisher's sessions outlive its connection for the grace
-    # window (PROTOCOL.md 7.3); peers that never ask for a token are not affected
+    # resumption (PROTOCOL.md 7.3): the grace window's
 
     def resume_session(self, data: dict, wheel_id: int) -> None:
-        """Without a token: make this connection resumable and give it one.
-        With one: take over the sessions of the departed connection it was
-        given to, and the calls held for them; a new token comes back."""
-        if self.grace <= 0:
-            return self.send_result(False, data, wheel_id, "Resume is off: this server has no "
-                                    "grace window (Server(grace=...), --grace)")
-        peer: _Peer = self.wheels[wheel_id].context
-        token = data.get("token")
-        resumed: list = []
-        held: list = []
-        if token is not None:
-            if type(token) is not str or (token not in self._parked and token not in
-                                          self._tokens) or self._tokens.get(token) == wheel_id:
-                return self.send_result(False, data, wheel_id, "Unknown or expired resume token")
-            old = self.wheels.get(self._tokens.get(token))
-            if old is not None:
-                # its old connection is still open here (half-open: the publisher
-                # saw it die first): the token proves whose it is, so it goes,
-                # parking what it published for this one to take over
-                old.close("replaced by connection %d, which resumed it" % wheel_id)
-            parked = self._parked.get(token)
-            if parked is not None:
-                resumed = sorted(parked.published)
-                held = self._take_over(parked, wheel_id, resumed)
-                log.info("connection %d resumed %s of connection %d", wheel_id,
-                         _plural(len(resumed), "session"), parked.wheel_id)
-        if peer.token is not None:
-            del self._tokens[peer.token]
-        # A token stays its publisher's across resumptions: if this answer is
-        # lost with the connection, the same token resumes on the next one.
-        peer.token = token or secrets.token_urlsafe(24)
-        self._tokens[peer.token] = wheel_id
-        self._send_held(wheel_id, held, lambda: self.send_result(
-            True, data, wheel_id, {"token": peer.token, "grace": self.grace, "resumed": resumed}))
-
-    def _send_held(self, wheel_id: int, held: list, answer: Callable[[], None]) -> None:
-        """Answer the request that took sessions over, then send the calls
-        held for them, in the order they came."""
-        answer()
-        wheel = self.wheels[wheel_id]
-        for body in held:
-            if not wheel.is_open:
-                break                  # its cleanup has answered the rest
-            wheel.write_frame(body)
-
-    def _hold(self, parked: _Parked, fresh_id: int, delivery: tuple, body,
-              event: Optional[str]) -> None:
-        """Keep a call to a parked session for its publisher's return. What is
-        held is bounded three ways (a live publisher's callers are paused; a
-        parked one cannot drain, so calls past a bound fail instead): for one
-        publisher, by what fits its resuming connection's output at once; for
-        one caller, so that it cannot take the room of everyone else; and for
-        the whole server."""
-        wheel_id, caller_id, _, alias, calls, _, _ = delivery
-        caller = self.wheels[wheel_id]
-        size = len(body) if type(body) is bytes else sum(map(len, body))
-        for held, limit, whose in (
-                (parked.held_bytes, self.max_write_buffer // HELD_PER_PUBLISHER, "wait for it"),
-                (caller.context.held_bytes, self.max_write_buffer // HELD_PER_CALLER,
-                 "of this connection wait for publishers that are away"),
-                (self._held_bytes, self.max_write_buffer * HELD_IN_TOTAL,
-                 "wait for publishers that are away")):
-            if held + size > limit:
-                return self._refused(wheel_id, caller_id, alias, calls, event,
-                                     "Session '%s' is away, and %d bytes of calls already %s "
-                                     "(at most %d)" % (alias, held, whose, limit))
-        parked.held_bytes += size
-        caller.context.held_bytes += size
-        self._held_bytes += size
-        parked.held[fresh_id] = body
-        calls.in_flight += 1
-        calls.bytes_in += size
-        self.delivered_store[fresh_id] = delivery
-        if event is not None:
-            self._traced[fresh_id] = event
-        _add(caller.context, "calls_made", fresh_id)
-        if caller.context.calls_by_id is not None:
-            caller.context.calls_by_id[caller_id] = fresh_id
-
-    def _release_held(self, parked: Optional[_Parked], fresh_id: int,
-                      caller: Optional[_Peer]) -> Any:
-        """Take a held call out of what is counted; returns its frame (None if
-        it was not held)."""
-        body = parked.held.pop(fresh_id, None) if parked is not None else None
-        if body is not None:
-            size = len(body) if type(body) is bytes else sum(map(len, body))
-            parked.held_bytes -= size
-            self._held_bytes -= size
-            if caller is not None:
-                caller.held_bytes -= size
-        return body
-
-    def _take_over(self, parked: _Parked, wheel_id: int, aliases: list) -> list:
-        """Give ``aliases``, sessions of a parked publisher, and the calls held
-        for them, to connection ``wheel_id``; returns the frames to send it. A
-        parked publisher left with no session is forgotten."""
-        peer = self.wheels[wheel_id].context
-        for alias in aliases:
-            parked.published.remove(alias)
-            self.sessions[alias].wheel_id = wheel_id
-            _add(peer, "published", alias)
-        frames = []
-        too_large = []
-        for fresh_id in list(parked.held):
-            delivery = self.delivered_store[fresh_id]   # (a caller that left took its own)
-            if delivery[3] in aliases:
-                caller = self.wheels.get(delivery[0])
-                frame = self._release_held(parked, fresh_id, caller and caller.context)
-                size = len(frame) if type(frame) is bytes else sum(map(len, frame))
-                if peer.max_frame is not None and size > peer.max_frame:
-                    del self.delivered_store[fresh_id]     # too large for the new connection
-                    _call_over(caller.context, fresh_id, delivery[1])
-                    too_large.append((fresh_id, delivery, size))
-                    continue
-                frames.append(frame)
-                self.delivered_store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
-                _add(peer, "calls_served", fresh_id)
-        if not parked.published:
-            parked.timer.cancel()
-            del self._parked_wheels[parked.wheel_id]
-            del self._parked[parked.token]
-        for fresh_id, delivery, size in too_large:     # told once the stores agree
-            failure = "Call of %d bytes exceeds the max_frame of the publisher of '%s' " \
-                      "(%d bytes)" % (size, delivery[3], peer.max_frame)
-            self._settled(fresh_id, delivery, False, failure)
-            caller = self.wheels.get(delivery[0])
-            if caller is not None:
-                self._answer(caller, delivery[1], False, failure)
-        return frames
+        """Make this connection resumable and give it a token; with a token,
+        take over the sessions of the departed connection it was given to
+        (_GraceWindow.resume)."""
+        self._grace.resume(data, wheel_id)
 
     def say_goodbye(self, data: dict, wheel_id: int) -> None:
         """The peer is leaving on purpose: its sessions go with its connection."""
-        peer: _Peer = self.wheels[wheel_id].context
-        if peer.token is not None:
-            del self._tokens[peer.token]
-            peer.token = None
+        self._grace.goodbye(self.wheels[wheel_id].context)
         self.send_result(True, data, wheel_id)
-
-    def _park(self, wheel_id: int, peer: _Peer) -> None:
-        """Keep a departed publisher's sessions for the grace window (its
-        ``published`` are all its own: a connection publishes only free aliases)."""
-        published = set(peer.published)
-        timer = self.reactor.call_later(self.grace, self._grace_ended, peer.token)
-        parked = _Parked(wheel_id, peer.token, published, timer)
-        self._parked[peer.token] = parked
-        self._parked_wheels[wheel_id] = parked
-        log.info("connection %d left without a goodbye: its %s wait %.3g s for it to resume",
-                 wheel_id, _plural(len(published), "session"), self.grace)
-
-    def _grace_ended(self, token: str) -> None:
-        """Nobody resumed: everything proceeds as if the connection had just ended."""
-        parked = self._parked.pop(token, None)
-        if parked is None:
-            return
-        del self._parked_wheels[parked.wheel_id]
-        gone = [self.sessions.pop(alias) for alias in parked.published]
-        for fresh_id in list(parked.held):
-            delivery = self.delivered_store.pop(fresh_id, None)
-            if delivery is None:       # its caller left meanwhile (an answer, written, may
-                self._release_held(parked, fresh_id, None)    # close one): it took its calls
-                continue
-            caller = self.wheels.get(delivery[0])
-            self._release_held(parked, fresh_id, caller and caller.context)
-            self._went_away(fresh_id, delivery)
-        for session in gone:
-            log.info("session '%s' went away: connection %d did not resume within %.3g s",
-                     session.alias, parked.wheel_id, self.grace)
-            self._session_gone(session)
 
 
 # ---------------------------------------------------------------------------

@@ -2798,7 +2798,7 @@ def test_protocol_md_examples_are_what_the_encoder_writes():
     assert examples["listing-request"] == ReferenceFilter().put(listing)
     assert examples["listing-request"] == encoded(listing) == framed(listing)
 
-    # (b) Server._answer: type, id, success, then the payload pickled on its own
+    # (b) the server's _answer: type, id, success, then the payload pickled on its own
     answer = {"type": "result", "id": 1, "success": True}
     answer["payload"] = pickle.dumps(["Greeter"], 4)
     assert examples["listing-result"] == encoded(answer) == framed(answer)
@@ -3120,7 +3120,7 @@ def test_compact_envelopes_go_between_peers_that_offered_them_and_pickled_to_the
 def test_compact_calls_are_passed_on_from_their_header_with_name_deadline_cancel_counts(
         server):
     """What is tried: calls between peers that both take compact envelopes,
-    which the server passes on from their header (Server._pass_on): the
+    which the server passes on from their header (_Router.pass_on): the
     alias becomes the publisher's own session name, the timeout goes to a
     publisher that takes deadlines and not to one that never said so, the
     answer goes back under the caller's id, a cancel finds such a call, and
@@ -3312,7 +3312,7 @@ def test_a_caller_closed_by_its_answers_at_the_end_of_a_grace_window_leaves_the_
         assert [pickle.loads(answer)["id"] for answer in answers] == list(range(1000, 1005))
         assert pickle.loads(subscriber.recv())["type"] == "rescinded"
         assert server.call(lambda: (len(server.server.delivered_store),
-                                    server.server._held_bytes)) == (0, 0)
+                                    server.server._grace.held_bytes)) == (0, 0)
     finally:
         for each in (b, subscriber):
             each.close()
@@ -4100,7 +4100,7 @@ def test_calls_held_for_a_parked_session_are_bounded_in_bytes(make_server, peers
     success, answer = publisher.result(type="resume", id=1)
     assert publish(publisher, "Tools", msg_id=2) == (True, "Tools")
     publisher.close()
-    assert wait_for(lambda: server.call(lambda: bool(server.server._parked)))
+    assert wait_for(lambda: server.call(lambda: bool(server.server._grace.parked)))
     chunk = b"x" * (100 * 1024)
     for n in range(5):                                # 5 x ~100 KiB fit in 512 KiB
         caller.send(type="deliver", id=n, to="Tools", payload=chunk)
@@ -4108,7 +4108,7 @@ def test_calls_held_for_a_parked_session_are_bounded_in_bytes(make_server, peers
     assert re.fullmatch(
         r"Session 'Tools' is away, and \d+ bytes of calls already wait for it "
         r"\(at most 524288\)", refused), refused
-    held = server.call(lambda: next(iter(server.server._parked.values())).held_bytes)
+    held = server.call(lambda: next(iter(server.server._grace.parked.values())).held_bytes)
     assert held <= 512 * 1024
     back = peers(server.address)
     success, resumed = back.result(type="resume", id=1, token=answer["token"])
@@ -4769,7 +4769,7 @@ def test_calls_held_for_parked_publishers_are_bounded_per_caller_and_in_total(ma
         assert publisher.result(type="resume", id=1)[0]
         assert publish(publisher, "P%d" % n, msg_id=2) == (True, "P%d" % n)
         publisher.close()
-    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 6)
+    assert wait_for(lambda: server.call(lambda: len(server.server._grace.parked)) == 6)
     chunk = b"x" * (100 * 1024)
 
     def flood(caller):
@@ -4789,7 +4789,7 @@ def test_calls_held_for_parked_publishers_are_bounded_per_caller_and_in_total(ma
     assert re.fullmatch(r"Session 'P\d' is away, and \d+ bytes of calls already of this "
                         r"connection wait for publishers that are away \(at most 524288\)",
                         flood(first))
-    held = lambda: server.call(lambda: server.server._held_bytes)
+    held = lambda: server.call(lambda: server.server._grace.held_bytes)
     assert 400 * 1024 < held() <= 512 * 1024
     first.close()
     assert wait_for(lambda: held() == 0)          # its share is given back at once
@@ -4883,7 +4883,7 @@ def test_a_restarted_publisher_takes_its_parked_alias_over_at_once(make_server, 
     assert old.result(type="resume", id=1)[0]
     assert publish(old, "Tools", msg_id=2) == (True, "Tools")
     old.close()
-    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    assert wait_for(lambda: server.call(lambda: len(server.server._grace.parked)) == 1)
     caller.send(type="deliver", id=9, to="Tools", payload=b"call")
     caller.send(type="ping", id=10)
     assert caller.recv()["id"] == 10                 # held: only the ping is answered
@@ -4894,7 +4894,8 @@ def test_a_restarted_publisher_takes_its_parked_alias_over_at_once(make_server, 
     assert forwarded["type"] == "deliver" and forwarded["payload"] == b"call"
     fresh.send(type="result", id=forwarded["id"], success=True, payload=b"answer")
     assert caller.recv() == {"type": "result", "id": 9, "success": True, "payload": b"answer"}
-    assert server.call(lambda: (server.server._parked, server.server._held_bytes)) == ({}, 0)
+    assert server.call(lambda: (server.server._grace.parked,
+                                server.server._grace.held_bytes)) == ({}, 0)
 
 
 class FlakyServer(HostileServer):
@@ -5818,7 +5819,7 @@ def test_waiting_subscribes_are_bounded_and_leave_with_their_connection(server, 
     answer = other.recv()              # the one still waiting is answered, the rest gone
     assert (answer["id"], answer["success"]) == (7, True)
     assert pickle.loads(answer["payload"])["session"] == "A0"
-    assert wait_for(lambda: server.call(lambda: not server.server._awaited))
+    assert wait_for(lambda: server.call(lambda: not server.server._waits.awaited))
 
 
 # ---------------------------------------------------------------------------
@@ -6081,7 +6082,7 @@ def test_calls_held_for_a_resuming_publisher_respect_its_new_frame_limit(peers):
         token = first.result(type="resume", id=2)[1]["token"]
         assert publish(first, "Away", msg_id=3) == (True, "Away")
         first.close()
-        assert wait_for(lambda: server.call(lambda: bool(server.server._parked)))
+        assert wait_for(lambda: server.call(lambda: bool(server.server._grace.parked)))
         caller = peers(server.address)
         caller.send(type="deliver", id=7, to="Away", payload=dumps(
             {"event": "echo", "args": ["z" * 5000], "kwargs": {}}))     # held
@@ -6355,7 +6356,7 @@ def parked_tools(make_server, peers):
     assert old.result(type="resume", id=1)[0]
     assert publish(old, "Tools", msg_id=2) == (True, "Tools")
     old.close()
-    assert wait_for(lambda: server.call(lambda: len(server.server._parked)) == 1)
+    assert wait_for(lambda: server.call(lambda: len(server.server._grace.parked)) == 1)
     return server, caller
 
 
@@ -6368,7 +6369,7 @@ def test_a_cancel_of_a_call_held_for_a_parked_publisher_fails_it_and_frees_it(ma
         "Call cancelled by its caller before it started")}
     answer = caller.recv()             # then the cancel's own answer
     assert (answer["id"], answer["success"], pickle.loads(answer["payload"])) == (10, True, True)
-    assert server.call(lambda: (server.server.delivered_store, server.server._held_bytes)) == (
+    assert server.call(lambda: (server.server.delivered_store, server.server._grace.held_bytes)) == (
         {}, 0)
 
 
@@ -6402,7 +6403,7 @@ def test_calls_through_a_proxy_wait_for_their_alias_across_a_server_restart(make
         with pytest.raises(proxysession.CallTimeout):
             proxy.echo.call(("short",), timeout=0.2)      # its own timeout still counts
         assert not any(future.done() for future in waiting)
-        assert wait_for(lambda: second.call(lambda: len(second.server._awaited)) == 1)
+        assert wait_for(lambda: second.call(lambda: len(second.server._waits.awaited)) == 1)
         fresh = make_client(reactor=proxysession.Reactor())
         fresh.publish(fresh.connect(*second.address), "Tools", Echo())
         loop_threads(fresh.reactor)
@@ -6497,7 +6498,7 @@ def test_a_call_held_for_a_parked_publisher_fails_at_its_deadline_and_leaves_not
     stats = server.call(server.server.statistics)
     assert (stats["in_flight"], stats["calls"], stats["failures"]) == (0, 1, 1)
     assert stats["aliases"][0]["in_flight"] == 0
-    assert server.call(lambda: (server.server.delivered_store, server.server._held_bytes)) == (
+    assert server.call(lambda: (server.server.delivered_store, server.server._grace.held_bytes)) == (
         {}, 0)
 
 
@@ -6925,7 +6926,7 @@ def test_an_async_client_contains_what_its_users_and_methods_do_wrong(server):
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.subscribe(conn, "Later", wait=WAIT), 0.1)
             assert await client.server_listing(conn) == ["Exits"]
-            assert server.call(lambda: server.server._awaited) == {}   # the wait was taken back
+            assert server.call(lambda: server.server._waits.awaited) == {}   # the wait was taken back
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.connect(*server.address), 0)
             assert list(client._connections) == [conn]
