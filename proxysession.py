@@ -3863,7 +3863,8 @@ class Server:
                  "ssl_context", "max_frame", "max_write_buffer", "high_water",
                  "handshake_timeout", "insecure_no_auth", "max_waiting_calls", "grace", "stats",
                  "sessions", "wheels", "address", "_listener", "_wheel_ids", "_router", "_grace",
-                 "_at_file_limit", "_handlers", "_waits", "__dict__", "__weakref__")
+                 "_at_file_limit", "_handlers", "_pass_on", "_waits", "__dict__",
+                 "__weakref__")
 
     def __init__(self, listen_ip: str = DEFAULT_HOST, listen_port: int = DEFAULT_PORT,
                  alias: str = "Server", options: Optional[dict] = None,
@@ -3918,6 +3919,18 @@ class Server:
             "goodbye": self.say_goodbye,
             "cancel": self.cancel_call,
         }
+        # Where a subclass keeps the handlers of calls and answers, the router's
+        # own are called (a call less per message), and compact ones are passed
+        # on from their header (_Router.pass_on) unless a trace asks to see
+        # each; a subclass that handles them itself sees every one.
+        own = type(self)
+        routes = own.deliver_message is Server.deliver_message and \
+            own.handle_delivered is Server.handle_delivered and \
+            own.handle_inbound_data is Server.handle_inbound_data
+        if routes:
+            self._handlers["deliver"] = self._router.deliver
+            self._handlers["result"] = self._router.answered
+        self._pass_on = self._router.pass_on if routes and self._router.traced is None else None
 
     def __repr__(self):
         return "<Server %s at %s sessions=%d connections=%d waiting=%d>" % (
@@ -4048,9 +4061,9 @@ class Server:
     # inbound
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
-        router = self._router
-        if body[:1] == b"\xff" and wheel.decode is _decode_envelope and router.traced is None \
-                and router.pass_on(body, wheel):
+        pass_on = self._pass_on
+        if pass_on is not None and body[:1] == b"\xff" and wheel.decode is _decode_envelope \
+                and pass_on(body, wheel):
             return                     # a compact call or answer, routed from its header
         try:
             message = wheel.decode(body)
@@ -4066,7 +4079,7 @@ class Server:
                     else -1, False, "Malformed message: want a dict with a str 'type' and "
                     "an int 'id' in [-2**63, 2**63)")
             return
-        router.frame_size = len(body)
+        self._router.frame_size = len(body)
         self.stats.messages += 1
         self.handle_inbound_data(message, wheel.wheel_id)
         if wheel.out_size > self.high_water and not wheel.closed:

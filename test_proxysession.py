@@ -124,10 +124,11 @@ def publish(peer, alias, methods=None, msg_id=1, name=None):
 class ThreadedServer:
     """A Server on its own Reactor in a background thread."""
 
-    def __init__(self, **options):
+    def __init__(self, server_class=None, **options):
         self.reactor = proxysession.Reactor()
         options.setdefault("listen_port", 0)
-        self.server = proxysession.Server(reactor=self.reactor, **options).start()
+        self.server = (server_class or proxysession.Server)(reactor=self.reactor,
+                                                             **options).start()
         self.address = self.server.address
         self.thread = threading.Thread(target=self.reactor.run, daemon=True)
         self.thread.start()
@@ -3174,6 +3175,42 @@ def test_compact_calls_are_passed_on_from_their_header_with_name_deadline_cancel
     finally:
         for peer in (caller, timed, untimed):
             peer.close()
+
+
+def test_a_server_subclass_that_handles_calls_sees_each_even_compact_ones(make_server,
+                                                                          make_client):
+    """What is tried: Server subclasses that override the handlers the class
+    documents as overridable, deliver_message and handle_delivered, or the
+    dispatch itself, handle_inbound_data, with Clients on both ends that take
+    compact envelopes (which the server otherwise passes on from their
+    header, past every handler): each call and each answer reaches the
+    override, and the calls are answered."""
+    seen = []
+
+    class Watching(proxysession.Server):
+        def deliver_message(self, data, wheel_id):
+            seen.append(("deliver", data["to"]))
+            super().deliver_message(data, wheel_id)
+
+        def handle_delivered(self, data, wheel_id):
+            seen.append(("result", data["success"]))
+            super().handle_delivered(data, wheel_id)
+
+    class Dispatching(proxysession.Server):
+        def handle_inbound_data(self, data, wheel_id):
+            if data["type"] in ("deliver", "result"):
+                seen.append((data["type"], data.get("to", data.get("success"))))
+            super().handle_inbound_data(data, wheel_id)
+
+    for server_class in (Watching, Dispatching):
+        seen.clear()
+        server = make_server(server_class=server_class)
+        client = make_client()         # its own caller and publisher, on one reactor
+        conn = client.connect(*server.address)
+        client.publish(conn, "Echo", Echo())
+        proxy = client.subscribe(conn, "Echo")
+        assert [proxy.echo(i) for i in range(5)] == list(range(5))
+        assert seen == [("deliver", "Echo"), ("result", True)] * 5, server_class
 
 
 def compact_peer(address, **info):
