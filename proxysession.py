@@ -1763,8 +1763,9 @@ class Reactor:
                         timer.cancel()         # (which lets go of them)
                         self._call(callback, args)
             ready = self._ready
-            for _ in range(len(ready)):    # only what was queued before this pass
-                self._call(*ready.popleft())
+            if ready:
+                for _ in range(len(ready)):    # only what was queued before this pass
+                    self._call(*ready.popleft())
         finally:
             self.in_pass -= 1
             if self.in_pass:           # a nested pass: the outer one's frames came then
@@ -2155,7 +2156,8 @@ class Wheel:
                  "phase", "paused", "out_size", "max_write_buffer", "low_water", "on_frame",
                  "on_open", "on_close", "context", "_out", "_batch", "_batch_size", "_events",
                  "_tls", "_handshake", "_handshake_timer", "_drain_waiters", "_ssl_context",
-                 "_inbox", "_server_hostname", "_server_side", "_authkey", "__weakref__")
+                 "_inbox", "_server_hostname", "_server_side", "_authkey", "_scratch",
+                 "__weakref__")
 
     def __init__(self, reactor: Reactor, sock: socket.socket, wheel_id: int, *,
                  on_frame: Callable, on_close: Callable, on_open: Optional[Callable] = None,
@@ -2194,6 +2196,7 @@ class Wheel:
         self._handshake_timer = None
         self._drain_waiters: Optional[list] = None
         self._inbox: Optional[collections.deque] = None   # whole frames not yet handed on
+        self._scratch = reactor.read_buffer()   # what a recv reads into, the reactor's
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self._server_side = server_side
@@ -2363,7 +2366,7 @@ class Wheel:
             if body_space is not None:
                 received = self.sock.recv_into(body_space)
             else:
-                scratch = self.reactor.read_buffer()
+                scratch = self._scratch
                 received = self.sock.recv_into(scratch)     # (its size: the reactor's chunk)
         except _WOULD_BLOCK:
             return
@@ -2496,10 +2499,14 @@ class Wheel:
 
     def flush(self) -> None:
         """Send what is queued, as far as the socket takes it, without blocking."""
-        if self._batch is not None:
-            self._seal_batch()
+        batch = self._batch
+        if batch is not None:
             self._batch = None
-        if self.phase is _CLOSED or self.phase is _TLS or self.phase is _CONNECTING:
+            if batch:
+                self._out.append(b"".join(batch))
+                self._batch_size = 0
+        phase = self.phase
+        if phase is not _OPEN and phase is not _AUTH:
             return
         out = self._out
         sock = self.sock
