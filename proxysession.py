@@ -3062,20 +3062,20 @@ class _Router:
     over, and tells it when a connection or a session ends."""
 
     # Slots: the routing reads a few of these per call (see Server's)
-    __slots__ = ("sessions", "wheels", "store", "stats", "reactor", "away", "send_result",
-                 "max_waiting_calls", "high_water", "traced", "frame_size", "_ids",
-                 "_deadline_timer")
+    __slots__ = ("server", "sessions", "wheels", "store", "stats", "reactor", "away", "traced",
+                 "frame_size", "_ids", "_deadline_timer")
 
     def __init__(self, server: "Server"):
+        # its limits and send_result are read from the server as they are used
+        # (a subclass may set them after Server.__init__); its stores are the
+        # server's own, shared
+        self.server = server
         self.sessions: Dict[str, _Session] = server.sessions
         self.wheels: Dict[int, Wheel] = server.wheels
         self.store: Dict[int, tuple] = {}  # fresh id -> its delivery (see TIMED_OUT)
         self.stats: _ServerStats = server.stats
         self.reactor = server.reactor
         self.away = _GraceWindow(server, self)  # publishers away, and the calls held for them
-        self.send_result = server.send_result   # answers the requests it takes
-        self.max_waiting_calls = server.max_waiting_calls
-        self.high_water = server.high_water
         # tracing: a line per settled call (and per message, at debug level),
         # and meanwhile fresh id -> the method the call is for; None: off
         self.traced: Optional[Dict[int, str]] = {} if server.options.get("trace") else None
@@ -3108,17 +3108,17 @@ class _Router:
         made = peer.calls_made
         if made is None:
             made = peer.calls_made = set()
-        elif len(made) >= self.max_waiting_calls:
+        elif len(made) >= self.server.max_waiting_calls:
             return self.refused(wheel_id, caller_id, alias, session.calls, event,
                                 "Too many calls waiting: connection %d has %d calls waiting "
                                 "for answers (max_waiting_calls)"
-                                % (wheel_id, self.max_waiting_calls))
+                                % (wheel_id, self.server.max_waiting_calls))
         fresh_id = next(self._ids)
         calls = session.calls
         publisher_id = session.wheel_id if session.members is None else \
             self._least_busy(session)
         publisher = self.wheels.get(publisher_id)
-        if publisher is not None and publisher.context.timed_out >= self.max_waiting_calls:
+        if publisher is not None and publisher.context.timed_out >= self.server.max_waiting_calls:
             return self.refused(wheel_id, caller_id, alias, calls, event,
                                 "Session '%s' is not answering: %d of its calls timed out and "
                                 "still wait for its answers (max_waiting_calls)"
@@ -3158,7 +3158,7 @@ class _Router:
             receiver.write_frame(body)
         else:
             receiver.write(header, body)
-        if receiver.out_size > self.high_water:
+        if receiver.out_size > self.server.high_water:
             receiver.wait_for_drain(feeder)
 
     def _in_flight(self, fresh_id: int, delivery: tuple, caller: _Peer,
@@ -3341,7 +3341,7 @@ class _Router:
         caller = wheel.context
         made = caller.calls_made
         if publisher is None or publisher.encode is not _encode_compact or made is None or \
-                len(made) >= self.max_waiting_calls:
+                len(made) >= self.server.max_waiting_calls:
             return False
         served = publisher.context
         try:
@@ -3349,7 +3349,7 @@ class _Router:
         except UnicodeEncodeError:     # (a lone surrogate: the general way sends it pickled)
             return False
         out_size = size - name_size + len(name)
-        if served.timed_out >= self.max_waiting_calls or len(name) > _MAX_NAME_BYTES or \
+        if served.timed_out >= self.server.max_waiting_calls or len(name) > _MAX_NAME_BYTES or \
                 served.max_frame is not None and out_size > served.max_frame:
             return False
         # taken: from here on, as deliver does it
@@ -3372,7 +3372,7 @@ class _Router:
         self._route_out(publisher, wheel, memoryview(body)[start:], b"%d\0" % out_size +
                         _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, flags, len(name), fresh_id,
                                            timeout) + name)
-        if wheel.out_size > self.high_water and not wheel.closed:
+        if wheel.out_size > self.server.high_water and not wheel.closed:
             wheel.wait_for_drain(wheel)
         return True
 
@@ -3394,7 +3394,7 @@ class _Router:
         delivery[4].settle(flags & _SUCCESS == _SUCCESS, time.monotonic() - delivery[5])
         self._route_out(caller, caller, memoryview(body)[_HEAD_SIZE:], b"%d\0" % size +
                         _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, flags, 0, caller_id, 0))
-        if wheel.out_size > self.high_water and not wheel.closed:
+        if wheel.out_size > self.server.high_water and not wheel.closed:
             wheel.wait_for_drain(wheel)
         return True
 
@@ -3452,12 +3452,12 @@ class _Router:
         peer: _Peer = self.wheels[wheel_id].context
         call_id = data.get("call")
         if peer.calls_by_id is None:
-            return self.send_result(False, data, wheel_id, "Malformed message: cancel needs "
+            return self.server.send_result(False, data, wheel_id, "Malformed message: cancel needs "
                                     "info with deadlines first")
         fresh_id = peer.calls_by_id.get(call_id) if type(call_id) is int else None
         delivery = self.store.get(fresh_id)
         if delivery is None or delivery[0] != wheel_id or delivery[1] != call_id:
-            return self.send_result(False, data, wheel_id, "No call %s of this connection is "
+            return self.server.send_result(False, data, wheel_id, "No call %s of this connection is "
                                     "waiting to be cancelled" % _show(call_id))
         publisher = self.wheels.get(delivery[2])
         if publisher is None:          # held: it goes now, and is answered as cancelled
@@ -3467,14 +3467,14 @@ class _Router:
             self.settled(fresh_id, delivery, False, "cancelled")
             _answer(self.wheels[wheel_id], call_id, False,
                     "Call cancelled by its caller before it started")
-            return self.send_result(True, data, wheel_id, True)
+            return self.server.send_result(True, data, wheel_id, True)
         # one notice per call: the call is no longer the caller's to cancel (a
         # flood of cancels of one call would otherwise flood its publisher)
         del peer.calls_by_id[call_id]
         told = publisher.context.calls_by_id is not None
         if told:
             _send_own(publisher, {"type": "cancel", "call": fresh_id})
-        self.send_result(True, data, wheel_id, told)
+        self.server.send_result(True, data, wheel_id, told)
 
     def went_away(self, fresh_id: int, delivery: tuple) -> None:
         """A call its publisher will never answer, taken from the store: its
@@ -3498,6 +3498,18 @@ class _Router:
                 log.warning("the rescinded notice of '%s' exceeds the max_frame of connection "
                             "%d: not sent (its calls will fail as 'doesn't exist')",
                             _printable(session.alias), subscriber_id)
+
+    # calls held for a publisher away (_GraceWindow)
+
+    def hand_over(self, fresh_id: int, wheel_id: int, publisher: _Peer) -> None:
+        """A held call goes to connection ``wheel_id``, which took its session over."""
+        delivery = self.store[fresh_id]
+        self.store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
+        _add(publisher, "calls_served", fresh_id)
+
+    def forget(self, fresh_id: int, caller: _Peer) -> None:
+        """A held call leaves the store unsent, to be settled and answered."""
+        _call_over(caller, fresh_id, self.store.pop(fresh_id)[1])
 
     # the ends of connections and of the server
 
@@ -3532,9 +3544,8 @@ class _Router:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        waiting = list(self.store.items())
-        self.store.clear()
-        for fresh_id, delivery in waiting:
+        waiting, self.store = self.store, {}
+        for fresh_id, delivery in waiting.items():
             self.settled(fresh_id, delivery, False, "Server is shutting down")
             caller = self.wheels.get(delivery[0])
             if caller is not None and delivery[6] is not TIMED_OUT:
@@ -3550,17 +3561,15 @@ class _GraceWindow:
     them over with the calls held; or until the window ends, and they go.
     Peers that never ask for a token are not affected."""
 
-    __slots__ = ("seconds", "router", "wheels", "sessions", "reactor", "send_result",
-                 "max_write_buffer", "tokens", "parked", "parked_wheels", "held_bytes")
+    __slots__ = ("server", "router", "wheels", "sessions", "reactor", "tokens", "parked",
+                 "parked_wheels", "held_bytes")
 
     def __init__(self, server: "Server", router: _Router):
-        self.seconds = server.grace
+        self.server = server           # its grace, limits and send_result, read as used
         self.router = router           # whose store holds the held calls' deliveries
         self.wheels: Dict[int, Wheel] = server.wheels
         self.sessions: Dict[str, _Session] = server.sessions
         self.reactor = server.reactor
-        self.send_result = server.send_result
-        self.max_write_buffer = server.max_write_buffer
         self.tokens: Dict[str, int] = {}          # resume token -> its live connection
         self.parked: Dict[str, _Parked] = {}      # resume token -> a departed publisher's state
         self.parked_wheels: Dict[int, _Parked] = {}   # ... the same, by its old connection
@@ -3570,8 +3579,8 @@ class _GraceWindow:
         """Without a token: make this connection resumable and give it one.
         With one: take over the sessions of the departed connection it was
         given to, and the calls held for them; a new token comes back."""
-        if self.seconds <= 0:
-            return self.send_result(False, data, wheel_id, "Resume is off: this server has no "
+        if self.server.grace <= 0:
+            return self.server.send_result(False, data, wheel_id, "Resume is off: this server has no "
                                     "grace window (Server(grace=...), --grace)")
         peer: _Peer = self.wheels[wheel_id].context
         token = data.get("token")
@@ -3580,7 +3589,7 @@ class _GraceWindow:
         if token is not None:
             if type(token) is not str or (token not in self.parked and token not in
                                           self.tokens) or self.tokens.get(token) == wheel_id:
-                return self.send_result(False, data, wheel_id, "Unknown or expired resume token")
+                return self.server.send_result(False, data, wheel_id, "Unknown or expired resume token")
             old = self.wheels.get(self.tokens.get(token))
             if old is not None:
                 # its old connection is still open here (half-open: the publisher
@@ -3599,8 +3608,8 @@ class _GraceWindow:
         # lost with the connection, the same token resumes on the next one.
         peer.token = token or secrets.token_urlsafe(24)
         self.tokens[peer.token] = wheel_id
-        self._send_held(wheel_id, held, lambda: self.send_result(
-            True, data, wheel_id, {"token": peer.token, "grace": self.seconds, "resumed": resumed}))
+        self._send_held(wheel_id, held, lambda: self.server.send_result(
+            True, data, wheel_id, {"token": peer.token, "grace": self.server.grace, "resumed": resumed}))
 
     def published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
         """A publish of a parked session with its name and method table: a
@@ -3609,7 +3618,7 @@ class _GraceWindow:
         log.info("connection %d published '%s' again: it takes it over from connection %d, "
                  "which is away", wheel_id, alias, parked.wheel_id)
         self._send_held(wheel_id, self._take_over(parked, wheel_id, [alias]),
-                        lambda: self.send_result(True, data, wheel_id, alias))
+                        lambda: self.server.send_result(True, data, wheel_id, alias))
 
     def _send_held(self, wheel_id: int, held: list, answer: Callable[[], None]) -> None:
         """Answer the request that took sessions over, then send the calls
@@ -3633,10 +3642,10 @@ class _GraceWindow:
         parked = self.parked_wheels[wheel_id]
         size = len(body) if type(body) is bytes else sum(map(len, body))
         for held, limit, whose in (
-                (parked.held_bytes, self.max_write_buffer // HELD_PER_PUBLISHER, "wait for it"),
-                (caller.held_bytes, self.max_write_buffer // HELD_PER_CALLER,
+                (parked.held_bytes, self.server.max_write_buffer // HELD_PER_PUBLISHER, "wait for it"),
+                (caller.held_bytes, self.server.max_write_buffer // HELD_PER_CALLER,
                  "of this connection wait for publishers that are away"),
-                (self.held_bytes, self.max_write_buffer * HELD_IN_TOTAL,
+                (self.held_bytes, self.server.max_write_buffer * HELD_IN_TOTAL,
                  "wait for publishers that are away")):
             if held + size > limit:
                 return "Session '%s' is away, and %d bytes of calls already %s (at most %d)" % (
@@ -3683,13 +3692,11 @@ class _GraceWindow:
                 frame = self._release(parked, fresh_id, caller and caller.context)
                 size = len(frame) if type(frame) is bytes else sum(map(len, frame))
                 if peer.max_frame is not None and size > peer.max_frame:
-                    del self.router.store[fresh_id]     # too large for the new connection
-                    _call_over(caller.context, fresh_id, delivery[1])
+                    self.router.forget(fresh_id, caller.context)   # too large for it
                     too_large.append((fresh_id, delivery, size))
                     continue
                 frames.append(frame)
-                self.router.store[fresh_id] = delivery[:2] + (wheel_id,) + delivery[3:]
-                _add(peer, "calls_served", fresh_id)
+                self.router.hand_over(fresh_id, wheel_id, peer)
         if not parked.published:
             parked.timer.cancel()
             del self.parked_wheels[parked.wheel_id]
@@ -3727,12 +3734,12 @@ class _GraceWindow:
         """Keep a departed publisher's sessions for the grace window (its
         ``published`` are all its own: a connection publishes only free aliases)."""
         published = set(peer.published)
-        timer = self.reactor.call_later(self.seconds, self._ended, peer.token)
+        timer = self.reactor.call_later(self.server.grace, self._ended, peer.token)
         parked = _Parked(wheel_id, peer.token, published, timer)
         self.parked[peer.token] = parked
         self.parked_wheels[wheel_id] = parked
         log.info("connection %d left without a goodbye: its %s wait %.3g s for it to resume",
-                 wheel_id, _plural(len(published), "session"), self.seconds)
+                 wheel_id, _plural(len(published), "session"), self.server.grace)
 
     def _ended(self, token: str) -> None:
         """Nobody resumed: everything proceeds as if the connection had just ended."""
@@ -3751,7 +3758,7 @@ class _GraceWindow:
             self.router.went_away(fresh_id, delivery)
         for session in gone:
             log.info("session '%s' went away: connection %d did not resume within %.3g s",
-                     session.alias, parked.wheel_id, self.seconds)
+                     session.alias, parked.wheel_id, self.server.grace)
             self.router.session_gone(session)
 
 
@@ -3931,9 +3938,8 @@ class Server:
         # on from their header (_Router.pass_on) unless a trace asks to see
         # each; a subclass that handles them itself sees every one.
         own = type(self)
-        routes = own.deliver_message is Server.deliver_message and \
-            own.handle_delivered is Server.handle_delivered and \
-            own.handle_inbound_data is Server.handle_inbound_data
+        routes = (own.deliver_message, own.handle_delivered,
+                  own.handle_inbound_data) == _SERVER_ROUTING
         if routes:
             self._handlers["deliver"] = self._router.deliver
             self._handlers["result"] = self._router.answered
@@ -3950,6 +3956,10 @@ class Server:
     def delivered_store(self) -> Dict[int, tuple]:
         """Fresh id -> a routed call waiting for its answer (see TIMED_OUT)."""
         return self._router.store
+
+    @delivered_store.setter
+    def delivered_store(self, store: Dict[int, tuple]) -> None:
+        self._router.store = store
 
     def get_session(self, alias): return self.sessions.get(alias)
     def set_session(self, alias, session): self.sessions[alias] = session
@@ -4426,6 +4436,11 @@ class Server:
         """The peer is leaving on purpose: its sessions go with its connection."""
         self._grace.goodbye(self.wheels[wheel_id].context)
         self.send_result(True, data, wheel_id)
+
+
+# Server's own handlers of calls and answers: a server whose class (a subclass,
+# or Server patched) has others does not bypass them (Server.__init__)
+_SERVER_ROUTING = (Server.deliver_message, Server.handle_delivered, Server.handle_inbound_data)
 
 
 # ---------------------------------------------------------------------------

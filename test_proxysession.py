@@ -4153,6 +4153,54 @@ def test_calls_held_for_a_parked_session_are_bounded_in_bytes(make_server, peers
     assert back.recv()["type"] == "deliver"          # the held calls come, the link stays
 
 
+def test_a_server_takes_its_limits_and_handlers_as_they_are_when_used(make_server, peers):
+    """What is tried: a Server's settings changed after it was built (as a
+    subclass may set them after Server.__init__): max_waiting_calls and
+    grace; and Server's own deliver_message patched on the class (as a
+    plugin or mock.patch does): the server answers by the settings as they
+    are and calls the patched handler, for pickled and compact calls alike."""
+    server = make_server()
+    server.call(lambda: (setattr(server.server, "max_waiting_calls", 1),
+                         setattr(server.server, "grace", 5.0)))
+    publisher, caller = peers(server.address), peers(server.address)
+    publish(publisher, "Mute")
+    caller.send(type="deliver", id=1, to="Mute", payload=b"")
+    assert publisher.recv()["to"] == "Mute"
+    assert failure_words(caller, type="deliver", id=2, to="Mute", payload=b"").startswith(
+        "Too many calls waiting: connection")
+    success, resumed = publisher.result(type="resume", id=3)
+    assert success is True and resumed["grace"] == 5.0
+
+    seen = []
+    original = proxysession.Server.deliver_message
+
+    def watched(self, data, wheel_id):
+        seen.append(data["id"])
+        original(self, data, wheel_id)
+
+    proxysession.Server.deliver_message = watched
+    try:
+        patched = make_server()
+    finally:
+        proxysession.Server.deliver_message = original
+    publisher = compact_peer(patched.address)
+    assert publisher.result(type="publish", id=1, payload=dumps(
+        {"session_alias": "Echo", "session_name": "Echo",
+         "methods": {"echo": {"signature": "(x)", "doc": None}}})) == (True, "Echo")
+    compact_caller, pickled_caller = compact_peer(patched.address), peers(patched.address)
+    try:
+        call = dumps({"event": "echo", "args": [1], "kwargs": {}})
+        for caller_id in (7, 8):       # (the first of a compact caller goes the general way)
+            compact_caller.send_raw(frame(compact_body(1, caller_id, call, b"Echo")))
+            COMPACT_HEAD.unpack_from(publisher.recv())
+        pickled_caller.send(type="deliver", id=9, to="Echo", payload=call)
+        publisher.recv()
+        assert seen == [7, 8, 9]
+    finally:
+        publisher.close()
+        compact_caller.close()
+
+
 def test_resume_is_refused_by_a_server_without_grace(server, peers):
     peer = peers(server.address)
     success, words = peer.result(type="resume", id=1)
