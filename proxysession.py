@@ -6131,7 +6131,10 @@ NATS_MAX_PAYLOAD = 64 * 1024 * 1024   # a server's max_payload above this is tak
 NATS_DISCOVERY = 0.25             # seconds a listing gathers $SRV.PING answers after the
                                   # last one came (at most NATS_DISCOVERY_MAX in all):
 NATS_DISCOVERY_MAX = 2.0          # services answer at once, so a quiet spell means all did
-NATS_WAIT_POLL = 0.1              # seconds between looks for an alias a subscribe waits for
+NATS_WAIT_POLL = 0.1              # seconds before a subscribe that waits for its alias looks
+NATS_WAIT_POLL_CAP = 1.0          # again, doubling up to this: an hour's wait asks 3,600 times,
+                                  # not 36,000, and an alias published meanwhile is seen within
+                                  # a second
 NATS_QUEUE_GROUP = "q"            # the queue group of every endpoint (ADR-32's default)
 NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.md 10.3)
 
@@ -6854,7 +6857,7 @@ class _NatsConnection(_Link):
         if kind == "subscribe":
             alias = message["to"]
             wait = message.get("wait")
-            state = (alias, None if wait is None else time.monotonic() + wait)
+            state = (alias, None if wait is None else time.monotonic() + wait, NATS_WAIT_POLL)
             if not _NATS_NAME.match(alias):
                 return self._answered(request_id, False, "Session '%s' doesn't exist" % alias)
             self.asked[request_id] = ("subscribe", state)
@@ -6895,12 +6898,16 @@ class _NatsConnection(_Link):
         self._answered(request_id, True, None)      # a cancel: NATS has none to pass on
 
     def _ask_again(self, request_id: int, state: tuple) -> None:
-        """A subscribe that waits for its alias looks again soon."""
+        """A subscribe that waits for its alias looks again, a while later
+        each time (and once at the end of its wait)."""
+        alias, deadline, delay = state
+        self.asked[request_id] = ("subscribe", (alias, deadline,
+                                                min(2 * delay, NATS_WAIT_POLL_CAP)))
+
         def again():
             if request_id in self.pending and self.state == "up":
-                self._publish("$SRV.INFO.%s" % state[0], b"", "%s.%d" % (self.inbox,
-                                                                        request_id))
-        self.client.reactor.call_later(NATS_WAIT_POLL, again)
+                self._publish("$SRV.INFO.%s" % alias, b"", "%s.%d" % (self.inbox, request_id))
+        self.client.reactor.call_later(min(delay, max(0.0, deadline - time.monotonic())), again)
 
     def _quiet(self, request_id: int) -> None:
         """A listing gathers until no answer came for NATS_DISCOVERY seconds."""

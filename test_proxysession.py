@@ -7474,6 +7474,33 @@ def test_tls_to_a_nats_server_and_the_mismatches_are_named(make_client, tls, tmp
         first.stop()
 
 
+def test_a_subscribe_waiting_over_nats_looks_for_its_alias_less_often_as_it_waits(
+        nats_server, make_client, monkeypatch):
+    """What is tried: a subscribe that waits 2.5 s for an alias nobody
+    publishes, over NATS, where the Client itself asks whether anyone serves
+    it ($SRV.INFO.<alias>): it asks again a while later each time (0.1 s,
+    doubling up to a second: 6 asks), not every 0.1 s (25), and fails as
+    usual once its wait is over, not a second later."""
+    asked = []
+    publish = proxysession._NatsConnection._publish
+
+    def counted(self, subject, *args, **kwargs):
+        if subject == "$SRV.INFO.Never":
+            asked.append(time.monotonic())
+        return publish(self, subject, *args, **kwargs)
+
+    monkeypatch.setattr(proxysession._NatsConnection, "_publish", counted)
+    caller = make_client()
+    conn = caller.connect(*nats_server.address)
+    started = time.monotonic()
+    with pytest.raises(proxysession.ProxyError, match="Session 'Never' doesn't exist"):
+        caller.subscribe(conn, "Never", wait=2.5)
+    took = time.monotonic() - started
+    assert 3 <= len(asked) <= 8, [round(when - started, 2) for when in asked]
+    assert 2.5 <= took < 3.4
+    assert asked[-1] - started >= 2.4          # the last ask at the end of the wait
+
+
 class RawNats:
     """A NATS client written here, by hand, as any program on the server
     might be: it sends what it is told, however malformed."""
