@@ -6131,6 +6131,9 @@ NATS_MAX_PAYLOAD = 64 * 1024 * 1024   # a server's max_payload above this is tak
 NATS_DISCOVERY = 0.25             # seconds a listing gathers $SRV.PING answers after the
                                   # last one came (at most NATS_DISCOVERY_MAX in all):
 NATS_DISCOVERY_MAX = 2.0          # services answer at once, so a quiet spell means all did
+NATS_ERR_LOG_EVERY = 10.0         # seconds between the log's lines for a NATS server's -ERR
+                                  # past the first: a client refused a subject on every call
+                                  # must not write a line per call
 NATS_WAIT_POLL = 0.1              # seconds before a subscribe that waits for its alias looks
 NATS_WAIT_POLL_CAP = 1.0          # again, doubling up to this: an hour's wait asks 3,600 times,
                                   # not 36,000, and an alias published meanwhile is seen within
@@ -6140,6 +6143,8 @@ NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.m
 
 _NATS_NAME = re.compile(r"[A-Za-z0-9_-]{1,%d}\Z" % MAX_NAME)   # a service's name (ADR-32)
 _NATS_TOKEN = _NATS_NAME          # ... and a method's, one token of its endpoint's subject
+# a publish the server refused (the connection stays): nats-server's words
+_NATS_PUBLISH_REFUSED = re.compile(r'Permissions Violation for Publish to "([^"]+)"')
 _NATS_OPS = {b"MSG", b"HMSG", b"PING", b"PONG", b"+OK", b"-ERR", b"INFO"}
 
 
@@ -6544,7 +6549,7 @@ class _NatsConnection(_Link):
 
     __slots__ = ("given", "servers", "credentials", "inbox", "sids", "subscriptions",
                  "served", "asked", "max_payload", "greeted", "pongs", "pins", "tls_first",
-                 "restoring_ids")
+                 "restoring_ids", "errors_logged_at", "errors_unlogged")
 
     def __init__(self, client: "Client", hooks: _Hooks, connection_id: int,
                  servers: List[Tuple[str, int]], credentials: dict, timeout: Optional[float]):
@@ -6569,6 +6574,8 @@ class _NatsConnection(_Link):
         self.pins: Dict[str, str] = {}     # alias -> the instance an exclusive one's calls go to
         self.tls_first = False         # TLS from the first byte (tls:// URLs, handshake_first)
         self.restoring_ids: set = set()    # the publishes again that the queue waits for
+        self.errors_logged_at = -NATS_ERR_LOG_EVERY   # the last -ERR the log says (monotonic)
+        self.errors_unlogged = 0       # ... and those since that it did not
         self.subscribe(self.inbox + ".*", None, self._on_reply)
 
     # its wheel
@@ -6655,12 +6662,35 @@ class _NatsConnection(_Link):
         elif kind == "INFO":
             self._learn(op[1])
         elif kind == "-ERR":
-            log.warning("%s: NATS server %s: -ERR '%s'", self.client.alias, wheel.peer, op[1])
+            self._server_error(op[1], wheel)
             if self.opening is not None:
                 refused = AuthenticationError if "authori" in op[1].lower() or \
                     "authenti" in op[1].lower() else ConnectError
                 self.opening.append(refused("the NATS server at %s refused the connection: "
                                             "%s" % (wheel.peer, op[1])))
+
+    def _server_error(self, words: str, wheel: Wheel) -> None:
+        """The server's -ERR: the log says it (once per NATS_ERR_LOG_EVERY
+        seconds, with the count of those since); and a publish it refused
+        (a permissions violation: the connection stays) fails the requests
+        sent to that subject now, not at their timeout."""
+        now = time.monotonic()
+        if now - self.errors_logged_at >= NATS_ERR_LOG_EVERY:
+            log.warning("%s: NATS server %s: -ERR '%s'%s", self.client.alias, wheel.peer,
+                        words, " (and %d more since the last line)" % self.errors_unlogged
+                        if self.errors_unlogged else "")
+            self.errors_logged_at, self.errors_unlogged = now, 0
+        else:
+            self.errors_unlogged += 1
+        refused = _NATS_PUBLISH_REFUSED.match(words)
+        if refused is None:
+            return
+        subject = refused.group(1)
+        for request_id, (kind, state) in list(self.asked.items()):
+            if subject == (state[2] if kind == "deliver" else "$SRV.PING" if kind == "listing"
+                           else "$SRV.INFO.%s" % state[0]):
+                self._answered(request_id, False, "the NATS server at %s refused this "
+                               "client's publish to '%s': %s" % (wheel.peer, subject, words))
 
     def _learn(self, info: dict) -> None:
         """The server's INFO: its limits and the cluster's other servers; the
@@ -6845,14 +6875,14 @@ class _NatsConnection(_Link):
         reply = "%s.%d" % (self.inbox, request_id)
         if kind == "deliver":
             alias = message["to"]
-            self.asked[request_id] = ("deliver", (alias, message.get("instance")))
+            subject = "%s.%s" % (alias, message["event"]) if "instance" not in message else \
+                "%s.%s.%s" % (alias, message["instance"], message["event"])
+            self.asked[request_id] = ("deliver", (alias, message.get("instance"), subject))
             timeout_ms = message.get("timeout_ms")
             headers = None if timeout_ms is None else _nats_headers(
                 {NATS_TIMEOUT_HEADER: timeout_ms})
             if not _NATS_NAME.match(alias):
                 return self._answered(request_id, False, "Session '%s' doesn't exist" % alias)
-            subject = "%s.%s" % (alias, message["event"]) if "instance" not in message else \
-                "%s.%s.%s" % (alias, message["instance"], message["event"])
             return self._publish(subject, message["payload"], reply, headers)
         if kind == "subscribe":
             alias = message["to"]

@@ -7266,6 +7266,43 @@ def test_a_call_or_answer_over_the_nats_servers_max_payload_fails_alone(make_cli
         nats.stop()
 
 
+def test_a_call_the_nats_server_does_not_let_its_caller_publish_fails_at_once(
+        make_client, loop_threads, tmp_path, caplog):
+    """What is tried: a nats-server whose user 'caller' may not publish to
+    Tools.> (a permissions violation, which the server answers with -ERR and
+    no reply, keeping the connection): each call fails at once with the
+    server's words, not at its 20 s timeout; the log says the -ERR once, not
+    once per call; and the connection serves on."""
+    config = tmp_path / "nats.conf"
+    config.write_text('authorization { users = [\n'
+                      '  {user: "publisher", password: "pw"}\n'
+                      '  {user: "caller", password: "pw", permissions: {publish: {deny: '
+                      '["Tools.>"]}}}\n] }\n')
+    nats = NatsServer("-c", str(config))
+    try:
+        host_port = nats.url[len("nats://"):]
+        publisher = make_client(reactor=proxysession.Reactor())
+        publisher.publish(publisher.connect("nats://publisher:pw@" + host_port), "Tools",
+                          Tools())
+        loop_threads(publisher.reactor)
+        caller = make_client()
+        conn = caller.connect("nats://caller:pw@" + host_port)
+        tools = caller.subscribe(conn, "Tools")
+        caplog.set_level(logging.WARNING, logger="proxysession")
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(proxysession.ProxyError,
+                               match=r"refused this client's publish to 'Tools\.[^']*add': "
+                                     r"Permissions Violation for Publish to"):
+                tools.add(1, 2)
+        assert time.monotonic() - started < WAIT / 2
+        assert [record.getMessage().count("-ERR") for record in caplog.records
+                if "-ERR" in record.getMessage()] == [1]
+        assert caller.server_listing(conn) == ["Tools"]
+    finally:
+        nats.stop()
+
+
 def free_ports(count):
     """Ports nobody listens on now, for servers that must know each other's."""
     held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
