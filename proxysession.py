@@ -3452,13 +3452,14 @@ class _Router:
         peer: _Peer = self.wheels[wheel_id].context
         call_id = data.get("call")
         if peer.calls_by_id is None:
-            return self.server.send_result(False, data, wheel_id, "Malformed message: cancel needs "
-                                    "info with deadlines first")
+            return self.server.send_result(False, data, wheel_id, "Malformed message: cancel "
+                                           "needs info with deadlines first")
         fresh_id = peer.calls_by_id.get(call_id) if type(call_id) is int else None
         delivery = self.store.get(fresh_id)
         if delivery is None or delivery[0] != wheel_id or delivery[1] != call_id:
-            return self.server.send_result(False, data, wheel_id, "No call %s of this connection is "
-                                    "waiting to be cancelled" % _show(call_id))
+            return self.server.send_result(False, data, wheel_id, "No call %s of this "
+                                           "connection is waiting to be cancelled"
+                                           % _show(call_id))
         publisher = self.wheels.get(delivery[2])
         if publisher is None:          # held: it goes now, and is answered as cancelled
             del self.store[fresh_id]
@@ -3580,8 +3581,8 @@ class _GraceWindow:
         With one: take over the sessions of the departed connection it was
         given to, and the calls held for them; a new token comes back."""
         if self.server.grace <= 0:
-            return self.server.send_result(False, data, wheel_id, "Resume is off: this server has no "
-                                    "grace window (Server(grace=...), --grace)")
+            return self.server.send_result(False, data, wheel_id, "Resume is off: this server "
+                                           "has no grace window (Server(grace=...), --grace)")
         peer: _Peer = self.wheels[wheel_id].context
         token = data.get("token")
         resumed: list = []
@@ -3589,7 +3590,8 @@ class _GraceWindow:
         if token is not None:
             if type(token) is not str or (token not in self.parked and token not in
                                           self.tokens) or self.tokens.get(token) == wheel_id:
-                return self.server.send_result(False, data, wheel_id, "Unknown or expired resume token")
+                return self.server.send_result(False, data, wheel_id,
+                                               "Unknown or expired resume token")
             old = self.wheels.get(self.tokens.get(token))
             if old is not None:
                 # its old connection is still open here (half-open: the publisher
@@ -3609,7 +3611,8 @@ class _GraceWindow:
         peer.token = token or secrets.token_urlsafe(24)
         self.tokens[peer.token] = wheel_id
         self._send_held(wheel_id, held, lambda: self.server.send_result(
-            True, data, wheel_id, {"token": peer.token, "grace": self.server.grace, "resumed": resumed}))
+            True, data, wheel_id, {"token": peer.token, "grace": self.server.grace,
+                                   "resumed": resumed}))
 
     def published_again(self, parked: _Parked, alias: str, data: dict, wheel_id: int) -> None:
         """A publish of a parked session with its name and method table: a
@@ -3641,11 +3644,12 @@ class _GraceWindow:
         server."""
         parked = self.parked_wheels[wheel_id]
         size = len(body) if type(body) is bytes else sum(map(len, body))
+        room = self.server.max_write_buffer
         for held, limit, whose in (
-                (parked.held_bytes, self.server.max_write_buffer // HELD_PER_PUBLISHER, "wait for it"),
-                (caller.held_bytes, self.server.max_write_buffer // HELD_PER_CALLER,
+                (parked.held_bytes, room // HELD_PER_PUBLISHER, "wait for it"),
+                (caller.held_bytes, room // HELD_PER_CALLER,
                  "of this connection wait for publishers that are away"),
-                (self.held_bytes, self.server.max_write_buffer * HELD_IN_TOTAL,
+                (self.held_bytes, room * HELD_IN_TOTAL,
                  "wait for publishers that are away")):
             if held + size > limit:
                 return "Session '%s' is away, and %d bytes of calls already %s (at most %d)" % (

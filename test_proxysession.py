@@ -127,8 +127,8 @@ class ThreadedServer:
     def __init__(self, server_class=None, **options):
         self.reactor = proxysession.Reactor()
         options.setdefault("listen_port", 0)
-        self.server = (server_class or proxysession.Server)(reactor=self.reactor,
-                                                             **options).start()
+        make = server_class or proxysession.Server
+        self.server = make(reactor=self.reactor, **options).start()
         self.address = self.server.address
         self.thread = threading.Thread(target=self.reactor.run, daemon=True)
         self.thread.start()
@@ -6454,7 +6454,8 @@ def test_a_cancel_of_a_call_held_for_a_parked_publisher_fails_it_and_frees_it(ma
         "Call cancelled by its caller before it started")}
     answer = caller.recv()             # then the cancel's own answer
     assert (answer["id"], answer["success"], pickle.loads(answer["payload"])) == (10, True, True)
-    assert server.call(lambda: (server.server.delivered_store, server.server._grace.held_bytes)) == (
+    grace = server.server._grace
+    assert server.call(lambda: (server.server.delivered_store, grace.held_bytes)) == (
         {}, 0)
 
 
@@ -6583,7 +6584,8 @@ def test_a_call_held_for_a_parked_publisher_fails_at_its_deadline_and_leaves_not
     stats = server.call(server.server.statistics)
     assert (stats["in_flight"], stats["calls"], stats["failures"]) == (0, 1, 1)
     assert stats["aliases"][0]["in_flight"] == 0
-    assert server.call(lambda: (server.server.delivered_store, server.server._grace.held_bytes)) == (
+    grace = server.server._grace
+    assert server.call(lambda: (server.server.delivered_store, grace.held_bytes)) == (
         {}, 0)
 
 
@@ -7011,7 +7013,8 @@ def test_an_async_client_contains_what_its_users_and_methods_do_wrong(server):
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.subscribe(conn, "Later", wait=WAIT), 0.1)
             assert await client.server_listing(conn) == ["Exits"]
-            assert server.call(lambda: server.server._waits.awaited) == {}   # the wait was taken back
+            # the wait was taken back
+            assert server.call(lambda: server.server._waits.awaited) == {}
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.connect(*server.address), 0)
             assert list(client._connections) == [conn]
