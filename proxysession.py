@@ -6142,6 +6142,9 @@ NATS_WAIT_POLL = 0.1              # seconds before a subscribe that waits for it
 NATS_WAIT_POLL_CAP = 1.0          # again, doubling up to this: an hour's wait asks 3,600 times,
                                   # not 36,000, and an alias published meanwhile is seen within
                                   # a second
+NATS_SHARE = 2                    # a publication's calls waiting at a Client take at most
+                                  # this share of the room of its connection (calls and bytes):
+                                  # one stuck method leaves the other publications the rest
 NATS_QUEUE_GROUP = "q"            # the queue group of every endpoint (ADR-32's default)
 NATS_TIMEOUT_HEADER = "Proxysession-Timeout-Ms"   # a call's timeout (PROTOCOL.md 10.3)
 
@@ -6386,7 +6389,8 @@ class _NatsService:
     """One publication as a NATS service (ADR-32): its instance id, its
     endpoints' counts, and the subscriptions that carry it."""
 
-    __slots__ = ("alias", "id", "methods", "shared", "started", "sids", "stats")
+    __slots__ = ("alias", "id", "methods", "shared", "started", "sids", "stats", "waiting",
+                 "waiting_bytes")
 
     def __init__(self, alias: str, methods: dict, shared: bool, instance: Optional[str] = None):
         self.alias = alias
@@ -6397,6 +6401,8 @@ class _NatsService:
         self.sids: List[bytes] = []
         # method -> [requests, errors, nanoseconds, last error]
         self.stats: Dict[str, list] = {method: [0, 0, 0, ""] for method in methods}
+        self.waiting = 0               # its calls not answered yet (_NatsServed),
+        self.waiting_bytes = 0         # and their payloads' bytes
 
     def answer(self, kind: str) -> dict:
         """Its answer to $SRV.<kind> (ping, info or stats), as ADR-32 has it."""
@@ -6486,7 +6492,8 @@ class _NatsServed:
         """A request to an endpoint ALIAS.METHOD: the Client serves it as a
         deliver of METHOD (a payload that names another fails), within
         bounds on the calls waiting here (MAX_WAITING_CALLS, and
-        max_write_buffer bytes of their payloads)."""
+        max_write_buffer bytes of their payloads; for one publication,
+        1 / NATS_SHARE of each)."""
         _, subject, _, reply, _, headers, payload = op
         if reply is None:
             return                     # (nobody to answer)
@@ -6495,13 +6502,19 @@ class _NatsServed:
             method = method[len(service.id) + 1:]
         if self.services.get(service.alias) is not service:     # rescinded meanwhile
             return self.refuse(reply, "Session '%s' doesn't exist" % service.alias, 503)
+        room = self.connection.client.max_write_buffer
         if len(self.serving) >= MAX_WAITING_CALLS or \
-                self.serving_bytes + len(payload) > self.connection.client.max_write_buffer:
-            return self.refuse(reply, "Session '%s' is busy: %d calls wait for it"
-                                % (service.alias, len(self.serving)), 503)
+                self.serving_bytes + len(payload) > room or \
+                service.waiting >= MAX_WAITING_CALLS // NATS_SHARE or \
+                service.waiting_bytes + len(payload) > room // NATS_SHARE:
+            return self.refuse(reply, "Session '%s' is busy: %s wait%s for it"
+                                % (service.alias, _plural(service.waiting, "call"),
+                                   "s" if service.waiting == 1 else ""), 503)
         call_id = next(self.call_ids)
         self.serving[call_id] = (reply, service, method, time.monotonic(), len(payload))
         self.serving_bytes += len(payload)
+        service.waiting += 1
+        service.waiting_bytes += len(payload)
         if method in service.stats:
             service.stats[method][0] += 1
         message = {"type": "deliver", "id": call_id, "to": service.alias, "payload": payload,
@@ -6525,6 +6538,8 @@ class _NatsServed:
             return
         reply, service, method, started, size = serving
         self.serving_bytes -= size
+        service.waiting -= 1
+        service.waiting_bytes -= size
         counts = service.stats.get(method) or [0, 0, 0, ""]    # (a method not published)
         counts[2] += int((time.monotonic() - started) * 1e9)
         if success and len(payload) <= self.connection.max_payload:

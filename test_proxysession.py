@@ -7742,9 +7742,10 @@ def test_a_method_name_that_no_nats_subject_can_carry_is_refused_before_it_is_se
 def test_calls_waiting_at_a_nats_publisher_are_bounded_in_bytes(nats_server, make_client,
                                                                 loop_threads):
     # what is tried: a publisher whose one worker is held, with a
-    # max_write_buffer of 1 MiB; calls of 300 KB each: those whose payloads
-    # fit wait, the next is refused at once as busy (they were held without
-    # bound: 1,000 calls of 500 KB took 492 MB)
+    # max_write_buffer of 1 MiB, of which one publication's calls may take
+    # half; calls of 200 KB each: those whose payloads fit wait, the next is
+    # refused at once as busy (they were held without bound: 1,000 calls of
+    # 500 KB took 492 MB)
     tools = Tools()
     publisher = make_client(reactor=proxysession.Reactor(), max_write_buffer=1 << 20)
     publisher.publish(publisher.connect(*nats_server.address), "Tools", tools, workers=1)
@@ -7752,16 +7753,47 @@ def test_calls_waiting_at_a_nats_publisher_are_bounded_in_bytes(nats_server, mak
     caller = make_client()
     proxy = caller.subscribe(caller.connect(*nats_server.address), "Tools")
     answers = []
-    for n in range(4):
-        proxy.held.post(b"x" * 300000, callback=answers.append)
+    for n in range(3):
+        proxy.held.post(b"x" * 200000, callback=answers.append)
         if n == 0:
             assert tools.started.acquire(timeout=WAIT)
     assert caller.reactor.run_until(lambda: answers, WAIT)
     assert len(answers) == 1 and not answers[0].success
-    assert "Session 'Tools' is busy: 3 calls wait for it" == str(answers[0].payload)
+    assert "Session 'Tools' is busy: 2 calls wait for it" == str(answers[0].payload)
     tools.gate.set()
-    assert caller.reactor.run_until(lambda: len(answers) == 4, WAIT)
+    assert caller.reactor.run_until(lambda: len(answers) == 3, WAIT)
     assert all(answer.success for answer in answers[1:])
+
+
+def test_a_stuck_publication_over_nats_leaves_the_others_on_its_connection_room(
+        nats_server, make_client, loop_threads):
+    # what is tried: one publisher Client (max_write_buffer 1 MiB) with two
+    # publications over NATS, each with one worker; the worker of 'Stuck' is
+    # held and calls of 300 KB come for it: once they hold half the
+    # connection's room, the next is refused as busy, and a call of 300 KB to
+    # 'Tools' is still served (before: 'Stuck' took three, 900 KB, and
+    # 'Tools' was refused as busy too)
+    stuck, tools = Tools(), Tools()
+    publisher = make_client(reactor=proxysession.Reactor(), max_write_buffer=1 << 20)
+    conn = publisher.connect(*nats_server.address)
+    publisher.publish(conn, "Stuck", stuck, workers=1)
+    publisher.publish(conn, "Tools", tools, workers=1)
+    loop_threads(publisher.reactor)
+    caller = make_client()
+    conn = caller.connect(*nats_server.address)
+    held = caller.subscribe(conn, "Stuck").held
+    answers = []
+    for n in range(4):
+        held.post(b"x" * 300000, callback=answers.append)
+        if n == 0:
+            assert stuck.started.acquire(timeout=WAIT)
+    assert caller.reactor.run_until(lambda: len(answers) == 3, WAIT)
+    assert [str(answer.payload) for answer in answers] == [
+        "Session 'Stuck' is busy: 1 call waits for it"] * 3
+    assert caller.subscribe(conn, "Tools").record(b"y" * 300000) == b"y" * 300000
+    stuck.gate.set()
+    assert caller.reactor.run_until(lambda: len(answers) == 4, WAIT)
+    assert answers[3].success
 
 
 def test_a_program_subscribed_to_every_subject_takes_the_503_away(nats_server, make_client):
