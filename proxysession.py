@@ -6135,9 +6135,9 @@ NATS_MAX_PAYLOAD = 64 * 1024 * 1024   # a server's max_payload above this is tak
 NATS_DISCOVERY = 0.25             # seconds a listing gathers $SRV.PING answers after the
                                   # last one came (at most NATS_DISCOVERY_MAX in all):
 NATS_DISCOVERY_MAX = 2.0          # services answer at once, so a quiet spell means all did
-NATS_ERR_LOG_EVERY = 10.0         # seconds between the log's lines for a NATS server's -ERR
-                                  # past the first: a client refused a subject on every call
-                                  # must not write a line per call
+NATS_ERR_LOG_EVERY = 10.0         # seconds between the log's lines for the publishes a NATS
+                                  # server refuses (-ERR) past the first: a client refused a
+                                  # subject on every call must not write a line per call
 NATS_WAIT_POLL = 0.1              # seconds before a subscribe that waits for its alias looks
 NATS_WAIT_POLL_CAP = 1.0          # again, doubling up to this: an hour's wait asks 3,600 times,
                                   # not 36,000, and an alias published meanwhile is seen within
@@ -6503,10 +6503,12 @@ class _NatsServed:
         if self.services.get(service.alias) is not service:     # rescinded meanwhile
             return self.refuse(reply, "Session '%s' doesn't exist" % service.alias, 503)
         room = self.connection.client.max_write_buffer
-        if len(self.serving) >= MAX_WAITING_CALLS or \
-                self.serving_bytes + len(payload) > room or \
-                service.waiting >= MAX_WAITING_CALLS // NATS_SHARE or \
-                service.waiting_bytes + len(payload) > room // NATS_SHARE:
+        if len(self.serving) >= MAX_WAITING_CALLS or self.serving_bytes + len(payload) > room:
+            return self.refuse(reply, "Session '%s' is busy: its publisher holds %s"
+                                % (service.alias, _plural(len(self.serving), "call")), 503)
+        if service.waiting and (service.waiting >= MAX_WAITING_CALLS // NATS_SHARE or
+                                service.waiting_bytes + len(payload) > room // NATS_SHARE):
+            # (its share: a publication with none waiting takes what fits the room)
             return self.refuse(reply, "Session '%s' is busy: %s wait%s for it"
                                 % (service.alias, _plural(service.waiting, "call"),
                                    "s" if service.waiting == 1 else ""), 503)
@@ -6593,7 +6595,7 @@ class _NatsConnection(_Link):
         self.pins: Dict[str, str] = {}     # alias -> the instance an exclusive one's calls go to
         self.tls_first = False         # TLS from the first byte (tls:// URLs, handshake_first)
         self.restoring_ids: set = set()    # the publishes again that the queue waits for
-        self.errors_logged_at = -NATS_ERR_LOG_EVERY   # the last -ERR the log says (monotonic)
+        self.errors_logged_at = -NATS_ERR_LOG_EVERY   # a refused publish the log said last
         self.errors_unlogged = 0       # ... and those since that it did not
         self.subscribe(self.inbox + ".*", None, self._on_reply)
 
@@ -6686,22 +6688,27 @@ class _NatsConnection(_Link):
                 refused = AuthenticationError if "authori" in op[1].lower() or \
                     "authenti" in op[1].lower() else ConnectError
                 self.opening.append(refused("the NATS server at %s refused the connection: "
-                                            "%s" % (wheel.peer, op[1])))
+                                            "%s" % (wheel.peer, _printable(op[1]))))
 
     def _server_error(self, words: str, wheel: Wheel) -> None:
-        """The server's -ERR: the log says it (once per NATS_ERR_LOG_EVERY
-        seconds, with the count of those since); and a publish it refused
-        (a permissions violation: the connection stays) fails the requests
-        sent to that subject now, not at their timeout."""
+        """The server's -ERR, which the log says (its words cut and escaped:
+        a peer's). A publish it refused (a permissions violation: the
+        connection stays) fails the requests sent to that subject now, not at
+        their timeout; those the log says once per NATS_ERR_LOG_EVERY seconds,
+        with the count since, since a refused subject may be called again
+        and again. Every other -ERR (an authorization error, a stale
+        connection: why a link ends) is said each time."""
+        refused = _NATS_PUBLISH_REFUSED.match(words)
+        words = _printable(words)
         now = time.monotonic()
-        if now - self.errors_logged_at >= NATS_ERR_LOG_EVERY:
+        if refused is None or now - self.errors_logged_at >= NATS_ERR_LOG_EVERY:
             log.warning("%s: NATS server %s: -ERR '%s'%s", self.client.alias, wheel.peer,
-                        words, " (and %d more since the last line)" % self.errors_unlogged
-                        if self.errors_unlogged else "")
-            self.errors_logged_at, self.errors_unlogged = now, 0
+                        words, " (and %d more refused publishes since the last)"
+                        % self.errors_unlogged if refused and self.errors_unlogged else "")
+            if refused is not None:
+                self.errors_logged_at, self.errors_unlogged = now, 0
         else:
             self.errors_unlogged += 1
-        refused = _NATS_PUBLISH_REFUSED.match(words)
         if refused is None:
             return
         subject = refused.group(1)

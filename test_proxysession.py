@@ -7205,6 +7205,36 @@ def shut_down(sock):
         pass
 
 
+def test_a_nats_servers_refusals_fail_their_request_at_once_and_the_log_keeps_the_rest(
+        make_client, caplog):
+    """What is tried: a NATS server (FakeNats) that answers a listing's
+    $SRV.PING with two -ERR permissions violations for that subject, the
+    first with a bare newline and 3,000 characters after the subject, then an
+    -ERR of another kind: the listing fails at once with the server's words
+    cut and escaped; the log says the first violation, not the second (the
+    same kind, within 10 s), and says the other -ERR."""
+    hostile = b'Permissions Violation for Publish to "$SRV.PING"\nFORGED LINE ' + b"x" * 3000
+    fake = FakeNats(trouble=b"-ERR '%s'\r\n-ERR 'Permissions Violation for Publish to "
+                            b"\"$SRV.PING\"'\r\n-ERR 'Stale Connection'\r\n" % hostile)
+    try:
+        client = make_client()
+        conn = client.connect(*fake.address)
+        caplog.set_level(logging.WARNING, logger="proxysession")
+        started = time.monotonic()
+        with pytest.raises(proxysession.ProxyError) as raised:
+            client.server_listing(conn)
+        assert time.monotonic() - started < WAIT / 2
+        words = str(raised.value)
+        assert "refused this client's publish to '$SRV.PING'" in words
+        assert "\n" not in words and len(words) < 400, words
+        said = lambda: [record.getMessage() for record in caplog.records
+                        if "-ERR" in record.getMessage()]
+        assert client.reactor.run_until(lambda: len(said()) >= 2, WAIT)
+        assert len(said()) == 2 and "\n" not in said()[0] and "Stale Connection" in said()[1]
+    finally:
+        fake.stop()
+
+
 def test_a_nats_server_that_sends_bad_input_is_left_and_the_link_comes_back(make_client):
     # what is tried: a NATS server that, once connected, sends a MSG longer
     # than it announced; the client closes that connection with the reason
@@ -7770,9 +7800,10 @@ def test_a_stuck_publication_over_nats_leaves_the_others_on_its_connection_room(
     # what is tried: one publisher Client (max_write_buffer 1 MiB) with two
     # publications over NATS, each with one worker; the worker of 'Stuck' is
     # held and calls of 300 KB come for it: once they hold half the
-    # connection's room, the next is refused as busy, and a call of 300 KB to
-    # 'Tools' is still served (before: 'Stuck' took three, 900 KB, and
-    # 'Tools' was refused as busy too)
+    # connection's room, the next is refused as busy, and a call of 600 KB to
+    # 'Tools' (more than half the room: a publication with no call waiting
+    # takes what fits the room) is still served (before: 'Stuck' took three,
+    # 900 KB, and 'Tools' was refused as busy too)
     stuck, tools = Tools(), Tools()
     publisher = make_client(reactor=proxysession.Reactor(), max_write_buffer=1 << 20)
     conn = publisher.connect(*nats_server.address)
@@ -7790,7 +7821,7 @@ def test_a_stuck_publication_over_nats_leaves_the_others_on_its_connection_room(
     assert caller.reactor.run_until(lambda: len(answers) == 3, WAIT)
     assert [str(answer.payload) for answer in answers] == [
         "Session 'Stuck' is busy: 1 call waits for it"] * 3
-    assert caller.subscribe(conn, "Tools").record(b"y" * 300000) == b"y" * 300000
+    assert caller.subscribe(conn, "Tools").record(b"y" * 600000) == b"y" * 600000
     stuck.gate.set()
     assert caller.reactor.run_until(lambda: len(answers) == 4, WAIT)
     assert answers[3].success
