@@ -2499,12 +2499,9 @@ class Wheel:
 
     def flush(self) -> None:
         """Send what is queued, as far as the socket takes it, without blocking."""
-        batch = self._batch
-        if batch is not None:
+        if self._batch is not None:
+            self._seal_batch()
             self._batch = None
-            if batch:
-                self._out.append(b"".join(batch))
-                self._batch_size = 0
         phase = self.phase
         if phase is not _OPEN and phase is not _AUTH:
             return
@@ -3106,19 +3103,19 @@ class _Router:
                                 "Malformed message: timeout_ms must be an int of milliseconds "
                                 "from 1 to %d, not %s" % (MAX_CALL_TIMEOUT_MS, _show(timeout)))
         made = peer.calls_made
+        limit = self.server.max_waiting_calls
         if made is None:
             made = peer.calls_made = set()
-        elif len(made) >= self.server.max_waiting_calls:
+        elif len(made) >= limit:
             return self.refused(wheel_id, caller_id, alias, session.calls, event,
                                 "Too many calls waiting: connection %d has %d calls waiting "
-                                "for answers (max_waiting_calls)"
-                                % (wheel_id, self.server.max_waiting_calls))
+                                "for answers (max_waiting_calls)" % (wheel_id, limit))
         fresh_id = next(self._ids)
         calls = session.calls
         publisher_id = session.wheel_id if session.members is None else \
             self._least_busy(session)
         publisher = self.wheels.get(publisher_id)
-        if publisher is not None and publisher.context.timed_out >= self.server.max_waiting_calls:
+        if publisher is not None and publisher.context.timed_out >= limit:
             return self.refused(wheel_id, caller_id, alias, calls, event,
                                 "Session '%s' is not answering: %d of its calls timed out and "
                                 "still wait for its answers (max_waiting_calls)"
@@ -3340,8 +3337,9 @@ class _Router:
         publisher = self.wheels.get(session.wheel_id)
         caller = wheel.context
         made = caller.calls_made
+        limit = self.server.max_waiting_calls
         if publisher is None or publisher.encode is not _encode_compact or made is None or \
-                len(made) >= self.server.max_waiting_calls:
+                len(made) >= limit:
             return False
         served = publisher.context
         try:
@@ -3349,7 +3347,7 @@ class _Router:
         except UnicodeEncodeError:     # (a lone surrogate: the general way sends it pickled)
             return False
         out_size = size - name_size + len(name)
-        if served.timed_out >= self.server.max_waiting_calls or len(name) > _MAX_NAME_BYTES or \
+        if served.timed_out >= limit or len(name) > _MAX_NAME_BYTES or \
                 served.max_frame is not None and out_size > served.max_frame:
             return False
         # taken: from here on, as deliver does it
@@ -3372,8 +3370,6 @@ class _Router:
         self._route_out(publisher, wheel, memoryview(body)[start:], b"%d\0" % out_size +
                         _COMPACT_HEAD.pack(_COMPACT, _COMPACT_DELIVER, flags, len(name), fresh_id,
                                            timeout) + name)
-        if wheel.out_size > self.server.high_water and not wheel.closed:
-            wheel.wait_for_drain(wheel)
         return True
 
     def _pass_answer(self, body, size: int, wheel: Wheel, flags: int, fresh_id: int) -> bool:
@@ -3394,8 +3390,6 @@ class _Router:
         delivery[4].settle(flags & _SUCCESS == _SUCCESS, time.monotonic() - delivery[5])
         self._route_out(caller, caller, memoryview(body)[_HEAD_SIZE:], b"%d\0" % size +
                         _COMPACT_HEAD.pack(_COMPACT, _COMPACT_RESULT, flags, 0, caller_id, 0))
-        if wheel.out_size > self.server.high_water and not wheel.closed:
-            wheel.wait_for_drain(wheel)
         return True
 
     # deadlines and cancel (PROTOCOL.md 7.7): a call's timeout travels with it,
@@ -4082,29 +4076,32 @@ class Server:
     # inbound
 
     def _on_frame(self, body: bytes, wheel: Wheel) -> None:
+        """A frame from a connection: a compact call or answer is passed on
+        from its header (_Router.pass_on), anything else is decoded and
+        handled. Either way, a connection whose own output lags past the
+        high-water mark stops being read: it is not reading its answers."""
         pass_on = self._pass_on
-        if pass_on is not None and body[:1] == b"\xff" and wheel.decode is _decode_envelope \
-                and pass_on(body, wheel):
-            return                     # a compact call or answer, routed from its header
-        try:
-            message = wheel.decode(body)
-        except Exception as exc:       # whatever a hostile body raises: answer, stay open
-            log.warning("connection %d from %s sent an undecodable message: %s",
-                        wheel.wheel_id, wheel.peer, exc)
-            _answer(wheel, -1, False, "Malformed message: %s" % (exc,))
-            return
-        msg_id = message.get("id") if type(message) is dict else None
-        if type(msg_id) is not int or not -ID_RANGE <= msg_id < ID_RANGE or \
-                type(message.get("type")) is not str:
-            _answer(wheel, msg_id if type(msg_id) is int and -ID_RANGE <= msg_id < ID_RANGE
-                    else -1, False, "Malformed message: want a dict with a str 'type' and "
-                    "an int 'id' in [-2**63, 2**63)")
-            return
-        self._router.frame_size = len(body)
-        self.stats.messages += 1
-        self.handle_inbound_data(message, wheel.wheel_id)
+        if pass_on is None or body[:1] != b"\xff" or wheel.decode is not _decode_envelope or \
+                not pass_on(body, wheel):
+            try:
+                message = wheel.decode(body)
+            except Exception as exc:   # whatever a hostile body raises: answer, stay open
+                log.warning("connection %d from %s sent an undecodable message: %s",
+                            wheel.wheel_id, wheel.peer, exc)
+                _answer(wheel, -1, False, "Malformed message: %s" % (exc,))
+            else:
+                msg_id = message.get("id") if type(message) is dict else None
+                if type(msg_id) is int and -ID_RANGE <= msg_id < ID_RANGE and \
+                        type(message.get("type")) is str:
+                    self._router.frame_size = len(body)
+                    self.stats.messages += 1
+                    self.handle_inbound_data(message, wheel.wheel_id)
+                else:
+                    _answer(wheel, msg_id if type(msg_id) is int and -ID_RANGE <= msg_id <
+                            ID_RANGE else -1, False, "Malformed message: want a dict with a "
+                            "str 'type' and an int 'id' in [-2**63, 2**63)")
         if wheel.out_size > self.high_water and not wheel.closed:
-            wheel.wait_for_drain(wheel)    # it is not reading its own answers
+            wheel.wait_for_drain(wheel)
 
     def handle_inbound_data(self, data: dict, wheel_id: int) -> None:
         """Dispatch one message by its type."""

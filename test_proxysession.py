@@ -7567,6 +7567,10 @@ def test_a_subscribe_waiting_over_nats_looks_for_its_alias_less_often_as_it_wait
         caller.subscribe(conn, "Never", wait=2.5)
     took = time.monotonic() - started
     assert 3 <= len(asked) <= 8, [round(when - started, 2) for when in asked]
+    # 0.1 s first and a second at most: with 8 asks at most in 2.5 s, no
+    # fixed period passes (one under 0.3 s would ask 9 times or more)
+    gaps = [later - earlier for earlier, later in zip(asked, asked[1:])]
+    assert gaps[0] < 0.3 and max(gaps) < 1.3, gaps
     assert 2.5 <= took < 3.4
     assert asked[-1] - started >= 2.4          # the last ask at the end of the wait
 
